@@ -1,0 +1,1 @@
+"""CLI subcommands that drive the generation engine: generate, chat."""

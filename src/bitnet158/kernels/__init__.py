@@ -1,0 +1,45 @@
+"""Fast paths for the ternary linear, behind one dispatch.
+
+``packed_linear(x, layer)`` computes a :class:`~bitnet158.layers.PackedLinear` forward with the
+best backend for ``x``'s device. Every backend is tested against :mod:`bitnet158.quant`.
+Backends are tried in order; each has ``available(x) -> bool``, ``prepare(layer) -> state`` (its
+own weight layout, cached on ``layer.kernel_state``) and ``forward(x, layer, state) -> y``.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from .. import quant
+from . import reference
+
+_BACKENDS: list = []  # fast backends, most preferred first; the reference is always last
+
+
+def register(backend) -> None:
+    """Add a fast backend ahead of the reference (later registrations win)."""
+    _BACKENDS.insert(0, backend)
+
+
+def backends() -> list:
+    return [*_BACKENDS, reference]
+
+
+def select(x: torch.Tensor):
+    for b in _BACKENDS:
+        if b.available(x):
+            return b
+    return reference
+
+
+def packed_linear(x: torch.Tensor, layer) -> torch.Tensor:
+    """y [..., out] = ternary linear of x [..., in] with ``layer``'s packed weights and scale."""
+    b = select(x)
+    st = layer.kernel_state
+    if st is None or st[0] is not b:
+        st = (b, b.prepare(layer))
+        layer.kernel_state = st
+    return b.forward(x, layer, st[1])
+
+
+__all__ = ["packed_linear", "register", "backends", "select", "quant"]
