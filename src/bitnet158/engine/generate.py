@@ -1,0 +1,303 @@
+"""Generation on token ids: prefill, decode loop, stop handling, streaming of ids and text.
+
+    gen = generate(model, prompt_ids, SamplingParams(max_new_tokens=32))   # model or runner
+    for tok in gen:                        # yields new token ids (a stop token is not yielded)
+        ...
+    gen.finish_reason, gen.prompt_tokens, gen.completion_tokens      # "stop" | "length"
+
+    text = generate_text(model, tokenizer, "Once upon a time", max_new_tokens=32)
+    for piece in stream_text(model, tokenizer, prompt_ids, params):  # UTF-8 safe pieces
+        print(piece, end="", flush=True)
+
+    session = Session(model)               # batch-1 runner that keeps its KV cache between calls:
+    session.generate(turn1_ids, params)    # a later prompt that shares a prefix with what the
+    session.generate(turn2_ids, params)    # cache holds only prefills the part that differs
+
+Context rule (HF's): prompt + completion never exceed the context (the runner's ``max_len``, at
+most the model's ``max_position_embeddings``). A prompt that leaves no room for one new token raises
+:class:`ContextLengthError` naming both lengths; otherwise ``max_new_tokens`` is clamped to the room
+left, and generation that ends there reports ``finish_reason == "length"`` (``gen.clamped`` is True).
+Stop ids default to the model config's eos ids; the text helpers default to ``tokenizer.stop_ids``.
+"""
+
+from __future__ import annotations
+
+import time
+from typing import Iterable, Iterator, Sequence
+
+import torch
+
+from ..errors import ContextLengthError
+from .runner import Runner, make_runner
+from .sampling import GenerationError, Sampler, SamplingParams
+
+
+def _is_runner(obj) -> bool:
+    return hasattr(obj, "prefill") and hasattr(obj, "decode") and hasattr(obj, "max_len")
+
+
+def _params(params: SamplingParams | None, kw: dict) -> SamplingParams:
+    params = params or SamplingParams()
+    return params.replace(**kw) if kw else params
+
+
+def _prompt_list(prompt_ids) -> list[int]:
+    if isinstance(prompt_ids, torch.Tensor):
+        if prompt_ids.dim() != 1:
+            raise GenerationError(f"prompt_ids: expected a 1-D sequence of token ids, got shape "
+                                  f"{tuple(prompt_ids.shape)}")
+        return prompt_ids.tolist()
+    if isinstance(prompt_ids, (str, bytes)):
+        raise GenerationError("prompt_ids: expected token ids, got text (encode it with the tokenizer, "
+                              "or use generate_text)")
+    ids = list(prompt_ids)
+    if any(isinstance(i, bool) or not isinstance(i, int) for i in ids):
+        raise GenerationError("prompt_ids: every entry must be an integer token id")
+    return ids
+
+
+class Generation:
+    """One request on one runner row; iterate it for the new token ids.
+
+    After (or during) iteration: ``finish_reason`` ("stop" | "length", None while running or if
+    the consumer stopped early), ``prompt_tokens``, ``cached_tokens`` (prompt tokens already in the
+    cache, not recomputed), ``completion_tokens``, ``tokens`` (the yielded ids), ``prefill_s``,
+    ``decode_s`` (seconds spent in the runner and sampler), ``cache_tokens`` (ids the cache row holds).
+    """
+
+    def __init__(self, runner: Runner, prompt_ids, params: SamplingParams, *, cached: int = 0,
+                 row: int = 0, context: int | None = None):
+        prompt = _prompt_list(prompt_ids)
+        if not prompt:
+            raise GenerationError("prompt_ids: the prompt is empty (give at least one token, e.g. BOS)")
+        vocab = runner.vocab_size
+        lo, hi = min(prompt), max(prompt)
+        if lo < 0 or hi >= vocab:
+            bad = lo if lo < 0 else hi
+            raise GenerationError(f"prompt_ids: token id {bad} outside the vocabulary [0, {vocab})")
+        ctx = min(context or runner.max_len, runner.max_len)
+        P = len(prompt)
+        if P >= ctx:
+            raise ContextLengthError(f"prompt of {P} tokens does not fit the context of {ctx} tokens "
+                                     f"(it must leave room for at least one new token)")
+        self.runner = runner
+        self.params = params
+        self.prompt = prompt
+        self.row = row
+        self.rows = None if runner.batch == 1 and row == 0 else torch.tensor([row], device=runner.device)
+        self.max_new_tokens = min(params.max_new_tokens, ctx - P)
+        self.clamped = self.max_new_tokens < params.max_new_tokens
+        stop = params.stop_ids
+        if stop is None:
+            model = getattr(runner, "model", None)
+            stop = model.config.eos_token_ids if model is not None else ()
+        self.stop_ids = frozenset(stop)
+        self.cached_tokens = max(0, min(cached, P - 1))  # at least one token is prefilled for logits
+        self.prompt_tokens = P
+        self.completion_tokens = 0
+        self.tokens: list[int] = []
+        self.cache_tokens: list[int] = prompt[:self.cached_tokens]
+        self.finish_reason: str | None = None
+        self.prefill_s = 0.0
+        self.decode_s = 0.0
+        self._it = self._run()
+
+    def __iter__(self) -> Iterator[int]:
+        return self
+
+    def __next__(self) -> int:
+        return next(self._it)
+
+    def close(self) -> None:
+        """Stop early (finish_reason stays None)."""
+        self._it.close()
+
+    def run(self) -> list[int]:
+        """Exhaust the generation; return the new token ids."""
+        for _ in self:
+            pass
+        return self.tokens
+
+    def _run(self) -> Iterator[int]:
+        r, dev, P, start = self.runner, self.runner.device, self.prompt_tokens, self.cached_tokens
+        sampler = Sampler(self.params, r.vocab_size, self.prompt, device=dev)
+        with torch.inference_mode():
+            t0 = time.perf_counter()
+            toks = torch.tensor([self.prompt[start:]], dtype=torch.long, device=dev)        # [1, T]
+            pos = torch.arange(start, P, dtype=torch.long, device=dev)[None]               # [1, T]
+            logits = r.prefill(toks, pos, self.rows)[0]                                    # [V]
+            self.cache_tokens = list(self.prompt)
+            tok_buf = torch.empty(1, dtype=torch.long, device=dev)                         # [1]
+            pos_buf = torch.empty(1, dtype=torch.long, device=dev)
+            tok = sampler(logits)
+            self.prefill_s = time.perf_counter() - t0
+        while True:
+            if tok in self.stop_ids:
+                self.finish_reason = "stop"
+                return
+            self.tokens.append(tok)
+            self.completion_tokens += 1
+            if self.completion_tokens >= self.max_new_tokens:
+                self.finish_reason = "length"
+                yield tok
+                return
+            yield tok
+            t0 = time.perf_counter()
+            with torch.inference_mode():
+                tok_buf.fill_(tok)
+                pos_buf.fill_(P + self.completion_tokens - 1)   # position of the token just sampled
+                logits = r.decode(tok_buf, pos_buf, self.rows)[0]
+                self.cache_tokens.append(tok)
+                tok = sampler(logits)
+            self.decode_s += time.perf_counter() - t0
+
+    @property
+    def decode_tok_s(self) -> float:
+        n = self.completion_tokens - 1  # the first token comes from the prefill
+        return n / self.decode_s if n > 0 and self.decode_s > 0 else 0.0
+
+    @property
+    def prefill_tok_s(self) -> float:
+        n = self.prompt_tokens - self.cached_tokens
+        return n / self.prefill_s if self.prefill_s > 0 else 0.0
+
+
+def _runner_for(model_or_runner, needed: int, backend: str = "auto") -> Runner:
+    if _is_runner(model_or_runner):
+        return model_or_runner
+    model = model_or_runner
+    ctx = model.config.max_position_embeddings
+    return make_runner(model, batch=1, max_len=min(max(needed, 1), ctx), backend=backend)
+
+
+def generate(model_or_runner, prompt_ids: Sequence[int], params: SamplingParams | None = None,
+             **kw) -> Generation:
+    """Generate after ``prompt_ids`` with a model (a fresh batch-1 runner) or a runner (its row 0).
+
+    Returns a :class:`Generation`: iterate it for the new ids. ``kw`` overrides fields of ``params``.
+    """
+    params = _params(params, kw)
+    prompt = _prompt_list(prompt_ids)
+    if not _is_runner(model_or_runner):
+        ctx = model_or_runner.config.max_position_embeddings
+        if len(prompt) >= ctx:
+            raise ContextLengthError(f"prompt of {len(prompt)} tokens does not fit the context of "
+                                     f"{ctx} tokens (it must leave room for at least one new token)")
+    runner = _runner_for(model_or_runner, len(prompt) + params.max_new_tokens)
+    return Generation(runner, prompt, params)
+
+
+class Session:
+    """A batch-1 runner that remembers the ids its KV cache holds and re-uses the longest common prefix.
+
+    Used by multi-turn chat: the next turn's prompt extends the conversation, so only the new part
+    is prefilled.
+    """
+
+    def __init__(self, model_or_runner, max_len: int | None = None, backend: str = "auto"):
+        if _is_runner(model_or_runner):
+            self.runner = model_or_runner
+        else:
+            self.runner = make_runner(model_or_runner, batch=1, max_len=max_len, backend=backend)
+        self._last: Generation | None = None
+        self._tokens: list[int] = []
+
+    @property
+    def max_len(self) -> int:
+        return self.runner.max_len
+
+    @property
+    def tokens(self) -> list[int]:
+        """Token ids whose keys/values the cache holds, in order from position 0."""
+        return self._last.cache_tokens if self._last is not None else self._tokens
+
+    def reset(self) -> None:
+        self._last, self._tokens = None, []
+        self.runner.reset()
+
+    def generate(self, prompt_ids: Sequence[int], params: SamplingParams | None = None, **kw) -> Generation:
+        params = _params(params, kw)
+        prompt = _prompt_list(prompt_ids)
+        held = self.tokens
+        n = 0
+        for a, b in zip(held, prompt):
+            if a != b:
+                break
+            n += 1
+        self._tokens = held[:n]
+        self._last = None
+        gen = Generation(self.runner, prompt, params, cached=n)
+        self._last = gen
+        return gen
+
+
+# ---------------------------------------------------------------- text
+
+class TextStream:
+    """Iterate printable text pieces of a :class:`Generation` (multi-byte UTF-8 kept whole).
+
+    ``.generation`` gives finish_reason and token counts; ``.text`` the text so far.
+    """
+
+    def __init__(self, generation: Generation, tokenizer):
+        self.generation = generation
+        self.tokenizer = tokenizer
+        self.text = ""
+        self._it = self._run()
+
+    def __iter__(self) -> Iterator[str]:
+        return self
+
+    def __next__(self) -> str:
+        return next(self._it)
+
+    def _run(self) -> Iterator[str]:
+        dec = self.tokenizer.stream_decoder()
+        for tok in self.generation:
+            piece = dec.push(tok)
+            if piece:
+                self.text += piece
+                yield piece
+        tail = dec.flush()
+        if tail:
+            self.text += tail
+            yield tail
+
+    def __getattr__(self, name):  # finish_reason, prompt_tokens, completion_tokens, ...
+        if name.startswith("_") or name in ("generation", "tokenizer", "text"):
+            raise AttributeError(name)
+        return getattr(self.generation, name)
+
+
+def encode_prompt(tokenizer, prompt) -> list[int]:
+    """Text -> ids with BOS; a list of chat messages -> chat template ids; ids pass through."""
+    if isinstance(prompt, str):
+        return tokenizer.encode(prompt, add_bos=True)
+    prompt = list(prompt)
+    if prompt and isinstance(prompt[0], dict):
+        return tokenizer.encode_chat(prompt, add_generation_prompt=True)
+    return prompt
+
+
+def _with_stops(params: SamplingParams, tokenizer) -> SamplingParams:
+    if params.stop_ids is None:
+        return params.replace(stop_ids=frozenset(tokenizer.stop_ids))
+    return params
+
+
+def stream_text(model_or_runner, tokenizer, prompt_ids: Iterable[int] | str | list[dict],
+                params: SamplingParams | None = None, **kw) -> TextStream:
+    """Stream decoded text. ``prompt_ids`` may also be a string or a list of chat messages."""
+    params = _with_stops(_params(params, kw), tokenizer)
+    gen = generate(model_or_runner, encode_prompt(tokenizer, prompt_ids), params)
+    return TextStream(gen, tokenizer)
+
+
+def generate_text(model_or_runner, tokenizer, prompt: str | list[dict] | Iterable[int],
+                  params: SamplingParams | None = None, **kw) -> str:
+    """The completion of ``prompt`` (text gets BOS; a list of messages gets the chat template)."""
+    return "".join(stream_text(model_or_runner, tokenizer, prompt, params, **kw))
+
+
+__all__ = ["Generation", "generate", "Session", "TextStream", "stream_text", "generate_text",
+           "encode_prompt"]

@@ -1,0 +1,191 @@
+"""Runners: the layer below generation where fast engines plug in (torch reference, CPU C, GPU Triton).
+
+    runner = make_runner(model, batch=1, max_len=None, backend="auto")
+    runner.reset()
+    logits = runner.prefill(tokens, pos)      # tokens, pos LongTensor [B, T] -> float32 [B, V] (last position)
+    logits = runner.decode(tokens, pos)       # tokens, pos LongTensor [B]    -> float32 [B, V]
+
+A runner owns a static KV cache of ``runner.batch`` rows and ``runner.max_len`` positions. Every
+row has its own positions (``pos`` is per row), so a server can keep rows at different lengths
+(continuous batching); ``rows`` (LongTensor [b], optional) runs the call on a subset of the cache
+rows only, e.g. to prefill one new request while the others wait. A call at positions ``pos`` writes
+those KV slots and attends to slots ``0..pos`` of its row: slots past a row's position are never
+read, so re-using a cached prefix only means prefilling from the first position that differs.
+
+Other engines register themselves from their own modules::
+
+    register_runner("cpu", factory=lambda model, batch, max_len: CRunner(...),
+                    available=lambda model: model.device.type == "cpu", priority=10)
+
+``make_runner(backend="auto")`` first imports ``bitnet158.kernels.cpu.runner`` and
+``bitnet158.kernels.triton.runner`` (if installed; they call :func:`register_runner`), then picks the
+available runner of highest priority. Runners read the thread count from ``torch.get_num_threads()``.
+"""
+
+from __future__ import annotations
+
+import importlib
+from dataclasses import dataclass
+from typing import Callable, Protocol, runtime_checkable
+
+import torch
+
+from ..errors import ConfigError
+from ..model import KVCache
+
+# modules that register fast runners when imported (missing ones are skipped)
+RUNNER_MODULES = ("bitnet158.kernels.cpu.runner", "bitnet158.kernels.triton.runner")
+
+
+@runtime_checkable
+class Runner(Protocol):
+    """What generation needs from an engine. Logits are float32 [B, V] of the last position."""
+
+    batch: int
+    max_len: int
+    vocab_size: int
+    device: torch.device
+
+    def reset(self) -> None: ...
+
+    def prefill(self, tokens: torch.Tensor, pos: torch.Tensor,
+                rows: torch.Tensor | None = None) -> torch.Tensor: ...
+
+    def decode(self, tokens: torch.Tensor, pos: torch.Tensor,
+               rows: torch.Tensor | None = None) -> torch.Tensor: ...
+
+
+class _RowsView:
+    """KV cache rows [r0, r1) of a KVCache as views (writes land in the full cache)."""
+
+    def __init__(self, cache, r0: int, r1: int):
+        self.k, self.v = cache.k[r0:r1], cache.v[r0:r1]
+
+    update = KVCache.update
+
+
+class TorchRunner:
+    """The reference runner: ``model.hidden`` with the model's static KV cache, head on the last position.
+
+    Works for any device and dtype the model is on; the projections use whatever
+    :mod:`bitnet158.kernels` backend serves the model's device.
+    """
+
+    name = "torch"
+
+    def __init__(self, model, batch: int = 1, max_len: int | None = None):
+        cfg = model.config
+        self.model = model.eval()
+        self.batch = batch
+        self.max_len = min(max_len or cfg.max_position_embeddings, cfg.max_position_embeddings)
+        self.vocab_size = cfg.vocab_size
+        self.device = model.device
+        with torch.no_grad():
+            self.cache = model.new_cache(batch, self.max_len)   # list of KVCache [B, Hkv, S, D]
+
+    def reset(self) -> None:
+        """Forget every row (slots are overwritten before they are read, so nothing is zeroed)."""
+
+    def _caches(self, rows: torch.Tensor | None, n: int):
+        if rows is None:
+            if n != self.batch:
+                raise ValueError(f"runner: got {n} rows but the runner has batch={self.batch}; "
+                                 f"pass rows= to run on a subset")
+            return self.cache
+        r = [int(i) for i in rows]
+        if len(r) != n:
+            raise ValueError(f"runner: rows has {len(r)} entries for {n} input rows")
+        if any(not 0 <= i < self.batch for i in r):
+            raise ValueError(f"runner: rows {r} out of range for batch={self.batch}")
+        if r == list(range(r[0], r[0] + n)):                      # contiguous: views, no copies
+            return [_RowsView(c, r[0], r[0] + n) for c in self.cache]
+        raise ValueError(f"runner: rows {r} must be contiguous (call once per row otherwise)")
+
+    def _check_pos(self, pos: torch.Tensor) -> None:
+        hi = int(pos.max())
+        if hi >= self.max_len or int(pos.min()) < 0:
+            raise ValueError(f"runner: position {hi} outside the KV cache (max_len={self.max_len})")
+
+    @torch.inference_mode()
+    def prefill(self, tokens: torch.Tensor, pos: torch.Tensor,
+                rows: torch.Tensor | None = None) -> torch.Tensor:
+        """tokens, pos [B, T] -> float32 logits [B, V] of the last position of each row."""
+        self._check_pos(pos)
+        cache = self._caches(rows, tokens.shape[0])
+        h = self.model.hidden(tokens, pos, cache)                # [B, T, D]
+        return self.model.logits(h[:, -1]).float()               # head on the last position only
+
+    @torch.inference_mode()
+    def decode(self, tokens: torch.Tensor, pos: torch.Tensor,
+               rows: torch.Tensor | None = None) -> torch.Tensor:
+        """tokens, pos [B] -> float32 logits [B, V]."""
+        return self.prefill(tokens[:, None], pos[:, None], rows)
+
+
+# ---------------------------------------------------------------- registry
+
+@dataclass
+class RunnerSpec:
+    name: str
+    factory: Callable[..., Runner]          # factory(model, batch, max_len) -> Runner
+    available: Callable[[object], bool]     # available(model) -> bool
+    priority: int = 0
+
+
+_RUNNERS: dict[str, RunnerSpec] = {}
+_hooks_done = False
+
+
+def register_runner(name: str, factory: Callable[..., Runner],
+                    available: Callable[[object], bool] = lambda model: True, priority: int = 0) -> None:
+    """Add (or replace) a runner. ``auto`` picks the available runner of highest priority."""
+    _RUNNERS[name] = RunnerSpec(name, factory, available, priority)
+
+
+def _import_hooks() -> None:
+    global _hooks_done
+    if _hooks_done:
+        return
+    _hooks_done = True
+    for mod in RUNNER_MODULES:
+        try:
+            importlib.import_module(mod)
+        except ImportError:
+            pass
+
+
+def runners() -> list[RunnerSpec]:
+    """Registered runners, highest priority first."""
+    _import_hooks()
+    return sorted(_RUNNERS.values(), key=lambda s: -s.priority)
+
+
+def make_runner(model, batch: int = 1, max_len: int | None = None, backend: str = "auto") -> Runner:
+    """A runner for ``model`` with a KV cache of ``batch`` rows x ``max_len`` positions.
+
+    ``max_len`` defaults to (and is capped at) the model's ``max_position_embeddings``.
+    ``backend``: "auto" (best available), "torch", or the name of a registered runner.
+    """
+    if not isinstance(batch, int) or batch < 1:
+        raise ConfigError(f"make_runner: batch={batch!r} must be a positive integer")
+    if max_len is not None and (not isinstance(max_len, int) or max_len < 1):
+        raise ConfigError(f"make_runner: max_len={max_len!r} must be a positive integer or None")
+    specs = runners()
+    if backend == "auto":
+        for s in specs:
+            if s.available(model):
+                return s.factory(model, batch, max_len)
+        raise ConfigError("make_runner: no runner available for this model")  # torch always is
+    spec = _RUNNERS.get(backend)
+    if spec is None:
+        names = ", ".join(["auto", *(s.name for s in specs)])
+        raise ConfigError(f"backend={backend!r}: unknown runner (available: {names})")
+    if not spec.available(model):
+        raise ConfigError(f"backend={backend!r}: this runner cannot run this model "
+                          f"(device {model.device}, dtype {model.dtype}); try backend='auto'")
+    return spec.factory(model, batch, max_len)
+
+
+register_runner("torch", TorchRunner, lambda model: True, priority=0)
+
+__all__ = ["Runner", "TorchRunner", "register_runner", "make_runner", "runners", "RunnerSpec"]
