@@ -1,0 +1,257 @@
+"""Continuous batching: one decode loop serving many requests on the rows of one batched runner.
+
+    engine = BatchEngine(make_runner(model, batch=8), max_queue=64).start()
+    handle = engine.submit(prompt_ids, SamplingParams(max_new_tokens=32, seed=0),
+                           on_token=lambda tok: ..., on_done=lambda reason, error: ...)
+    handle.cancel()            # e.g. the client went away: its row is free before the next step
+    engine.stats()             # {"slots": 8, "active": 1, "queued": 0, ...}
+    engine.stop()
+
+A single thread owns the runner. Between two decode steps it drops cancelled requests, admits queued
+ones into free rows (each new request is prefilled alone on its row with ``rows=[i]``; rows already
+decoding keep their KV cache), then runs ONE decode call over the contiguous range of rows in use,
+so requests at different positions share every step. Each request samples with its own
+:class:`Sampler` (own ``torch.Generator``), so a seeded request gives the same tokens whatever else
+runs beside it on the same shapes. Callbacks run on the engine thread and must be quick (the server
+hands them to its event loop). The queue is bounded: ``submit`` raises :class:`QueueFullError` when
+``max_queue`` requests already wait.
+"""
+
+from __future__ import annotations
+
+import itertools
+import threading
+import time
+from collections import deque
+from typing import Callable
+
+import torch
+
+from ..errors import BitNetError, ContextLengthError
+from .sampling import Sampler, SamplingParams
+
+
+class QueueFullError(BitNetError):
+    """Every row is busy and the waiting queue holds ``max_queue`` requests already."""
+
+
+class EngineStoppedError(BitNetError):
+    """The batch engine is not running (stopped, or it never started)."""
+
+
+class Handle:
+    """One submitted request. ``cancel()`` is safe from any thread; the row is freed at the next step."""
+
+    _ids = itertools.count()
+
+    def __init__(self, prompt: list[int], params: SamplingParams, max_new_tokens: int,
+                 stop_ids: frozenset[int], on_token: Callable[[int], None],
+                 on_done: Callable[[str | None, BaseException | None], None]):
+        self.id = next(self._ids)
+        self.prompt = prompt
+        self.params = params
+        self.max_new_tokens = max_new_tokens
+        self.stop_ids = stop_ids
+        self.on_token = on_token
+        self.on_done = on_done
+        self.cancelled = False
+        self.done = False
+        self.row: int | None = None
+        self.tokens: list[int] = []
+        self.finish_reason: str | None = None
+        self.sampler: Sampler | None = None
+        self.next_token: int | None = None     # sampled, not yet fed back through decode
+        self.submitted = time.perf_counter()
+
+    def cancel(self) -> None:
+        self.cancelled = True
+
+    @property
+    def prompt_tokens(self) -> int:
+        return len(self.prompt)
+
+    @property
+    def completion_tokens(self) -> int:
+        return len(self.tokens)
+
+
+class BatchEngine:
+    """The decode loop over a runner of ``runner.batch`` rows (see the module docstring)."""
+
+    def __init__(self, runner, max_queue: int = 64, stop_ids: frozenset[int] | set[int] = frozenset()):
+        self.runner = runner
+        self.slots: list[Handle | None] = [None] * runner.batch
+        self.max_queue = max_queue
+        self.stop_ids = frozenset(stop_ids)
+        self.waiting: deque[Handle] = deque()
+        self.cond = threading.Condition()
+        self.thread: threading.Thread | None = None
+        self.running = False
+        self.steps = 0                     # decode steps run
+        self.tokens_out = 0                # tokens produced (prefill + decode)
+
+    # ------------------------------------------------------------ control
+    def start(self) -> "BatchEngine":
+        if self.thread is None:
+            self.running = True
+            self.thread = threading.Thread(target=self._loop, name="bitnet158-batch", daemon=True)
+            self.thread.start()
+        return self
+
+    def stop(self, timeout: float = 10.0) -> None:
+        """Stop the loop; requests still queued or running end with finish_reason None and an error."""
+        with self.cond:
+            self.running = False
+            self.cond.notify_all()
+        if self.thread is not None:
+            self.thread.join(timeout)
+            self.thread = None
+        for h in [*self.waiting, *(s for s in self.slots if s is not None)]:
+            self._finish(h, None, EngineStoppedError("the server is shutting down"))
+        self.waiting.clear()
+        self.slots = [None] * len(self.slots)
+
+    def submit(self, prompt_ids: list[int], params: SamplingParams, on_token: Callable[[int], None],
+               on_done: Callable[[str | None, BaseException | None], None]) -> Handle:
+        """Queue a request. Raises ContextLengthError, QueueFullError or EngineStoppedError at once."""
+        prompt = list(prompt_ids)
+        ctx = self.runner.max_len
+        if not prompt:
+            raise ContextLengthError("the prompt is empty (it needs at least one token)")
+        if len(prompt) >= ctx:
+            raise ContextLengthError(f"prompt of {len(prompt)} tokens does not fit the context of "
+                                     f"{ctx} tokens (it must leave room for at least one new token)")
+        stops = self.stop_ids if params.stop_ids is None else params.stop_ids
+        h = Handle(prompt, params, min(params.max_new_tokens, ctx - len(prompt)), frozenset(stops),
+                   on_token, on_done)
+        with self.cond:
+            if not self.running:
+                raise EngineStoppedError("the batch engine is not running")
+            free = sum(s is None for s in self.slots)
+            if len(self.waiting) >= self.max_queue + free:
+                raise QueueFullError(f"all {len(self.slots)} rows are busy and {len(self.waiting)} "
+                                     f"requests are queued (max_queue={self.max_queue})")
+            self.waiting.append(h)
+            self.cond.notify_all()
+        return h
+
+    def stats(self) -> dict:
+        with self.cond:
+            active = sum(s is not None for s in self.slots)
+            return {"slots": len(self.slots), "active": active, "free": len(self.slots) - active,
+                    "queued": len(self.waiting), "max_queue": self.max_queue, "steps": self.steps,
+                    "tokens_out": self.tokens_out, "running": self.running}
+
+    # ------------------------------------------------------------ loop
+    def _finish(self, h: Handle, reason: str | None, error: BaseException | None = None) -> None:
+        if h.done:
+            return
+        h.done, h.finish_reason = True, reason
+        if h.row is not None and self.slots[h.row] is h:
+            self.slots[h.row] = None
+        try:
+            h.on_done(reason, error)
+        except Exception:  # a callback must never kill the loop
+            pass
+
+    def _emit(self, h: Handle, tok: int) -> bool:
+        """Handle a sampled token; True when the request goes on decoding."""
+        if h.cancelled:
+            self._finish(h, None)
+            return False
+        if tok in h.stop_ids:
+            self._finish(h, "stop")
+            return False
+        h.tokens.append(tok)
+        self.tokens_out += 1
+        try:
+            h.on_token(tok)
+        except Exception as e:
+            self._finish(h, None, e)
+            return False
+        if len(h.tokens) >= h.max_new_tokens:
+            self._finish(h, "length")
+            return False
+        h.next_token = tok
+        return True
+
+    def _admit(self) -> list[Handle]:
+        """Under the lock: drop cancelled requests, move waiting ones into free rows."""
+        for i, h in enumerate(self.slots):
+            if h is not None and h.cancelled:
+                self._finish(h, None)
+        while self.waiting and self.waiting[0].cancelled:
+            self._finish(self.waiting.popleft(), None)
+        admitted = []
+        for i in range(len(self.slots)):
+            if self.slots[i] is None and self.waiting:
+                h = self.waiting.popleft()
+                while h.cancelled and self.waiting:
+                    self._finish(h, None)
+                    h = self.waiting.popleft()
+                if h.cancelled:
+                    self._finish(h, None)
+                    break
+                h.row = i
+                self.slots[i] = h
+                admitted.append(h)
+        return admitted
+
+    def _prefill(self, h: Handle) -> None:
+        r = self.runner
+        dev = r.device
+        h.sampler = Sampler(h.params, r.vocab_size, h.prompt, device=dev)
+        toks = torch.tensor([h.prompt], dtype=torch.long, device=dev)                 # [1, P]
+        pos = torch.arange(len(h.prompt), dtype=torch.long, device=dev)[None]         # [1, P]
+        logits = r.prefill(toks, pos, torch.tensor([h.row], device=dev))[0]           # [V]
+        self._emit(h, h.sampler(logits))
+
+    def _decode(self) -> None:
+        live = [h for h in self.slots if h is not None and not h.done]
+        if not live:
+            return
+        r, dev = self.runner, self.runner.device
+        lo = min(h.row for h in live)
+        hi = max(h.row for h in live) + 1
+        toks = torch.zeros(hi - lo, dtype=torch.long)                                 # [b]
+        pos = torch.zeros(hi - lo, dtype=torch.long)                                  # idle rows: pos 0
+        for h in live:
+            toks[h.row - lo] = h.next_token
+            pos[h.row - lo] = len(h.prompt) + len(h.tokens) - 1    # position of the token fed back
+        rows = torch.arange(lo, hi, device=dev)
+        logits = r.decode(toks.to(dev), pos.to(dev), rows)                             # [b, V]
+        self.steps += 1
+        for h in live:
+            self._emit(h, h.sampler(logits[h.row - lo]))
+
+    def _loop(self) -> None:
+        while True:
+            with self.cond:
+                while self.running and not self.waiting and all(s is None for s in self.slots):
+                    self.cond.wait(timeout=0.5)
+                if not self.running:
+                    return
+                admitted = self._admit()
+            for h in admitted:
+                try:
+                    with torch.inference_mode():
+                        self._prefill(h)
+                except Exception as e:
+                    with self.cond:
+                        self._finish(h, None, e)
+            try:
+                with torch.inference_mode():
+                    # cancellations that arrived during the prefills free their rows before the step
+                    for h in list(self.slots):
+                        if h is not None and h.cancelled:
+                            with self.cond:
+                                self._finish(h, None)
+                    self._decode()
+            except Exception as e:
+                with self.cond:
+                    for h in list(self.slots):
+                        if h is not None:
+                            self._finish(h, None, e)
+
+
+__all__ = ["BatchEngine", "Handle", "QueueFullError", "EngineStoppedError"]
