@@ -96,7 +96,8 @@ def greedy_reference(model, ids, n) -> list[int]:
 
 def test_greedy_matches_recompute(packed_model):
     ids = [0, 17, 42, 99, 7]
-    gen = generate(packed_model, ids, SamplingParams(max_new_tokens=24, stop_ids=[]))
+    runner = make_runner(packed_model, max_len=64, backend="torch")
+    gen = generate(runner, ids, SamplingParams(max_new_tokens=24, stop_ids=[]))
     toks = list(gen)
     assert toks == greedy_reference(packed_model, ids, 24)
     assert gen.finish_reason == "length" and gen.completion_tokens == 24 and gen.prompt_tokens == 5

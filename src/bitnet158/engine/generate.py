@@ -89,8 +89,8 @@ class Generation:
         self.clamped = self.max_new_tokens < params.max_new_tokens
         stop = params.stop_ids
         if stop is None:
-            model = getattr(runner, "model", None)
-            stop = model.config.eos_token_ids if model is not None else ()
+            cfg = getattr(runner, "config", None) or getattr(getattr(runner, "model", None), "config", None)
+            stop = cfg.eos_token_ids if cfg is not None else ()
         self.stop_ids = frozenset(stop)
         self.cached_tokens = max(0, min(cached, P - 1))  # at least one token is prefilled for logits
         self.prompt_tokens = P

@@ -39,8 +39,12 @@ RUNNER_MODULES = ("bitnet158.kernels.cpu.runner", "bitnet158.kernels.triton.runn
 
 @runtime_checkable
 class Runner(Protocol):
-    """What generation needs from an engine. Logits are float32 [B, V] of the last position."""
+    """What generation needs from an engine. Logits are float32 [B, V] of the last position.
 
+    ``config`` is the model's ModelConfig (generation reads its eos ids for the default stops).
+    """
+
+    config: object
     batch: int
     max_len: int
     vocab_size: int
@@ -76,6 +80,7 @@ class TorchRunner:
     def __init__(self, model, batch: int = 1, max_len: int | None = None):
         cfg = model.config
         self.model = model.eval()
+        self.config = cfg
         self.batch = batch
         self.max_len = min(max_len or cfg.max_position_embeddings, cfg.max_position_embeddings)
         self.vocab_size = cfg.vocab_size

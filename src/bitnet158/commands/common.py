@@ -1,0 +1,127 @@
+"""Arguments and loading shared by the commands that run a model (generate, chat, and others).
+
+    p = argparse.ArgumentParser(); add_model_arguments(p); add_sampling_arguments(p)
+    args = p.parse_args(); model, tokenizer = load_model(args); params = sampling_params(args, tokenizer)
+
+MODEL is a Hugging Face folder (or hub id); left out, the model embedded in the package
+(``bitnet158/assets/default-model``) is used when it is installed.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from pathlib import Path
+
+import torch
+
+from ..errors import CheckpointError, ConfigError
+
+DEFAULT_MODEL = Path(__file__).resolve().parents[1] / "assets" / "default-model"
+DTYPES = ("auto", "bfloat16", "float16", "float32")
+
+
+def add_model_arguments(p: argparse.ArgumentParser) -> None:
+    """MODEL (optional positional) and --dtype/--device/--backend/--threads/--tokenizer/--context."""
+    p.add_argument("model", nargs="?", default=None, metavar="MODEL",
+                   help="model folder or hub id (default: the embedded model, if installed)")
+    g = p.add_argument_group("model")
+    g.add_argument("--dtype", choices=DTYPES, default="auto",
+                   help="dtype of embeddings/activations (default: the checkpoint's)")
+    g.add_argument("--device", default="auto", help="cpu, cuda, cuda:1 ... (default: cuda if available)")
+    g.add_argument("--backend", default="auto",
+                   help="generation engine: auto (best available), torch, or a registered one")
+    g.add_argument("--threads", type=int, default=None, help="CPU threads (default: torch's)")
+    g.add_argument("--tokenizer", default=None, metavar="DIR",
+                   help="tokenizer folder (default: the model folder)")
+    g.add_argument("--context", type=int, default=None, metavar="N",
+                   help="KV cache length in tokens (default: the model's max_position_embeddings)")
+
+
+def add_sampling_arguments(p: argparse.ArgumentParser, max_tokens: int = 128, temperature: float = 0.0,
+                           top_p: float = 1.0) -> None:
+    g = p.add_argument_group("sampling")
+    g.add_argument("-n", "--max-tokens", type=int, default=max_tokens,
+                   help=f"most new tokens per answer (default {max_tokens})")
+    g.add_argument("--temperature", type=float, default=temperature,
+                   help=f"0 = greedy (default {temperature})")
+    g.add_argument("--top-k", type=int, default=0, help="keep the k most likely tokens (default 0 = off)")
+    g.add_argument("--top-p", type=float, default=top_p, help=f"nucleus mass (default {top_p})")
+    g.add_argument("--repetition-penalty", type=float, default=1.0, help="HF-style (default 1.0 = off)")
+    g.add_argument("--seed", type=int, default=None, help="random seed for reproducible sampling")
+    g.add_argument("--stats", action="store_true", help="print token counts and speed to stderr")
+
+
+def model_path(args) -> str:
+    """The MODEL argument, or the embedded default model; a clear error when there is none."""
+    if args.model:
+        return args.model
+    if (DEFAULT_MODEL / "config.json").is_file():
+        return str(DEFAULT_MODEL)
+    raise CheckpointError("no MODEL given and no default model is installed yet: pass a model folder, "
+                          "e.g. `bitnet158 generate path/to/bitnet-b1.58-2B-4T \"Hello\"`")
+
+
+def pick_device(name: str) -> torch.device:
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    try:
+        dev = torch.device(name)
+    except RuntimeError as e:
+        raise ConfigError(f"--device {name!r}: {e}") from None
+    if dev.type == "cuda" and not torch.cuda.is_available():
+        raise ConfigError(f"--device {name!r}: no CUDA device is available")
+    return dev
+
+
+def load_model(args):
+    """(model, tokenizer) from the parsed model arguments. Sets the thread count first."""
+    from .. import checkpoint
+    from ..tokenizer import Tokenizer
+
+    if args.threads is not None:
+        if args.threads < 1:
+            raise ConfigError(f"--threads {args.threads}: must be >= 1")
+        torch.set_num_threads(args.threads)
+    if args.context is not None and args.context < 2:
+        raise ConfigError(f"--context {args.context}: must be >= 2")
+    folder = checkpoint.resolve(model_path(args))
+    dtype = None if args.dtype == "auto" else args.dtype
+    model = checkpoint.load(folder, dtype=dtype, device=pick_device(args.device))
+    tok = Tokenizer.from_pretrained(args.tokenizer or folder)
+    if tok.vocab_size > model.config.vocab_size:
+        print(f"warning: the tokenizer has {tok.vocab_size} tokens but the model only "
+              f"{model.config.vocab_size}", file=sys.stderr)
+    return model, tok
+
+
+def sampling_params(args, tokenizer):
+    """SamplingParams from the sampling arguments; stops at the tokenizer's eot/eos ids."""
+    from ..engine import GenerationError, SamplingParams
+
+    flags = dict(temperature=args.temperature, top_k=args.top_k, top_p=args.top_p,
+                 repetition_penalty=args.repetition_penalty, seed=args.seed,
+                 max_new_tokens=args.max_tokens)
+    for field, value in flags.items():       # validate one by one to name the flag at fault
+        try:
+            SamplingParams(**{field: value})
+        except GenerationError as e:
+            flag = "--" + ("max-tokens" if field == "max_new_tokens" else field.replace("_", "-"))
+            raise GenerationError(f"{flag} {value}: {str(e).split(': ', 1)[1]}") from None
+    return SamplingParams(**flags, stop_ids=frozenset(tokenizer.stop_ids))
+
+
+def stats_line(gen) -> str:
+    """'12 prompt tokens (3 cached) 41.0 tok/s | 20 tokens 9.8 tok/s | stop'."""
+    new = gen.prompt_tokens - gen.cached_tokens
+    cached = f" ({gen.cached_tokens} cached)" if gen.cached_tokens else ""
+    return (f"[{gen.prompt_tokens} prompt tokens{cached}, {new} computed at {gen.prefill_tok_s:.1f} tok/s"
+            f" | {gen.completion_tokens} new tokens at {gen.decode_tok_s:.1f} tok/s"
+            f" | {gen.finish_reason or 'interrupted'}]")
+
+
+def utf8_stdout() -> None:
+    """Never die on a character the terminal's encoding lacks."""
+    for s in (sys.stdout, sys.stderr):
+        if hasattr(s, "reconfigure"):
+            s.reconfigure(errors="replace")
