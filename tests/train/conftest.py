@@ -1,0 +1,79 @@
+"""Shared fixtures of the training tests: a tiny BPE tokenizer, a synthetic corpus, its shards, a recipe."""
+
+from __future__ import annotations
+
+import random
+from pathlib import Path
+
+import pytest
+
+REPO = Path(__file__).resolve().parents[2]
+SHARED = REPO / ".." / "shared"
+
+_WORDS = ("the cat dog bird sat ran flew over under near a big small red green house tree river "
+          "and then quickly slowly saw heard found lost old new happy sad king queen road hill").split()
+
+
+def synthetic_corpus(n_docs: int = 40, seed: int = 0) -> list[str]:
+    """Short documents of simple sentences: learnable, deterministic, no outside data."""
+    rng = random.Random(seed)
+    docs = []
+    for _ in range(n_docs):
+        sents = []
+        for _ in range(rng.randint(8, 30)):
+            n = rng.randint(4, 10)
+            sents.append(" ".join(rng.choice(_WORDS) for _ in range(n)).capitalize() + ".")
+        docs.append(" ".join(sents))
+    return docs
+
+
+@pytest.fixture(scope="session")
+def corpus_dir(tmp_path_factory) -> Path:
+    d = tmp_path_factory.mktemp("corpus")
+    for i, text in enumerate(synthetic_corpus()):
+        (d / f"doc{i:03d}.txt").write_text(text + "\n")
+    return d
+
+
+@pytest.fixture(scope="session")
+def tokenizer_dir(tmp_path_factory, corpus_dir) -> Path:
+    from bitnet158.train.tokenizer_train import train_bpe
+    return train_bpe([corpus_dir], vocab_size=320, out_dir=tmp_path_factory.mktemp("tok"))
+
+
+@pytest.fixture(scope="session")
+def shards_dir(tmp_path_factory, corpus_dir, tokenizer_dir) -> Path:
+    from bitnet158.train.data import build_shards
+    from bitnet158.train.text import iter_documents
+    out = tmp_path_factory.mktemp("shards")
+    build_shards(iter_documents([corpus_dir]), tokenizer_dir, out, val_fraction=0.1, progress=False)
+    return out
+
+
+def write_recipe(path: Path, shards: Path, steps: int = 12, **extra: str) -> Path:
+    """A tiny CPU recipe (fp32, 2 layers) over ``shards``; ``extra`` adds raw TOML lines per section."""
+    sections = {
+        "model": 'size = "tiny"\n',
+        "model.overrides": "hidden_size = 32\nintermediate_size = 64\nnum_attention_heads = 2\n"
+                           "num_key_value_heads = 1\nmax_position_embeddings = 64\n",
+        "data": f'seq_len = 32\nval_rows = 8\nsources = {{ syn = "{shards}" }}\n'
+                'stages = [{ syn = 1.0 }, { syn = 1.0 }]\n',
+        "schedule": 'kind = "two_stage"\nwarmup_steps = 2\nlr_peak = 4e-3\nlr_peak2 = 1e-3\n',
+        "train": f'steps = {steps}\nmicro_batch = 4\ndtype = "fp32"\nclip = 1.0\nplot = false\n'
+                 'eval_every = 6\nckpt_every = 3\nkeep_checkpoints = 10\nquiet = true\n',
+    }
+    for k, v in extra.items():
+        sections[k.replace("__", ".")] = sections.get(k.replace("__", "."), "") + v
+    text = 'name = "test"\nseed = 0\n' + "".join(f"[{k}]\n{v}\n" for k, v in sections.items())
+    path.write_text(text)
+    return path
+
+
+@pytest.fixture(autouse=True)
+def _one_thread():
+    """Tiny models run fastest (and reproducibly) on one thread; restore the setting afterwards."""
+    import torch
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)
