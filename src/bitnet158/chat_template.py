@@ -153,5 +153,7 @@ def unescape_specials(text: str) -> str:
 
 
 def escape_messages(messages: list[dict], specials: Iterable[str]) -> list[dict]:
+    """Messages with every string field (role, content, name, ...) escaped."""
     specials = tuple(specials)
-    return [{**m, "content": escape_specials(m["content"], specials)} for m in messages]
+    return [{k: escape_specials(v, specials) if isinstance(v, str) else v for k, v in m.items()}
+            for m in messages]
