@@ -410,6 +410,9 @@ def test_folder_errors(tmp_path, tiny):
         (d / "tokenizer.json").write_text(text)
         with pytest.raises(TokenizerError, match="tokenizer.json"):
             Tokenizer.from_pretrained(d)
+    (tmp_path / "blank" / "tokenizer.json").write_bytes(b"\xff\xfe{}")
+    with pytest.raises(TokenizerError, match="UTF-8"):
+        Tokenizer.from_pretrained(tmp_path / "blank")
     d = tiny.save(tmp_path / "badcfg")
     (d / "tokenizer_config.json").write_text("{not json")
     with pytest.raises(TokenizerError, match="tokenizer_config.json"):

@@ -113,6 +113,8 @@ class Tokenizer:
         if self.eos_token is None and self.eos_id is not None:
             self.eos_token = tok.id_to_token(self.eos_id)
         self.eot_id = tok.token_to_id(EOT_TOKEN)
+        pad = _token_name(self.config, "pad_token", where)
+        self.pad_id = tok.token_to_id(pad) if pad is not None else None
         stops = {self.eot_id, self.eos_id, *extra_stop_ids}
         self.stop_ids = {i for i in stops if i is not None and 0 <= i < self.vocab_size}
         self._byte_level = self._is_byte_level()
@@ -159,8 +161,10 @@ class Tokenizer:
             hint = (" (it has a tiktoken tokenizer.model: convert it with "
                     "`bitnet158 tokenizer convert-tiktoken`)") if (folder / "tokenizer.model").is_file() else ""
             raise TokenizerError(f"no tokenizer.json in {folder}{hint}")
-        text = tj.read_text(encoding="utf-8", errors="strict") if tj.stat().st_size else ""
-        _check_json(text, tj)
+        try:
+            text = tj.read_text(encoding="utf-8")
+        except UnicodeDecodeError as e:
+            raise TokenizerError(f"{tj} is not UTF-8 text: {e}") from e
         cfg_path = folder / "tokenizer_config.json"
         cfg = _read_json(cfg_path, "tokenizer_config.json") if cfg_path.is_file() else {}
         if not isinstance(cfg, dict):
@@ -187,6 +191,7 @@ class Tokenizer:
         try:
             tok = _HFTokenizer.from_str(text)
         except Exception as e:  # tokenizers raises a bare Exception with serde's message
+            _check_json(text, source)  # a clearer message for empty / truncated / non-tokenizer JSON
             raise TokenizerError(f"{source} is not a valid tokenizers file: {e}") from e
         if config is not None and not isinstance(config, dict):
             raise TokenizerError("tokenizer config must be a dict")
@@ -323,7 +328,7 @@ class Tokenizer:
         return ids
 
 
-def _check_json(text: str, path: Path) -> None:
+def _check_json(text: str, path: Path | str) -> None:
     if not text.strip():
         raise TokenizerError(f"{path} is empty")
     try:
