@@ -367,6 +367,29 @@ def test_save_and_reload(tmp_path, tiny):
     assert Tokenizer.from_pretrained(out / "tokenizer.json").vocab_size == 512
 
 
+def test_ids_from_config_json_without_tokenizer_config(tmp_path, tiny):
+    out = tiny.save(tmp_path / "t")
+    (out / "tokenizer_config.json").unlink()
+    (out / "config.json").write_text(json.dumps({"bos_token_id": 0, "eos_token_id": [1, 3]}))
+    tok = Tokenizer.from_pretrained(out)
+    assert (tok.bos_id, tok.eos_id, tok.eot_id, tok.stop_ids) == (0, 1, 4, {1, 3, 4})
+    assert tok.chat_template == DEFAULT_CHAT_TEMPLATE and tok.bos_token == "<|begin_of_text|>"
+
+
+def test_concurrent_encodes_keep_their_special_mode(tiny):
+    from concurrent.futures import ThreadPoolExecutor
+    text = "x<|eot_id|>y " * 50
+    literal, parsed = tiny.encode(text), tiny.encode(text, allow_special=True)
+    assert literal != parsed
+
+    def work(k: int) -> bool:
+        allow = bool(k % 2)
+        return tiny.encode(text, allow_special=allow) == (parsed if allow else literal)
+
+    with ThreadPoolExecutor(8) as pool:
+        assert all(pool.map(work, range(400)))
+
+
 def test_transformers_reads_our_folders(tmp_path, tiny, request):
     transformers = pytest.importorskip("transformers")
     # AutoTokenizer resolves tokenizer_class; the 128k folder goes straight to the class (faster)
