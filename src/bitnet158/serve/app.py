@@ -131,7 +131,8 @@ class Server:
         try:
             params = SamplingParams(temperature=temperature, top_p=float(kw["top_p"]), top_k=kw["top_k"],
                                     repetition_penalty=float(kw["repetition_penalty"]), seed=req.seed,
-                                    max_new_tokens=max_tokens)
+                                    max_new_tokens=max_tokens,
+                                    stop_ids=frozenset() if req.ignore_eos else None)
         except SamplingError as e:
             param = next((k for k in kw if f".{k}=" in str(e)), None)
             raise P.APIError(400, str(e), param=param, code="invalid_value") from None

@@ -8,7 +8,7 @@ Requests accept what the official ``openai`` client sends for ``/v1/completions`
 a silent cast). Fields OpenAI defines but this server cannot honour (``n > 1``, ``logprobs``,
 ``tools``, penalties other than 0) are refused with a 400 naming the parameter rather than ignored.
 Unknown extra fields (e.g. from ``extra_body``) are ignored, as other OpenAI-compatible servers do;
-``top_k`` and ``repetition_penalty`` are accepted as extras.
+``top_k``, ``repetition_penalty`` and ``ignore_eos`` are accepted as extras.
 """
 
 from __future__ import annotations
@@ -42,12 +42,20 @@ def error_body(message: str, type: str = "invalid_request_error", param: str | N
     return {"error": {"message": message, "type": type, "param": param, "code": code}}
 
 
+_TYPE_TAGS = {"int", "float", "str", "bool", "list", "dict", "none", "TextPart"}
+
+
+def _is_type_tag(p) -> bool:
+    """pydantic puts the union member tried into error locations ('int', 'list[str]', ...)."""
+    return isinstance(p, str) and (p in _TYPE_TAGS or "[" in p or p.startswith(("function-", "literal")))
+
+
 def validation_error(errors: list[dict]) -> APIError:
     """Turn pydantic/FastAPI validation errors into one 400 naming the first bad parameter."""
     if not errors:
         return APIError(400, "invalid request")
     e = errors[0]
-    loc = [str(p) for p in e.get("loc", ()) if p != "body"]
+    loc = [str(p) for p in e.get("loc", ()) if p != "body" and not _is_type_tag(p)]
     if e.get("type") == "json_invalid":
         return APIError(400, "We could not parse the JSON body of your request: "
                         f"{e.get('ctx', {}).get('error', e.get('msg', 'invalid JSON'))}. (HINT: the body "
@@ -75,6 +83,7 @@ class _Request(BaseModel):
     top_p: Optional[Number] = None
     top_k: Optional[StrictInt] = None                 # extra (not in OpenAI's API)
     repetition_penalty: Optional[Number] = None       # extra
+    ignore_eos: Optional[StrictBool] = False          # extra: generate past end-of-text (benchmarks)
     n: Optional[StrictInt] = None
     stream: Optional[StrictBool] = False
     stream_options: Optional["StreamOptions"] = None
