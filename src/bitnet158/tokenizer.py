@@ -158,8 +158,9 @@ class Tokenizer:
             raise TokenizerError(f"tokenizer folder not found: {path}")
         tj = folder / "tokenizer.json"
         if not tj.is_file():
-            hint = (" (it has a tiktoken tokenizer.model: convert it with "
-                    "`bitnet158 tokenizer convert-tiktoken`)") if (folder / "tokenizer.model").is_file() else ""
+            hint = ""
+            if (folder / "tokenizer.model").is_file():
+                hint = " (it has a tiktoken tokenizer.model: convert it with `bitnet158 tokenizer convert-tiktoken`)"
             raise TokenizerError(f"no tokenizer.json in {folder}{hint}")
         try:
             text = tj.read_text(encoding="utf-8")
@@ -222,7 +223,8 @@ class Tokenizer:
         ids = self._encode([text], allow_special)[0]
         return [self._need_bos(), *ids] if add_bos else ids
 
-    def encode_batch(self, texts: list[str], add_bos: bool = False, allow_special: bool = False) -> list[list[int]]:
+    def encode_batch(self, texts: list[str], add_bos: bool = False,
+                     allow_special: bool = False) -> list[list[int]]:
         """`encode` over many texts at once (parallel inside `tokenizers`)."""
         if isinstance(texts, str) or not all(isinstance(t, str) for t in texts):
             raise TokenizerError("encode_batch expects a list of str")

@@ -46,7 +46,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                                    "tokenizer folder with the Llama-3 specials and the 2B4T chat template.")
     p.add_argument("ranks", help="tiktoken rank file (<base64 token> <rank> per line)")
     p.add_argument("out", help="output folder")
-    p.add_argument("--num-special", type=int, default=256, help="special tokens after the ranks (default 256)")
+    p.add_argument("--num-special", type=int, default=256,
+                   help="special tokens after the ranks (default 256)")
 
     p = sub.add_parser("encode", help="show the token ids of a text",
                        description="Encode text with a tokenizer folder and print ids and pieces.")
