@@ -50,7 +50,8 @@ def shards_dir(tmp_path_factory, corpus_dir, tokenizer_dir) -> Path:
     return out
 
 
-def write_recipe(path: Path, shards: Path, steps: int = 12, **extra: str) -> Path:
+def write_recipe(path: Path, shards: Path, steps: int = 12, eval_every: int = 6, ckpt_every: int = 3,
+                 plot: bool = False, **extra: str) -> Path:
     """A tiny CPU recipe (fp32, 2 layers) over ``shards``; ``extra`` adds raw TOML lines per section."""
     sections = {
         "model": 'size = "tiny"\n',
@@ -59,8 +60,8 @@ def write_recipe(path: Path, shards: Path, steps: int = 12, **extra: str) -> Pat
         "data": f'seq_len = 32\nval_rows = 8\nsources = {{ syn = "{shards}" }}\n'
                 'stages = [{ syn = 1.0 }, { syn = 1.0 }]\n',
         "schedule": 'kind = "two_stage"\nwarmup_steps = 2\nlr_peak = 4e-3\nlr_peak2 = 1e-3\n',
-        "train": f'steps = {steps}\nmicro_batch = 4\ndtype = "fp32"\nclip = 1.0\nplot = false\n'
-                 'eval_every = 6\nckpt_every = 3\nkeep_checkpoints = 10\nquiet = true\n',
+        "train": f'steps = {steps}\nmicro_batch = 4\ndtype = "fp32"\nclip = 1.0\nplot = {str(plot).lower()}\n'
+                 f'eval_every = {eval_every}\nckpt_every = {ckpt_every}\nkeep_checkpoints = 10\nquiet = true\n',
     }
     for k, v in extra.items():
         sections[k.replace("__", ".")] = sections.get(k.replace("__", "."), "") + v

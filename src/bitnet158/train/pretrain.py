@@ -37,9 +37,14 @@ from .recipe import Recipe
 
 # ---------------------------------------------------------------- model and optimizer
 
-def build_model(recipe: Recipe, vocab_size: int) -> Transformer:
-    """The recipe's model in fp32 on the CPU, initialized from ``recipe.seed``."""
-    over = {"vocab_size": vocab_size, **recipe.model.overrides, "dtype": "float32",
+def build_model(recipe: Recipe, vocab_size: int, bos_id: int | None = None,
+                eos_id: int | None = None) -> Transformer:
+    """The recipe's model in fp32 on the CPU, initialized from ``recipe.seed``.
+
+    Vocabulary size, BOS and EOS come from the data's tokenizer unless the recipe overrides them.
+    """
+    special = {k: v for k, v in (("bos_token_id", bos_id), ("eos_token_id", eos_id)) if v is not None}
+    over = {"vocab_size": vocab_size, **special, **recipe.model.overrides, "dtype": "float32",
             "quantization_mode": "online"}
     cfg = ModelConfig.from_name(recipe.model.size, **over)
     if cfg.vocab_size < vocab_size:
@@ -155,7 +160,8 @@ def run(recipe: Recipe, out: str | Path | None = None, resume: bool = False, dev
     schedule = recipe.make_schedule()
     sampler = MixtureSampler(sources, recipe.data.stages, recipe.data.seq_len, seed=recipe.seed)
 
-    model = build_model(recipe, vocab)
+    first = sources[sorted(sources)[0]].index
+    model = build_model(recipe, vocab, first.get("bos_id"), first.get("eos_id"))
     cfg = model.config
     if ctx.is_main:
         n_all, n_body = cfg.num_params(), cfg.num_params(embedding=False)
