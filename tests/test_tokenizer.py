@@ -122,6 +122,9 @@ def _varied_corpus(min_bytes: int) -> list[str]:
             if rng.random() < 0.3:
                 parts.append(" ")
         docs.append("".join(parts))
+    # long runs: whitespace, digits, one letter, combining marks
+    docs += [" " * 5000 + "x", "\n" * 3000, "\t \n" * 1000, "a" * 4000, "9" * 3001, "ab" * 2000, "🦙" * 500,
+             " \u00a0" * 700 + "y", "\r\n \r\n" * 300, "'s'S'll" * 200, "x" + "\u0301" * 500]
     assert sum(len(d.encode("utf-8")) for d in docs) >= min_bytes
     return docs
 
