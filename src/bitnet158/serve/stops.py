@@ -6,8 +6,9 @@
     out = f.flush()                 # -> held text at the end of generation (no stop matched)
 
 The streamed pieces, concatenated, always equal what a non-streamed request returns: both paths run
-the same filter over the same decoded text. A stop string is matched anywhere in the generated text
-(not in the prompt) and is not included in the output, as OpenAI does.
+the same filter over the same decoded text, and the result does not depend on how the text is split
+into pieces. A stop string is matched anywhere in the generated text (not in the prompt) and is not
+included in the output, as OpenAI does; generation ends at the stop string that is complete first.
 """
 
 from __future__ import annotations
@@ -15,6 +16,19 @@ from __future__ import annotations
 from typing import Iterable
 
 MAX_STOPS = 4  # OpenAI's limit
+
+
+def first_stop(text: str, stops: list[str]) -> int:
+    """Start of the stop string that is complete first when ``text`` is read left to right
+    (the earliest end; at equal ends the longest, i.e. earliest start); -1 when none occurs."""
+    best_end, best_start = None, -1
+    for stop in stops:
+        i = text.find(stop)
+        if i >= 0:
+            end = i + len(stop)
+            if best_end is None or end < best_end or (end == best_end and i < best_start):
+                best_end, best_start = end, i
+    return best_start
 
 
 class StopStrings:
@@ -44,7 +58,7 @@ class StopStrings:
             self.text += piece
             return piece
         s = self.pending + piece
-        cut = min((i for i in (s.find(stop) for stop in self.stops) if i >= 0), default=-1)
+        cut = first_stop(s, self.stops)
         if cut >= 0:
             self.stopped = True
             self.pending = ""
@@ -62,4 +76,4 @@ class StopStrings:
         return out
 
 
-__all__ = ["StopStrings", "MAX_STOPS"]
+__all__ = ["StopStrings", "first_stop", "MAX_STOPS"]
