@@ -1,0 +1,399 @@
+"""Hugging Face BitNet b1.58 folders in and out: the three layouts of SPEC §3, validated.
+
+    from bitnet158 import checkpoint
+    model = checkpoint.load("path/to/bitnet-b1.58-2B-4T")           # PackedLinear, eval, config dtype
+    model = checkpoint.load("microsoft/bitnet-b1.58-2B-4T")         # hub id (needs a network)
+    model = checkpoint.load(master_dir, packed=False)               # trainable BitLinear latents
+    checkpoint.save(model, "out", layout="packed", tokenizer_dir=src)
+    cfg, tensors = checkpoint.load_state(folder)                    # raw, validated file tensors
+
+Layouts (chosen by config.json's ``quantization_config``):
+
+- ``packed``  — autobitlinear/offline (the released 2B4T): projection ``weight`` uint8
+  ``[out/4, in]`` + ``weight_scale`` [1] = mean|W| (gamma), a **multiplier**.
+- ``master``  — autobitlinear/online (the ``-bf16`` release, or no quantization block): float
+  ``[out, in]`` latent weights, ternarized with absmean at load (``packed=True``) or kept for training.
+- ``bitlinear`` — linear_class "bitlinear": packed as above but ``weight_scale`` = 1/mean|W|, a
+  **divisor**; converted to the multiplier at load.
+
+Loading a packed file with ``packed=False`` gives BitLinear latents ``W_t * gamma`` (their absmean
+ternarization is the file's W_t and gamma again; the original latents are not recoverable).
+Extra tensors in a file are an error (they mean config and weights disagree), except a tied
+``lm_head.weight`` (ignored with a warning) and ``rotary_emb.inv_freq`` (ignored).
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import re
+import shutil
+import warnings
+from pathlib import Path
+
+import torch
+
+from . import quant
+from .config import ModelConfig
+from .errors import CheckpointError, ConfigError
+from .layers import PackedLinear
+from .model import PROJECTIONS, Transformer, rope_tables
+from .safetensors_io import (INDEX, SINGLE, atomic_folder, read_weights, refuse_pickle,
+                             write_weights)
+
+HUB_PATTERNS = ["config.json", "generation_config.json", "*.safetensors", INDEX, "tokenizer.json",
+                "tokenizer_config.json", "special_tokens_map.json", "chat_template.jinja",
+                "*.md", "LICENSE*"]
+TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json",
+                   "chat_template.jinja")
+_HUB_ID = re.compile(r"^[A-Za-z0-9][\w.-]*/[\w.-]+$")
+_DTYPES = {"bfloat16": torch.bfloat16, "bf16": torch.bfloat16, "float16": torch.float16,
+           "fp16": torch.float16, "half": torch.float16, "float32": torch.float32,
+           "fp32": torch.float32, "float": torch.float32}
+LAYOUTS = ("packed", "master", "bitlinear")
+_CONVENTION = {"packed": "autobitlinear: weight_scale = mean|W|, a multiplier",
+               "bitlinear": "bitlinear: weight_scale = 1/mean|W|, a divisor"}
+
+
+def torch_dtype(dtype: str | torch.dtype) -> torch.dtype:
+    """'bfloat16' / 'bf16' / 'torch.float32' / torch.float16 ... -> torch.dtype."""
+    if isinstance(dtype, torch.dtype):
+        if dtype not in (torch.bfloat16, torch.float16, torch.float32):
+            raise ConfigError(f"dtype={dtype} is not bfloat16/float16/float32")
+        return dtype
+    key = str(dtype).removeprefix("torch.")
+    if key not in _DTYPES:
+        raise ConfigError(f"dtype={dtype!r} is not one of {', '.join(_DTYPES)}")
+    return _DTYPES[key]
+
+
+def _dtype_name(dtype: torch.dtype) -> str:
+    return str(dtype).removeprefix("torch.")
+
+
+# ------------------------------------------------------------------ resolve
+
+def _offline() -> bool:
+    from huggingface_hub import constants
+    env = os.environ.get("HF_HUB_OFFLINE", "").strip().lower() in ("1", "true", "yes", "on")
+    return env or bool(constants.HF_HUB_OFFLINE)
+
+
+def resolve(path_or_hub_id: str | os.PathLike, revision: str | None = None) -> Path:
+    """A local model folder for ``path_or_hub_id``: the folder itself, or a hub snapshot.
+
+    Hub ids (``owner/name``) are fetched with ``huggingface_hub.snapshot_download``, config,
+    safetensors and tokenizer files only (never ``.bin``/``.pt``). Offline (``HF_HUB_OFFLINE`` or no
+    network) only the local hub cache is used; failing that, CheckpointError says to pass a folder.
+    """
+    p = Path(path_or_hub_id).expanduser()
+    if p.exists():
+        if p.is_dir():
+            return p
+        refuse_pickle(p)
+        if p.name == "config.json" or p.suffix == ".safetensors":
+            return p.parent
+        raise CheckpointError(f"{p}: expected a model folder (config.json + model.safetensors)")
+    s = str(path_or_hub_id)
+    if not _HUB_ID.match(s):
+        raise CheckpointError(f"{s}: no such model folder (and not a hub id of the form owner/name)")
+    from huggingface_hub import snapshot_download
+    offline = _offline()
+    try:
+        folder = snapshot_download(s, revision=revision, allow_patterns=HUB_PATTERNS,
+                                   local_files_only=offline)
+    except Exception as e:  # network, auth, missing repo, missing cache: all mean "not fetched"
+        why = "offline mode (HF_HUB_OFFLINE) and not in the local cache" if offline else \
+            f"{type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}"
+        raise CheckpointError(f"could not fetch {s!r} from the Hugging Face hub ({why}); "
+                              f"download it elsewhere and pass the local folder instead") from None
+    return Path(folder)
+
+
+# ------------------------------------------------------------------ layouts and expected tensors
+
+def file_layout(cfg: ModelConfig) -> str:
+    """'packed' | 'master' | 'bitlinear': what a folder with this config holds."""
+    if cfg.linear_class == "bitlinear":
+        return "bitlinear"
+    return "master" if cfg.quantization_mode == "online" else "packed"
+
+
+def projection_shapes(cfg: ModelConfig) -> dict[str, tuple[int, int]]:
+    """Unpacked [out, in] of each projection kind."""
+    d, f = cfg.hidden_size, cfg.intermediate_size
+    q, kv = cfg.num_attention_heads * cfg.head_dim, cfg.num_key_value_heads * cfg.head_dim
+    return {"self_attn.q_proj": (q, d), "self_attn.k_proj": (kv, d), "self_attn.v_proj": (kv, d),
+            "self_attn.o_proj": (d, q), "mlp.gate_proj": (f, d), "mlp.up_proj": (f, d),
+            "mlp.down_proj": (d, f)}
+
+
+def float_shapes(cfg: ModelConfig) -> dict[str, tuple[int, ...]]:
+    """Name -> shape of every unquantized tensor (embeddings, norms, untied head)."""
+    d = cfg.hidden_size
+    out = {"model.embed_tokens.weight": (cfg.vocab_size, d), "model.norm.weight": (d,)}
+    if not cfg.tie_word_embeddings:
+        out["lm_head.weight"] = (cfg.vocab_size, d)
+    for i in range(cfg.num_hidden_layers):
+        p = f"model.layers.{i}."
+        out[p + "input_layernorm.weight"] = (d,)
+        out[p + "post_attention_layernorm.weight"] = (d,)
+        out[p + "self_attn.attn_sub_norm.weight"] = (cfg.num_attention_heads * cfg.head_dim,)
+        out[p + "mlp.ffn_sub_norm.weight"] = (cfg.intermediate_size,)
+    return out
+
+
+def _validate(cfg: ModelConfig, tensors: dict[str, torch.Tensor], sources: dict[str, Path],
+              folder: Path) -> None:
+    """Raise CheckpointError naming file + tensor for anything the layout does not allow."""
+    layout = file_layout(cfg)
+    where = lambda n: sources.get(n, folder)  # noqa: E731
+    seen = set()
+    for name, shape in float_shapes(cfg).items():
+        if name not in tensors:
+            raise CheckpointError(f"{folder}: missing tensor {name!r} (expected shape {list(shape)})")
+        t = tensors[name]
+        seen.add(name)
+        if not t.is_floating_point():
+            raise CheckpointError(f"{where(name)}: tensor {name!r} has dtype {t.dtype}, expected a float")
+        if tuple(t.shape) != shape:
+            if name.endswith(("embed_tokens.weight", "lm_head.weight")) and t.dim() == 2 \
+                    and t.shape[1] == shape[1]:
+                raise CheckpointError(f"{where(name)}: tensor {name!r} has {t.shape[0]} rows but "
+                                      f"config.json vocab_size is {cfg.vocab_size}")
+            raise CheckpointError(f"{where(name)}: tensor {name!r} has shape {list(t.shape)}, "
+                                  f"expected {list(shape)}")
+    for i in range(cfg.num_hidden_layers):
+        for proj, (out, inp) in projection_shapes(cfg).items():
+            name = f"model.layers.{i}.{proj}.weight"
+            if name not in tensors:
+                raise CheckpointError(f"{folder}: missing tensor {name!r}")
+            t = tensors[name]
+            seen.add(name)
+            if layout == "master":
+                if t.dtype == torch.uint8:
+                    raise CheckpointError(
+                        f"{where(name)}: tensor {name!r} is packed uint8 {list(t.shape)}, but "
+                        "config.json says quantization_mode 'online' (float master weights [out, in])")
+                if not t.is_floating_point():
+                    raise CheckpointError(f"{where(name)}: tensor {name!r} has dtype {t.dtype}, "
+                                          "expected float master weights")
+                if tuple(t.shape) != (out, inp):
+                    raise CheckpointError(f"{where(name)}: tensor {name!r} has shape {list(t.shape)}, "
+                                          f"expected {[out, inp]}")
+                continue
+            conv = _CONVENTION[layout]
+            if t.dtype != torch.uint8:
+                raise CheckpointError(
+                    f"{where(name)}: tensor {name!r} has dtype {t.dtype}, expected uint8 packed "
+                    f"[{out // 4}, {inp}] (quantization_mode 'offline', {conv}); a float master "
+                    "checkpoint needs quantization_mode 'online' in config.json")
+            if out % 4 or tuple(t.shape) != (out // 4, inp):
+                raise CheckpointError(f"{where(name)}: tensor {name!r} has shape {list(t.shape)}, "
+                                      f"expected packed [{out // 4}, {inp}] ([out/4, in] of [{out}, {inp}])")
+            sname = f"model.layers.{i}.{proj}.weight_scale"
+            if sname not in tensors:
+                raise CheckpointError(f"{folder}: missing tensor {sname!r} ({conv})")
+            s = tensors[sname]
+            seen.add(sname)
+            if not s.is_floating_point() or s.numel() != 1:
+                raise CheckpointError(f"{where(sname)}: tensor {sname!r} must be one float value "
+                                      f"(shape [1]), got {s.dtype} {list(s.shape)} ({conv})")
+            v = float(s.float().reshape(()))
+            if not math.isfinite(v) or v <= 0:
+                raise CheckpointError(f"{where(sname)}: tensor {sname!r} = {v} must be a positive "
+                                      f"finite number ({conv})")
+    for name in sorted(set(tensors) - seen):
+        if name.endswith("rotary_emb.inv_freq"):
+            continue
+        if name == "lm_head.weight" and cfg.tie_word_embeddings:
+            warnings.warn(f"{where(name)}: ignoring 'lm_head.weight': config.json ties the head to "
+                          "model.embed_tokens.weight (tie_word_embeddings=true)", stacklevel=3)
+            continue
+        hint = ""
+        if name.endswith(".weight_scale") and layout == "master":
+            hint = " (weight_scale belongs to packed files; config.json says quantization_mode 'online')"
+        raise CheckpointError(f"{where(name)}: unexpected tensor {name!r}: config.json does not "
+                              f"describe it{hint}")
+
+
+# ------------------------------------------------------------------ load
+
+def read_config(folder: Path) -> ModelConfig:
+    """ModelConfig from ``folder/config.json``, with the checks transformers' defaults would skip."""
+    path = folder / "config.json"
+    if not path.is_file():
+        raise ConfigError(f"{folder}: missing config.json (not a Hugging Face model folder)")
+    cfg = ModelConfig.from_json(path)
+    q = json.loads(path.read_text()).get("quantization_config") or {}
+    if q.get("use_rms_norm"):
+        raise ConfigError(f"{path}: quantization_config.use_rms_norm=true (an extra RMSNorm inside "
+                          "every linear) is not part of BitNet b1.58 and is not supported")
+    return cfg
+
+
+def load_state(path_or_hub_id: str | os.PathLike, revision: str | None = None
+               ) -> tuple[ModelConfig, dict[str, torch.Tensor]]:
+    """(config, {name: tensor}) exactly as stored in the folder, after validation (CPU tensors)."""
+    folder = resolve(path_or_hub_id, revision)
+    cfg = read_config(folder)
+    tensors, sources = read_weights(folder)
+    _validate(cfg, tensors, sources, folder)
+    tensors.pop("lm_head.weight", None) if cfg.tie_word_embeddings else None
+    for k in [k for k in tensors if k.endswith("rotary_emb.inv_freq")]:
+        del tensors[k]
+    return cfg, tensors
+
+
+def model_state(cfg: ModelConfig, tensors: dict[str, torch.Tensor], dtype: torch.dtype,
+                packed: bool = True) -> dict[str, torch.Tensor]:
+    """File tensors (validated) -> the state dict of ``Transformer(cfg, packed=packed)``.
+
+    Consumes ``tensors`` (entries are popped so that big checkpoints are not held twice).
+    Packed scales become fp32 multipliers holding the file's value exactly (autobitlinear) or
+    1/value (bitlinear).
+    """
+    layout = file_layout(cfg)
+    out: dict[str, torch.Tensor] = {}
+    for name in float_shapes(cfg):
+        out[name] = tensors.pop(name).to(dtype)
+    for prefix, _ in _projection_names(cfg):
+        w = tensors.pop(prefix + ".weight")
+        if layout == "master":
+            if packed:
+                w_t, gamma = quant.ternarize(w)
+                out[prefix + ".weight"] = quant.pack_hf(w_t)
+                out[prefix + ".weight_scale"] = gamma.reshape(1).float()
+            else:
+                out[prefix + ".weight"] = w.to(dtype)
+            continue
+        s = tensors.pop(prefix + ".weight_scale").reshape(1)
+        gamma = s.float() if layout == "packed" else (1.0 / s.double()).float()
+        if packed:
+            out[prefix + ".weight"] = w
+            out[prefix + ".weight_scale"] = gamma
+        else:  # latent weights whose absmean ternarization is the stored W_t (gamma: up to rounding)
+            out[prefix + ".weight"] = (quant.unpack_hf(w).float() * gamma).to(dtype)
+    return out
+
+
+def _projection_names(cfg: ModelConfig):
+    for i in range(cfg.num_hidden_layers):
+        for p in PROJECTIONS:
+            yield f"model.layers.{i}.{p}", p
+
+
+def load(path_or_hub_id: str | os.PathLike, dtype: str | torch.dtype | None = None,
+         device: str | torch.device = "cpu", packed: bool = True, attn_impl: str = "sdpa",
+         revision: str | None = None) -> Transformer:
+    """Load a BitNet b1.58 folder (or hub id) into a Transformer in eval mode.
+
+    ``dtype`` defaults to the config's (``torch_dtype``/``dtype``); embeddings and norms are cast
+    to it, packed scales stay fp32. ``packed=True`` gives PackedLinear inference layers (no
+    gradients); ``packed=False`` gives BitLinear latent weights for training.
+    """
+    cfg, tensors = load_state(path_or_hub_id, revision)
+    dt = torch_dtype(dtype if dtype is not None else cfg.dtype)
+    return from_state(cfg, model_state(cfg, tensors, dt, packed), packed, attn_impl, device)
+
+
+def from_state(cfg: ModelConfig, state: dict[str, torch.Tensor], packed: bool = True,
+               attn_impl: str = "sdpa", device: str | torch.device = "cpu") -> Transformer:
+    """A Transformer (eval) that takes ownership of ``state``'s tensors: nothing is allocated twice."""
+    with torch.device("meta"):  # no memory for weights that are about to be replaced
+        model = Transformer(cfg, packed=packed, attn_impl=attn_impl)
+    model.load_state_dict(state, strict=True, assign=True)
+    cos, sin = rope_tables(cfg.head_dim, cfg.max_position_embeddings, cfg.rope_theta)
+    model.rope_cos, model.rope_sin = cos, sin
+    left = [n for n, t in [*model.named_parameters(), *model.named_buffers()] if t.is_meta]
+    if left:
+        raise RuntimeError(f"from_state: tensors left uninitialized: {left}")
+    model.to(device)
+    model.requires_grad_(not packed)
+    return model.eval()
+
+
+# ------------------------------------------------------------------ save
+
+def _packed_of(mod) -> tuple[torch.Tensor, torch.Tensor]:
+    """(uint8 [out/4, in], gamma fp32 scalar) of a BitLinear (ternarized now) or PackedLinear."""
+    if isinstance(mod, PackedLinear):
+        return mod.weight, mod.weight_scale.float().reshape(())
+    w_t, gamma = quant.ternarize(mod.weight.detach())
+    return quant.pack_hf(w_t), gamma
+
+
+def _eot_id(cfg: ModelConfig, tokenizer_dir: Path | None) -> int | None:
+    if tokenizer_dir is not None and (tokenizer_dir / "tokenizer.json").is_file():
+        try:
+            tj = json.loads((tokenizer_dir / "tokenizer.json").read_text())
+            for tok in tj.get("added_tokens", []):
+                if tok.get("content") == "<|eot_id|>":
+                    return int(tok["id"])
+        except (json.JSONDecodeError, UnicodeDecodeError, KeyError, TypeError, ValueError):
+            pass
+    if cfg.vocab_size == 128256 and cfg.eos_token_ids == [128001]:
+        return 128009  # the Llama-3 vocabulary of every 2B4T-family model
+    return None
+
+
+def save(model: Transformer, path: str | os.PathLike, layout: str = "packed",
+         tokenizer_dir: str | os.PathLike | None = None, spelling: str = "v4",
+         max_shard_bytes: int | None = None, dtype: str | torch.dtype | None = None) -> Path:
+    """Write ``model`` as a Hugging Face folder that transformers' BitNetForCausalLM loads.
+
+    ``layout``: "packed" (the released offline layout: uint8 weights + bf16 ``weight_scale`` =
+    gamma, rounded to bf16 as in the released files), "master" (float latent weights,
+    quantization_mode "online"; needs BitLinear layers) or "bitlinear" (packed with the inverse
+    scale, linear_class "bitlinear"). Embeddings and norms are written in ``dtype`` (default: the
+    config's). Shards past ``max_shard_bytes``. Tokenizer files are copied from ``tokenizer_dir``.
+    The folder appears atomically: a crash leaves the old folder or none, never half of one.
+    """
+    if layout not in LAYOUTS:
+        raise CheckpointError(f"save: layout={layout!r} is not one of {LAYOUTS}")
+    if spelling not in ("v4", "v5"):
+        raise CheckpointError(f"save: spelling={spelling!r} is not 'v4' or 'v5'")
+    cfg = model.config
+    dt = torch_dtype(dtype if dtype is not None else cfg.dtype)
+    tok_dir = Path(tokenizer_dir) if tokenizer_dir is not None else None
+    if tok_dir is not None and not (tok_dir / "tokenizer.json").is_file():
+        raise CheckpointError(f"{tok_dir}: tokenizer_dir has no tokenizer.json")
+    if layout == "master" and model.packed:
+        raise CheckpointError("save: layout='master' needs latent BitLinear weights, but the model is "
+                              "packed (ternary weights cannot give back the latents); save "
+                              "layout='packed' instead")
+    tensors: dict[str, torch.Tensor] = {}
+    state = {k: v for k, v in model.state_dict().items()}
+    for name in float_shapes(cfg):
+        tensors[name] = state[name].detach().to(dt)
+    for prefix, mod in model.projections():
+        if layout == "master":
+            tensors[prefix + ".weight"] = mod.weight.detach().to(dt)
+            continue
+        w, gamma = _packed_of(mod)
+        scale = gamma if layout == "packed" else 1.0 / gamma.double()
+        tensors[prefix + ".weight"] = w
+        tensors[prefix + ".weight_scale"] = scale.to(torch.bfloat16).reshape(1)
+    mode = "online" if layout == "master" else "offline"
+    lin = "bitlinear" if layout == "bitlinear" else "autobitlinear"
+    out_cfg = cfg.replace(linear_class=lin, quantization_mode=mode, dtype=_dtype_name(dt))
+    eot = _eot_id(cfg, tok_dir)
+    eos = cfg.eos_token_ids + ([eot] if eot is not None and eot not in cfg.eos_token_ids else [])
+    gen = {"bos_token_id": cfg.bos_token_id, "eos_token_id": eos if len(eos) > 1 else eos[0]}
+    if cfg.pad_token_id is not None:
+        gen["pad_token_id"] = cfg.pad_token_id
+    path = Path(path)
+    with atomic_folder(path) as tmp:
+        write_weights(tmp, tensors, max_shard_bytes)
+        (tmp / "config.json").write_text(json.dumps(out_cfg.to_dict(spelling=spelling), indent=2) + "\n")
+        (tmp / "generation_config.json").write_text(json.dumps(gen, indent=2) + "\n")
+        if tok_dir is not None:
+            for f in TOKENIZER_FILES:
+                if (tok_dir / f).is_file():
+                    shutil.copyfile(tok_dir / f, tmp / f)
+    return path
+
+
+__all__ = ["resolve", "load", "load_state", "save", "model_state", "from_state", "read_config", "file_layout",
+           "torch_dtype", "LAYOUTS", "SINGLE", "INDEX"]
