@@ -1,0 +1,239 @@
+"""GPU engine benchmark: W2A8 Triton runner vs a bf16 cuBLAS pipeline, random 2B4T shapes, one run.
+
+    PYTHONPATH=src python3 bench/gpu.py --out bench/results/gpu-2026-11-25-h100.json
+
+Both pipelines share everything but the projections: the same static KV cache, the same decode
+attention kernel, the same fused norm kernels, one CUDA graph per decode step. The bf16 pipeline
+runs every projection as ``F.linear`` on dequantized bf16 weights (``W_t * gamma``; fused q|k|v and
+gate|up); the W2A8 pipeline reads the 2-bit weights. Measured (median of repeats, CUDA events):
+
+- copy bandwidth (device-to-device, bytes read + written) and from it the floor of a decode step:
+  (packed weights + head + KV bytes at that context) / bandwidth, with a bf16 and an int8 head;
+- batch-1 decode ms/token at context 128 / 1024 / 4096 (graph replays, back to back);
+- batch 8 and 64 decode throughput (rows at staggered positions around 1024);
+- a 2048-token prefill (head on the last position only, as the runner returns);
+- resident weight + head bytes and peak memory of each pipeline;
+- per-projection decode GEMV time at M=1 beside bf16 ``F.linear``.
+
+Prints a table, then one JSON line. Needs CUDA and Triton.
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime
+import json
+import statistics
+import sys
+import time
+
+import torch
+import torch.nn.functional as F
+
+
+def events_ms(fn, iters: int, repeats: int = 5) -> float:
+    """Median over ``repeats`` of the mean time of ``iters`` back-to-back calls (CUDA events)."""
+    out = []
+    for _ in range(repeats):
+        a, b = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        a.record()
+        for _ in range(iters):
+            fn()
+        b.record()
+        b.synchronize()
+        out.append(a.elapsed_time(b) / iters)
+    return statistics.median(out)
+
+
+def copy_bandwidth_gbs() -> float:
+    src = torch.empty(1 << 30, dtype=torch.uint8, device="cuda").random_()
+    dst = torch.empty_like(src)
+    for _ in range(3):
+        dst.copy_(src)
+    ms = events_ms(lambda: dst.copy_(src), 10)
+    del src, dst
+    return 2 * (1 << 30) / (ms * 1e-3) / 1e9
+
+
+def fill_cache(runner, seed=0):
+    g = torch.Generator(device="cuda").manual_seed(seed)
+    for k, v in zip(runner.k_cache, runner.v_cache):
+        k.normal_(0, 1, generator=g)
+        v.normal_(0, 1, generator=g)
+
+
+def decode_ms(runner, pos_list, iters=50) -> float:
+    n = len(pos_list)
+    tok = torch.randint(0, runner.vocab_size, (n,), device="cuda")
+    pos = torch.tensor(pos_list, device="cuda")
+    runner.decode(tok, pos)                               # capture (first call for this row count)
+    return events_ms(lambda: runner.decode(tok, pos), iters)
+
+
+def prefill_ms(runner, T=2048) -> float:
+    tok = torch.randint(0, runner.vocab_size, (1, T), device="cuda")
+    pos = torch.arange(T, device="cuda")[None]
+    runner.prefill(tok, pos)
+    return events_ms(lambda: runner.prefill(tok, pos), 1, repeats=5)
+
+
+def gemv_table(res: dict, sweep: dict | None = None):
+    """Decode projections at M=1: W2A8 kernel vs bf16 F.linear, in microseconds and GB/s."""
+    from bitnet158 import quant
+    from bitnet158.kernels.triton.w2a8 import w2a8_linear
+    shapes = {"qkv": ((640, 160, 160), 2560), "o": ((640,), 2560), "gu": ((1728, 1728), 2560),
+              "down": ((640,), 6912)}
+    for name, (segs, K) in shapes.items():
+        R = sum(segs)
+        # several weight copies so that repeated calls are not served from L2 (50 MB)
+        n_copies = 8
+        ws = [torch.randint(0, 256, (R, K), dtype=torch.uint8, device="cuda") & 0x55 for _ in range(n_copies)]
+        wd = [torch.randn(4 * R, K, dtype=torch.bfloat16, device="cuda") for _ in range(n_copies)]
+        x = torch.randn(1, K, device="cuda")
+        xq, s = quant.act_quant(x)
+        g = torch.ones(len(segs), device="cuda")
+        xb = x.bfloat16()
+        out = torch.empty(1, 4 * R, dtype=torch.bfloat16, device="cuda")
+        i = [0]
+
+        def w2():
+            i[0] = (i[0] + 1) % n_copies
+            w2a8_linear(xq, s, ws[i[0]], g, segs, out=out)
+
+        def bf():
+            i[0] = (i[0] + 1) % n_copies
+            F.linear(xb, wd[i[0]])
+
+        def graph_us(f):
+            f()
+            gr = torch.cuda.CUDAGraph()
+            with torch.cuda.graph(gr):
+                for _ in range(n_copies * 4):
+                    f()
+            return events_ms(gr.replay, 5) * 1e3 / (n_copies * 4)
+
+        for f, key, nbytes in ((w2, "w2a8", R * K), (bf, "bf16", 8 * R * K)):
+            us = graph_us(f)
+            res[f"gemv_{name}_{key}_us"] = round(us, 2)
+            res[f"gemv_{name}_{key}_gb_s"] = round(nbytes / (us * 1e-6) / 1e9, 1)
+        if sweep is not None:          # other block shapes of the dp4a GEMV
+            for br in (8, 16, 32):
+                for bk4 in (32, 64, 128):
+                    for sk in (1, 2, 4, 8):
+                        if sk * bk4 > K // 4 or (R // br) * sk > 1200:
+                            continue
+                        cfg = dict(kind="gemv", BR=br, BK4=bk4, SPLIT_K=sk, num_warps=4)
+
+                        def w3(cfg=cfg):
+                            i[0] = (i[0] + 1) % n_copies
+                            w2a8_linear(xq, s, ws[i[0]], g, segs, out=out, config=cfg)
+                        try:
+                            sweep[f"{name}_br{br}_bk{bk4}_sk{sk}"] = round(graph_us(w3), 2)
+                        except Exception as e:
+                            sweep[f"{name}_br{br}_bk{bk4}_sk{sk}"] = repr(e)[:100]
+        del ws, wd
+
+
+def main(argv=None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--out", default=None, help="write the JSON result here")
+    ap.add_argument("--quick", action="store_true", help="fewer cases (smoke run)")
+    ap.add_argument("--sweep", default=None, help="also time GEMV block shapes; write them here")
+    args = ap.parse_args(argv)
+    if not torch.cuda.is_available():
+        print("bench/gpu.py needs a CUDA device", file=sys.stderr)
+        return 2
+    import triton
+
+    from bitnet158.kernels.triton.runner import TritonRunner
+    from bitnet158.random_model import random_packed_model
+
+    res: dict = {"device": torch.cuda.get_device_name(), "date": datetime.date.today().isoformat(),
+                 "torch": torch.__version__, "triton": triton.__version__}
+
+    def save():
+        if args.out:
+            with open(args.out, "w") as f:
+                json.dump(res, f, indent=1)
+
+    bw = copy_bandwidth_gbs()
+    res["copy_bw_gb_s"] = round(bw, 1)
+    t0 = time.time()
+    model = random_packed_model("2b4t", seed=0, dtype=torch.bfloat16, device="cuda")
+    cfg = model.config
+    res["model_build_s"] = round(time.time() - t0, 1)
+    kv_tok = 2 * cfg.num_hidden_layers * cfg.num_key_value_heads * cfg.head_dim * 2    # bytes / position
+    ctxs = [128, 1024, 4096] if not args.quick else [1024]
+    for mode in ("w2a8", "bf16"):
+        torch.cuda.empty_cache()
+        torch.cuda.reset_peak_memory_stats()
+        r = TritonRunner(model, batch=1, max_len=4096, linear=mode)
+        wb = r.weight_bytes()
+        res[f"{mode}_linear_gb"] = round(wb["linear"] / 1e9, 3)
+        res[f"{mode}_weights_head_gb"] = round((wb["linear"] + wb["head"]) / 1e9, 3)
+        fill_cache(r)
+        for ctx in ctxs:
+            ms = decode_ms(r, [ctx - 1], iters=100)
+            res[f"decode_b1_ctx{ctx}_{mode}_ms"] = round(ms, 4)
+            if mode == "w2a8":
+                nbytes = wb["linear"] + wb["head"] + kv_tok * ctx
+                res[f"floor_b1_ctx{ctx}_ms"] = round(nbytes / (bw * 1e9) * 1e3, 4)
+                res[f"floor_b1_ctx{ctx}_int8_head_ms"] = round((nbytes - wb["head"] / 2) / (bw * 1e9) * 1e3, 4)
+            print(f"[{mode}] decode b1 ctx {ctx}: {ms:.3f} ms", flush=True)
+            save()
+        res[f"prefill2048_{mode}_ms"] = round(prefill_ms(r), 2)
+        print(f"[{mode}] prefill 2048: {res[f'prefill2048_{mode}_ms']} ms", flush=True)
+        res[f"peak_mem_b1_{mode}_gb"] = round(torch.cuda.max_memory_allocated() / 1e9, 3)
+        del r
+        save()
+        for B in ([8, 64] if not args.quick else [8]):
+            torch.cuda.empty_cache()
+            r = TritonRunner(model, batch=B, max_len=1280, linear=mode)
+            fill_cache(r)
+            pos = [1023 - (37 * b) % 256 for b in range(B)]              # staggered positions
+            ms = decode_ms(r, pos, iters=30)
+            res[f"decode_b{B}_{mode}_ms"] = round(ms, 4)
+            res[f"decode_b{B}_{mode}_tok_s"] = round(B / ms * 1e3, 1)
+            print(f"[{mode}] decode b{B}: {ms:.3f} ms/step, {B / ms * 1e3:.0f} tok/s", flush=True)
+            del r
+            save()
+    for k in ["decode_b1_ctx128", "decode_b1_ctx1024", "decode_b1_ctx4096", "prefill2048"]:
+        if f"{k}_w2a8_ms" in res and f"{k}_bf16_ms" in res:
+            res[f"{k}_speedup"] = round(res[f"{k}_bf16_ms"] / res[f"{k}_w2a8_ms"], 2)
+    for B in (8, 64):
+        if f"decode_b{B}_w2a8_tok_s" in res and f"decode_b{B}_bf16_tok_s" in res:
+            res[f"decode_b{B}_speedup"] = round(res[f"decode_b{B}_w2a8_tok_s"] / res[f"decode_b{B}_bf16_tok_s"], 2)
+    if "decode_b1_ctx1024_w2a8_ms" in res:
+        res["decode_b1_ctx1024_w2a8_tok_s"] = round(1e3 / res["decode_b1_ctx1024_w2a8_ms"], 1)
+    save()
+    sweep = {} if args.sweep else None
+    try:
+        gemv_table(res, sweep)
+    except Exception as e:  # the table is extra; keep the main numbers
+        res["gemv_error"] = repr(e)[:200]
+    save()
+    if args.sweep:
+        with open(args.sweep, "w") as f:
+            json.dump(sweep, f, indent=0)
+    print()
+    print(f"{'quantity':34s} {'W2A8':>10s} {'bf16':>10s} {'speedup':>8s} {'floor':>8s}")
+    for ctx in ctxs:
+        k = f"decode_b1_ctx{ctx}"
+        print(f"{k + ' (ms)':34s} {res.get(k + '_w2a8_ms', 0):10.3f} {res.get(k + '_bf16_ms', 0):10.3f} "
+              f"{res.get(k + '_speedup', 0):8.2f} {res.get(f'floor_b1_ctx{ctx}_ms', 0):8.3f}")
+    for B in (8, 64):
+        k = f"decode_b{B}"
+        if k + "_w2a8_tok_s" in res:
+            print(f"{k + ' (tok/s)':34s} {res[k + '_w2a8_tok_s']:10.0f} {res.get(k + '_bf16_tok_s', 0):10.0f} "
+                  f"{res.get(k + '_speedup', 0):8.2f}")
+    print(f"{'prefill2048 (ms)':34s} {res.get('prefill2048_w2a8_ms', 0):10.2f} "
+          f"{res.get('prefill2048_bf16_ms', 0):10.2f} {res.get('prefill2048_speedup', 0):8.2f}")
+    print(f"{'weights+head resident (GB)':34s} {res.get('w2a8_weights_head_gb', 0):10.3f} "
+          f"{res.get('bf16_weights_head_gb', 0):10.3f}")
+    print(f"{'copy bandwidth (GB/s)':34s} {bw:10.0f}")
+    print(json.dumps(res))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

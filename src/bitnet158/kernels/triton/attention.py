@@ -1,0 +1,197 @@
+"""Triton decode attention over a static KV cache (flash-decoding), with RoPE and the cache write fused.
+
+One decode step of one layer, for B rows each at its own position ``pos[b]``:
+
+1. ``_attn_partial`` — grid (B * Hkv, n_chunks). A program takes one KV head (its GQA group of
+   query heads, padded to 16 rows for ``tl.dot``) and one chunk of ``CHUNK`` cache slots. It applies
+   RoPE to the group's queries (bf16 rounding after each op, as ``model.apply_rope``); the program
+   whose chunk holds ``pos`` also ropes the new key, writes key and value into the cache, and
+   reads them back after a barrier. Chunks past ``pos`` exit at once: the grid is fixed for a
+   cache of ``max_len`` slots (CUDA graphs) but only ``pos + 1`` slots are read. Output: per chunk
+   the normalized partial ``o`` (fp32) and its softmax max / sum.
+2. ``_attn_combine`` — grid (B,). Merges the chunks of every head, rounds ``o`` to the model dtype
+   (what SDPA returns), then applies ``attn_sub_norm`` (RMSNorm over all heads) and quantizes to
+   int8 for ``o_proj`` — or stores the normed row (``quant=False``, for a float linear).
+
+The input is the fused q/k/v row ``[B, (H + 2 Hkv) * D]`` from the QKV projection (pre-RoPE).
+"""
+
+from __future__ import annotations
+
+import torch
+import triton
+import triton.language as tl
+
+from .common import INTERPRET, cast, rint, rnd
+
+
+@triton.jit
+def _rope(x_ptr, offs_row, d, pos, cos_ptr, sin_ptr, mask, D: tl.constexpr, dt: tl.constexpr,
+          INTERP: tl.constexpr):
+    """Llama rotate_half RoPE of rows x[offs_row + d] at position pos, rounded like torch bf16 ops."""
+    half: tl.constexpr = D // 2
+    x = tl.load(x_ptr + offs_row + d[None, :], mask=mask, other=0.0).to(tl.float32)
+    xr = tl.load(x_ptr + offs_row + ((d + half) % D)[None, :], mask=mask, other=0.0).to(tl.float32)
+    sgn = tl.where(d < half, -1.0, 1.0)
+    c = rnd(tl.load(cos_ptr + pos * D + d), dt, INTERP)
+    s = rnd(tl.load(sin_ptr + pos * D + d), dt, INTERP)
+    return rnd(rnd(x * c[None, :], dt, INTERP) + rnd(xr * sgn[None, :] * s[None, :], dt, INTERP), dt, INTERP)
+
+
+@triton.jit
+def _mm(a, b, F32: tl.constexpr):
+    """a @ b with fp32 accumulation; F32 for fp32 models and the interpreter (whose dot would
+    multiply bf16 bit patterns as integers): exact fp32 products of the upcast operands."""
+    if F32:
+        return tl.dot(a.to(tl.float32), b.to(tl.float32), input_precision="ieee")
+    else:
+        return tl.dot(a, b)
+
+
+@triton.jit
+def _attn_partial(qkv_ptr, stride_qkv, kc_ptr, vc_ptr, sc_b, sc_h, sc_s, rows_ptr, pos_ptr,
+                  cos_ptr, sin_ptr, po_ptr, pml_ptr, scale,
+                  H: tl.constexpr, HKV: tl.constexpr, D: tl.constexpr, GROUP: tl.constexpr,
+                  GP: tl.constexpr, CHUNK: tl.constexpr, BLOCK_N: tl.constexpr, NCH: tl.constexpr,
+                  IEEE: tl.constexpr, INTERP: tl.constexpr):
+    pid = tl.program_id(0)
+    c = tl.program_id(1)
+    b = pid // HKV
+    g = pid % HKV
+    pos = tl.load(pos_ptr + b)
+    row = tl.load(rows_ptr + b)
+    start = c * CHUNK
+    if start <= pos:
+        dt = kc_ptr.dtype.element_ty
+        d = tl.arange(0, D)
+        gi = tl.arange(0, GP)
+        hmask = gi < GROUP
+        heads = g * GROUP + gi
+        qbase = qkv_ptr + b * stride_qkv
+        q = _rope(qbase, heads[:, None] * D, d, pos, cos_ptr, sin_ptr, hmask[:, None], D, dt, INTERP)
+        kbase = kc_ptr + row * sc_b + g * sc_h
+        vbase = vc_ptr + row * sc_b + g * sc_h
+        if pos < start + CHUNK:  # this chunk holds the new token: rope k, write k and v
+            one = tl.arange(0, 1)
+            kn = _rope(qbase, (H * D + g * D + one * 0)[:, None], d, pos, cos_ptr, sin_ptr,
+                       (one >= 0)[:, None], D, dt, INTERP)                          # [1, D]
+            vn = tl.load(qbase + (H + HKV) * D + g * D + one[:, None] * 0 + d[None, :])
+            tl.store(kbase + pos * sc_s + one[:, None] * 0 + d[None, :], cast(kn, dt, INTERP))
+            tl.store(vbase + pos * sc_s + one[:, None] * 0 + d[None, :], vn.to(dt))
+            tl.debug_barrier()
+        qd = cast(q, dt, INTERP)
+        m_i = tl.full((GP,), -float("inf"), tl.float32)
+        l_i = tl.zeros((GP,), tl.float32)
+        acc = tl.zeros((GP, D), tl.float32)
+        for it in range(0, CHUNK // BLOCK_N):
+            n = start + it * BLOCK_N + tl.arange(0, BLOCK_N)
+            valid = n <= pos
+            k = tl.load(kbase + n[:, None] * sc_s + d[None, :], mask=valid[:, None], other=0.0)
+            v = tl.load(vbase + n[:, None] * sc_s + d[None, :], mask=valid[:, None], other=0.0)
+            s = _mm(qd, tl.trans(k), IEEE or INTERP)
+            s = tl.where(valid[None, :], s * scale, -float("inf"))                  # [GP, BLOCK_N]
+            m_new = tl.maximum(m_i, tl.max(s, axis=1))
+            alpha = tl.exp(m_i - m_new)
+            p = tl.exp(s - m_new[:, None])
+            l_i = l_i * alpha + tl.sum(p, axis=1)
+            pv = _mm(cast(p, dt, INTERP), v, IEEE or INTERP)
+            acc = acc * alpha[:, None] + pv
+            m_i = m_new
+        o = acc / l_i[:, None]
+        hb = (b * H + heads) * NCH + c                                                # [GP]
+        tl.store(po_ptr + hb[:, None] * D + d[None, :], o, mask=hmask[:, None])
+        tl.store(pml_ptr + hb * 2, m_i, mask=hmask)
+        tl.store(pml_ptr + hb * 2 + 1, l_i, mask=hmask)
+
+
+@triton.jit
+def _attn_combine(po_ptr, pml_ptr, pos_ptr, w_ptr, y_ptr, q_ptr, s_ptr, stride_y, stride_q, eps,
+                  H: tl.constexpr, HP: tl.constexpr, D: tl.constexpr, CHUNK: tl.constexpr,
+                  NCH: tl.constexpr, NCHP: tl.constexpr, QUANT: tl.constexpr, INTERP: tl.constexpr):
+    b = tl.program_id(0)
+    pos = tl.load(pos_ptr + b)
+    nch = pos // CHUNK + 1
+    hs = tl.arange(0, HP)
+    cs = tl.arange(0, NCHP)
+    d = tl.arange(0, D)
+    hmask = hs < H
+    valid = hmask[:, None] & (cs[None, :] < nch)
+    ml = pml_ptr + ((b * H + hs[:, None]) * NCH + cs[None, :]) * 2
+    m = tl.load(ml, mask=valid, other=-float("inf"))
+    lsum = tl.load(ml + 1, mask=valid, other=0.0)
+    mx = tl.where(hmask, tl.max(m, axis=1), 0.0)
+    wgt = tl.where(valid, tl.exp(m - mx[:, None]) * lsum, 0.0)                        # [HP, NCHP]
+    tot = tl.where(hmask, tl.sum(wgt, axis=1), 1.0)
+    acc = tl.zeros((HP, D), tl.float32)
+    for c in range(0, NCH):
+        wc = tl.sum(tl.where(cs[None, :] == c, wgt, 0.0), axis=1)                     # [HP]
+        o = tl.load(po_ptr + ((b * H + hs[:, None]) * NCH + c) * D + d[None, :],
+                    mask=hmask[:, None] & (c < nch), other=0.0)
+        acc += wc[:, None] * o
+    dt = w_ptr.dtype.element_ty
+    o = rnd(acc / tot[:, None], dt, INTERP)                                           # SDPA output
+    o = tl.where(hmask[:, None], o, 0.0)
+    var = tl.sum(tl.sum(o * o, axis=1), axis=0) / (H * D)
+    r = tl.math.div_rn(1.0, tl.sqrt_rn(var + eps))
+    idx = hs[:, None] * D + d[None, :]
+    w = tl.load(w_ptr + idx, mask=hmask[:, None], other=0.0).to(tl.float32)
+    y = rnd(w * rnd(o * r, dt, INTERP), dt, INTERP)
+    if QUANT:
+        amax = tl.max(tl.max(tl.abs(y), axis=1), axis=0)
+        s = 127.0 * tl.math.div_rn(1.0, tl.maximum(amax, 1e-5))
+        qv = tl.minimum(tl.maximum(rint(y * s, INTERP), -128.0), 127.0)
+        tl.store(q_ptr + b * stride_q + idx, qv.to(tl.int8), mask=hmask[:, None])
+        tl.store(s_ptr + b, s)
+    else:
+        tl.store(y_ptr + b * stride_y + idx, cast(y, y_ptr.dtype.element_ty, INTERP), mask=hmask[:, None])
+
+
+class DecodeAttention:
+    """Buffers and launch parameters for one model shape, batch and cache length.
+
+    ``CHUNK`` cache slots per program: 256 keeps ~5 * ceil(pos/256) programs busy per row.
+    """
+
+    def __init__(self, n_heads: int, n_kv: int, head_dim: int, batch: int, max_len: int, device,
+                 chunk: int = 256, block_n: int = 64):
+        if head_dim & (head_dim - 1):
+            raise ValueError(f"decode attention: head_dim={head_dim} must be a power of two")
+        self.H, self.HKV, self.D = n_heads, n_kv, head_dim
+        self.group = n_heads // n_kv
+        self.chunk = min(chunk, triton.next_power_of_2(max_len))
+        self.block_n = min(block_n, self.chunk)
+        self.nch = triton.cdiv(max_len, self.chunk)
+        self.po = torch.empty((batch, n_heads, self.nch, head_dim), dtype=torch.float32, device=device)
+        self.pml = torch.empty((batch, n_heads, self.nch, 2), dtype=torch.float32, device=device)
+
+    def __call__(self, qkv: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor,
+                 rows: torch.Tensor, pos: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor,
+                 norm_weight: torch.Tensor, eps: float, quant: bool = True, y_out=None, q_out=None,
+                 s_out=None):
+        """qkv [B, (H+2Hkv)D]; caches [rows, Hkv, S, D]; rows, pos int32 [B]; cos/sin fp32 [P, D].
+
+        Returns (q int8 [B, H*D], s fp32 [B]) or, with ``quant=False``, y [B, H*D].
+        """
+        B = qkv.shape[0]
+        HD = self.H * self.D
+        if k_cache.stride(3) != 1 or k_cache.stride() != v_cache.stride():
+            raise ValueError("decode attention: caches must share strides, unit stride on head_dim")
+        ieee = k_cache.dtype == torch.float32
+        _attn_partial[(B * self.HKV, self.nch)](
+            qkv, qkv.stride(0), k_cache, v_cache, k_cache.stride(0), k_cache.stride(1),
+            k_cache.stride(2), rows, pos, cos, sin, self.po, self.pml, self.D ** -0.5,
+            H=self.H, HKV=self.HKV, D=self.D, GROUP=self.group, GP=max(16, triton.next_power_of_2(self.group)),
+            CHUNK=self.chunk, BLOCK_N=self.block_n, NCH=self.nch, IEEE=ieee, INTERP=INTERPRET,
+            num_warps=4)
+        if quant:
+            q_out = q_out if q_out is not None else torch.empty((B, HD), dtype=torch.int8, device=qkv.device)
+            s_out = s_out if s_out is not None else torch.empty((B,), dtype=torch.float32, device=qkv.device)
+            y_out = q_out
+        else:
+            y_out = y_out if y_out is not None else torch.empty((B, HD), dtype=qkv.dtype, device=qkv.device)
+            q_out, s_out = y_out, y_out
+        _attn_combine[(B,)](
+            self.po, self.pml, pos, norm_weight, y_out, q_out, s_out, y_out.stride(0), q_out.stride(0), eps,
+            H=self.H, HP=triton.next_power_of_2(self.H), D=self.D, CHUNK=self.chunk, NCH=self.nch,
+            NCHP=triton.next_power_of_2(self.nch), QUANT=quant, INTERP=INTERPRET, num_warps=8)
+        return (q_out, s_out) if quant else y_out

@@ -1,0 +1,49 @@
+"""Helpers shared by the Triton kernels: exact roundings that also hold under ``TRITON_INTERPRET=1``.
+
+The interpreter (CPU, numpy) differs from the GPU in two places that matter for exact parity with
+the torch reference, so both are spelled out here behind the ``INTERP`` constexpr:
+
+- fp32 -> bf16 casts: the interpreter truncates; the GPU rounds to nearest even. ``cast`` rounds
+  the fp32 bits itself first (add 0x7FFF + lsb, clear the low half), then casts.
+- ``rint`` (round half to even, as ``torch.round``): libdevice on the GPU; the interpreter has no
+  libdevice, so it uses ``(y + 1.5*2^23) - 1.5*2^23``, exact in fp32 for |y| < 2^22.
+"""
+
+from __future__ import annotations
+
+import os
+
+import triton
+import triton.language as tl
+
+INTERPRET = os.environ.get("TRITON_INTERPRET", "0") == "1"
+
+try:
+    from triton.language.extra import libdevice
+except ImportError:  # pragma: no cover - very old Triton
+    libdevice = None
+
+
+@triton.jit
+def cast(x, dt: tl.constexpr, INTERP: tl.constexpr):
+    """fp32 x -> dtype dt with round-to-nearest-even on every backend."""
+    if INTERP and dt == tl.bfloat16:
+        u = x.to(tl.uint32, bitcast=True)
+        u = (u + 0x7FFF + ((u >> 16) & 1)) & 0xFFFF0000
+        return u.to(tl.float32, bitcast=True).to(dt)
+    else:
+        return x.to(dt)
+
+
+@triton.jit
+def rnd(x, dt: tl.constexpr, INTERP: tl.constexpr):
+    """x rounded to dt's precision, kept in fp32 (for chains of model-dtype ops)."""
+    return cast(x, dt, INTERP).to(tl.float32)
+
+
+@triton.jit
+def rint(y, INTERP: tl.constexpr):
+    if INTERP:
+        return (y + 12582912.0) - 12582912.0
+    else:
+        return libdevice.rint(y)

@@ -1,0 +1,281 @@
+"""The GPU runner: W2A8 Triton kernels, a static KV cache and one CUDA graph per decode step.
+
+    from bitnet158.engine import make_runner
+    runner = make_runner(model.cuda(), batch=8)          # picked automatically on CUDA
+    logits = runner.prefill(tokens, pos)                 # [B, T] -> float32 [B, V] (last position)
+    logits = runner.decode(tokens, pos)                  # [B]    -> float32 [B, V]
+
+Decode step of a layer (9 kernels, batch rows at their own positions)::
+
+    norm_quant(x + d)  -> qkv = W2A8(fused q|k|v)  -> attention partials (RoPE, cache write)
+    -> combine + attn_sub_norm + quant -> d = W2A8(o)  -> norm_quant(x + d) -> gu = W2A8(gate|up)
+    -> relu(g)^2*u + ffn_sub_norm + quant -> d = W2A8(down)
+
+then the final norm and the bf16 head (cuBLAS). The whole step is captured in a CUDA graph per
+number of rows, with tokens, positions and cache rows in device buffers, so any prompt and output
+length replays the same graph. Prefill runs the same kernels eagerly (tensor-core W2A8 GEMM) with
+SDPA attention. q/k/v and gate/up weights are concatenated once at load and the model's own
+buffers become views of them: the packed weights exist once.
+
+``linear="bf16"`` builds the comparison pipeline of the benchmark instead: the same graph, cache,
+attention and norms, but every projection a cuBLAS ``F.linear`` on dequantized bf16 weights.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+
+from ... import quant
+from ...engine.runner import register_runner
+from ...errors import ConfigError
+from ...model import apply_rope
+from .attention import DecodeAttention
+from .norm_quant import norm_quant
+from .w2a8 import Workspace, w2a8_linear
+
+
+class _Linear:
+    """One (possibly fused) projection: packed uint8 [R, K] with per-segment gammas, or bf16 [N, K]."""
+
+    def __init__(self, mods, mode: str, dtype):
+        self.segs = tuple(m.weight.shape[0] for m in mods)
+        with torch.no_grad():
+            if len(mods) == 1 or mode != "w2a8":
+                packed = mods[0].weight.contiguous() if len(mods) == 1 else None
+            else:
+                packed = torch.cat([m.weight for m in mods])
+                r0 = 0
+                for m, r in zip(mods, self.segs):      # the modules now view the fused tensor
+                    m._buffers["weight"] = packed[r0:r0 + r]
+                    m.invalidate()
+                    r0 += r
+            self.gammas = torch.cat([m.weight_scale.reshape(1) for m in mods]).float().contiguous()
+            self.packed = packed if mode == "w2a8" else None
+            self.dense = None
+            if mode == "bf16":
+                self.dense = torch.cat([(quant.unpack_hf(m.weight).float() * m.weight_scale.float())
+                                        .to(dtype) for m in mods])
+
+    def __call__(self, x_or_q, s=None, ws=None, out_dtype=None):
+        if self.dense is not None:
+            return F.linear(x_or_q, self.dense)
+        return w2a8_linear(x_or_q, s, self.packed, self.gammas, self.segs, out_dtype=out_dtype, ws=ws)
+
+
+class TritonRunner:
+    """Runner protocol of :mod:`bitnet158.engine.runner` on CUDA (or CPU under TRITON_INTERPRET=1)."""
+
+    name = "triton"
+
+    def __init__(self, model, batch: int = 1, max_len: int | None = None, linear: str = "w2a8",
+                 graphs: bool | None = None):
+        if not model.packed:
+            raise ConfigError("triton runner: the model must be packed (call model.pack() or load "
+                              "with packed=True)")
+        if linear not in ("w2a8", "bf16"):
+            raise ConfigError(f"triton runner: linear={linear!r} is not 'w2a8' or 'bf16'")
+        cfg = model.config
+        self.model = model.eval()
+        self.cfg = cfg
+        self.batch = batch
+        self.max_len = min(max_len or cfg.max_position_embeddings, cfg.max_position_embeddings)
+        self.vocab_size = cfg.vocab_size
+        self.device = model.device
+        self.dtype = model.dtype
+        self.mode = linear
+        self.eps = cfg.rms_norm_eps
+        self.graphs = self.device.type == "cuda" if graphs is None else graphs
+        dev, dt = self.device, self.dtype
+        self.layers = []
+        for blk in model.model.layers:
+            a, m = blk.self_attn, blk.mlp
+            self.layers.append(dict(
+                in_norm=blk.input_layernorm.weight.detach().to(dt),
+                post_norm=blk.post_attention_layernorm.weight.detach().to(dt),
+                attn_norm=a.attn_sub_norm.weight.detach().to(dt),
+                ffn_norm=m.ffn_sub_norm.weight.detach().to(dt),
+                qkv=_Linear([a.q_proj, a.k_proj, a.v_proj], linear, dt),
+                o=_Linear([a.o_proj], linear, dt),
+                gu=_Linear([m.gate_proj, m.up_proj], linear, dt),
+                down=_Linear([m.down_proj], linear, dt)))
+        self.final_norm = model.model.norm.weight.detach().to(dt)
+        self.embed = model.model.embed_tokens.weight
+        self.head = model.head_weight
+        self.cos = model.rope_cos.float().contiguous()     # fp32 [P, D]
+        self.sin = model.rope_sin.float().contiguous()
+        H, HKV, D = cfg.num_attention_heads, cfg.num_key_value_heads, cfg.head_dim
+        self.H, self.HKV, self.D = H, HKV, D
+        shape = (batch, HKV, self.max_len, D)
+        self.k_cache = [torch.zeros(shape, dtype=dt, device=dev) for _ in self.layers]
+        self.v_cache = [torch.zeros(shape, dtype=dt, device=dev) for _ in self.layers]
+        self.attn = DecodeAttention(H, HKV, D, batch, self.max_len, dev)
+        widest = max(4 * sum(lin.segs) for L in self.layers for lin in
+                     (L["qkv"], L["o"], L["gu"], L["down"]))
+        self.ws = Workspace(dev, numel=max(batch, 64) * widest)     # split-K sums for M <= 64
+        # static decode buffers (views [:n] are used for n rows)
+        self.tok_buf = torch.zeros(batch, dtype=torch.long, device=dev)
+        self.pos_buf = torch.zeros(batch, dtype=torch.int32, device=dev)
+        self.rows_buf = torch.zeros(batch, dtype=torch.int32, device=dev)
+        self.x_buf = torch.zeros((batch, cfg.hidden_size), dtype=dt, device=dev)
+        self._graphs: dict[int, tuple] = {}
+
+    # ------------------------------------------------------------------ helpers
+    def reset(self) -> None:
+        """Forget every row (slots are overwritten before they are read, so nothing is zeroed)."""
+
+    def _rows(self, rows, n: int) -> torch.Tensor:
+        if rows is None:
+            if n != self.batch:
+                raise ValueError(f"triton runner: got {n} rows but the runner has batch={self.batch}; "
+                                 f"pass rows= to run on a subset")
+            return torch.arange(n, device=self.device)
+        rows = torch.as_tensor(rows, device=self.device).long().reshape(-1)
+        if rows.numel() != n:
+            raise ValueError(f"triton runner: rows has {rows.numel()} entries for {n} input rows")
+        if n and (int(rows.min()) < 0 or int(rows.max()) >= self.batch):
+            raise ValueError(f"triton runner: rows {rows.tolist()} out of range for batch={self.batch}")
+        return rows
+
+    def _check_pos(self, pos: torch.Tensor) -> None:
+        hi, lo = int(pos.max()), int(pos.min())
+        if hi >= self.max_len or lo < 0:
+            raise ValueError(f"triton runner: position {hi if hi >= self.max_len else lo} outside the "
+                             f"KV cache (max_len={self.max_len})")
+
+    def _lin(self, lin: _Linear, q, s):
+        return lin(q, s, ws=self.ws, out_dtype=self.dtype)
+
+    def _nq(self, x, w, **kw):
+        """Norm (+ quant for W2A8; the normed row for the bf16 pipeline) -> args of the next linear."""
+        if self.mode == "w2a8":
+            return norm_quant(x, w, self.eps, **kw)
+        return (norm_quant(x, w, self.eps, quant=False, **kw), None)
+
+    def _head(self, x, delta):
+        y = norm_quant(x, self.final_norm, self.eps, residual=delta, h_out=x, quant=False)
+        return F.linear(y.to(self.head.dtype), self.head).float()
+
+    # ------------------------------------------------------------------ decode
+    def _decode_step(self, tok, pos, rows):
+        """tok long [n], pos int32 [n], rows int32 [n] (device buffers) -> float32 logits [n, V]."""
+        n = tok.shape[0]
+        x = self.x_buf[:n]
+        x.copy_(F.embedding(tok, self.embed))
+        delta = None
+        for i, L in enumerate(self.layers):
+            q, s = self._nq(x, L["in_norm"], residual=delta, h_out=x if delta is not None else None)
+            qkv = self._lin(L["qkv"], q, s)
+            if self.mode == "w2a8":
+                q, s = self.attn(qkv, self.k_cache[i], self.v_cache[i], rows, pos, self.cos, self.sin,
+                                 L["attn_norm"], self.eps)
+            else:
+                q, s = self.attn(qkv, self.k_cache[i], self.v_cache[i], rows, pos, self.cos, self.sin,
+                                 L["attn_norm"], self.eps, quant=False), None
+            delta = self._lin(L["o"], q, s)
+            q, s = self._nq(x, L["post_norm"], residual=delta, h_out=x)
+            gu = self._lin(L["gu"], q, s)
+            q, s = self._nq(gu, L["ffn_norm"], gated=True)
+            delta = self._lin(L["down"], q, s)
+        return self._head(x, delta)
+
+    @torch.inference_mode()
+    def decode(self, tokens: torch.Tensor, pos: torch.Tensor, rows: torch.Tensor | None = None) -> torch.Tensor:
+        """tokens, pos [n] -> float32 logits [n, V]; one graph replay on CUDA."""
+        n = tokens.shape[0]
+        r = self._rows(rows, n)
+        self._check_pos(pos)
+        self.tok_buf[:n].copy_(tokens.reshape(-1))
+        self.pos_buf[:n].copy_(pos.reshape(-1))
+        self.rows_buf[:n].copy_(r)
+        args = (self.tok_buf[:n], self.pos_buf[:n], self.rows_buf[:n])
+        if not self.graphs:
+            return self._decode_step(*args)
+        if n not in self._graphs:
+            self._graphs[n] = self._capture(args)
+        g, out = self._graphs[n]
+        g.replay()
+        return out.clone()
+
+    def _capture(self, args):
+        """Warm up (compiles kernels; writes the same KV values the replay writes) and capture."""
+        s = torch.cuda.Stream()
+        s.wait_stream(torch.cuda.current_stream())
+        with torch.cuda.stream(s):
+            self._decode_step(*args)
+        torch.cuda.current_stream().wait_stream(s)
+        g = torch.cuda.CUDAGraph()
+        with torch.cuda.graph(g):
+            out = self._decode_step(*args)
+        return g, out
+
+    # ------------------------------------------------------------------ prefill
+    @torch.inference_mode()
+    def prefill(self, tokens: torch.Tensor, pos: torch.Tensor, rows: torch.Tensor | None = None) -> torch.Tensor:
+        """tokens, pos [B, T] -> float32 logits [B, V] of each row's last position."""
+        B, T = tokens.shape
+        r = self._rows(rows, B)
+        pos = pos.to(self.device).long()
+        if pos.dim() == 1:
+            pos = pos[None].expand(B, T)
+        self._check_pos(pos)
+        H, HKV, D, dt = self.H, self.HKV, self.D, self.dtype
+        x = F.embedding(tokens.to(self.device), self.embed).reshape(B * T, -1).contiguous()
+        cos = self.cos[pos].to(dt)[:, None]                                            # [B, 1, T, D]
+        sin = self.sin[pos].to(dt)[:, None]
+        fresh = bool((pos == torch.arange(T, device=self.device)).all())               # causal from 0
+        L_ = int(pos.max()) + 1
+        if not fresh:
+            keys = torch.arange(L_, device=self.device)
+            mask = (keys[None, None, :] <= pos[:, :, None])[:, None]                   # [B, 1, T, L]
+        rr = r[:, None]
+        delta = None
+        for i, Ly in enumerate(self.layers):
+            if delta is not None:
+                q, s = self._nq(x, Ly["in_norm"], residual=delta, h_out=x)
+            else:
+                q, s = self._nq(x, Ly["in_norm"])
+            qkv = self._lin(Ly["qkv"], q, s).view(B, T, -1)
+            qh = qkv[..., :H * D].view(B, T, H, D).transpose(1, 2)
+            kh = qkv[..., H * D:(H + HKV) * D].view(B, T, HKV, D).transpose(1, 2)
+            vh = qkv[..., (H + HKV) * D:].view(B, T, HKV, D).transpose(1, 2)
+            qh, kh = apply_rope(qh, cos, sin), apply_rope(kh, cos, sin)
+            self.k_cache[i][rr, :, pos] = kh.transpose(1, 2)                           # [B, T, Hkv, D]
+            self.v_cache[i][rr, :, pos] = vh.transpose(1, 2)
+            if fresh:
+                o = F.scaled_dot_product_attention(qh, kh, vh, is_causal=T > 1, enable_gqa=True)
+            else:
+                kc, vc = self.k_cache[i][r, :, :L_], self.v_cache[i][r, :, :L_]
+                o = F.scaled_dot_product_attention(qh, kc, vc, attn_mask=mask, enable_gqa=True)
+            o = o.transpose(1, 2).reshape(B * T, H * D)
+            q, s = self._nq(o, Ly["attn_norm"])
+            delta = self._lin(Ly["o"], q, s)
+            q, s = self._nq(x, Ly["post_norm"], residual=delta, h_out=x)
+            gu = self._lin(Ly["gu"], q, s)
+            q, s = self._nq(gu, Ly["ffn_norm"], gated=True)
+            delta = self._lin(Ly["down"], q, s)
+        last = torch.arange(B, device=self.device) * T + (T - 1)
+        return self._head(x[last].contiguous(), delta[last].contiguous())
+
+    # ------------------------------------------------------------------ sizes
+    def weight_bytes(self) -> dict:
+        """Resident bytes of the projection weights and of the head (the embedding when tied)."""
+        lin = 0
+        for L in self.layers:
+            for k in ("qkv", "o", "gu", "down"):
+                t = L[k].packed if L[k].packed is not None else L[k].dense
+                lin += t.numel() * t.element_size()
+        return dict(linear=lin, head=self.head.numel() * self.head.element_size())
+
+
+def _available(model) -> bool:
+    try:
+        return model.device.type == "cuda" and model.packed
+    except Exception:  # pragma: no cover - odd model objects
+        return False
+
+
+register_runner("triton", lambda model, batch, max_len: TritonRunner(model, batch, max_len),
+                _available, priority=20)
+
+__all__ = ["TritonRunner"]

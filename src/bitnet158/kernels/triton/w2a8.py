@@ -1,0 +1,289 @@
+"""Triton W2A8 linear kernels: ternary 2-bit weights x int8 activations, int32 accumulation.
+
+Weights stay in the released Hugging Face layout (uint8 ``[out/4, in]``; field ``k`` of packed row
+``r`` is output row ``k*R + r``, stored ``w + 1``), so no second copy is ever made. Projections that
+read the same input (q/k/v, gate/up) are concatenated along the packed rows into one *segmented*
+weight: segment ``s`` starts at packed row ``P_s`` (``R_s`` rows) and its outputs occupy columns
+``4*P_s .. 4*P_s + 4*R_s`` of the result, each with its own ``weight_scale``.
+
+Two kernels, one epilogue (``y = acc * (gamma_s / s_x)``, exactly the reference's fp32 ops):
+
+- ``_gemv_dp4a``: decode (M <= 4). An int32 of packed weights holds 4 consecutive K columns;
+  ``(w >> 2k) & 0x03030303`` gives 4 codes ``u = w + 1`` of output row ``k*R + r`` at once, and one
+  ``dp4a`` multiplies them with 4 int8 activations. ``x . w = x . u - sum(x)``. 3 ALU ops per
+  packed byte instead of ~16 for byte-wise unpacking.
+- ``_gemm_dot``: prefill and batched decode. Unpacks each ``[BR, BK]`` byte tile into four int8
+  code tiles and runs ``tl.dot`` int8 x int8 -> int32 on the tensor cores (M padded to 16).
+
+Both split K over ``SPLIT_K`` programs for the long K = 6912 rows: partial int32 sums are added
+atomically into a workspace; the last program of a tile (a per-tile counter) applies the epilogue
+and resets workspace and counter, so the kernels replay in CUDA graphs. Integer results are exact.
+
+Run the tests: ``TRITON_INTERPRET=1 pytest tests/kernels/test_triton_kernels.py`` (CPU) or on a GPU.
+"""
+
+from __future__ import annotations
+
+import torch
+import triton
+import triton.language as tl
+
+from .common import INTERPRET, cast
+
+
+@triton.jit
+def _dp4a(a, b, c, INTERP: tl.constexpr):
+    """c + sum_j a.byte[j] * b.byte[j] for int32 tensors (a: unsigned codes 0..2, b: signed int8x4)."""
+    if INTERP:
+        for j in tl.static_range(4):
+            aj = (a >> (8 * j)) & 0xFF
+            bj = ((b << (24 - 8 * j)) >> 24)          # sign-extended byte j
+            c += aj * bj
+        return c
+    else:
+        return tl.inline_asm_elementwise("dp4a.s32.s32 $0, $1, $2, $3;", "=r,r,r,r", [a, b, c],
+                                         dtype=tl.int32, is_pure=True, pack=1)
+
+
+@triton.jit
+def _out_cols(rows, k: tl.constexpr, P1, P2, R_total):
+    """Output column of field k of packed rows ``rows`` in a weight of up to 3 segments."""
+    seg = (rows >= P1).to(tl.int32) + (rows >= P2).to(tl.int32)
+    p0 = tl.where(seg == 0, 0, tl.where(seg == 1, P1, P2))
+    p1 = tl.where(seg == 0, P1, tl.where(seg == 1, P2, R_total))
+    return 4 * p0 + k * (p1 - p0) + (rows - p0), seg
+
+
+@triton.jit
+def _epilogue(acc, ms, rows, k: tl.constexpr, M, P1, P2, R_total, sx_ptr, g_ptr, out_ptr, stride_om,
+              INTERP: tl.constexpr):
+    """acc int32 [BM, BR] (field k) -> out[ms, cols] = acc * (gamma_seg / s_x[m]) in out's dtype."""
+    cols, seg = _out_cols(rows, k, P1, P2, R_total)
+    gamma = tl.load(g_ptr + seg)                                        # fp32 [BR]
+    sx = tl.load(sx_ptr + ms, mask=ms < M, other=1.0)                   # fp32 [BM]
+    scale = tl.math.div_rn(gamma[None, :], sx[:, None])                 # [BM, BR], as the reference
+    y = acc.to(tl.float32) * scale
+    mask = (ms[:, None] < M) & (rows[None, :] < R_total)
+    tl.store(out_ptr + ms[:, None] * stride_om + cols[None, :], cast(y, out_ptr.dtype.element_ty, INTERP), mask=mask)
+
+
+@triton.jit
+def _split_k_finish(acc, ms, rows, k: tl.constexpr, M, P1, P2, R_total, ws_ptr, N_out):
+    """Add a partial field-k tile into the int32 workspace [M, N_out]."""
+    cols, seg = _out_cols(rows, k, P1, P2, R_total)
+    mask = (ms[:, None] < M) & (rows[None, :] < R_total)
+    tl.atomic_add(ws_ptr + ms[:, None] * N_out + cols[None, :], acc, mask=mask)
+
+
+@triton.jit
+def _split_k_take(ms, rows, k: tl.constexpr, M, P1, P2, R_total, ws_ptr, N_out):
+    """Read the full sum of a field-k tile from the workspace and zero it for the next call."""
+    cols, seg = _out_cols(rows, k, P1, P2, R_total)
+    mask = (ms[:, None] < M) & (rows[None, :] < R_total)
+    return tl.atomic_xchg(ws_ptr + ms[:, None] * N_out + cols[None, :], 0, mask=mask)
+
+
+@triton.jit
+def _finish(acc0, acc1, acc2, acc3, ms, rows, M, P1, P2, R_total, sx_ptr, g_ptr, out_ptr, stride_om,
+            ws_ptr, cnt_ptr, tile, SPLIT_K: tl.constexpr, INTERP: tl.constexpr):
+    N_out = 4 * R_total
+    if SPLIT_K == 1:
+        _epilogue(acc0, ms, rows, 0, M, P1, P2, R_total, sx_ptr, g_ptr, out_ptr, stride_om, INTERP)
+        _epilogue(acc1, ms, rows, 1, M, P1, P2, R_total, sx_ptr, g_ptr, out_ptr, stride_om, INTERP)
+        _epilogue(acc2, ms, rows, 2, M, P1, P2, R_total, sx_ptr, g_ptr, out_ptr, stride_om, INTERP)
+        _epilogue(acc3, ms, rows, 3, M, P1, P2, R_total, sx_ptr, g_ptr, out_ptr, stride_om, INTERP)
+    else:
+        _split_k_finish(acc0, ms, rows, 0, M, P1, P2, R_total, ws_ptr, N_out)
+        _split_k_finish(acc1, ms, rows, 1, M, P1, P2, R_total, ws_ptr, N_out)
+        _split_k_finish(acc2, ms, rows, 2, M, P1, P2, R_total, ws_ptr, N_out)
+        _split_k_finish(acc3, ms, rows, 3, M, P1, P2, R_total, ws_ptr, N_out)
+        tl.debug_barrier()
+        done = tl.atomic_add(cnt_ptr + tile, 1)          # acq_rel: orders our adds before it
+        if done == SPLIT_K - 1:                          # the last program of this tile finishes it
+            tl.debug_barrier()
+            t0 = _split_k_take(ms, rows, 0, M, P1, P2, R_total, ws_ptr, N_out)
+            _epilogue(t0, ms, rows, 0, M, P1, P2, R_total, sx_ptr, g_ptr, out_ptr, stride_om, INTERP)
+            t1 = _split_k_take(ms, rows, 1, M, P1, P2, R_total, ws_ptr, N_out)
+            _epilogue(t1, ms, rows, 1, M, P1, P2, R_total, sx_ptr, g_ptr, out_ptr, stride_om, INTERP)
+            t2 = _split_k_take(ms, rows, 2, M, P1, P2, R_total, ws_ptr, N_out)
+            _epilogue(t2, ms, rows, 2, M, P1, P2, R_total, sx_ptr, g_ptr, out_ptr, stride_om, INTERP)
+            t3 = _split_k_take(ms, rows, 3, M, P1, P2, R_total, ws_ptr, N_out)
+            _epilogue(t3, ms, rows, 3, M, P1, P2, R_total, sx_ptr, g_ptr, out_ptr, stride_om, INTERP)
+            tl.atomic_xchg(cnt_ptr + tile, 0)
+
+
+@triton.jit
+def _gemv_dp4a(x_ptr, sx_ptr, w_ptr, g_ptr, out_ptr, ws_ptr, cnt_ptr,
+               M, K4, R_total, P1, P2, stride_xm, stride_om, K4_PER_SPLIT,
+               BR: tl.constexpr, BK4: tl.constexpr, SPLIT_K: tl.constexpr, ITERS: tl.constexpr,
+               INTERP: tl.constexpr):
+    """One activation row (program axis 1), BR packed rows, K4_PER_SPLIT int32 columns of K."""
+    pid_r = tl.program_id(0)
+    m = tl.program_id(1)
+    pid_k = tl.program_id(2)
+    rows = pid_r * BR + tl.arange(0, BR)
+    rmask = rows < R_total
+    a0 = tl.zeros((BR, BK4), tl.int32)
+    a1 = tl.zeros((BR, BK4), tl.int32)
+    a2 = tl.zeros((BR, BK4), tl.int32)
+    a3 = tl.zeros((BR, BK4), tl.int32)
+    sx4 = tl.zeros((BK4,), tl.int32)
+    k_lo = pid_k * K4_PER_SPLIT                     # K4_PER_SPLIT is a multiple of BK4
+    ones = tl.full((BK4,), 0x01010101, tl.int32)
+    for it in range(0, ITERS):
+        ks = k_lo + it * BK4 + tl.arange(0, BK4)
+        kmask = ks < K4
+        x = tl.load(x_ptr + m * stride_xm + ks, mask=kmask, other=0)                      # int8x4 [BK4]
+        w = tl.load(w_ptr + rows[:, None] * K4 + ks[None, :], mask=rmask[:, None] & kmask[None, :],
+                    other=0)                                                               # [BR, BK4]
+        sx4 = _dp4a(ones, x, sx4, INTERP)
+        xb = x[None, :]
+        a0 = _dp4a(w & 0x03030303, xb, a0, INTERP)
+        a1 = _dp4a((w >> 2) & 0x03030303, xb, a1, INTERP)
+        a2 = _dp4a((w >> 4) & 0x03030303, xb, a2, INTERP)
+        a3 = _dp4a((w >> 6) & 0x03030303, xb, a3, INTERP)
+    sumx = tl.sum(sx4, axis=0)
+    ms = m + tl.arange(0, 1)
+    acc0 = (tl.sum(a0, axis=1) - sumx)[None, :]
+    acc1 = (tl.sum(a1, axis=1) - sumx)[None, :]
+    acc2 = (tl.sum(a2, axis=1) - sumx)[None, :]
+    acc3 = (tl.sum(a3, axis=1) - sumx)[None, :]
+    tile = m * tl.num_programs(0) + pid_r
+    _finish(acc0, acc1, acc2, acc3, ms, rows, M, P1, P2, R_total, sx_ptr, g_ptr, out_ptr, stride_om,
+            ws_ptr, cnt_ptr, tile, SPLIT_K, INTERP)
+
+
+@triton.jit
+def _gemm_dot(x_ptr, sx_ptr, w_ptr, g_ptr, out_ptr, ws_ptr, cnt_ptr,
+              M, K, R_total, P1, P2, stride_xm, stride_om, K_PER_SPLIT,
+              BM: tl.constexpr, BR: tl.constexpr, BK: tl.constexpr, SPLIT_K: tl.constexpr,
+              ITERS: tl.constexpr, GROUP_M: tl.constexpr, INTERP: tl.constexpr):
+    """Tile of BM activation rows x BR packed rows (4*BR outputs) on int8 tensor cores."""
+    pid = tl.program_id(0)
+    pid_k = tl.program_id(1)
+    n_r = tl.cdiv(R_total, BR)
+    n_m = tl.cdiv(M, BM)
+    # grouped ordering: consecutive programs share weight tiles while M is large
+    width = GROUP_M * n_r
+    group = pid // width
+    first_m = group * GROUP_M
+    gsize = tl.minimum(n_m - first_m, GROUP_M)
+    pid_m = first_m + (pid % width) % gsize
+    pid_r = (pid % width) // gsize
+    ms = pid_m * BM + tl.arange(0, BM)
+    rows = pid_r * BR + tl.arange(0, BR)
+    acc0 = tl.zeros((BM, BR), tl.int32)
+    acc1 = tl.zeros((BM, BR), tl.int32)
+    acc2 = tl.zeros((BM, BR), tl.int32)
+    acc3 = tl.zeros((BM, BR), tl.int32)
+    sumx = tl.zeros((BM,), tl.int32)
+    k_lo = pid_k * K_PER_SPLIT                      # K_PER_SPLIT is a multiple of BK
+    for it in range(0, ITERS):
+        ks = k_lo + it * BK + tl.arange(0, BK)
+        kmask = ks < K
+        x = tl.load(x_ptr + ms[:, None] * stride_xm + ks[None, :],
+                    mask=(ms[:, None] < M) & kmask[None, :], other=0)                     # int8 [BM, BK]
+        w = tl.load(w_ptr + rows[None, :] * K + ks[:, None],
+                    mask=(rows[None, :] < R_total) & kmask[:, None], other=0)             # uint8 [BK, BR]
+        sumx += tl.sum(x.to(tl.int32), axis=1)
+        acc0 = tl.dot(x, (w & 3).to(tl.int8), acc0, out_dtype=tl.int32)
+        acc1 = tl.dot(x, ((w >> 2) & 3).to(tl.int8), acc1, out_dtype=tl.int32)
+        acc2 = tl.dot(x, ((w >> 4) & 3).to(tl.int8), acc2, out_dtype=tl.int32)
+        acc3 = tl.dot(x, (w >> 6).to(tl.int8), acc3, out_dtype=tl.int32)
+    sb = sumx[:, None]
+    tile = pid
+    _finish(acc0 - sb, acc1 - sb, acc2 - sb, acc3 - sb, ms, rows, M, P1, P2, R_total, sx_ptr, g_ptr,
+            out_ptr, stride_om, ws_ptr, cnt_ptr, tile, SPLIT_K, INTERP)
+
+
+# ---------------------------------------------------------------- host side
+
+class Workspace:
+    """Zeroed int32 split-K accumulators and per-tile counters, shared by the kernels of one stream.
+
+    Every kernel leaves them zeroed again, so one workspace serves a whole CUDA graph.
+    """
+
+    def __init__(self, device, numel: int = 1 << 20, tiles: int = 1 << 14):
+        self.ws = torch.zeros(numel, dtype=torch.int32, device=device)
+        self.cnt = torch.zeros(tiles, dtype=torch.int32, device=device)
+
+
+_WS: dict = {}
+
+
+def workspace(device) -> Workspace:
+    key = str(device)
+    if key not in _WS:
+        _WS[key] = Workspace(device)
+    return _WS[key]
+
+
+def pick_config(M: int, R: int, K: int, n_sm: int = 132) -> dict:
+    """Block shapes for an [M, K] x [4R, K] product (tuned on an H100 at 2B4T shapes)."""
+    if M <= 4:  # dp4a GEMV: enough programs to cover every SM, split K when rows run short
+        br, bk4 = 16, 64
+        progs = triton.cdiv(R, br) * M
+        split = 1
+        while progs * split < 2 * n_sm and K // 4 // (split * 2) >= bk4 * 2:
+            split *= 2
+        return dict(kind="gemv", BR=br, BK4=bk4, SPLIT_K=split, num_warps=4)
+    if M <= 64:
+        bm, br, bk = 16 if M <= 16 else (32 if M <= 32 else 64), 32, 128
+        progs = triton.cdiv(R, br) * triton.cdiv(M, bm)
+        split = 1
+        while progs * split < n_sm and K // (split * 2) >= bk * 2:
+            split *= 2
+        return dict(kind="dot", BM=bm, BR=br, BK=bk, SPLIT_K=split, num_warps=4, num_stages=3)
+    return dict(kind="dot", BM=128, BR=64, BK=128, SPLIT_K=1, num_warps=8, num_stages=3)
+
+
+def w2a8_linear(x_q: torch.Tensor, s_x: torch.Tensor, w: torch.Tensor, gammas: torch.Tensor,
+                seg_rows: tuple[int, ...], out: torch.Tensor | None = None,
+                out_dtype: torch.dtype = torch.bfloat16, config: dict | None = None,
+                ws: Workspace | None = None) -> torch.Tensor:
+    """y [M, 4R] = (x_q [M, K] @ W_t^T) * gamma_seg / s_x for packed ``w`` uint8 [R, K].
+
+    ``x_q`` int8 (row stride free, unit column stride), ``s_x`` fp32 [M] (or [M, 1]),
+    ``gammas`` fp32 [n_seg], ``seg_rows``: the packed-row count of each segment (sum = R, <= 3).
+    """
+    M, K = x_q.shape
+    R, Kw = w.shape
+    if Kw != K:
+        raise ValueError(f"w2a8_linear: weight has in_features={Kw}, activations have {K}")
+    if sum(seg_rows) != R or not 1 <= len(seg_rows) <= 3:
+        raise ValueError(f"w2a8_linear: segments {seg_rows} do not tile {R} packed rows")
+    if x_q.stride(1) != 1 or not w.is_contiguous():
+        raise ValueError("w2a8_linear: activations need unit column stride and weights contiguity")
+    P1 = seg_rows[0]
+    P2 = seg_rows[0] + seg_rows[1] if len(seg_rows) > 1 else R
+    P1 = min(P1, R)
+    if out is None:
+        out = torch.empty((M, 4 * R), dtype=out_dtype, device=x_q.device)
+    s_x = s_x.reshape(-1)
+    cfg = dict(config or pick_config(M, R, K))
+    kind = cfg.pop("kind")
+    split = cfg["SPLIT_K"]
+    ws = ws or workspace(x_q.device)
+    if split > 1 and M * 4 * R > ws.ws.numel():
+        raise ValueError(f"w2a8_linear: split-K workspace too small for {M}x{4 * R}")
+    if kind == "gemv" and K % 4 == 0 and x_q.stride(0) % 4 == 0 and x_q.data_ptr() % 4 == 0:
+        K4 = K // 4
+        per = triton.cdiv(triton.cdiv(K4, split), cfg["BK4"]) * cfg["BK4"]
+        grid = (triton.cdiv(R, cfg["BR"]), M, split)
+        _gemv_dp4a[grid](x_q.view(torch.int32), s_x, w.view(torch.int32), gammas, out, ws.ws, ws.cnt,
+                         M, K4, R, P1, P2, x_q.stride(0) // 4, out.stride(0), per, ITERS=per // cfg["BK4"], INTERP=INTERPRET,
+                         **cfg)
+        return out
+    if kind == "gemv":  # odd K: fall back to the tensor-core kernel
+        cfg = {k: v for k, v in pick_config(16, R, K).items() if k != "kind"}
+        split = cfg["SPLIT_K"]
+    per = triton.cdiv(triton.cdiv(K, split), cfg["BK"]) * cfg["BK"]
+    n_tiles = triton.cdiv(M, cfg["BM"]) * triton.cdiv(R, cfg["BR"])
+    if split > 1 and n_tiles > ws.cnt.numel():
+        raise ValueError("w2a8_linear: too many tiles for the split-K counters")
+    grid = (n_tiles, split)
+    _gemm_dot[grid](x_q, s_x, w, gammas, out, ws.ws, ws.cnt, M, K, R, P1, P2, x_q.stride(0),
+                    out.stride(0), per, ITERS=per // cfg["BK"], GROUP_M=8,
+                    INTERP=INTERPRET, **cfg)
+    return out

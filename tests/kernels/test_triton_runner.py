@@ -1,0 +1,169 @@
+"""The Triton GPU runner against the torch reference runner.
+
+CPU (CI): a 1-layer tiny model under ``TRITON_INTERPRET=1``, prefill + decode, bit-exact in fp32
+and bf16 against :class:`bitnet158.engine.runner.TorchRunner` with the reference kernels.
+CUDA (marked ``cuda``): greedy tokens identical on a tiny fp32 model with CUDA graphs; a random
+2B4T-shaped bf16 model within 1e-2 (relative L2) of the reference logits; rows at different
+positions and subsets of rows; automatic selection by ``make_runner``.
+
+    python3 -m pytest -q tests/kernels/test_triton_runner.py
+"""
+
+import os
+
+import pytest
+import torch
+
+if not torch.cuda.is_available():
+    os.environ.setdefault("TRITON_INTERPRET", "1")
+pytest.importorskip("triton")
+
+from bitnet158 import kernels  # noqa: E402
+from bitnet158.config import ModelConfig  # noqa: E402
+from bitnet158.engine.runner import TorchRunner, make_runner  # noqa: E402
+from bitnet158.kernels.triton import common  # noqa: E402
+from bitnet158.kernels.triton.runner import TritonRunner  # noqa: E402
+from bitnet158.model import Transformer, init_weights  # noqa: E402
+
+CUDA = torch.cuda.is_available()
+if not CUDA and not common.INTERPRET:
+    pytest.skip("Triton kernels were imported before TRITON_INTERPRET=1 was set", allow_module_level=True)
+cuda_only = [pytest.mark.cuda, pytest.mark.skipif(not CUDA, reason="needs CUDA")]
+
+
+@pytest.fixture
+def reference_kernels(monkeypatch):
+    """Make PackedLinear use the torch reference backend (the Triton one registers itself on CUDA)."""
+    monkeypatch.setattr(kernels, "_BACKENDS", [])
+
+
+def _tiny(dtype, layers=2, seed=0, device="cpu"):
+    torch.manual_seed(seed)
+    cfg = ModelConfig.from_name("tiny", num_hidden_layers=layers)
+    m = init_weights(Transformer(cfg), 0.05).pack().to(dtype)
+    for name, p in m.named_parameters():                   # non-trivial norm weights
+        if "norm" in name:
+            p.data = (torch.rand_like(p.float()) + 0.5).to(dtype)
+    return m.to(device).eval()
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_interpreted_runner_matches_reference(dtype, reference_kernels):
+    if CUDA:
+        pytest.skip("the CUDA tests below cover this")
+    m = _tiny(dtype, layers=1)
+    ref = TorchRunner(m, batch=2, max_len=32)
+    tr = TritonRunner(m, batch=2, max_len=32, graphs=False)
+    toks = torch.randint(0, m.config.vocab_size, (2, 5))
+    pos = torch.arange(5)[None].expand(2, 5)
+    a, b = ref.prefill(toks, pos), tr.prefill(toks, pos)
+    torch.testing.assert_close(b, a, rtol=1e-6, atol=1e-6)
+    nt, p = torch.tensor([3, 7]), torch.tensor([5, 2])          # rows at different positions
+    a, b = ref.decode(nt, p), tr.decode(nt, p)
+    torch.testing.assert_close(b, a, rtol=1e-6, atol=1e-6)
+
+
+def test_runner_rejects_unpacked_and_bad_positions():
+    cfg = ModelConfig.from_name("tiny", num_hidden_layers=1)
+    with pytest.raises(Exception, match="packed"):
+        TritonRunner(Transformer(cfg), batch=1, max_len=8, graphs=False)
+
+
+# ---------------------------------------------------------------- CUDA
+
+def _greedy(runner, prompt, steps):
+    B, T = prompt.shape
+    pos = torch.arange(T, device=prompt.device)[None].expand(B, T)
+    logits = runner.prefill(prompt, pos)
+    out = []
+    for i in range(steps):
+        nt = logits.argmax(-1)
+        out.append(nt)
+        logits = runner.decode(nt, torch.full((B,), T + i, device=prompt.device))
+    return torch.stack(out, 1), logits
+
+
+@pytest.mark.parametrize("batch", [1, 3])
+def test_cuda_greedy_tokens_identical_tiny_fp32(batch, reference_kernels):
+    if not CUDA:
+        pytest.skip("needs CUDA")
+    m = _tiny(torch.float32, layers=2, device="cuda")
+    prompt = torch.randint(0, m.config.vocab_size, (batch, 9), device="cuda")
+    ref_toks, ref_last = _greedy(TorchRunner(m, batch=batch, max_len=128), prompt, 40)
+    tr = TritonRunner(m, batch=batch, max_len=128)
+    assert tr.graphs
+    toks, last = _greedy(tr, prompt, 40)
+    assert torch.equal(toks, ref_toks)
+    torch.testing.assert_close(last, ref_last, rtol=1e-4, atol=1e-4)
+
+
+def _rel(a, b):
+    return float((a.float() - b.float()).norm() / b.float().norm())
+
+
+@pytest.mark.cuda
+@pytest.mark.skipif(not CUDA, reason="needs CUDA")
+def test_cuda_2b4t_logits_close(reference_kernels):
+    from bitnet158.random_model import random_packed_model
+    m = random_packed_model("2b4t", seed=0, dtype=torch.bfloat16, device="cuda")
+    B, T = 2, 37
+    toks = torch.randint(0, m.config.vocab_size, (B, T), device="cuda")
+    pos = torch.arange(T, device="cuda")[None].expand(B, T)
+    ref = TorchRunner(m, batch=B, max_len=256)
+    a = ref.prefill(toks, pos)
+    nt = a.argmax(-1)
+    dp = torch.tensor([T, T], device="cuda")
+    a2 = ref.decode(nt, dp)
+    tr = TritonRunner(m, batch=B, max_len=256)
+    b = tr.prefill(toks, pos)
+    b2 = tr.decode(nt, dp)
+    e1, e2 = _rel(b, a), _rel(b2, a2)
+    print(f"2b4t bf16: prefill rel L2 {e1:.2e} max|d| {float((b - a).abs().max()):.3e}; "
+          f"decode rel L2 {e2:.2e} max|d| {float((b2 - a2).abs().max()):.3e}; |ref| {float(a2.abs().max()):.2f}")
+    assert e1 <= 1e-2 and e2 <= 1e-2
+
+
+@pytest.mark.cuda
+@pytest.mark.skipif(not CUDA, reason="needs CUDA")
+def test_cuda_rows_at_different_positions_and_subsets(reference_kernels):
+    m = _tiny(torch.float32, layers=2, device="cuda")
+    B = 4
+    ref = TorchRunner(m, batch=B, max_len=64)
+    tr = TritonRunner(m, batch=B, max_len=64)
+    for r, T in enumerate([3, 11, 6, 1]):                      # prefill each row separately
+        toks = torch.randint(0, m.config.vocab_size, (1, T), device="cuda")
+        pos = torch.arange(T, device="cuda")[None]
+        rows = torch.tensor([r], device="cuda")
+        torch.testing.assert_close(tr.prefill(toks, pos, rows), ref.prefill(toks, pos, rows),
+                                   rtol=1e-4, atol=1e-4)
+    nt = torch.tensor([5, 6, 7, 8], device="cuda")
+    p = torch.tensor([3, 11, 6, 1], device="cuda")
+    torch.testing.assert_close(tr.decode(nt, p), ref.decode(nt, p), rtol=1e-4, atol=1e-4)
+    # a subset of rows (contiguous, as the reference runner needs), graphs keyed by row count
+    rows = torch.tensor([1, 2], device="cuda")
+    nt2, p2 = torch.tensor([9, 10], device="cuda"), torch.tensor([12, 7], device="cuda")
+    torch.testing.assert_close(tr.decode(nt2, p2, rows), ref.decode(nt2, p2, rows), rtol=1e-4, atol=1e-4)
+    # prefix re-use: prefill continues row 0 from position 4 (mask path of the prefill)
+    toks = torch.randint(0, m.config.vocab_size, (1, 5), device="cuda")
+    pos = torch.arange(4, 9, device="cuda")[None]
+    rows = torch.tensor([0], device="cuda")
+    torch.testing.assert_close(tr.prefill(toks, pos, rows), ref.prefill(toks, pos, rows),
+                               rtol=1e-4, atol=1e-4)
+    with pytest.raises(ValueError, match="outside the KV cache"):
+        tr.decode(nt, torch.tensor([64, 0, 0, 0], device="cuda"))
+
+
+@pytest.mark.cuda
+@pytest.mark.skipif(not CUDA, reason="needs CUDA")
+def test_cuda_auto_selection_and_linear_backend():
+    m = _tiny(torch.bfloat16, layers=1, device="cuda")
+    r = make_runner(m, batch=1, max_len=32)
+    assert type(r).__name__ == "TritonRunner"
+    assert make_runner(m, batch=1, max_len=32, backend="torch").name == "torch"
+    lin = m.model.layers[0].mlp.down_proj
+    x = torch.randn(3, 5, lin.in_features, device="cuda", dtype=torch.bfloat16)
+    y = lin(x)                                                 # Triton backend on CUDA tensors
+    assert kernels.select(x).name == "triton"
+    from bitnet158.kernels import reference
+    ref = reference.forward(x, lin, reference.prepare(lin))
+    assert torch.equal(y, ref)
