@@ -1,0 +1,290 @@
+"""``bitnet158 dpo RECIPE``: Direct Preference Optimization against a frozen copy of the starting model.
+
+    bitnet158 dpo recipes/dpo-embedded.toml --init runs/sft --out runs/dpo
+    bitnet158 dpo recipes/dpo-embedded.toml --set data.reference=precomputed --set data.beta=0.2
+
+    from bitnet158.train.dpo import run_dpo
+    summary = run_dpo("recipes/dpo-embedded.toml", out="runs/dpo", device="cpu")
+
+Loss (sigmoid DPO, SPEC §5): ``-log sigmoid(beta * ((pi_c - ref_c) - (pi_r - ref_r)))`` averaged over
+pairs, where ``pi``/``ref`` are **summed** log-probs of the completion's assistant tokens (incl.
+``<|eot_id|>``) under the policy / the reference. The reference is the starting model with the same
+quantized (BitLinear) forward, frozen: ``dpo.reference = "model"`` keeps a copy in eval mode and
+runs it on every batch (rewards are exactly 0 at step 0), ``"precomputed"`` runs it once over all
+pairs before training and frees it (0 at step 0 up to float rounding; no second model in memory).
+Log-probs come from the chunked head (:mod:`.losses`): the [B, T, V] logits never exist at once.
+
+Logged per update: loss, ``rewards_chosen`` / ``rewards_rejected`` (beta * log-ratio), ``margin``,
+``accuracy`` (share of pairs with the chosen reward higher). Held-out pairs (``data.val_fraction``
+or ``data.val_files``) are evaluated before training and at every eval: ``val_reward_margin``,
+``val_accuracy``, ``val_loss``; ``summary.json`` holds the first and the last.
+
+Recipe: a fine-tuning recipe (``finetune.py``) with::
+
+    [data]
+    files = ["../shared/data/preference/hh-rlhf-harmless-base/test.jsonl"]
+    val_files = []            # or hold out val_fraction of the pairs
+    val_fraction = 0.05
+    max_len = 1024            # tokens per sequence (longer ones are truncated at the end)
+    epochs = 2
+    max_records = 0
+    beta = 0.1
+    reference = "model"       # or "precomputed"
+    label_smoothing = 0.0
+"""
+
+from __future__ import annotations
+
+import argparse
+import copy
+import json
+import math
+import random
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from ..errors import ConfigError
+from ..tokenizer import Tokenizer
+from .finetune import (FinetuneRecipe, config_dict, export_model, load_start, make_optimizer,
+                       pick_device, write_json)
+from .loop import Trainer, find_latest
+from .losses import dpo_loss, sequence_logprobs
+from .sft import _unwrap
+from .dpo_data import Pair, encode_pairs, pad_pairs
+from .sft_data import ChatEncoder, read_records, split_holdout
+
+
+@dataclass
+class DPOData:
+    files: list = field(default_factory=list)
+    val_files: list = field(default_factory=list)
+    val_fraction: float = 0.05
+    max_len: int = 1024
+    epochs: float = 2.0
+    max_records: int = 0
+    chunk: int = 0                       # head rows per chunk (0: automatic)
+    # DPO settings live here too so that one [data] table configures the stage
+    beta: float = 0.1
+    reference: str = "model"             # "model" (frozen copy, on the fly) or "precomputed"
+    label_smoothing: float = 0.0
+
+    def __post_init__(self) -> None:
+        if isinstance(self.files, str):
+            self.files = [self.files]
+        if isinstance(self.val_files, str):
+            self.val_files = [self.val_files]
+        if not self.files:
+            raise ConfigError("[data] files names no preference data file")
+        if self.reference not in ("model", "precomputed"):
+            raise ConfigError(f"data.reference={self.reference!r} is not 'model' or 'precomputed'")
+        if self.beta <= 0 or self.max_len < 2 or self.epochs <= 0:
+            raise ConfigError("data.beta must be > 0, data.max_len >= 2, data.epochs > 0")
+
+
+# ---------------------------------------------------------------- batches
+
+class DPOBatches:
+    """Micro-batches of ``micro_batch`` pairs, re-shuffled each epoch; resumable by (epoch, pos)."""
+
+    def __init__(self, pairs: list[Pair], micro_batch: int, pad_id: int, seed: int, device: torch.device):
+        self.pairs, self.n, self.pad_id, self.seed, self.device = pairs, micro_batch, pad_id, seed, device
+        self.epoch, self.pos = 0, 0
+
+    def order(self, epoch: int) -> list[int]:
+        o = list(range(len(self.pairs)))
+        random.Random(self.seed * 1000003 + epoch).shuffle(o)
+        return o
+
+    def next_batch(self, step: int):
+        idx: list[int] = []
+        while len(idx) < self.n:
+            o = self.order(self.epoch)
+            k = min(self.n - len(idx), len(o) - self.pos)
+            idx += o[self.pos:self.pos + k]
+            self.pos += k
+            if self.pos >= len(o):
+                self.epoch, self.pos = self.epoch + 1, 0
+        return make_batch(self.pairs, idx, self.pad_id, self.device)
+
+    def state_dict(self) -> dict:
+        return {"epoch": self.epoch, "pos": self.pos}
+
+    def load_state_dict(self, s: dict) -> None:
+        self.epoch, self.pos = int(s["epoch"]), int(s["pos"])
+
+
+def make_batch(pairs: list[Pair], idx: list[int], pad_id: int, device: torch.device):
+    tokens, labels = pad_pairs([pairs[i] for i in idx], pad_id)
+    return (torch.from_numpy(tokens).to(device), torch.from_numpy(labels).to(device),
+            torch.tensor(idx, dtype=torch.long))
+
+
+def policy_logps(model, tokens, labels, chunk=None) -> torch.Tensor:
+    """Summed completion log-probs [2P] of rows tokens/labels [2P, L] (chunked head)."""
+    h = model.hidden(tokens)                                              # [2P, L, D]
+    return sequence_logprobs(h, _unwrap(model).head_weight, labels, chunk=chunk)
+
+
+@torch.no_grad()
+def reference_table(ref, pairs: list[Pair], micro_batch: int, pad_id: int, device, amp_dtype, chunk=None
+                    ) -> torch.Tensor:
+    """Reference log-probs [n_pairs, 2] (chosen, rejected), computed once."""
+    out = torch.zeros(len(pairs), 2, dtype=torch.float32)
+    amp = torch.autocast(device.type, dtype=torch.bfloat16, enabled=amp_dtype == "bf16")
+    for s in range(0, len(pairs), micro_batch):
+        idx = list(range(s, min(s + micro_batch, len(pairs))))
+        t, lab, _ = make_batch(pairs, idx, pad_id, device)
+        with amp:
+            lp = policy_logps(ref, t, lab, chunk).float().cpu()
+        P = len(idx)
+        out[idx, 0], out[idx, 1] = lp[:P], lp[P:]
+    return out
+
+
+def make_loss_fn(beta: float, smoothing: float, grad_accum: int, ref_model=None, ref_table=None, chunk=None):
+    def loss_fn(model, batch):
+        tokens, labels, idx = batch
+        P = len(idx)
+        lp = policy_logps(model, tokens, labels, chunk)                    # [2P]
+        if ref_model is not None:
+            with torch.no_grad():
+                rlp = policy_logps(ref_model, tokens, labels, chunk)
+            rc, rr = rlp[:P], rlp[P:]
+        else:
+            r = ref_table[idx].to(lp.device)
+            rc, rr = r[:, 0], r[:, 1]
+        loss, s = dpo_loss(lp[:P], lp[P:], rc, rr, beta, smoothing)
+        metrics = {k if k != "margins" else "margin": v.mean() / grad_accum for k, v in s.items()}
+        metrics["tokens"] = int((labels != -100).sum())
+        metrics["pairs"] = P
+        return loss, metrics
+    return loss_fn
+
+
+def make_eval_fn(pairs: list[Pair], ref: torch.Tensor, beta: float, micro_batch: int, pad_id: int, device,
+                 chunk=None):
+    """Mean DPO loss, reward margin, accuracy and rewards over held-out pairs (reference precomputed)."""
+    def eval_fn(model) -> dict:
+        acc = {"val_loss": 0.0, "val_reward_margin": 0.0, "val_accuracy": 0.0,
+               "val_rewards_chosen": 0.0, "val_rewards_rejected": 0.0}
+        for s in range(0, len(pairs), micro_batch):
+            idx = list(range(s, min(s + micro_batch, len(pairs))))
+            t, lab, _ = make_batch(pairs, idx, pad_id, device)
+            lp = policy_logps(model, t, lab, chunk).float()
+            P = len(idx)
+            r = ref[idx].to(lp.device)
+            loss, st = dpo_loss(lp[:P], lp[P:], r[:, 0], r[:, 1], beta)
+            acc["val_loss"] += loss.item() * P
+            acc["val_reward_margin"] += st["margins"].sum().item()
+            acc["val_accuracy"] += st["accuracy"].sum().item()
+            acc["val_rewards_chosen"] += st["rewards_chosen"].sum().item()
+            acc["val_rewards_rejected"] += st["rewards_rejected"].sum().item()
+        return {k: v / max(len(pairs), 1) for k, v in acc.items()}
+    return eval_fn
+
+
+# ---------------------------------------------------------------- the run
+
+def load_pairs(recipe: FinetuneRecipe, tok: Tokenizer):
+    d: DPOData = recipe.data
+    enc = ChatEncoder(tok)
+    train, val, stats = [], [], {}
+    for f in d.files:
+        recs = read_records(recipe.resolve(f))
+        if d.max_records:
+            recs = recs[:d.max_records]
+        p, s = encode_pairs(recs, enc, d.max_len, str(f))
+        train += p
+        stats[str(f)] = s
+    for f in d.val_files:
+        p, s = encode_pairs(read_records(recipe.resolve(f)), enc, d.max_len, str(f))
+        val += p
+        stats[str(f)] = s
+    if not d.val_files:
+        train, val = split_holdout(train, d.val_fraction, recipe.seed, max_items=500)
+    if not train:
+        raise ConfigError(f"{recipe.source}: no usable preference pair in {d.files}")
+    return train, val, stats
+
+
+def run_dpo(recipe: FinetuneRecipe | str | Path, out: str | Path | None = None, init: str | None = None,
+            resume: bool = False, device: str = "auto", overrides: list[str] | None = None) -> dict:
+    """DPO of ``recipe.init`` on ``recipe.data``; returns the summary (also OUT/summary.json)."""
+    if not isinstance(recipe, FinetuneRecipe):
+        recipe = FinetuneRecipe.from_file(recipe, DPOData, overrides)
+    if init:
+        recipe.init = str(init)
+    d: DPOData = recipe.data
+    out = Path(out or recipe.out)
+    dev = pick_device(device)
+    random.seed(recipe.seed)
+    np.random.seed(recipe.seed)
+    torch.manual_seed(recipe.seed)
+    model, tok_dir = load_start(recipe.resolve(recipe.init),
+                                recipe.resolve(recipe.tokenizer) if recipe.tokenizer else None)
+    tok = Tokenizer.from_pretrained(tok_dir)
+    train, val, stats = load_pairs(recipe, tok)
+    pad = tok.pad_id if tok.pad_id is not None else (tok.eos_id or 0)
+    mb = int(recipe.train.get("micro_batch", 8))
+    ga = int(recipe.train.get("grad_accum", 1))
+    steps = max(1, math.ceil(len(train) * d.epochs / (mb * ga)))
+    tcfg = recipe.train_config(steps)
+    schedule = recipe.make_schedule(tcfg.steps)
+    print(f"dpo: {len(train)} pairs, {len(val)} held out; beta {d.beta}, reference {d.reference}; "
+          f"{tcfg.steps} updates of {mb}x{ga} pairs on {dev}", flush=True)
+    model.to(dev)
+    chunk = d.chunk or None
+    ref = copy.deepcopy(model).eval().requires_grad_(False)      # same BitLinear forward, frozen
+    ref_val = reference_table(ref, val, mb, pad, dev, tcfg.dtype, chunk) if val else None
+    ref_train = None
+    if d.reference == "precomputed":
+        ref_train = reference_table(ref, train, mb, pad, dev, tcfg.dtype, chunk)
+        del ref
+        ref = None
+    optimizer = make_optimizer(model, recipe, dev)
+    batches = DPOBatches(train, mb, pad, recipe.seed, dev)
+    eval_fn = make_eval_fn(val, ref_val, d.beta, mb, pad, dev, chunk) if val else None
+    trainer = Trainer(model, optimizer, schedule, make_loss_fn(d.beta, d.label_smoothing, tcfg.grad_accum, ref,
+                                                               ref_train, chunk),
+                      batches, tcfg, out, eval_fn=eval_fn, config_dict=config_dict(model),
+                      extra_state={"recipe": recipe.to_dict(), "tokenizer": str(Path(tok_dir).resolve()),
+                                   "stage": "dpo"})
+    if resume:
+        if not trainer.maybe_resume():
+            print(f"--resume: no checkpoint in {out}, starting from step 0", flush=True)
+    elif find_latest(out) is not None:
+        raise ConfigError(f"{out} already holds checkpoints: pass --resume to continue, or choose another --out")
+    write_json(out / "recipe.json", recipe.to_dict())
+    start = trainer.evaluate() if eval_fn is not None and trainer.step == 0 else {}
+    summary = trainer.fit()
+    hist = [r for r in trainer.history if "margin" in r]
+    summary.update({"name": recipe.name, "stage": "dpo", "pairs": len(train), "val_pairs": len(val),
+                    "beta": d.beta, "reference": d.reference, "data_stats": stats, "device": str(dev),
+                    "start": start,
+                    "first_step": {k: hist[0][k] for k in ("loss", "margin", "rewards_chosen", "accuracy")}
+                    if hist else {}})
+    summary["export"] = export_model(model, out, tok_dir, recipe.export)
+    write_json(out / "summary.json", summary)
+    return summary
+
+
+# ---------------------------------------------------------------- command line
+
+def add_arguments(p: argparse.ArgumentParser) -> None:
+    p.add_argument("recipe", help="fine-tuning recipe (.toml or .json) with DPO data")
+    p.add_argument("--init", default=None, help="starting model = reference (overrides the recipe's `init`)")
+    p.add_argument("--out", default=None, help="output folder (default: the recipe's `out`)")
+    p.add_argument("--resume", action="store_true", help="continue from the latest checkpoint in --out")
+    p.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda"])
+    p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
+                   help="override a recipe value, e.g. --set data.beta=0.2 (repeatable)")
+
+
+def main(args: argparse.Namespace) -> int:
+    summary = run_dpo(args.recipe, out=args.out, init=args.init, resume=args.resume, device=args.device,
+                      overrides=args.set)
+    print(json.dumps({k: v for k, v in summary.items() if not isinstance(v, dict)}))
+    return 0
