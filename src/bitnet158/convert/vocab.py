@@ -53,7 +53,8 @@ class Vocab:
                     bos_id: int | None = None, eos_id: int | None = None,
                     pad_id: int | None = None) -> "Vocab":
         """Read ``folder/tokenizer.json`` (+ tokenizer_config.json). ``vocab_size``: the model's
-        embedding rows (tokens are padded up to it; a larger tokenizer is an error)."""
+        embedding rows (tokens are padded up to it; a larger tokenizer is an error). The special
+        ids are the tokenizer's; ``bos_id``/``eos_id`` (the model config's) fill in where it has none."""
         from ..tokenizer import Tokenizer
 
         folder = Path(folder)
@@ -85,8 +86,8 @@ class Vocab:
         merges = [m if isinstance(m, str) else " ".join(m) for m in model.get("merges") or []]
         add_bos = _adds_bos(d, tok.bos_id)
         return cls(tokens=tokens, types=types, merges=merges, pre=pre,
-                   bos_id=bos_id if bos_id is not None else tok.bos_id,
-                   eos_id=eos_id if eos_id is not None else tok.eos_id,
+                   bos_id=tok.bos_id if tok.bos_id is not None else bos_id,
+                   eos_id=tok.eos_id if tok.eos_id is not None else eos_id,
                    eot_id=tok.eot_id, pad_id=pad_id, add_bos=add_bos,
                    chat_template=tok.chat_template)
 
