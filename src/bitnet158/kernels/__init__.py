@@ -42,4 +42,14 @@ def packed_linear(x: torch.Tensor, layer) -> torch.Tensor:
     return b.forward(x, layer, st[1])
 
 
+def _load_builtin() -> None:
+    """Register the built-in fast backends (the C CPU kernels); each one checks availability lazily."""
+    try:
+        from .cpu import backend as _cpu_backend  # noqa: F401  (registers itself)
+    except ImportError:
+        pass
+
+
+_load_builtin()
+
 __all__ = ["packed_linear", "register", "backends", "select", "quant"]

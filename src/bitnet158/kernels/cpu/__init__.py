@@ -1,0 +1,161 @@
+"""The CPU engine: packed ternary kernels in plain C (AVX-512 VNNI / AVX-VNNI / AVX2 / scalar).
+
+    from bitnet158.kernels import cpu
+    cpu.available()                  # the C library loaded (built by pip install)
+    cpu.isa(), cpu.supported_isas()  # 'avx512', ['scalar', 'avx2', 'avxvnni', 'avx512']
+    cpu.set_isa("scalar")            # force a path (tests); cpu.set_isa(None) -> best again
+    w16 = cpu.convert(layer.weight)  # HF uint8 [N/4, K] -> kernel layout (bitnet_cpu.h, "T16")
+    q, s, sa = cpu.act_quant(x)      # == quant.act_quant(x), plus the row sums of q
+    acc = cpu.gemm_i32(w16, N, q)    # == quant.int_matmul(q, W_t), exactly
+
+The whole-model engine is :mod:`bitnet158.kernels.cpu.runner` (``engine.make_runner`` picks it on
+CPU); :mod:`bitnet158.kernels.cpu.backend` serves single ``PackedLinear`` calls. Design and
+measured speed: docs/cpu-engine.md.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from ...errors import ConfigError
+from . import binding
+
+ISAS = binding.ISAS
+
+
+def available() -> bool:
+    return binding.lib() is not None
+
+
+def _lib():
+    lib = binding.lib()
+    if lib is None:
+        raise RuntimeError(f"bitnet158 C CPU kernels unavailable: {binding.error()}")
+    return lib
+
+
+def isa() -> str:
+    return _lib().bn_get_isa().decode()
+
+
+def supported_isas() -> list[str]:
+    lib = _lib()
+    return [n for n in ISAS if lib.bn_isa_supported(n.encode())]
+
+
+def set_isa(name: str | None) -> str:
+    """Force an instruction-set path ('scalar', 'avx2', 'avxvnni', 'avx512'); None = the best."""
+    lib = _lib()
+    name = name or lib.bn_best_isa().decode()
+    if lib.bn_set_isa(name.encode()):
+        raise ConfigError(f"set_isa({name!r}): not supported on this CPU "
+                          f"(supported: {', '.join(supported_isas())})")
+    return name
+
+
+def set_threads(n: int) -> int:
+    """Worker threads for every kernel (the caller counts as one). Returns the count in effect."""
+    return _lib().bn_set_threads(int(n))
+
+
+def threads() -> int:
+    return _lib().bn_get_threads()
+
+
+def pad16(n: int) -> int:
+    return (n + 15) // 16 * 16
+
+
+def convert(packed: torch.Tensor) -> torch.Tensor:
+    """HF packed uint8 [N/4, K] -> the kernel's T16 layout, uint8 [ceil(N/16) * ceil(K/16) * 64]."""
+    if packed.dtype != torch.uint8 or packed.dim() != 2:
+        raise ValueError(f"convert: expected uint8 [out/4, in], got {packed.dtype} {list(packed.shape)}")
+    p = packed.contiguous()
+    n, k = p.shape[0] * 4, p.shape[1]
+    out = torch.empty(pad16(n) * pad16(k) // 4, dtype=torch.uint8)
+    _lib().bn_convert_hf(p.data_ptr(), n, k, out.data_ptr())
+    return out
+
+
+def act_quant(x: torch.Tensor, kp: int | None = None):
+    """x [M, K] -> (x_q int8 [M, K], s fp32 [M, 1], Σx_q int32 [M]); identical to quant.act_quant."""
+    xf = x.detach().float().contiguous()
+    m, k = xf.shape
+    kp = kp or pad16(k)
+    q = torch.empty(m, kp, dtype=torch.int8)
+    s = torch.empty(m, 1, dtype=torch.float32)
+    sa = torch.empty(m, dtype=torch.int32)
+    _lib().bn_act_quant(xf.data_ptr(), m, k, kp, q.data_ptr(), s.data_ptr(), sa.data_ptr())
+    return q[:, :k], s, sa
+
+
+def gemm_i32(w16: torch.Tensor, n: int, x_q: torch.Tensor) -> torch.Tensor:
+    """Exact int32 [M, N] = x_q int8 [M, K] @ W_t^T, with W in T16 layout (from :func:`convert`)."""
+    m, k = x_q.shape
+    kp = pad16(k)
+    if w16.numel() != pad16(n) * kp // 4:
+        raise ValueError(f"gemm_i32: weight buffer of {w16.numel()} bytes does not match N={n}, K={k}")
+    xq = torch.zeros(m, kp, dtype=torch.int8)
+    xq[:, :k] = x_q
+    sa = torch.zeros(m, dtype=torch.int32)       # raw Σu·a - Σa needs Σa: compute it exactly
+    sa += x_q.to(torch.int32).sum(dim=1, dtype=torch.int32)
+    out = torch.empty(m, n, dtype=torch.int32)
+    _lib().bn_gemm_i32(w16.data_ptr(), n, kp, xq.data_ptr(), m, sa.data_ptr(), out.data_ptr())
+    return out
+
+
+def linear(x: torch.Tensor, w16: torch.Tensor, n: int, gamma: float) -> torch.Tensor:
+    """The BitLinear forward x [M, K] -> fp32 [M, N], as quant.bitlinear_ref (fp32)."""
+    xf = x.detach().float().contiguous()
+    m, k = xf.shape
+    kp = pad16(k)
+    tg = torch.full((pad16(n) // 16,), float(gamma), dtype=torch.float32)
+    y = torch.empty(m, n, dtype=torch.float32)
+    q = torch.empty(m, kp, dtype=torch.int8)
+    s = torch.empty(m, dtype=torch.float32)
+    sa = torch.empty(m, dtype=torch.int32)
+    _lib().bn_linear(xf.data_ptr(), m, k, w16.data_ptr(), n, kp, tg.data_ptr(), y.data_ptr(),
+                     q.data_ptr(), s.data_ptr(), sa.data_ptr())
+    return y
+
+
+HEAD_KINDS = {torch.float32: 0, torch.bfloat16: 1, torch.int8: 2}
+
+
+def head_gemv(w: torch.Tensor, x: torch.Tensor, row_scale: torch.Tensor | None = None) -> torch.Tensor:
+    """fp32 [M, V] = x fp32 [M, D] @ W^T, W [V, D] fp32 / bf16 / int8 (then times row_scale [V])."""
+    if w.dtype not in HEAD_KINDS:
+        raise ValueError(f"head_gemv: weight dtype {w.dtype} (expected fp32, bf16 or int8)")
+    if (w.dtype == torch.int8) != (row_scale is not None):
+        raise ValueError("head_gemv: row_scale is required for (and only for) int8 weights")
+    w = w.contiguous()
+    xf = x.detach().float().contiguous()
+    v, d = w.shape
+    out = torch.empty(xf.shape[0], v, dtype=torch.float32)
+    rs = row_scale.float().contiguous() if row_scale is not None else None
+    _lib().bn_head_gemv(w.data_ptr(), HEAD_KINDS[w.dtype], rs.data_ptr() if rs is not None else None,
+                        v, d, xf.data_ptr(), xf.shape[0], out.data_ptr())
+    return out
+
+
+def quantize_rows_int8(w: torch.Tensor, chunk: int = 8192) -> tuple[torch.Tensor, torch.Tensor]:
+    """Per-row absmax int8: W [V, D] -> (q int8 [V, D], scale fp32 [V]); W ≈ q * scale[:, None]."""
+    v = w.shape[0]
+    q = torch.empty(w.shape, dtype=torch.int8)
+    scale = torch.empty(v, dtype=torch.float32)
+    for i in range(0, v, chunk):                 # chunks: never a full fp32 copy of a 656 MB head
+        wf = w[i:i + chunk].float()
+        s = wf.abs().amax(dim=1).clamp(min=1e-12) / 127.0
+        q[i:i + chunk] = (wf / s[:, None]).round().clamp(-127, 127).to(torch.int8)
+        scale[i:i + chunk] = s
+    return q, scale
+
+
+def bandwidth(nbytes: int = 1 << 30, reps: int = 3) -> float:
+    """Streaming-read bandwidth in GB/s with the current thread count (the decode floor)."""
+    buf = torch.ones(nbytes, dtype=torch.uint8)
+    return float(_lib().bn_bandwidth(buf.data_ptr(), nbytes, reps))
+
+
+__all__ = ["available", "isa", "supported_isas", "set_isa", "set_threads", "threads", "convert",
+           "act_quant", "gemm_i32", "linear", "head_gemv", "quantize_rows_int8", "bandwidth", "pad16"]

@@ -1,0 +1,446 @@
+/* isa_impl.h — the kernels, written once and compiled once per instruction set.
+ *
+ * Included by isa_scalar.c / isa_avx2.c / isa_avxvnni.c / isa_avx512.c, each of which sets
+ * ISA_NAME and one of ISA_SCALAR, ISA_AVX2 (vpmaddubsw, int16 partial sums), ISA_AVXVNNI
+ * (256-bit vpdpbusd) or ISA_AVX512 (512-bit vpdpbusd), plus a `#pragma GCC target` so that one
+ * shared library runs on any x86-64 and picks the path at run time (core.c).
+ * The float helpers (rmsnorm, attention) are plain C that the compiler vectorizes for each target.
+ */
+#include <math.h>
+#include <string.h>
+#include "bitnet_cpu.h"
+#if !defined(ISA_SCALAR)
+#include <immintrin.h>
+#endif
+
+#define BN_CAT2(a, b) a##_##b
+#define BN_CAT(a, b) BN_CAT2(a, b)
+#define FN(x) BN_CAT(x, ISA_NAME)
+#define BN_STR1(x) #x
+#define BN_STR(x) BN_STR1(x)
+#define INLINE static inline __attribute__((always_inline))
+
+static inline int32_t FN(ld32)(const int8_t *p) { int32_t v; memcpy(&v, p, 4); return v; }
+
+/* ------------------------------------------------------------------ activation quantization
+ * Exactly quant.act_quant: amax = max|x| (fp32), clamped to >= 1e-5; s = 127 / amax the way torch
+ * evaluates `127 / tensor` (reciprocal, then multiply: two roundings); q = clamp(round_half_even(
+ * x * s), -128, 127). Rounding uses the current mode (round-to-nearest-even by default).       */
+static void FN(act_quant)(const float *x, int k, int kp, int8_t *q, float *s_out, int32_t *sa_out) {
+    float amax = 0.0f;
+    int i = 0;
+#if defined(ISA_AVX512)
+    __m512 vm = _mm512_setzero_ps();
+    for (; i + 16 <= k; i += 16) vm = _mm512_max_ps(vm, _mm512_abs_ps(_mm512_loadu_ps(x + i)));
+    amax = _mm512_reduce_max_ps(vm);
+#elif defined(ISA_AVX2) || defined(ISA_AVXVNNI)
+    __m256 vm = _mm256_setzero_ps();
+    const __m256 absmask = _mm256_castsi256_ps(_mm256_set1_epi32(0x7fffffff));
+    for (; i + 8 <= k; i += 8) vm = _mm256_max_ps(vm, _mm256_and_ps(absmask, _mm256_loadu_ps(x + i)));
+    float t8[8];
+    _mm256_storeu_ps(t8, vm);
+    for (int j = 0; j < 8; j++) amax = t8[j] > amax ? t8[j] : amax;
+#endif
+    for (; i < k; i++) { float a = fabsf(x[i]); amax = a > amax ? a : amax; }
+    if (!(amax >= 1e-5f)) amax = 1e-5f;
+    volatile float r = 1.0f / amax;      /* keep the two roundings of torch's 127 / t */
+    const float s = r * 127.0f;
+    int32_t sa = 0;
+    i = 0;
+#if defined(ISA_AVX512)
+    const __m512 vs = _mm512_set1_ps(s);
+    const __m512i lo = _mm512_set1_epi32(-128), hi = _mm512_set1_epi32(127);
+    __m512i vsum = _mm512_setzero_si512();
+    for (; i < k; i += 16) {
+        __mmask16 mk = (k - i) >= 16 ? 0xffff : (__mmask16)((1u << (k - i)) - 1);
+        __m512i v = _mm512_cvtps_epi32(_mm512_mul_ps(_mm512_maskz_loadu_ps(mk, x + i), vs));
+        v = _mm512_min_epi32(_mm512_max_epi32(v, lo), hi);
+        vsum = _mm512_add_epi32(vsum, v);
+        _mm_mask_storeu_epi8(q + i, mk, _mm512_cvtepi32_epi8(v));
+    }
+    sa = _mm512_reduce_add_epi32(vsum);
+#elif defined(ISA_AVX2) || defined(ISA_AVXVNNI)
+    const __m256 vs = _mm256_set1_ps(s);
+    const __m256i lo = _mm256_set1_epi32(-128), hi = _mm256_set1_epi32(127);
+    __m256i vsum = _mm256_setzero_si256();
+    for (; i + 8 <= k; i += 8) {
+        __m256i v = _mm256_cvtps_epi32(_mm256_mul_ps(_mm256_loadu_ps(x + i), vs));
+        v = _mm256_min_epi32(_mm256_max_epi32(v, lo), hi);
+        vsum = _mm256_add_epi32(vsum, v);
+        int32_t t[8];
+        _mm256_storeu_si256((__m256i *)t, v);
+        for (int j = 0; j < 8; j++) q[i + j] = (int8_t)t[j];
+    }
+    int32_t t8i[8];
+    _mm256_storeu_si256((__m256i *)t8i, vsum);
+    for (int j = 0; j < 8; j++) sa += t8i[j];
+#endif
+    for (; i < k; i++) {
+        float v = nearbyintf(x[i] * s);
+        v = v < -128.0f ? -128.0f : (v > 127.0f ? 127.0f : v);
+        q[i] = (int8_t)v;
+        sa += (int32_t)v;
+    }
+    for (i = k; i < kp; i++) q[i] = 0;
+    *s_out = s;
+    *sa_out = sa;
+}
+
+/* ------------------------------------------------------------------ ternary x int8 GEMM
+ * Epilogue shared by every path: acc holds sum_k u*a; subtract Σa, then scale like the reference
+ * (`acc.float() * (gamma / s_x)`, fp32, no fused multiply-add).                                  */
+static inline void FN(epilogue)(const bn_gemm *g, int t, int m, const int32_t *acc16) {
+    const int n0 = t * 16;
+    const int nv = g->n - n0 < 16 ? g->n - n0 : 16;
+    const int32_t sa = g->sa[m];
+    if (g->mode == BN_OUT_I32) {
+        int32_t *o = (int32_t *)g->out + (size_t)m * g->ldo + n0;
+        for (int r = 0; r < nv; r++) o[r] = acc16[r] - sa;
+        return;
+    }
+    const float sc = g->tile_gamma[t] / g->sx[m];
+    float *o = (float *)g->out + (size_t)m * g->ldo + n0;
+    if (g->mode == BN_OUT_F32_ADD)
+        for (int r = 0; r < nv; r++) { float y = (float)(acc16[r] - sa) * sc; o[r] = o[r] + y; }
+    else
+        for (int r = 0; r < nv; r++) o[r] = (float)(acc16[r] - sa) * sc;
+}
+
+#if defined(ISA_AVX512)
+INLINE void FN(store_tile)(const bn_gemm *g, int t, int m, __m512i acc) {
+    const int n0 = t * 16, nv = g->n - n0;
+    if (nv < 16) { int32_t tmp[16]; _mm512_storeu_si512(tmp, acc); FN(epilogue)(g, t, m, tmp); return; }
+    acc = _mm512_sub_epi32(acc, _mm512_set1_epi32(g->sa[m]));
+    if (g->mode == BN_OUT_I32) { _mm512_storeu_si512((int32_t *)g->out + (size_t)m * g->ldo + n0, acc); return; }
+    float *o = (float *)g->out + (size_t)m * g->ldo + n0;
+    __m512 y = _mm512_mul_ps(_mm512_cvtepi32_ps(acc), _mm512_set1_ps(g->tile_gamma[t] / g->sx[m]));
+    if (g->mode == BN_OUT_F32_ADD) y = _mm512_add_ps(_mm512_loadu_ps(o), y);
+    _mm512_storeu_ps(o, y);
+}
+
+/* TB tiles x MB tokens; two accumulators per pair (f even / odd) to halve the dependency chains.
+ * int32 lanes cannot overflow: |sum| <= 2 * 128 * Kp < 2^31 for Kp < 2^22.                      */
+INLINE void FN(kblk)(const bn_gemm *g, int t, const int TB, int m, const int MB) {
+    const int ks = g->kp >> 4;
+    const size_t ts = (size_t)ks * 64;
+    const uint8_t *w = g->w + (size_t)t * ts;
+    const int8_t *x = g->xq + (size_t)m * g->kp;
+    const __m512i m3 = _mm512_set1_epi8(3);
+    __m512i acc[4][4], acc2[4][4];
+#pragma GCC unroll 4
+    for (int a = 0; a < TB; a++)
+#pragma GCC unroll 4
+        for (int b = 0; b < MB; b++) { acc[a][b] = _mm512_setzero_si512(); acc2[a][b] = _mm512_setzero_si512(); }
+    for (int s = 0; s < ks; s++) {
+        __m512i u[4][4];
+#pragma GCC unroll 4
+        for (int a = 0; a < TB; a++) {
+            __m512i v = _mm512_loadu_si512(w + a * ts + (size_t)s * 64);
+            u[a][0] = _mm512_and_si512(v, m3);
+            u[a][1] = _mm512_and_si512(_mm512_srli_epi16(v, 2), m3);
+            u[a][2] = _mm512_and_si512(_mm512_srli_epi16(v, 4), m3);
+            u[a][3] = _mm512_and_si512(_mm512_srli_epi16(v, 6), m3);
+        }
+#pragma GCC unroll 4
+        for (int b = 0; b < MB; b++) {
+            const int8_t *xa = x + (size_t)b * g->kp + s * 16;
+            const __m512i b0 = _mm512_set1_epi32(FN(ld32)(xa)), b1 = _mm512_set1_epi32(FN(ld32)(xa + 4));
+            const __m512i b2 = _mm512_set1_epi32(FN(ld32)(xa + 8)), b3 = _mm512_set1_epi32(FN(ld32)(xa + 12));
+#pragma GCC unroll 4
+            for (int a = 0; a < TB; a++) {
+                acc[a][b] = _mm512_dpbusd_epi32(acc[a][b], u[a][0], b0);
+                acc2[a][b] = _mm512_dpbusd_epi32(acc2[a][b], u[a][1], b1);
+                acc[a][b] = _mm512_dpbusd_epi32(acc[a][b], u[a][2], b2);
+                acc2[a][b] = _mm512_dpbusd_epi32(acc2[a][b], u[a][3], b3);
+            }
+        }
+    }
+#pragma GCC unroll 4
+    for (int a = 0; a < TB; a++)
+#pragma GCC unroll 4
+        for (int b = 0; b < MB; b++) FN(store_tile)(g, t + a, m + b, _mm512_add_epi32(acc[a][b], acc2[a][b]));
+}
+
+static void FN(gemm)(const bn_gemm *g, int t0, int t1) {
+    const int M = g->m;
+    int t = t0;
+    if (M == 1) {
+        for (; t + 4 <= t1; t += 4) FN(kblk)(g, t, 4, 0, 1);
+        for (; t < t1; t++) FN(kblk)(g, t, 1, 0, 1);
+        return;
+    }
+    for (; t + 2 <= t1; t += 2) {
+        int m = 0;
+        for (; m + 4 <= M; m += 4) FN(kblk)(g, t, 2, m, 4);
+        for (; m + 2 <= M; m += 2) FN(kblk)(g, t, 2, m, 2);
+        for (; m < M; m++) FN(kblk)(g, t, 2, m, 1);
+    }
+    for (; t < t1; t++) {
+        int m = 0;
+        for (; m + 4 <= M; m += 4) FN(kblk)(g, t, 1, m, 4);
+        for (; m < M; m++) FN(kblk)(g, t, 1, m, 1);
+    }
+}
+
+#elif defined(ISA_AVX2) || defined(ISA_AVXVNNI)
+/* 256-bit paths work on half tiles: bytes [32h, 32h+32) of each 64-byte step hold rows 8h..8h+7.
+ *
+ * AVX2 (vpmaddubsw) int16 bound: u in {0,1,2}, a in [-128,127], so one vpmaddubsw lane
+ * u0*a0 + u1*a1 lies in [-512, 508] (never saturates). One step adds 4 of them (f = 0..3):
+ * [-2048, 2032]. Flushing to int32 (vpmaddwd with ones) every BN_FLUSH = 8 steps keeps every int16
+ * partial sum in [-16384, 16256], inside int16 with room to spare: the int16 adds never wrap.  */
+#define BN_FLUSH 8
+INLINE void FN(store_half)(const bn_gemm *g, int t, int h, int m, __m256i acc, int32_t *tile) {
+    (void)g; (void)t; (void)m;
+    _mm256_storeu_si256((__m256i *)(tile + 8 * h), acc);
+}
+
+INLINE void FN(kblk)(const bn_gemm *g, int t, int m, const int MB) {
+    const int ks = g->kp >> 4;
+    const uint8_t *w = g->w + (size_t)t * ks * 64;
+    const int8_t *x = g->xq + (size_t)m * g->kp;
+    const __m256i m3 = _mm256_set1_epi8(3);
+#if defined(ISA_AVX2)
+    const __m256i ones = _mm256_set1_epi16(1);
+#endif
+    int32_t tile[4][16];
+    for (int h = 0; h < 2; h++) {
+        __m256i acc[4];
+#pragma GCC unroll 4
+        for (int b = 0; b < MB; b++) acc[b] = _mm256_setzero_si256();
+        for (int s0 = 0; s0 < ks; s0 += BN_FLUSH) {
+            const int s1 = s0 + BN_FLUSH < ks ? s0 + BN_FLUSH : ks;
+#if defined(ISA_AVX2)
+            __m256i a16[4];
+#pragma GCC unroll 4
+            for (int b = 0; b < MB; b++) a16[b] = _mm256_setzero_si256();
+#endif
+            for (int s = s0; s < s1; s++) {
+                const __m256i v = _mm256_loadu_si256((const __m256i *)(w + (size_t)s * 64 + 32 * h));
+#pragma GCC unroll 4
+                for (int f = 0; f < 4; f++) {
+                    const __m256i u = _mm256_and_si256(_mm256_srli_epi16(v, 2 * f), m3);
+#pragma GCC unroll 4
+                    for (int b = 0; b < MB; b++) {
+                        const __m256i av = _mm256_set1_epi32(FN(ld32)(x + (size_t)b * g->kp + s * 16 + 4 * f));
+#if defined(ISA_AVX2)
+                        a16[b] = _mm256_add_epi16(a16[b], _mm256_maddubs_epi16(u, av));
+#else
+                        acc[b] = _mm256_dpbusd_avx_epi32(acc[b], u, av);
+#endif
+                    }
+                }
+            }
+#if defined(ISA_AVX2)
+#pragma GCC unroll 4
+            for (int b = 0; b < MB; b++) acc[b] = _mm256_add_epi32(acc[b], _mm256_madd_epi16(a16[b], ones));
+#endif
+        }
+#pragma GCC unroll 4
+        for (int b = 0; b < MB; b++) FN(store_half)(g, t, h, m + b, acc[b], tile[b]);
+    }
+    for (int b = 0; b < MB; b++) FN(epilogue)(g, t, m + b, tile[b]);
+}
+
+static void FN(gemm)(const bn_gemm *g, int t0, int t1) {
+    const int M = g->m;
+    for (int t = t0; t < t1; t++) {
+        int m = 0;
+        for (; m + 4 <= M; m += 4) FN(kblk)(g, t, m, 4);
+        for (; m < M; m++) FN(kblk)(g, t, m, 1);
+    }
+}
+
+#else  /* scalar */
+static void FN(gemm)(const bn_gemm *g, int t0, int t1) {
+    const int ks = g->kp >> 4;
+    for (int t = t0; t < t1; t++) {
+        const uint8_t *w = g->w + (size_t)t * ks * 64;
+        for (int m = 0; m < g->m; m++) {
+            const int8_t *x = g->xq + (size_t)m * g->kp;
+            int32_t acc[16] = {0};
+            for (int s = 0; s < ks; s++) {
+                const uint8_t *ws = w + (size_t)s * 64;
+                const int8_t *xs = x + s * 16;
+                for (int r = 0; r < 16; r++) {
+                    int32_t sum = 0;
+                    for (int j = 0; j < 4; j++) {
+                        const int byte = ws[r * 4 + j];
+                        for (int f = 0; f < 4; f++) sum += ((byte >> (2 * f)) & 3) * xs[4 * f + j];
+                    }
+                    acc[r] += sum;
+                }
+            }
+            FN(epilogue)(g, t, m, acc);
+        }
+    }
+}
+#endif
+
+/* ------------------------------------------------------------------ head: out[m, r] = x[m] . W[r]
+ * fp32 accumulation; bf16 rows widened by a 16-bit shift, int8 rows converted and scaled per row. */
+static inline float FN(dot_row)(const bn_head *h, const float *x, int r) {
+    const int d = h->d;
+    float acc = 0.0f;
+    if (h->kind == BN_W_BF16) {
+        const uint16_t *w = (const uint16_t *)h->w + (size_t)r * d;
+#pragma omp simd reduction(+ : acc)
+        for (int i = 0; i < d; i++) acc += x[i] * bn_bf16_to_f32(w[i]);
+    } else if (h->kind == BN_W_I8) {
+        const int8_t *w = (const int8_t *)h->w + (size_t)r * d;
+#pragma omp simd reduction(+ : acc)
+        for (int i = 0; i < d; i++) acc += x[i] * (float)w[i];
+        acc *= h->row_scale[r];
+    } else {
+        const float *w = (const float *)h->w + (size_t)r * d;
+#pragma omp simd reduction(+ : acc)
+        for (int i = 0; i < d; i++) acc += x[i] * w[i];
+    }
+    return acc;
+}
+
+#if defined(ISA_AVX512)
+INLINE __m512 FN(ldw)(const bn_head *h, int r, int i, __mmask16 mk) {
+    if (h->kind == BN_W_BF16) {
+        const uint16_t *p = (const uint16_t *)h->w + (size_t)r * h->d + i;
+        return _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32(_mm256_maskz_loadu_epi16(mk, p)), 16));
+    }
+    if (h->kind == BN_W_I8) {
+        const int8_t *p = (const int8_t *)h->w + (size_t)r * h->d + i;
+        return _mm512_cvtepi32_ps(_mm512_cvtepi8_epi32(_mm_maskz_loadu_epi8(mk, p)));
+    }
+    return _mm512_maskz_loadu_ps(mk, (const float *)h->w + (size_t)r * h->d + i);
+}
+
+/* 4 rows x up to 4 tokens at a time: each weight vector loaded once serves every token. */
+INLINE void FN(head4)(const bn_head *h, int r, int m, const int MB) {
+    __m512 acc[4][4];
+#pragma GCC unroll 4
+    for (int a = 0; a < 4; a++)
+#pragma GCC unroll 4
+        for (int b = 0; b < MB; b++) acc[a][b] = _mm512_setzero_ps();
+    const int d = h->d;
+    for (int i = 0; i < d; i += 16) {
+        const __mmask16 mk = d - i >= 16 ? 0xffff : (__mmask16)((1u << (d - i)) - 1);
+        __m512 xv[4];
+#pragma GCC unroll 4
+        for (int b = 0; b < MB; b++) xv[b] = _mm512_maskz_loadu_ps(mk, h->x + (size_t)(m + b) * h->ldx + i);
+#pragma GCC unroll 4
+        for (int a = 0; a < 4; a++) {
+            const __m512 wv = FN(ldw)(h, r + a, i, mk);
+#pragma GCC unroll 4
+            for (int b = 0; b < MB; b++) acc[a][b] = _mm512_fmadd_ps(xv[b], wv, acc[a][b]);
+        }
+    }
+    for (int a = 0; a < 4; a++) {
+        const float sc = h->kind == BN_W_I8 ? h->row_scale[r + a] : 1.0f;
+        for (int b = 0; b < MB; b++) {
+            float v = _mm512_reduce_add_ps(acc[a][b]);
+            h->out[(size_t)(m + b) * h->ldo + r + a] = h->kind == BN_W_I8 ? v * sc : v;
+        }
+    }
+}
+
+static void FN(head)(const bn_head *h, int r0, int r1) {
+    int r = r0;
+    for (; r + 4 <= r1; r += 4) {
+        int m = 0;
+        for (; m + 4 <= h->m; m += 4) FN(head4)(h, r, m, 4);
+        for (; m < h->m; m++) FN(head4)(h, r, m, 1);
+    }
+    for (; r < r1; r++)
+        for (int m = 0; m < h->m; m++) h->out[(size_t)m * h->ldo + r] = FN(dot_row)(h, h->x + (size_t)m * h->ldx, r);
+}
+#else
+static void FN(head)(const bn_head *h, int r0, int r1) {
+    for (int r = r0; r < r1; r++)
+        for (int m = 0; m < h->m; m++) h->out[(size_t)m * h->ldo + r] = FN(dot_row)(h, h->x + (size_t)m * h->ldx, r);
+}
+#endif
+
+/* ------------------------------------------------------------------ float helpers */
+/* y = w * (x * rsqrt(mean(x^2) + eps)), fp32 like model.RMSNorm (y may alias x). */
+static void FN(rmsnorm)(const float *x, const float *w, int n, float eps, float *y) {
+    float ss = 0.0f;
+#pragma omp simd reduction(+ : ss)
+    for (int i = 0; i < n; i++) ss += x[i] * x[i];
+    const float r = 1.0f / sqrtf(ss / (float)n + eps);
+#pragma omp simd
+    for (int i = 0; i < n; i++) y[i] = w[i] * (x[i] * r);
+}
+
+/* Causal attention of one (token, head) per item over cache slots 0..pos of the token's row. */
+static void FN(attention)(const bn_attn *a, int i0, int i1, int tid) {
+    float *sc = a->scratch + (size_t)tid * a->S;
+    const int hd = a->hd, rep = a->H / a->Hkv;
+    for (int it = i0; it < i1; it++) {
+        const int m = it / a->H, h = it % a->H, g = h / rep;
+        const int p = a->pos[m];
+        const size_t base = ((size_t)a->row[m] * a->Hkv + g) * (size_t)a->S * hd;
+        const float *q = a->q + (size_t)m * a->ldq + (size_t)h * hd;
+        float mx = -INFINITY;
+        for (int j = 0; j <= p; j++) {
+            float dot = 0.0f;
+            if (a->kv_bf16) {
+                const uint16_t *k = (const uint16_t *)a->kc + base + (size_t)j * hd;
+#pragma omp simd reduction(+ : dot)
+                for (int d = 0; d < hd; d++) dot += q[d] * bn_bf16_to_f32(k[d]);
+            } else {
+                const float *k = (const float *)a->kc + base + (size_t)j * hd;
+#pragma omp simd reduction(+ : dot)
+                for (int d = 0; d < hd; d++) dot += q[d] * k[d];
+            }
+            sc[j] = dot * a->scale;
+            mx = sc[j] > mx ? sc[j] : mx;
+        }
+        float sum = 0.0f;
+        for (int j = 0; j <= p; j++) { sc[j] = expf(sc[j] - mx); sum += sc[j]; }
+        const float inv = 1.0f / sum;
+        float *o = a->out + (size_t)m * a->ldo + (size_t)h * hd;
+        for (int d = 0; d < hd; d++) o[d] = 0.0f;
+        for (int j = 0; j <= p; j++) {
+            const float pj = sc[j] * inv;
+            if (a->kv_bf16) {
+                const uint16_t *v = (const uint16_t *)a->vc + base + (size_t)j * hd;
+#pragma omp simd
+                for (int d = 0; d < hd; d++) o[d] += pj * bn_bf16_to_f32(v[d]);
+            } else {
+                const float *v = (const float *)a->vc + base + (size_t)j * hd;
+#pragma omp simd
+                for (int d = 0; d < hd; d++) o[d] += pj * v[d];
+            }
+        }
+    }
+}
+
+/* Read n bytes as fast as possible (the bandwidth floor); returns a value so nothing is elided. */
+static uint64_t FN(stream_read)(const uint8_t *p, size_t n) {
+#if defined(ISA_AVX512)
+    __m512i a0 = _mm512_setzero_si512(), a1 = a0, a2 = a0, a3 = a0;
+    size_t i = 0;
+    for (; i + 256 <= n; i += 256) {
+        a0 = _mm512_xor_si512(a0, _mm512_loadu_si512(p + i));
+        a1 = _mm512_xor_si512(a1, _mm512_loadu_si512(p + i + 64));
+        a2 = _mm512_xor_si512(a2, _mm512_loadu_si512(p + i + 128));
+        a3 = _mm512_xor_si512(a3, _mm512_loadu_si512(p + i + 192));
+    }
+    a0 = _mm512_xor_si512(_mm512_xor_si512(a0, a1), _mm512_xor_si512(a2, a3));
+    return (uint64_t)_mm512_reduce_add_epi64(a0);
+#else
+    uint64_t acc = 0;
+    const size_t n8 = n / 8;
+#pragma omp simd reduction(^ : acc)
+    for (size_t i = 0; i < n8; i++) { uint64_t v; memcpy(&v, p + 8 * i, 8); acc ^= v; }
+    return acc;
+#endif
+}
+
+const bn_ops BN_CAT(bn_ops, ISA_NAME) = {
+    .name = BN_STR(ISA_NAME),
+    .act_quant = FN(act_quant),
+    .gemm = FN(gemm),
+    .head = FN(head),
+    .rmsnorm = FN(rmsnorm),
+    .attention = FN(attention),
+    .stream_read = FN(stream_read),
+};
