@@ -83,3 +83,13 @@ def test_head_types_dequantize_with_gguf_package():
         assert rel <= tol, (kind, rel)
     with pytest.raises(ValueError, match="multiple of 256"):
         headquant.quantize_float(x[:, :96], "q6_k")
+
+
+def test_numpy_hf_packing_matches_reference():
+    import torch
+
+    from bitnet158 import quant
+    from bitnet158.convert.gguf_import import pack_hf_np
+
+    w = _ternary(12, 40, seed=4)
+    assert np.array_equal(pack_hf_np(w), quant.pack_hf(torch.from_numpy(w)).numpy())

@@ -221,8 +221,6 @@ class GGUFModel:
 
     def state(self, dtype: torch.dtype = torch.float32) -> dict[str, torch.Tensor]:
         """The state dict of ``Transformer(self.config, packed=True)``."""
-        from .. import quant
-
         cfg = self.config
         d, v = cfg.hidden_size, cfg.vocab_size
         sd = {"model.embed_tokens.weight": _torch(self.floats(names.EMBED, (v, d)), dtype),
@@ -238,7 +236,7 @@ class GGUFModel:
                 sd[p + norm + ".weight"] = _torch(self.floats(names.norm_name(i, norm), (sizes[norm],)), dtype)
             for proj in PROJECTIONS:
                 w, gamma = self.ternary(i, proj)
-                sd[p + proj + ".weight"] = quant.pack_hf(torch.from_numpy(w))
+                sd[p + proj + ".weight"] = torch.from_numpy(pack_hf_np(w))
                 sd[p + proj + ".weight_scale"] = torch.tensor([gamma], dtype=torch.float32)
         return sd
 
@@ -257,6 +255,15 @@ class GGUFModel:
             raise CheckpointError(self._err(f"unexpected tensor(s) {', '.join(extra[:5])}"
                                             f"{' ...' if len(extra) > 5 else ''} for a "
                                             f"{cfg.num_hidden_layers}-layer BitNet model"))
+
+
+def pack_hf_np(w: np.ndarray) -> np.ndarray:
+    """Ternary int8 [out, in] (checked) -> uint8 [out/4, in] in the Hugging Face block layout of
+    ``quant.pack_hf`` (field k of row r = row k*R + r, stored w + 1), in numpy: ~30x faster."""
+    out = w.shape[0]
+    u = (w.astype(np.int8) + np.int8(1)).view(np.uint8).reshape(4, out // 4, *w.shape[1:])
+    return u[0] | (u[1] << 2) | (u[2] << 4) | (u[3] << 6)
+
 
 
 def _f32(v) -> float:

@@ -133,8 +133,10 @@ def nbytes(kind: str, rows: int, k: int) -> int:
 def tensor_scale(w: np.ndarray, d: np.ndarray, what: str) -> float:
     """The one per-tensor multiplier of unpacked blocks: every block holding a nonzero weight must
     carry the same d (blocks of zeros may carry any d, e.g. 0 from an absmax quantizer)."""
-    blocks = w.reshape(-1, QK_K)
-    used = np.any(blocks != 0, axis=1)
+    ds = np.unique(d.reshape(-1))
+    if ds.size == 1 and ds[0] != 0:
+        return float(ds[0])                              # the common case: one d everywhere
+    used = np.any(w.reshape(-1, QK_K) != 0, axis=1)
     ds = np.unique(d.reshape(-1)[used].astype(np.float32))
     if ds.size == 0:
         return 0.0
