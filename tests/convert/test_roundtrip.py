@@ -1,7 +1,6 @@
 """HF folder -> GGUF -> bitnet158: identical ternary weights, scales and logits for every type;
 the gguf package's reader sees llama.cpp's names, types, shapes and keys; the CLI both ways."""
 
-import numpy as np
 import pytest
 import torch
 from gguf import GGMLQuantizationType as T

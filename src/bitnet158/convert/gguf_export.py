@@ -32,7 +32,7 @@ from typing import Callable
 import gguf
 import numpy as np
 from gguf import GGMLQuantizationType as T
-from gguf import GGUFValueType, Keys
+from gguf import GGUFValueType
 
 from ..config import ModelConfig
 from ..errors import CheckpointError, ConfigError
@@ -385,4 +385,4 @@ def write_random_gguf(out: str | os.PathLike, cfg: str | ModelConfig = "2b4t", w
 
 
 __all__ = ["export_gguf", "write_random_gguf", "write_gguf", "ModelSource", "RandomSource", "plans",
-           "Plan", "Keys"]
+           "Plan"]
