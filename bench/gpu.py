@@ -79,6 +79,8 @@ def prefill_ms(runner, T=2048) -> float:
 
 def gemv_table(res: dict, sweep: dict | None = None):
     """Decode projections at M=1: W2A8 kernel vs bf16 F.linear, in microseconds and GB/s."""
+    import triton
+
     from bitnet158 import quant
     from bitnet158.kernels.triton.w2a8 import w2a8_linear
     shapes = {"qkv": ((640, 160, 160), 2560), "o": ((640,), 2560), "gu": ((1728, 1728), 2560),
@@ -117,21 +119,71 @@ def gemv_table(res: dict, sweep: dict | None = None):
             res[f"gemv_{name}_{key}_us"] = round(us, 2)
             res[f"gemv_{name}_{key}_gb_s"] = round(nbytes / (us * 1e-6) / 1e9, 1)
         if sweep is not None:          # other block shapes of the dp4a GEMV
-            for br in (8, 16, 32):
-                for bk4 in (32, 64, 128):
-                    for sk in (1, 2, 4, 8):
-                        if sk * bk4 > K // 4 or (R // br) * sk > 1200:
+            k4p = triton.next_power_of_2(K // 4)
+            for br in (2, 4, 8, 16):
+                for bk4 in (256, 512, k4p):
+                    for nw in (4, 8):
+                        if bk4 > k4p or br * bk4 > 16384:
                             continue
-                        cfg = dict(kind="gemv", BR=br, BK4=bk4, SPLIT_K=sk, num_warps=4)
+                        cfg = dict(kind="gemv", BR=br, BK4=bk4, MB=1, num_warps=nw)
 
                         def w3(cfg=cfg):
                             i[0] = (i[0] + 1) % n_copies
                             w2a8_linear(xq, s, ws[i[0]], g, segs, out=out, config=cfg)
                         try:
-                            sweep[f"{name}_br{br}_bk{bk4}_sk{sk}"] = round(graph_us(w3), 2)
+                            sweep[f"{name}_br{br}_bk{bk4}_w{nw}"] = round(graph_us(w3), 2)
                         except Exception as e:
-                            sweep[f"{name}_br{br}_bk{bk4}_sk{sk}"] = repr(e)[:100]
+                            sweep[f"{name}_br{br}_bk{bk4}_w{nw}"] = repr(e)[:100]
         del ws, wd
+
+
+def profile_decode(model, path, batch=1, ctx=1024):
+    """Kernel table (CUDA time per kernel) of eager decode steps, to see where a step goes."""
+    from torch.profiler import ProfilerActivity, profile
+
+    from bitnet158.kernels.triton.runner import TritonRunner
+    r = TritonRunner(model, batch=batch, max_len=ctx + 64, graphs=False)
+    tok = torch.randint(0, r.vocab_size, (batch,), device="cuda")
+    pos = torch.full((batch,), ctx - 1, device="cuda")
+    for _ in range(2):
+        r.decode(tok, pos)
+    torch.cuda.synchronize()
+    with profile(activities=[ProfilerActivity.CUDA]) as prof:
+        for _ in range(5):
+            r.decode(tok, pos)
+        torch.cuda.synchronize()
+    table = prof.key_averages().table(sort_by="cuda_time_total", row_limit=25)
+    with open(path, "a") as f:
+        f.write(f"decode batch {batch} ctx {ctx}, 5 steps\n{table}\n")
+    del r
+
+
+def dot_sweep(sweep: dict):
+    """Tensor-core W2A8 kernel block shapes at M = 64 and 2048 (gate|up shape), vs the int8 cuBLAS path."""
+    from bitnet158.kernels.triton.w2a8 import w2a8_linear
+    segs, K = (1728, 1728), 2560
+    R = sum(segs)
+    w = torch.randint(0, 256, (R, K), dtype=torch.uint8, device="cuda") & 0x55
+    g = torch.ones(2, device="cuda")
+    for M in (64, 2048):
+        xq = torch.randint(-127, 128, (M, K), dtype=torch.int8, device="cuda")
+        s = torch.rand(M, device="cuda") + 1
+        out = torch.empty(M, 4 * R, dtype=torch.bfloat16, device="cuda")
+        cands = [dict(kind="intmm")]
+        for bm in ((16, 32, 64) if M == 64 else (64, 128, 256)):
+            for br, bk in ((32, 128), (64, 128), (64, 64), (128, 64), (32, 256)):
+                for nw in (4, 8):
+                    for sk in ((1, 2) if M == 64 else (1,)):
+                        cands.append(dict(kind="dot", BM=bm, BR=br, BK=bk, SPLIT_K=sk, num_warps=nw, num_stages=3))
+        for cfg in cands:
+            key = f"dot_M{M}_" + "_".join(f"{k}{v}" for k, v in cfg.items() if k != "kind") if cfg["kind"] == "dot" \
+                else f"intmm_M{M}"
+            try:
+                f = lambda cfg=cfg: w2a8_linear(xq, s, w, g, segs, out=out, config=dict(cfg))  # noqa: E731
+                f()
+                sweep[key] = round(events_ms(f, 5) * 1e3, 1)
+            except Exception as e:
+                sweep[key] = repr(e)[:80]
 
 
 def main(argv=None) -> int:
@@ -139,6 +191,7 @@ def main(argv=None) -> int:
     ap.add_argument("--out", default=None, help="write the JSON result here")
     ap.add_argument("--quick", action="store_true", help="fewer cases (smoke run)")
     ap.add_argument("--sweep", default=None, help="also time GEMV block shapes; write them here")
+    ap.add_argument("--profile", default=None, help="write a per-kernel profile of decode steps here")
     args = ap.parse_args(argv)
     if not torch.cuda.is_available():
         print("bench/gpu.py needs a CUDA device", file=sys.stderr)
@@ -162,6 +215,12 @@ def main(argv=None) -> int:
     model = random_packed_model("2b4t", seed=0, dtype=torch.bfloat16, device="cuda")
     cfg = model.config
     res["model_build_s"] = round(time.time() - t0, 1)
+    if args.profile:
+        for b in (1, 64):
+            try:
+                profile_decode(model, args.profile, batch=b)
+            except Exception as e:
+                print("profile failed:", repr(e)[:300])
     kv_tok = 2 * cfg.num_hidden_layers * cfg.num_key_value_heads * cfg.head_dim * 2    # bytes / position
     ctxs = [128, 1024, 4096] if not args.quick else [1024]
     for mode in ("w2a8", "bf16"):
@@ -182,6 +241,11 @@ def main(argv=None) -> int:
             print(f"[{mode}] decode b1 ctx {ctx}: {ms:.3f} ms", flush=True)
             save()
         res[f"prefill2048_{mode}_ms"] = round(prefill_ms(r), 2)
+        if mode == "w2a8":            # the same prefill on the Triton tensor-core kernel alone
+            from bitnet158.kernels.triton import w2a8 as _w
+            keep, _w.INTMM_MIN_M = _w.INTMM_MIN_M, 1 << 30
+            res["prefill2048_w2a8_triton_dot_ms"] = round(prefill_ms(r), 2)
+            _w.INTMM_MIN_M = keep
         print(f"[{mode}] prefill 2048: {res[f'prefill2048_{mode}_ms']} ms", flush=True)
         res[f"peak_mem_b1_{mode}_gb"] = round(torch.cuda.max_memory_allocated() / 1e9, 3)
         del r
@@ -207,6 +271,11 @@ def main(argv=None) -> int:
         res["decode_b1_ctx1024_w2a8_tok_s"] = round(1e3 / res["decode_b1_ctx1024_w2a8_ms"], 1)
     save()
     sweep = {} if args.sweep else None
+    if sweep is not None:
+        try:
+            dot_sweep(sweep)
+        except Exception as e:
+            sweep["dot_error"] = repr(e)[:200]
     try:
         gemv_table(res, sweep)
     except Exception as e:  # the table is extra; keep the main numbers

@@ -47,9 +47,10 @@ def _reference(x_q, s, w_ts, gammas, dtype):
 CASES = [  # (M, segments (packed rows each), K, config or None); split-K cases stay small
     (1, (6,), 36, None),
     (3, (10, 2, 4), 68, None),
-    (1, (5, 3), 68, dict(kind="gemv", BR=8, BK4=4, SPLIT_K=2, num_warps=4)),
-    (5, (16,), 132, None),
+    (2, (5, 3), 68, dict(kind="gemv", BR=4, BK4=4, MB=1, num_warps=4)),     # K in 5 tiles
+    (5, (16,), 132, dict(kind="gemv", BR=8, BK4=16, MB=2, num_warps=4)),    # 2 rows a program
     (6, (4, 4), 100, dict(kind="dot", BM=16, BR=16, BK=32, SPLIT_K=3, num_warps=4, num_stages=2)),
+    (20, (4, 2), 64, None),                                                  # dot, split-K
     (37, (3, 5, 9), 96, None),
 ]
 
@@ -166,7 +167,7 @@ def test_decode_attention(dtype):
     pos = torch.tensor([0, 17, 39], dtype=torch.int32)
     norm = RMSNorm(H * D, 1e-5).to(dtype)
     ref = _attn_reference(qkv, kc.clone(), vc.clone(), pos, cos_t, sin_t, H, HKV, D, norm)
-    att = DecodeAttention(H, HKV, D, B, S, DEV, chunk=16, block_n=8)
+    att = DecodeAttention(H, HKV, D, B, S, DEV, chunk=16, block_n=16)
     kd, vd = kc.clone().to(DEV), vc.clone().to(DEV)
     rows = torch.arange(B, dtype=torch.int32, device=DEV)
     y = att(qkv.to(DEV), kd, vd, rows, pos.to(DEV), cos_t.to(DEV), sin_t.to(DEV), norm.weight.to(DEV),
@@ -184,7 +185,7 @@ def test_decode_attention(dtype):
 
 @pytest.mark.cuda
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
-@pytest.mark.parametrize("M", [1, 3, 8, 64, 300])
+@pytest.mark.parametrize("M", [1, 3, 8, 9, 64, 300, 2048])
 @pytest.mark.parametrize("segs,K", [((640, 160, 160), 2560), ((640,), 2560), ((1728, 1728), 2560),
                                     ((640,), 6912)])
 def test_w2a8_2b4t_shapes_exact(M, segs, K):
@@ -198,3 +199,26 @@ def test_w2a8_2b4t_shapes_exact(M, segs, K):
     assert torch.equal(y_int.cpu().to(torch.int32), acc)
     y = w2a8.w2a8_linear(x_q.cuda(), s.cuda(), w.cuda(), g.cuda(), segs, out_dtype=torch.bfloat16)
     assert torch.equal(y.cpu(), ref)
+    if M > 8:   # the Triton tensor-core kernel too, whatever the default picks at this M
+        cfg = w2a8.pick_config(min(M, 64), sum(segs), K) if M <= 64 else dict(
+            kind="dot", BM=128, BR=64, BK=128, SPLIT_K=1, num_warps=8, num_stages=3)
+        y = w2a8.w2a8_linear(x_q.cuda(), s.cuda(), w.cuda(), g.cuda(), segs, out_dtype=torch.bfloat16,
+                             config=cfg)
+        assert torch.equal(y.cpu(), ref)
+
+
+def test_unpack_and_scale_kernels_exact():
+    """The pieces of the large-M path (int8 unpack in output order, per-segment scaling)."""
+    gen = torch.Generator().manual_seed(5)
+    segs, K, M = (3, 2, 1), 40, 7
+    w, g, w_ts = _segmented(segs, K, gen)
+    R = sum(segs)
+    w8 = torch.empty(4 * R, K, dtype=torch.int8, device=DEV)
+    w2a8._unpack_int8[(2, 1)](w.to(DEV), w8, K, R, 3, 5, BR=4, BK=64)
+    assert torch.equal(w8.cpu(), torch.cat(w_ts))
+    x_q, s = quant.act_quant(torch.randn(M, K, generator=gen))
+    acc, ref = _reference(x_q, s, w_ts, g, torch.bfloat16)
+    out = torch.empty(M, 4 * R, dtype=torch.bfloat16, device=DEV)
+    w2a8._scale_rows[(1, 1)](acc.to(DEV), s.reshape(-1).to(DEV), g.to(DEV), out, M, 4 * R, 12, 20,
+                             out.stride(0), BM=8, BN=32, INTERP=common.INTERPRET)
+    assert torch.equal(out.cpu(), ref)

@@ -22,7 +22,9 @@ import torch
 import triton
 import triton.language as tl
 
-from .common import INTERPRET, cast, rint, rnd
+from .common import INTERPRET, PDL, cast, gdc_launch_dependents, gdc_wait, rint, rnd
+
+_pdl = dict(launch_pdl=True) if PDL else {}
 
 
 @triton.jit
@@ -53,7 +55,10 @@ def _attn_partial(qkv_ptr, stride_qkv, kc_ptr, vc_ptr, sc_b, sc_h, sc_s, rows_pt
                   cos_ptr, sin_ptr, po_ptr, pml_ptr, scale,
                   H: tl.constexpr, HKV: tl.constexpr, D: tl.constexpr, GROUP: tl.constexpr,
                   GP: tl.constexpr, CHUNK: tl.constexpr, BLOCK_N: tl.constexpr, NCH: tl.constexpr,
-                  IEEE: tl.constexpr, INTERP: tl.constexpr):
+                  IEEE: tl.constexpr, PDL: tl.constexpr, INTERP: tl.constexpr):
+    if PDL:
+        gdc_launch_dependents()
+        gdc_wait()
     pid = tl.program_id(0)
     c = tl.program_id(1)
     b = pid // HKV
@@ -84,19 +89,20 @@ def _attn_partial(qkv_ptr, stride_qkv, kc_ptr, vc_ptr, sc_b, sc_h, sc_s, rows_pt
         l_i = tl.zeros((GP,), tl.float32)
         acc = tl.zeros((GP, D), tl.float32)
         for it in range(0, CHUNK // BLOCK_N):
-            n = start + it * BLOCK_N + tl.arange(0, BLOCK_N)
-            valid = n <= pos
-            k = tl.load(kbase + n[:, None] * sc_s + d[None, :], mask=valid[:, None], other=0.0)
-            v = tl.load(vbase + n[:, None] * sc_s + d[None, :], mask=valid[:, None], other=0.0)
-            s = _mm(qd, tl.trans(k), IEEE or INTERP)
-            s = tl.where(valid[None, :], s * scale, -float("inf"))                  # [GP, BLOCK_N]
-            m_new = tl.maximum(m_i, tl.max(s, axis=1))
-            alpha = tl.exp(m_i - m_new)
-            p = tl.exp(s - m_new[:, None])
-            l_i = l_i * alpha + tl.sum(p, axis=1)
-            pv = _mm(cast(p, dt, INTERP), v, IEEE or INTERP)
-            acc = acc * alpha[:, None] + pv
-            m_i = m_new
+            if start + it * BLOCK_N <= pos:                     # only the tiles up to pos
+                n = start + it * BLOCK_N + tl.arange(0, BLOCK_N)
+                valid = n <= pos
+                k = tl.load(kbase + n[:, None] * sc_s + d[None, :], mask=valid[:, None], other=0.0)
+                v = tl.load(vbase + n[:, None] * sc_s + d[None, :], mask=valid[:, None], other=0.0)
+                s = _mm(qd, tl.trans(k), IEEE or INTERP)
+                s = tl.where(valid[None, :], s * scale, -float("inf"))              # [GP, BLOCK_N]
+                m_new = tl.maximum(m_i, tl.max(s, axis=1))
+                alpha = tl.exp(m_i - m_new)
+                p = tl.exp(s - m_new[:, None])
+                l_i = l_i * alpha + tl.sum(p, axis=1)
+                pv = _mm(cast(p, dt, INTERP), v, IEEE or INTERP)
+                acc = acc * alpha[:, None] + pv
+                m_i = m_new
         o = acc / l_i[:, None]
         hb = (b * H + heads) * NCH + c                                                # [GP]
         tl.store(po_ptr + hb[:, None] * D + d[None, :], o, mask=hmask[:, None])
@@ -107,7 +113,11 @@ def _attn_partial(qkv_ptr, stride_qkv, kc_ptr, vc_ptr, sc_b, sc_h, sc_s, rows_pt
 @triton.jit
 def _attn_combine(po_ptr, pml_ptr, pos_ptr, w_ptr, y_ptr, q_ptr, s_ptr, stride_y, stride_q, eps,
                   H: tl.constexpr, HP: tl.constexpr, D: tl.constexpr, CHUNK: tl.constexpr,
-                  NCH: tl.constexpr, NCHP: tl.constexpr, QUANT: tl.constexpr, INTERP: tl.constexpr):
+                  NCH: tl.constexpr, NCHP: tl.constexpr, QUANT: tl.constexpr, PDL: tl.constexpr,
+                  INTERP: tl.constexpr):
+    if PDL:
+        gdc_launch_dependents()
+        gdc_wait()
     b = tl.program_id(0)
     pos = tl.load(pos_ptr + b)
     nch = pos // CHUNK + 1
@@ -124,10 +134,11 @@ def _attn_combine(po_ptr, pml_ptr, pos_ptr, w_ptr, y_ptr, q_ptr, s_ptr, stride_y
     tot = tl.where(hmask, tl.sum(wgt, axis=1), 1.0)
     acc = tl.zeros((HP, D), tl.float32)
     for c in range(0, NCH):
-        wc = tl.sum(tl.where(cs[None, :] == c, wgt, 0.0), axis=1)                     # [HP]
-        o = tl.load(po_ptr + ((b * H + hs[:, None]) * NCH + c) * D + d[None, :],
-                    mask=hmask[:, None] & (c < nch), other=0.0)
-        acc += wc[:, None] * o
+        if c < nch:                                                                   # chunks up to pos
+            wc = tl.sum(tl.where(cs[None, :] == c, wgt, 0.0), axis=1)                 # [HP]
+            o = tl.load(po_ptr + ((b * H + hs[:, None]) * NCH + c) * D + d[None, :],
+                        mask=hmask[:, None], other=0.0)
+            acc += wc[:, None] * o
     dt = w_ptr.dtype.element_ty
     o = rnd(acc / tot[:, None], dt, INTERP)                                           # SDPA output
     o = tl.where(hmask[:, None], o, 0.0)
@@ -149,17 +160,20 @@ def _attn_combine(po_ptr, pml_ptr, pos_ptr, w_ptr, y_ptr, q_ptr, s_ptr, stride_y
 class DecodeAttention:
     """Buffers and launch parameters for one model shape, batch and cache length.
 
-    ``CHUNK`` cache slots per program: 256 keeps ~5 * ceil(pos/256) programs busy per row.
+    ``CHUNK`` cache slots per program (64..256, ~32 chunks per cache): Hkv * ceil((pos+1)/CHUNK)
+    programs per row, each reading only the tiles up to ``pos``.
     """
 
     def __init__(self, n_heads: int, n_kv: int, head_dim: int, batch: int, max_len: int, device,
-                 chunk: int = 256, block_n: int = 64):
+                 chunk: int | None = None, block_n: int = 64):
         if head_dim & (head_dim - 1):
             raise ValueError(f"decode attention: head_dim={head_dim} must be a power of two")
         self.H, self.HKV, self.D = n_heads, n_kv, head_dim
         self.group = n_heads // n_kv
-        self.chunk = min(chunk, triton.next_power_of_2(max_len))
-        self.block_n = min(block_n, self.chunk)
+        if chunk is None:   # ~32 chunks over the cache, 64..256 slots each
+            chunk = min(256, max(64, triton.next_power_of_2(triton.cdiv(max_len, 32))))
+        self.chunk = max(16, min(chunk, triton.next_power_of_2(max_len)))
+        self.block_n = max(16, min(block_n, self.chunk))      # tl.dot needs K >= 16
         self.nch = triton.cdiv(max_len, self.chunk)
         self.po = torch.empty((batch, n_heads, self.nch, head_dim), dtype=torch.float32, device=device)
         self.pml = torch.empty((batch, n_heads, self.nch, 2), dtype=torch.float32, device=device)
@@ -181,8 +195,8 @@ class DecodeAttention:
             qkv, qkv.stride(0), k_cache, v_cache, k_cache.stride(0), k_cache.stride(1),
             k_cache.stride(2), rows, pos, cos, sin, self.po, self.pml, self.D ** -0.5,
             H=self.H, HKV=self.HKV, D=self.D, GROUP=self.group, GP=max(16, triton.next_power_of_2(self.group)),
-            CHUNK=self.chunk, BLOCK_N=self.block_n, NCH=self.nch, IEEE=ieee, INTERP=INTERPRET,
-            num_warps=4)
+            CHUNK=self.chunk, BLOCK_N=self.block_n, NCH=self.nch, IEEE=ieee, PDL=PDL, INTERP=INTERPRET,
+            num_warps=4, **_pdl)
         if quant:
             q_out = q_out if q_out is not None else torch.empty((B, HD), dtype=torch.int8, device=qkv.device)
             s_out = s_out if s_out is not None else torch.empty((B,), dtype=torch.float32, device=qkv.device)
@@ -193,5 +207,6 @@ class DecodeAttention:
         _attn_combine[(B,)](
             self.po, self.pml, pos, norm_weight, y_out, q_out, s_out, y_out.stride(0), q_out.stride(0), eps,
             H=self.H, HP=triton.next_power_of_2(self.H), D=self.D, CHUNK=self.chunk, NCH=self.nch,
-            NCHP=triton.next_power_of_2(self.nch), QUANT=quant, INTERP=INTERPRET, num_warps=8)
+            NCHP=triton.next_power_of_2(self.nch), QUANT=quant, PDL=PDL, INTERP=INTERPRET, num_warps=8,
+            **_pdl)
         return (q_out, s_out) if quant else y_out

@@ -18,6 +18,35 @@ import triton.language as tl
 
 INTERPRET = os.environ.get("TRITON_INTERPRET", "0") == "1"
 
+
+def _pdl_supported() -> bool:
+    """Programmatic dependent launch: Hopper or newer, compiled kernels, not switched off."""
+    if INTERPRET or os.environ.get("BITNET158_PDL", "1") == "0":
+        return False
+    try:
+        import torch
+        return torch.cuda.is_available() and torch.cuda.get_device_capability()[0] >= 9
+    except Exception:  # pragma: no cover
+        return False
+
+
+# Kernels launched with PDL start while the previous kernel drains; each calls ``gdc_wait`` before
+# touching anything an earlier kernel wrote (loads of weights may come first).
+PDL = _pdl_supported()
+
+try:
+    from triton.language.extra.cuda import gdc_launch_dependents, gdc_wait
+except ImportError:  # pragma: no cover - Triton without grid dependency control
+    PDL = False
+
+    @triton.jit
+    def gdc_wait():
+        pass
+
+    @triton.jit
+    def gdc_launch_dependents():
+        pass
+
 try:
     from triton.language.extra import libdevice
 except ImportError:  # pragma: no cover - very old Triton

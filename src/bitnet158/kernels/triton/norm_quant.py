@@ -20,7 +20,7 @@ import torch
 import triton
 import triton.language as tl
 
-from .common import INTERPRET, cast, rint, rnd
+from .common import INTERPRET, PDL, cast, gdc_launch_dependents, gdc_wait, rint, rnd
 
 
 @triton.jit
@@ -37,11 +37,17 @@ def _quant_store(y, mask, q_ptr, s_ptr, row, stride_q, offs, INTERP: tl.constexp
 def _norm_quant_kernel(x_ptr, d_ptr, h_ptr, w_ptr, y_ptr, q_ptr, s_ptr,
                        D, stride_x, stride_d, stride_h, stride_y, stride_q, eps,
                        MODE: tl.constexpr, BLOCK: tl.constexpr, NORM: tl.constexpr,
-                       STORE_Y: tl.constexpr, QUANT: tl.constexpr, INTERP: tl.constexpr):
+                       STORE_Y: tl.constexpr, QUANT: tl.constexpr, PDL: tl.constexpr,
+                       INTERP: tl.constexpr):
     row = tl.program_id(0)
     offs = tl.arange(0, BLOCK)
     mask = offs < D
     dt = h_ptr.dtype.element_ty
+    if NORM:
+        w = tl.load(w_ptr + offs, mask=mask, other=0.0).to(tl.float32)   # before the wait: a weight
+    if PDL:
+        gdc_launch_dependents()
+        gdc_wait()
     if MODE == 2:  # fused gate/up row [g | u] of width 2D
         g = tl.load(x_ptr + row * stride_x + offs, mask=mask, other=0.0).to(tl.float32)
         u = tl.load(x_ptr + row * stride_x + D + offs, mask=mask, other=0.0).to(tl.float32)
@@ -57,7 +63,6 @@ def _norm_quant_kernel(x_ptr, d_ptr, h_ptr, w_ptr, y_ptr, q_ptr, s_ptr,
     if NORM:
         var = tl.sum(hf * hf, axis=0) / D
         r = tl.math.div_rn(1.0, tl.sqrt_rn(var + eps))
-        w = tl.load(w_ptr + offs, mask=mask, other=0.0).to(tl.float32)
         y = rnd(w * rnd(hf * r, dt, INTERP), dt, INTERP)
     else:
         y = hf
@@ -65,6 +70,9 @@ def _norm_quant_kernel(x_ptr, d_ptr, h_ptr, w_ptr, y_ptr, q_ptr, s_ptr,
         tl.store(y_ptr + row * stride_y + offs, cast(y, y_ptr.dtype.element_ty, INTERP), mask=mask)
     if QUANT:
         _quant_store(y, mask, q_ptr, s_ptr, row, stride_q, offs, INTERP)
+
+
+_pdl = dict(launch_pdl=True) if PDL else {}
 
 
 def _warps(block: int) -> int:
@@ -102,8 +110,8 @@ def norm_quant(x: torch.Tensor, weight: torch.Tensor | None, eps: float = 1e-5, 
     block = triton.next_power_of_2(D)
     _norm_quant_kernel[(M,)](x, d, h, w, y, q, s, D, x.stride(0), d.stride(0), h.stride(0),
                              y.stride(0), q.stride(0), eps, MODE=mode, BLOCK=block,
-                             NORM=weight is not None, STORE_Y=not quant, QUANT=quant,
-                             INTERP=INTERPRET, num_warps=_warps(block))
+                             NORM=weight is not None, STORE_Y=not quant, QUANT=quant, PDL=PDL,
+                             INTERP=INTERPRET, num_warps=_warps(block), **_pdl)
     return (q_out, s_out) if quant else y_out
 
 

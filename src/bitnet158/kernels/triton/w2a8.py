@@ -28,7 +28,7 @@ import torch
 import triton
 import triton.language as tl
 
-from .common import INTERPRET, cast
+from .common import INTERPRET, PDL, cast, gdc_launch_dependents, gdc_wait
 
 
 @triton.jit
@@ -113,52 +113,72 @@ def _finish(acc0, acc1, acc2, acc3, ms, rows, M, P1, P2, R_total, sx_ptr, g_ptr,
 
 
 @triton.jit
-def _gemv_dp4a(x_ptr, sx_ptr, w_ptr, g_ptr, out_ptr, ws_ptr, cnt_ptr,
-               M, K4, R_total, P1, P2, stride_xm, stride_om, K4_PER_SPLIT,
-               BR: tl.constexpr, BK4: tl.constexpr, SPLIT_K: tl.constexpr, ITERS: tl.constexpr,
-               INTERP: tl.constexpr):
-    """One activation row (program axis 1), BR packed rows, K4_PER_SPLIT int32 columns of K."""
+def _gemv_field(w, x, k: tl.constexpr, INTERP: tl.constexpr):
+    """sum over K of field k of packed int32 weights w [BR, BK4] times int8x4 x [BK4] -> int32 [BR]."""
+    u = (w >> (2 * k)) & 0x03030303
+    return tl.sum(_dp4a(u, x[None, :], tl.zeros_like(w), INTERP), axis=1)
+
+
+@triton.jit
+def _gemv_dp4a(x_ptr, sx_ptr, w_ptr, g_ptr, out_ptr, M, K4, R_total, P1, P2, stride_xm, stride_om,
+               BR: tl.constexpr, BK4: tl.constexpr, ITERS: tl.constexpr, MB: tl.constexpr,
+               PDL: tl.constexpr, INTERP: tl.constexpr):
+    """BR packed rows (4*BR outputs) for MB activation rows; K in ITERS tiles of BK4 int32.
+
+    The first weight tile is loaded before waiting on the previous kernel (programmatic dependent
+    launch): with ITERS == 1 a program's whole weight slice streams in while the kernel before
+    it is still finishing.
+    """
     pid_r = tl.program_id(0)
-    m = tl.program_id(1)
-    pid_k = tl.program_id(2)
+    pid_m = tl.program_id(1)
     rows = pid_r * BR + tl.arange(0, BR)
     rmask = rows < R_total
-    a0 = tl.zeros((BR, BK4), tl.int32)
-    a1 = tl.zeros((BR, BK4), tl.int32)
-    a2 = tl.zeros((BR, BK4), tl.int32)
-    a3 = tl.zeros((BR, BK4), tl.int32)
-    sx4 = tl.zeros((BK4,), tl.int32)
-    k_lo = pid_k * K4_PER_SPLIT                     # K4_PER_SPLIT is a multiple of BK4
+    k0 = tl.arange(0, BK4)
+    w_first = tl.load(w_ptr + rows[:, None] * K4 + k0[None, :],
+                      mask=rmask[:, None] & (k0 < K4)[None, :], other=0)                  # [BR, BK4]
+    if PDL:
+        gdc_launch_dependents()
+        gdc_wait()
     ones = tl.full((BK4,), 0x01010101, tl.int32)
-    for it in range(0, ITERS):
-        ks = k_lo + it * BK4 + tl.arange(0, BK4)
-        kmask = ks < K4
-        x = tl.load(x_ptr + m * stride_xm + ks, mask=kmask, other=0)                      # int8x4 [BK4]
-        w = tl.load(w_ptr + rows[:, None] * K4 + ks[None, :], mask=rmask[:, None] & kmask[None, :],
-                    other=0)                                                               # [BR, BK4]
-        sx4 = _dp4a(ones, x, sx4, INTERP)
-        xb = x[None, :]
-        a0 = _dp4a(w & 0x03030303, xb, a0, INTERP)
-        a1 = _dp4a((w >> 2) & 0x03030303, xb, a1, INTERP)
-        a2 = _dp4a((w >> 4) & 0x03030303, xb, a2, INTERP)
-        a3 = _dp4a((w >> 6) & 0x03030303, xb, a3, INTERP)
-    sumx = tl.sum(sx4, axis=0)
-    ms = m + tl.arange(0, 1)
-    acc0 = (tl.sum(a0, axis=1) - sumx)[None, :]
-    acc1 = (tl.sum(a1, axis=1) - sumx)[None, :]
-    acc2 = (tl.sum(a2, axis=1) - sumx)[None, :]
-    acc3 = (tl.sum(a3, axis=1) - sumx)[None, :]
-    tile = m * tl.num_programs(0) + pid_r
-    _finish(acc0, acc1, acc2, acc3, ms, rows, M, P1, P2, R_total, sx_ptr, g_ptr, out_ptr, stride_om,
-            ws_ptr, cnt_ptr, tile, SPLIT_K, INTERP)
+    for mi in tl.static_range(MB):
+        m = pid_m * MB + mi
+        mvalid = m < M
+        acc0 = tl.zeros((BR,), tl.int32)
+        acc1 = tl.zeros((BR,), tl.int32)
+        acc2 = tl.zeros((BR,), tl.int32)
+        acc3 = tl.zeros((BR,), tl.int32)
+        sumx = tl.zeros((BK4,), tl.int32)
+        for it in tl.static_range(ITERS):
+            ks = it * BK4 + k0
+            kmask = ks < K4
+            if it == 0:
+                w = w_first
+            else:
+                w = tl.load(w_ptr + rows[:, None] * K4 + ks[None, :], mask=rmask[:, None] & kmask[None, :],
+                            other=0)
+            x = tl.load(x_ptr + m * stride_xm + ks, mask=kmask & mvalid, other=0)          # int8x4 [BK4]
+            sumx = _dp4a(ones, x, sumx, INTERP)
+            acc0 += _gemv_field(w, x, 0, INTERP)
+            acc1 += _gemv_field(w, x, 1, INTERP)
+            acc2 += _gemv_field(w, x, 2, INTERP)
+            acc3 += _gemv_field(w, x, 3, INTERP)
+        sx = tl.sum(sumx, axis=0)
+        ms = m + tl.arange(0, 1)
+        _epilogue((acc0 - sx)[None, :], ms, rows, 0, M, P1, P2, R_total, sx_ptr, g_ptr, out_ptr, stride_om, INTERP)
+        _epilogue((acc1 - sx)[None, :], ms, rows, 1, M, P1, P2, R_total, sx_ptr, g_ptr, out_ptr, stride_om, INTERP)
+        _epilogue((acc2 - sx)[None, :], ms, rows, 2, M, P1, P2, R_total, sx_ptr, g_ptr, out_ptr, stride_om, INTERP)
+        _epilogue((acc3 - sx)[None, :], ms, rows, 3, M, P1, P2, R_total, sx_ptr, g_ptr, out_ptr, stride_om, INTERP)
 
 
 @triton.jit
 def _gemm_dot(x_ptr, sx_ptr, w_ptr, g_ptr, out_ptr, ws_ptr, cnt_ptr,
               M, K, R_total, P1, P2, stride_xm, stride_om, K_PER_SPLIT,
               BM: tl.constexpr, BR: tl.constexpr, BK: tl.constexpr, SPLIT_K: tl.constexpr,
-              ITERS: tl.constexpr, GROUP_M: tl.constexpr, INTERP: tl.constexpr):
+              ITERS: tl.constexpr, GROUP_M: tl.constexpr, PDL: tl.constexpr, INTERP: tl.constexpr):
     """Tile of BM activation rows x BR packed rows (4*BR outputs) on int8 tensor cores."""
+    if PDL:
+        gdc_launch_dependents()
+        gdc_wait()
     pid = tl.program_id(0)
     pid_k = tl.program_id(1)
     n_r = tl.cdiv(R_total, BR)
@@ -196,6 +216,55 @@ def _gemm_dot(x_ptr, sx_ptr, w_ptr, g_ptr, out_ptr, ws_ptr, cnt_ptr,
             out_ptr, stride_om, ws_ptr, cnt_ptr, tile, SPLIT_K, INTERP)
 
 
+@triton.jit
+def _unpack_int8(w_ptr, out_ptr, K, R_total, P1, P2, BR: tl.constexpr, BK: tl.constexpr):
+    """Packed uint8 [R, K] -> ternary int8 [4R, K] in output-column order (for cuBLAS int8 GEMM)."""
+    rows = tl.program_id(0) * BR + tl.arange(0, BR)
+    ks = tl.program_id(1) * BK + tl.arange(0, BK)
+    mask = (rows < R_total)[:, None] & (ks < K)[None, :]
+    w = tl.load(w_ptr + rows[:, None] * K + ks[None, :], mask=mask, other=0).to(tl.int32)
+    for k in tl.static_range(4):
+        cols, seg = _out_cols(rows, k, P1, P2, R_total)
+        tl.store(out_ptr + cols[:, None] * K + ks[None, :], (((w >> (2 * k)) & 3) - 1).to(tl.int8), mask=mask)
+
+
+@triton.jit
+def _scale_rows(acc_ptr, sx_ptr, g_ptr, out_ptr, M, N, C1, C2, stride_om, BM: tl.constexpr,
+                BN: tl.constexpr, INTERP: tl.constexpr):
+    """out = acc int32 [M, N] * (gamma_seg / s_x[m]); segments start at output columns C1, C2."""
+    ms = tl.program_id(0) * BM + tl.arange(0, BM)
+    cols = tl.program_id(1) * BN + tl.arange(0, BN)
+    mask = (ms < M)[:, None] & (cols < N)[None, :]
+    acc = tl.load(acc_ptr + ms[:, None] * N + cols[None, :], mask=mask, other=0)
+    seg = (cols >= C1).to(tl.int32) + (cols >= C2).to(tl.int32)
+    gamma = tl.load(g_ptr + seg)
+    sx = tl.load(sx_ptr + ms, mask=ms < M, other=1.0)
+    y = acc.to(tl.float32) * tl.math.div_rn(gamma[None, :], sx[:, None])
+    tl.store(out_ptr + ms[:, None] * stride_om + cols[None, :], cast(y, out_ptr.dtype.element_ty, INTERP),
+             mask=mask)
+
+
+def _intmm_linear(x_q, s_x, w, gammas, P1, P2, out):
+    """Large M: unpack the 2-bit weights into a transient int8 matrix and use cuBLAS int8 GEMM.
+
+    The int8 matrix lives only for this call (the caching allocator reuses the block): the
+    resident copy of the weights stays the 2-bit one.
+    """
+    M, K = x_q.shape
+    R = w.shape[0]
+    N = 4 * R
+    w8 = torch.empty((N, K), dtype=torch.int8, device=w.device)
+    _unpack_int8[(triton.cdiv(R, 32), triton.cdiv(K, 256))](w, w8, K, R, P1, P2, BR=32, BK=256, num_warps=4)
+    acc = torch._int_mm(x_q, w8.t())                                                  # int32 [M, N]
+    _scale_rows[(triton.cdiv(M, 16), triton.cdiv(N, 256))](acc, s_x, gammas, out, M, N, 4 * P1, 4 * P2,
+                                                           out.stride(0), BM=16, BN=256, INTERP=INTERPRET,
+                                                           num_warps=4)
+    return out
+
+
+INTMM_MIN_M = 256   # from this many activation rows on, cuBLAS int8 GEMM on unpacked tiles (prefill)
+
+
 # ---------------------------------------------------------------- host side
 
 class Workspace:
@@ -220,14 +289,16 @@ def workspace(device) -> Workspace:
 
 
 def pick_config(M: int, R: int, K: int, n_sm: int = 132) -> dict:
-    """Block shapes for an [M, K] x [4R, K] product (tuned on an H100 at 2B4T shapes)."""
-    if M <= 4:  # dp4a GEMV: enough programs to cover every SM, split K when rows run short
-        br, bk4 = 16, 64
-        progs = triton.cdiv(R, br) * M
-        split = 1
-        while progs * split < 2 * n_sm and K // 4 // (split * 2) >= bk4 * 2:
-            split *= 2
-        return dict(kind="gemv", BR=br, BK4=bk4, SPLIT_K=split, num_warps=4)
+    """Block shapes for an [M, K] x [4R, K] product (tuned on an H100 at 2B4T shapes).
+
+    M <= 8: dp4a GEMV, the whole K of BR packed rows in one tile (BR * BK4 = 8K int32) so that a
+    program's weights are loaded in one go ahead of the wait on the previous kernel.
+    Larger M: int8 tensor-core tiles, split-K while the tiles alone leave SMs idle.
+    """
+    if M <= 8:
+        bk4 = min(triton.next_power_of_2(max(K // 4, 1)), 2048)
+        br = max(2, min(16, 8192 // bk4))
+        return dict(kind="gemv", BR=br, BK4=bk4, MB=M, num_warps=8 if bk4 >= 1024 else 4)
     if M <= 64:
         bm, br, bk = 16 if M <= 16 else (32 if M <= 32 else 64), 32, 128
         progs = triton.cdiv(R, br) * triton.cdiv(M, bm)
@@ -261,23 +332,28 @@ def w2a8_linear(x_q: torch.Tensor, s_x: torch.Tensor, w: torch.Tensor, gammas: t
     if out is None:
         out = torch.empty((M, 4 * R), dtype=out_dtype, device=x_q.device)
     s_x = s_x.reshape(-1)
+    if (config is None and M >= INTMM_MIN_M and x_q.is_cuda and hasattr(torch, "_int_mm")
+            and K % 8 == 0 and R % 2 == 0 and x_q.is_contiguous()):
+        return _intmm_linear(x_q, s_x, w, gammas, P1, P2, out)
     cfg = dict(config or pick_config(M, R, K))
     kind = cfg.pop("kind")
+    if kind == "intmm":
+        return _intmm_linear(x_q.contiguous(), s_x, w, gammas, P1, P2, out)
+    pdl = dict(launch_pdl=True) if PDL else {}
+    if kind == "gemv" and K % 4 == 0 and x_q.stride(0) % 4 == 0 and x_q.data_ptr() % 4 == 0:
+        K4 = K // 4
+        mb = cfg.pop("MB", 1)
+        grid = (triton.cdiv(R, cfg["BR"]), triton.cdiv(M, mb))
+        _gemv_dp4a[grid](x_q.view(torch.int32), s_x, w.view(torch.int32), gammas, out,
+                         M, K4, R, P1, P2, x_q.stride(0) // 4, out.stride(0),
+                         ITERS=triton.cdiv(K4, cfg["BK4"]), MB=mb, PDL=PDL, INTERP=INTERPRET, **cfg, **pdl)
+        return out
+    if kind == "gemv":  # odd K: fall back to the tensor-core kernel
+        cfg = {k: v for k, v in pick_config(16, R, K).items() if k != "kind"}
     split = cfg["SPLIT_K"]
     ws = ws or workspace(x_q.device)
     if split > 1 and M * 4 * R > ws.ws.numel():
         raise ValueError(f"w2a8_linear: split-K workspace too small for {M}x{4 * R}")
-    if kind == "gemv" and K % 4 == 0 and x_q.stride(0) % 4 == 0 and x_q.data_ptr() % 4 == 0:
-        K4 = K // 4
-        per = triton.cdiv(triton.cdiv(K4, split), cfg["BK4"]) * cfg["BK4"]
-        grid = (triton.cdiv(R, cfg["BR"]), M, split)
-        _gemv_dp4a[grid](x_q.view(torch.int32), s_x, w.view(torch.int32), gammas, out, ws.ws, ws.cnt,
-                         M, K4, R, P1, P2, x_q.stride(0) // 4, out.stride(0), per, ITERS=per // cfg["BK4"], INTERP=INTERPRET,
-                         **cfg)
-        return out
-    if kind == "gemv":  # odd K: fall back to the tensor-core kernel
-        cfg = {k: v for k, v in pick_config(16, R, K).items() if k != "kind"}
-        split = cfg["SPLIT_K"]
     per = triton.cdiv(triton.cdiv(K, split), cfg["BK"]) * cfg["BK"]
     n_tiles = triton.cdiv(M, cfg["BM"]) * triton.cdiv(R, cfg["BR"])
     if split > 1 and n_tiles > ws.cnt.numel():
@@ -285,5 +361,5 @@ def w2a8_linear(x_q: torch.Tensor, s_x: torch.Tensor, w: torch.Tensor, gammas: t
     grid = (n_tiles, split)
     _gemm_dot[grid](x_q, s_x, w, gammas, out, ws.ws, ws.cnt, M, K, R, P1, P2, x_q.stride(0),
                     out.stride(0), per, ITERS=per // cfg["BK"], GROUP_M=8,
-                    INTERP=INTERPRET, **cfg)
+                    PDL=PDL, INTERP=INTERPRET, **cfg, **pdl)
     return out
