@@ -55,3 +55,49 @@ def test_generate_until(lm):
     assert len(outs) == 2 and all(isinstance(o, str) for o in outs)
     assert "e" not in outs[1] and "\n\n" not in outs[0]
     assert lm.generate_until(reqs) == outs                              # greedy: deterministic
+
+
+SIMPLE_EVALUATE = r'''
+import json, sys
+import lm_eval
+from lm_eval.tasks import TaskManager
+from bitnet158.checkpoint import load
+from bitnet158.eval.harness import BitNetLM
+from bitnet158.eval.tasks import evaluate_task
+from bitnet158.tokenizer import Tokenizer
+folder, task_dir, data_dir = sys.argv[1:4]
+model, tok = load(folder), Tokenizer.from_pretrained(folder)
+r = lm_eval.simple_evaluate(model=BitNetLM(model=model, tokenizer=tok, batch_size=8), tasks=["copa_local"],
+                            task_manager=TaskManager(include_path=task_dir))["results"]["copa_local"]
+ours = evaluate_task(model, tok, "copa", data_dir)
+print(json.dumps({"lm_eval": [r["acc,none"], r["acc_norm,none"]], "ours": [ours["acc"], ours["acc_norm"]]}))
+'''
+
+
+@pytest.mark.slow
+def test_simple_evaluate_matches_eval_tasks(folder, tmp_path):
+    """lm-eval's own pipeline (a local-file COPA task) scores exactly like `bitnet158 eval tasks`."""
+    import json
+    import os
+    import subprocess
+    import sys
+
+    from .conftest import SHARED_EVAL
+    if not (SHARED_EVAL / "llm-foundry" / "copa.jsonl").is_file():
+        pytest.skip("../shared/data/eval not present")
+    data = tmp_path / "data" / "llm-foundry"
+    data.mkdir(parents=True)
+    rows = (SHARED_EVAL / "llm-foundry" / "copa.jsonl").read_text().splitlines()[:12]
+    (data / "copa.jsonl").write_text("\n".join(rows) + "\n")
+    (tmp_path / "copa_local.yaml").write_text(
+        "task: copa_local\ndataset_path: json\ndataset_kwargs:\n  data_files:\n"
+        f"    test: {data / 'copa.jsonl'}\ntest_split: test\noutput_type: multiple_choice\n"
+        'doc_to_text: "{{query}}"\ndoc_to_choice: "{{choices}}"\ndoc_to_target: "{{gold}}"\n'
+        'target_delimiter: " "\nmetric_list:\n  - metric: acc\n  - metric: acc_norm\n')
+    env = {**os.environ, "HF_HOME": str(tmp_path / "hf"), "HF_DATASETS_OFFLINE": "1", "HF_HUB_OFFLINE": "1",
+           "OMP_NUM_THREADS": "1"}
+    out = subprocess.run([sys.executable, "-c", SIMPLE_EVALUATE, str(folder), str(tmp_path), str(tmp_path / "data")],
+                         capture_output=True, text=True, env=env, timeout=300)
+    assert out.returncode == 0, out.stderr[-3000:]
+    d = json.loads(out.stdout.strip().splitlines()[-1])
+    assert d["lm_eval"] == d["ours"]

@@ -3,6 +3,8 @@
     bitnet158 bench path/to/model                        # CPU (and the GPU too when one is present)
     bitnet158 bench path/to/model --prompt-tokens 128 --gen-tokens 64 --charts out/ --out r.json
 
+``rss_gb`` is the resident memory while serving (after the timed decoding): right after loading,
+memory-mapped weights are not resident yet, and runners may keep their own weight layout.
 Prints a table, then ONE JSON line with flat keys named for quantity and unit (``rss_gb``,
 ``load_s``, ``cpu_pp_tok_s``, ``cpu_tg_tok_s``, ``energy_bitnet_uj_per_token``, ...). Latencies are
 measured on the runner ``--backend`` picks (batch 1, median of ``--repeats`` runs after one warm-up);
@@ -73,9 +75,10 @@ def main(args: argparse.Namespace) -> int:
           f"hidden {cfg.hidden_size}, vocab {cfg.vocab_size}, dtype {model.dtype})")
     print(f"{'quantity':<44}{'value':>14}")
     rows = [("load time (s)", f"{load_s:.3f}"),
-            ("resident memory after load (GB)", f"{rss1 / 1e9:.3f}"),
-            ("  of which the model (GB, RSS delta)", f"{(rss1 - rss0) / 1e9:.3f}"),
-            ("resident memory after decoding (GB)", f"{rss2 / 1e9:.3f}"),
+            ("resident memory before load (GB)", f"{rss0 / 1e9:.3f}"),
+            ("resident memory after load (GB, mmap'd)", f"{rss1 / 1e9:.3f}"),
+            ("resident memory serving (GB, after decode)", f"{rss2 / 1e9:.3f}"),
+            ("  of which model + runner + cache (GB)", f"{(rss2 - rss0) / 1e9:.3f}"),
             ("peak resident memory (GB)", f"{peak_rss_bytes() / 1e9:.3f}"),
             ("packed ternary weights (MB)", f"{sizes['packed_bytes'] / 1e6:.2f}"),
             ("float tensors: embeddings/head/norms (MB)", f"{sizes['float_bytes'] / 1e6:.2f}"),
@@ -101,8 +104,9 @@ def main(args: argparse.Namespace) -> int:
           f"fp16 mul+add. Source: {energy['source']}.")
 
     result = {"model": str(folder), "machine": platform.node(), "cpu": platform.processor() or platform.machine(),
-              "params_m": cfg.num_params() / 1e6, "load_s": load_s, "rss_gb": rss1 / 1e9,
-              "model_rss_gb": (rss1 - rss0) / 1e9, "rss_after_decode_gb": rss2 / 1e9,
+              "params_m": cfg.num_params() / 1e6, "load_s": load_s, "rss_gb": rss2 / 1e9,
+              "rss_before_load_gb": rss0 / 1e9, "rss_after_load_gb": rss1 / 1e9,
+              "model_rss_gb": (rss2 - rss0) / 1e9,
               "peak_rss_gb": peak_rss_bytes() / 1e9, "packed_mb": sizes["packed_bytes"] / 1e6,
               "float_mb": sizes["float_bytes"] / 1e6, "zero_fraction": zf}
     for m in lat:
