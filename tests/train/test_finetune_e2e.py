@@ -1,0 +1,133 @@
+"""End to end on the CPU: pretrain a tiny model -> SFT -> DPO -> exported folders that load in bitnet158
+and in transformers' BitNetForCausalLM with the same logits."""
+
+import json
+import random
+import sys
+
+import pytest
+import torch
+from conftest import write_recipe
+
+from bitnet158.train.loop import read_log
+from bitnet158.train.pretrain import run
+from bitnet158.train.recipe import Recipe
+
+_WORDS = "the cat dog bird sat ran flew over under near big small red green house tree river".split()
+
+
+def _chat_data(path, n, seed):
+    rng = random.Random(seed)
+    with open(path, "w") as f:
+        for i in range(n):
+            q = " ".join(rng.choice(_WORDS) for _ in range(rng.randint(2, 5)))
+            a = " ".join(rng.choice(_WORDS) for _ in range(rng.randint(3, 8))) + "."
+            if i % 3 == 0:
+                rec = {"instruction": q.capitalize() + "?", "input": "", "output": a.capitalize()}
+            elif i % 3 == 1:
+                rec = {"conversations": [{"from": "human", "value": q}, {"from": "gpt", "value": a},
+                                         {"from": "human", "value": "and then"}, {"from": "gpt", "value": "the end."}]}
+            else:
+                rec = {"messages": [{"role": "user", "content": q}, {"role": "assistant", "content": a}]}
+            f.write(json.dumps(rec) + "\n")
+
+
+def _pref_data(path, n, seed):
+    """Chosen: a calm answer about a cat; rejected: a shouted answer about a dog (learnable, held out too)."""
+    rng = random.Random(seed)
+    with open(path, "w") as f:
+        for i in range(n):
+            q = " ".join(rng.choice(_WORDS) for _ in range(rng.randint(2, 5)))
+            calm = "the cat sat near the " + rng.choice(_WORDS) + "."
+            loud = "The dog ran over the " + rng.choice(_WORDS) + "!"
+            if i % 2:
+                rec = {"chosen": f"\n\nHuman: {q}\n\nAssistant: {calm}", "rejected": f"\n\nHuman: {q}\n\nAssistant: {loud}"}
+            else:
+                rec = {"prompt": q, "chosen": calm, "rejected": loud}
+            f.write(json.dumps(rec) + "\n")
+
+
+def _ft_recipe(path, init, files, data_extra, steps, lr):
+    files_s = ", ".join(f'"{f}"' for f in files)
+    path.write_text(f'name = "{path.stem}"\ninit = "{init}"\nexport = ["packed", "master"]\n'
+                    f'[data]\nfiles = [{files_s}]\n{data_extra}'
+                    f'[schedule]\nkind = "constant"\nlr_peak = {lr}\n'
+                    f'[train]\nsteps = {steps}\nmicro_batch = 4\ndtype = "fp32"\nplot = false\nquiet = true\n'
+                    f'eval_every = {steps}\n')
+    return path
+
+
+@pytest.fixture(scope="module")
+def pipeline(tmp_path_factory, shards_dir):
+    from bitnet158 import cli
+    d = tmp_path_factory.mktemp("ft")
+    pre = write_recipe(d / "pre.toml", shards_dir, steps=8, eval_every=8, ckpt_every=8)
+    run(Recipe.from_file(pre), out=d / "pre", device="cpu")
+    _chat_data(d / "chat.jsonl", 40, 0)
+    _pref_data(d / "pref.jsonl", 60, 1)
+    sft = _ft_recipe(d / "sft.toml", d / "pre", [d / "chat.jsonl"],
+                     "seq_len = 64\nepochs = 1\nval_fraction = 0.1\nloss = \"sum\"\n", 6, 3e-3)
+    argv = sys.argv[:]
+    try:   # through the command line, as a user runs it
+        assert cli.main(["sft", str(sft), "--out", str(d / "sft"), "--device", "cpu"]) == 0
+    finally:
+        sys.argv = argv
+    from bitnet158.train.dpo import run_dpo
+    dpo = _ft_recipe(d / "dpo.toml", d / "sft", [d / "pref.jsonl"],
+                     "max_len = 64\nepochs = 1\nval_fraction = 0.2\nbeta = 0.1\n", 12, 1e-2)
+    summary = run_dpo(str(dpo), out=d / "dpo", device="cpu")
+    return d, summary
+
+
+def test_sft_trains_on_assistant_tokens_and_writes_outputs(pipeline):
+    d, _ = pipeline
+    summary = json.loads((d / "sft" / "summary.json").read_text())
+    assert summary["stage"] == "sft" and summary["loss"] == "sum" and summary["steps"] == 6
+    recs = read_log(d / "sft" / "log.jsonl")
+    train = [r for r in recs if "loss" in r]
+    assert len(train) == 6 and all(r["loss"] > 0 and r["tokens"] > 0 for r in train)
+    # summed loss: the logged loss is ~ tokens x per-token NLL
+    assert train[0]["loss"] == pytest.approx(train[0]["tokens"] * train[0]["nll_per_token"], rel=1e-4)
+    assert any("val_loss" in r for r in recs)
+    for sub in ("hf", "master", "checkpoints"):
+        assert (d / "sft" / sub).is_dir(), sub
+    assert (d / "sft" / "checkpoints" / "latest").is_file()
+
+
+def test_dpo_starts_at_zero_reward_and_gains_held_out_margin(pipeline):
+    d, summary = pipeline
+    assert summary["stage"] == "dpo" and summary["val_pairs"] >= 10
+    assert summary["start"]["val_reward_margin"] == 0.0
+    assert summary["start"]["val_loss"] == pytest.approx(0.693147, abs=1e-5)
+    assert summary["first_step"]["margin"] == 0.0 and summary["first_step"]["loss"] == pytest.approx(0.693147, abs=1e-6)
+    recs = [r for r in read_log(d / "dpo" / "log.jsonl") if "margin" in r]
+    assert {"rewards_chosen", "rewards_rejected", "accuracy"} <= set(recs[-1])
+    assert summary["val_reward_margin"] > 0 and summary["val_accuracy"] > 0.5
+
+
+@pytest.mark.parametrize("stage", ["sft", "dpo"])
+def test_exported_folder_loads_in_bitnet158_and_transformers(pipeline, stage):
+    d, _ = pipeline
+    out = d / stage / "hf"
+    cfg = json.loads((out / "config.json").read_text())
+    assert cfg["quantization_config"]["quantization_mode"] == "offline"
+    for f in ("model.safetensors", "tokenizer.json", "tokenizer_config.json", "generation_config.json"):
+        assert (out / f).is_file(), f
+    from bitnet158 import checkpoint
+    ours = checkpoint.load(out, dtype="float32")
+    tokens = torch.randint(0, cfg["vocab_size"], (2, 20), generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        a = ours(tokens).float()
+    # the fp32 master export ternarizes to the same model
+    master = checkpoint.load(d / stage / "master", dtype="float32")
+    with torch.no_grad():
+        m = master(tokens).float()
+    assert (a - m).abs().max() < 0.1 * m.abs().max()
+    transformers = pytest.importorskip("transformers")
+    if not hasattr(transformers, "BitNetForCausalLM"):
+        pytest.skip("transformers without BitNetForCausalLM")
+    hf = transformers.BitNetForCausalLM.from_pretrained(out, dtype=torch.float32,
+                                                        attn_implementation="eager").to(torch.float32).eval()
+    with torch.no_grad():
+        b = hf(tokens).logits.float()
+    assert (a - b).abs().max().item() <= 1e-4
