@@ -16,8 +16,9 @@ Layouts (chosen by config.json's ``quantization_config``):
 - ``bitlinear`` — linear_class "bitlinear": packed as above but ``weight_scale`` = 1/mean|W|, a
   **divisor**; converted to the multiplier at load.
 
-Loading a packed file with ``packed=False`` gives BitLinear latents ``W_t * gamma`` (their absmean
-ternarization is the file's W_t and gamma again; the original latents are not recoverable).
+Loading a packed file with ``packed=False`` gives BitLinear latents ``W_t * gamma / mean|W_t|``:
+their absmean ternarization is the file's W_t and gamma again, so the training forward computes
+the packed model (the original latents are not recoverable; fine-tuning starts from these).
 Extra tensors in a file are an error (they mean config and weights disagree), except a tied
 ``lm_head.weight`` (ignored with a warning) and ``rotary_emb.inv_freq`` (ignored).
 """
@@ -273,8 +274,10 @@ def model_state(cfg: ModelConfig, tensors: dict[str, torch.Tensor], dtype: torch
         if packed:
             out[prefix + ".weight"] = w
             out[prefix + ".weight_scale"] = gamma
-        else:  # latent weights whose absmean ternarization is the stored W_t (gamma: up to rounding)
-            out[prefix + ".weight"] = (quant.unpack_hf(w).float() * gamma).to(dtype)
+        else:  # latents W_t * gamma / mean|W_t|: their absmean ternarization is (W_t, gamma) again
+            w_t = quant.unpack_hf(w).float()
+            frac = w_t.abs().mean().clamp(min=1.0 / w_t.numel())  # share of nonzero weights
+            out[prefix + ".weight"] = (w_t * (gamma.double() / frac.double()).float()).to(dtype)
     return out
 
 
