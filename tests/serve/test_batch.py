@@ -30,8 +30,10 @@ def collect(engine, prompt, params):
     return out, box, ev
 
 
-def test_matches_lone_generation(model):
-    eng = BatchEngine(make_runner(model, batch=3, backend="torch"), max_queue=16).start()
+@pytest.mark.parametrize("chunk", [512, 4])
+def test_matches_lone_generation(model, chunk):
+    """12 requests on 3 rows; with chunk=4 prompts are prefilled 4 tokens per step between decodes."""
+    eng = BatchEngine(make_runner(model, batch=3, backend="torch"), max_queue=16, prefill_chunk=chunk).start()
     try:
         prompts = [[0, 5, 6, 7], [0, 9], [0, *([3] * 20)], [0, 1, 2], [0, 100, 200], [0, 7]]
         params = [SamplingParams(max_new_tokens=12, stop_ids=frozenset()),
@@ -41,7 +43,8 @@ def test_matches_lone_generation(model):
             assert ev.wait(60)
             gen = generate(model, p, sp)
             want = list(gen)
-            assert out == want and box["reason"] == gen.finish_reason and box["error"] is None
+            assert box["error"] is None and box["reason"] == gen.finish_reason
+            assert out == want
         assert eng.stats()["active"] == 0 and eng.stats()["queued"] == 0
     finally:
         eng.stop()

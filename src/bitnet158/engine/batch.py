@@ -8,9 +8,12 @@
     engine.stop()
 
 A single thread owns the runner. Between two decode steps it drops cancelled requests, admits queued
-ones into free rows (each new request is prefilled alone on its row with ``rows=[i]``; rows already
-decoding keep their KV cache), then runs ONE decode call over the contiguous range of rows in use,
-so requests at different positions share every step. Each request samples with its own
+ones into free rows, prefills each new request alone on its row (``rows=[i]``; rows already decoding
+keep their KV cache) in chunks of at most ``prefill_chunk`` tokens, one chunk per step, so a long
+prompt does not stall the others for its whole prefill; then it runs ONE decode call over the
+contiguous range of rows in use, so requests at different positions share every step. Rows in that
+range that are idle or still prefilling are fed a dummy token at a position they overwrite before
+they ever read it (their next prefill position), so their cache stays intact. Each request samples with its own
 :class:`Sampler` (own ``torch.Generator``), so a seeded request gives the same tokens whatever else
 runs beside it on the same shapes. Callbacks run on the engine thread and must be quick (the server
 hands them to its event loop). The queue is bounded: ``submit`` raises :class:`QueueFullError` when
@@ -61,6 +64,7 @@ class Handle:
         self.finish_reason: str | None = None
         self.sampler: Sampler | None = None
         self.next_token: int | None = None     # sampled, not yet fed back through decode
+        self.prefilled = 0                     # prompt tokens already in the KV cache
         self.submitted = time.perf_counter()
 
     def cancel(self) -> None:
@@ -78,8 +82,10 @@ class Handle:
 class BatchEngine:
     """The decode loop over a runner of ``runner.batch`` rows (see the module docstring)."""
 
-    def __init__(self, runner, max_queue: int = 64, stop_ids: frozenset[int] | set[int] = frozenset()):
+    def __init__(self, runner, max_queue: int = 64, stop_ids: frozenset[int] | set[int] = frozenset(),
+                 prefill_chunk: int = 512):
         self.runner = runner
+        self.prefill_chunk = max(1, int(prefill_chunk))
         self.slots: list[Handle | None] = [None] * runner.batch
         self.max_queue = max_queue
         self.stop_ids = frozenset(stop_ids)
@@ -198,16 +204,22 @@ class BatchEngine:
         return admitted
 
     def _prefill(self, h: Handle) -> None:
+        """Prefill the next chunk of ``h``'s prompt; sample its first token after the last chunk."""
         r = self.runner
         dev = r.device
-        h.sampler = Sampler(h.params, r.vocab_size, h.prompt, device=dev)
-        toks = torch.tensor([h.prompt], dtype=torch.long, device=dev)                 # [1, P]
-        pos = torch.arange(len(h.prompt), dtype=torch.long, device=dev)[None]         # [1, P]
-        logits = r.prefill(toks, pos, torch.tensor([h.row], device=dev))[0]           # [V]
-        self._emit(h, h.sampler(logits))
+        if h.sampler is None:
+            h.sampler = Sampler(h.params, r.vocab_size, h.prompt, device=dev)
+        a = h.prefilled
+        b = min(len(h.prompt), a + self.prefill_chunk)
+        toks = torch.tensor([h.prompt[a:b]], dtype=torch.long, device=dev)              # [1, c]
+        pos = torch.arange(a, b, dtype=torch.long, device=dev)[None]                    # [1, c]
+        logits = r.prefill(toks, pos, torch.tensor([h.row], device=dev))[0]             # [V]
+        h.prefilled = b
+        if b == len(h.prompt):
+            self._emit(h, h.sampler(logits))
 
     def _decode(self) -> None:
-        live = [h for h in self.slots if h is not None and not h.done]
+        live = [h for h in self.slots if h is not None and not h.done and h.next_token is not None]
         if not live:
             return
         r, dev = self.runner, self.runner.device
@@ -215,6 +227,10 @@ class BatchEngine:
         hi = max(h.row for h in live) + 1
         toks = torch.zeros(hi - lo, dtype=torch.long)                                 # [b]
         pos = torch.zeros(hi - lo, dtype=torch.long)                                  # idle rows: pos 0
+        for i in range(lo, hi):
+            h = self.slots[i]
+            if h is not None and h.next_token is None and h.prefilled < r.max_len:
+                pos[i - lo] = h.prefilled          # still prefilling: a slot its next chunk overwrites
         for h in live:
             toks[h.row - lo] = h.next_token
             pos[h.row - lo] = len(h.prompt) + len(h.tokens) - 1    # position of the token fed back
@@ -231,8 +247,10 @@ class BatchEngine:
                     self.cond.wait(timeout=0.5)
                 if not self.running:
                     return
-                admitted = self._admit()
-            for h in admitted:
+                self._admit()
+                filling = [h for h in self.slots
+                           if h is not None and not h.done and h.prefilled < len(h.prompt)]
+            for h in filling:                      # one chunk of each prompt still being prefilled
                 try:
                     with torch.inference_mode():
                         self._prefill(h)
@@ -250,7 +268,7 @@ class BatchEngine:
             except Exception as e:
                 with self.cond:
                     for h in list(self.slots):
-                        if h is not None:
+                        if h is not None and h.next_token is not None:
                             self._finish(h, None, e)
 
 

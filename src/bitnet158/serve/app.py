@@ -41,14 +41,16 @@ class Server:
     """What the routes share: the model's id, tokenizer, context and the batch engine."""
 
     def __init__(self, model, tokenizer, model_id: str, max_batch: int = 8, max_queue: int = 64,
-                 max_len: int | None = None, backend: str = "auto", api_key: str | None = None):
+                 max_len: int | None = None, backend: str = "auto", api_key: str | None = None,
+                 prefill_chunk: int = 512):
         self.model_id = model_id
         self.tokenizer = tokenizer
         self.api_key = api_key
         self.created = int(time.time())
         runner = make_runner(model, batch=max_batch, max_len=max_len, backend=backend)
         self.max_len = runner.max_len
-        self.engine = BatchEngine(runner, max_queue=max_queue, stop_ids=frozenset(tokenizer.stop_ids))
+        self.engine = BatchEngine(runner, max_queue=max_queue, stop_ids=frozenset(tokenizer.stop_ids),
+                                  prefill_chunk=prefill_chunk)
 
     # ------------------------------------------------------------ request -> prompt ids + params
     def check_auth(self, request: Request) -> None:
@@ -198,9 +200,9 @@ def _sse(obj) -> str:
 
 def create_app(model, tokenizer, model_id: str, max_batch: int = 8, max_queue: int = 64,
                max_len: int | None = None, backend: str = "auto", api_key: str | None = None,
-               cors_origins: list[str] | None = None) -> FastAPI:
+               cors_origins: list[str] | None = None, prefill_chunk: int = 512) -> FastAPI:
     """Build the app; the batch engine starts with the app (lifespan) and stops with it."""
-    srv = Server(model, tokenizer, model_id, max_batch, max_queue, max_len, backend, api_key)
+    srv = Server(model, tokenizer, model_id, max_batch, max_queue, max_len, backend, api_key, prefill_chunk)
 
     @asynccontextmanager
     async def lifespan(app):

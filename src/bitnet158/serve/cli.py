@@ -32,6 +32,9 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--max-batch", type=int, default=8, help="KV-cache rows decoded together (default 8)")
     p.add_argument("--max-queue", type=int, default=64,
                    help="requests that may wait for a row before new ones get 429 (default 64)")
+    p.add_argument("--prefill-chunk", type=int, default=512,
+                   help="prompt tokens prefilled per step, so long prompts do not stall running "
+                        "requests (default 512)")
     p.add_argument("--ctx", type=int, default=None,
                    help="context length per row (default: the model's max_position_embeddings)")
     p.add_argument("--backend", default="auto", help="runner: auto (best available), torch, cpu, ...")
@@ -62,7 +65,7 @@ def main(args: argparse.Namespace) -> int:
 
     if args.threads:
         torch.set_num_threads(args.threads)
-    for name in ("max_batch", "max_queue", "port"):
+    for name in ("max_batch", "max_queue", "port", "prefill_chunk"):
         v = getattr(args, name)
         if v < (0 if name == "port" else 1):
             raise CheckpointError(f"--{name.replace('_', '-')}={v} must be positive")
@@ -72,7 +75,7 @@ def main(args: argparse.Namespace) -> int:
     name = args.model_name or Path(folder).name
     app = create_app(model, tok, name, max_batch=args.max_batch, max_queue=args.max_queue,
                      max_len=args.ctx, backend=args.backend, api_key=args.api_key,
-                     cors_origins=args.cors_origin)
+                     cors_origins=args.cors_origin, prefill_chunk=args.prefill_chunk)
     print(f"serving {name!r} from {folder} on http://{args.host}:{args.port}/v1 "
           f"(batch {args.max_batch}, queue {args.max_queue}, context {app.state.server.max_len}, "
           f"runner {type(app.state.server.engine.runner).__name__})", flush=True)
