@@ -104,6 +104,8 @@ def main() -> int:
     ap.add_argument("--out", required=True, help="results, plot and the exported model")
     ap.add_argument("--budget-s", type=float, default=330, help="seconds for the main phase")
     ap.add_argument("--probe-steps", type=int, default=20)
+    ap.add_argument("--probes", default="ternary,fp", help="model kinds to probe alone (an unprobed "
+                    "kind is assumed as slow as the ternary one)")
     ap.add_argument("--steps", type=int, default=0, help="fix the steps instead of sizing from the probe")
     ap.add_argument("--runs", default=",".join(RUNS), help="comma-separated subset of " + ",".join(RUNS))
     ap.add_argument("--deadline-s", type=float, default=520, help="kill runs still going after this")
@@ -125,7 +127,8 @@ def main() -> int:
     # 1) probes, one at a time
     probe = {}
     if not args.steps:
-        for kind, recipe in PROBES.items():
+        for kind in args.probes.split(","):
+            recipe = PROBES[kind]
             d = work / f"probe_{kind}"
             p = launch(recipe, d, data + [f"train.steps={args.probe_steps}", f"schedule.warmup_steps={max(args.probe_steps // 4, 1)}",
                                           "train.eval_every=0", "data.val_rows=32", "train.log_every=5"],
@@ -146,8 +149,8 @@ def main() -> int:
     if args.steps:
         steps = args.steps
     else:
-        per_round = sum(tokens_per_step / probe["ternary" if n.startswith("ternary") else "fp"]["tok_s_median"]
-                        for n in names)
+        rate = {k: probe.get(k, probe["ternary"])["tok_s_median"] for k in PROBES}
+        per_round = sum(tokens_per_step / rate["ternary" if n.startswith("ternary") else "fp"] for n in names)
         steps = int((args.budget_s - 40) / per_round / 10) * 10
     warmup = max(10, round(0.04 * steps))
     sets = data + [f"train.steps={steps}", f"schedule.warmup_steps={warmup}",
