@@ -178,3 +178,13 @@ def test_shared_preference_files_parse(tok, enc):
     assert len(pairs) == 10
     for p in pairs:
         assert _targets(tok, p.chosen).endswith("<|eot_id|>")
+
+
+def test_long_prompts_lose_their_oldest_tokens_not_the_completion(tok, enc):
+    rec = {"prompt": "the old mill by the river " * 20, "chosen": "Bake bread.", "rejected": "No!"}
+    (pair,), stats = encode_pairs([rec], enc, max_len=40)
+    assert stats["truncated"] == 1
+    for ex, text in ((pair.chosen, "Bake bread.<|eot_id|>"), (pair.rejected, "No!<|eot_id|>")):
+        assert len(ex) <= 40 and ex.tokens[0] == tok.bos_id
+        assert _targets(tok, ex) == text                               # the whole completion is kept
+        assert "Assistant: " in tok.decode(ex.tokens.tolist())

@@ -14,8 +14,9 @@ Record formats (``.json`` list or ``.jsonl``), recognized per record:
 
 The prompt of a pair is the longest run of messages both conversations share; the rest (normally
 the final assistant turn) is the completion, and its assistant tokens (with ``<|eot_id|>``) are the
-only ones whose log-probabilities count. Pairs whose completions are equal, or that have no
-completion token left after truncation to ``max_len``, are dropped (counted in the stats).
+only ones whose log-probabilities count. A sequence longer than ``max_len`` loses the oldest prompt
+tokens first (after BOS; the completion is kept), then the end of the completion. Pairs whose
+completions are equal, or that have no completion token left, are dropped (counted in the stats).
 """
 
 from __future__ import annotations
@@ -98,12 +99,25 @@ def encode_pairs(recs: list[dict], enc: ChatEncoder, max_len: int, where: str = 
         ids_c, t_c = enc.encode(full_c, train_from=k)
         ids_r, t_r = enc.encode(full_r, train_from=k)
         stats["truncated"] += int(len(ids_c) - 1 > max_len or len(ids_r) - 1 > max_len)
+        ids_c, t_c = cut_prompt(ids_c, t_c, max_len)
+        ids_r, t_r = cut_prompt(ids_r, t_r, max_len)
         ec, er = make_example(ids_c, t_c, max_len), make_example(ids_r, t_r, max_len)
         if ec is None or er is None:
             stats["dropped_no_target"] += 1
             continue
         out.append(Pair(ec, er))
     return out, stats
+
+
+def cut_prompt(ids: list[int], target: list[bool], max_len: int) -> tuple[list[int], list[bool]]:
+    """Too long for ``max_len`` inputs: drop the oldest prompt tokens (after the first, BOS) so that the
+    completion fits; a completion longer than that is cut at its end later (``make_example``)."""
+    excess = len(ids) - 1 - max_len
+    if excess <= 0 or True not in target:
+        return ids, target
+    first = target.index(True)                     # first completion token (its header precedes it)
+    cut = min(excess, max(first - 2, 0))           # keep BOS and the token that predicts the first target
+    return ids[:1] + ids[1 + cut:], target[:1] + target[1 + cut:]
 
 
 def pad_pairs(pairs: list[Pair], pad_id: int) -> tuple[np.ndarray, np.ndarray]:
