@@ -284,22 +284,21 @@ async def _run(srv: Server, request: Request, req, prompt: list[int], params: Sa
         return StreamingResponse(_stream(srv, handle, events, stops, rid, created, chat, include_usage),
                                  media_type="text/event-stream",
                                  headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"})
+
+    async def watch() -> None:               # a client that hangs up frees its row at once
+        while True:
+            await asyncio.sleep(0.1)
+            if await request.is_disconnected():
+                handle.cancel()
+                return
+
+    watcher = asyncio.create_task(watch())
     text = []
     try:
-        gen = srv.pieces(handle, events, stops)
-        while True:
-            nxt = asyncio.ensure_future(gen.__anext__())
-            while not nxt.done():
-                await asyncio.wait({nxt}, timeout=0.25)
-                if not nxt.done() and await request.is_disconnected():
-                    nxt.cancel()
-                    handle.cancel()
-                    return JSONResponse(P.error_body("client disconnected"), status_code=499)
-            try:
-                text.append(nxt.result())
-            except StopAsyncIteration:
-                break
+        async for piece in srv.pieces(handle, events, stops):
+            text.append(piece)
     finally:
+        watcher.cancel()
         handle.cancel()
     reason, error = handle.result
     if error is not None:
