@@ -6,6 +6,8 @@
   ``tiny_folder(cfg="tiny", layout="packed", seed=0, tokenizer_dir=None, name=None, **kw) -> Path``
   (``cfg``: a preset/size name of :mod:`bitnet158.random_model` or a ModelConfig; ``layout``:
   "packed" | "master" | "bitlinear"; ``kw`` goes to ``write_random_folder``).
+- ``one_thread``: run the test with ``torch.set_num_threads(1)`` (restored after). Tiny models
+  gain nothing from more threads and lose a lot when the machine is busy (spinning threads).
 """
 
 from __future__ import annotations
@@ -41,3 +43,13 @@ def tiny_folder(tmp_path):
         return write_random_folder(path, cfg, layout=layout, seed=seed, tokenizer_dir=tokenizer_dir, **kw)
 
     return make
+
+
+@pytest.fixture
+def one_thread():
+    import torch
+
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)

@@ -16,6 +16,7 @@ from bitnet158.layers import BitLinear, PackedLinear
 from bitnet158.random_model import random_config, random_model
 
 Q0 = "model.layers.0.self_attn.q_proj"
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def tensors(folder):

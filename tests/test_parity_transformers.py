@@ -8,7 +8,7 @@ fp32 max abs diff <= 1e-4; bf16 within two bf16 ulps of the logit scale. Negativ
 wide margin. Greedy continuations, cached decoding and our ``save`` are checked against it too.
 
 transformers decorates its BitNet kernels with ``torch.compile``; compiling on a CPU takes minutes,
-so these tests run them eagerly (same math). Needs the ``test`` extra (transformers, accelerate).
+so these tests run them eagerly (same math), on one thread. Needs the ``test`` extra (transformers, accelerate).
 """
 
 from __future__ import annotations
@@ -35,11 +35,13 @@ FP32_TOL = 1e-4
 def _eager_transformers():
     import torch._dynamo
 
-    old = torch._dynamo.config.disable
+    old, threads = torch._dynamo.config.disable, torch.get_num_threads()
     torch._dynamo.config.disable = True
+    torch.set_num_threads(1)  # tiny models: more threads only spin when the machine is busy
     transformers.logging.set_verbosity_error()
     yield
     torch._dynamo.config.disable = old
+    torch.set_num_threads(threads)
 
 
 def hf_load(folder, dtype=torch.float32):
