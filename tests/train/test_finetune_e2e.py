@@ -41,7 +41,8 @@ def _pref_data(path, n, seed):
             calm = "the cat sat near the " + rng.choice(_WORDS) + "."
             loud = "The dog ran over the " + rng.choice(_WORDS) + "!"
             if i % 2:
-                rec = {"chosen": f"\n\nHuman: {q}\n\nAssistant: {calm}", "rejected": f"\n\nHuman: {q}\n\nAssistant: {loud}"}
+                rec = {"chosen": f"\n\nHuman: {q}\n\nAssistant: {calm}",
+                       "rejected": f"\n\nHuman: {q}\n\nAssistant: {loud}"}
             else:
                 rec = {"prompt": q, "chosen": calm, "rejected": loud}
             f.write(json.dumps(rec) + "\n")
