@@ -95,9 +95,13 @@ def test_tiny_model_in_llama_cpp(tiny_llama3, llama3_dir, tmp_path, wtype):
     tok = Tokenizer.from_pretrained(llama3_dir)
     for text in TEXTS:                                   # same ids as bitnet158's tokenizer
         assert llm.tokenize(text.encode(), add_bos=False, special=False) == tok.encode(text), text
-    chat = tok.render_chat([{"role": "user", "content": "How are you?"}])
-    assert llm.tokenize(chat.encode(), add_bos=False, special=True) == \
-        tok.encode_chat([{"role": "user", "content": "How are you?"}])
+    msgs = [{"role": "user", "content": "How are you?"}]
+    chat_ids = [128000, 1502, 25, 2650, 527, 499, 30, 128009, 72803, 25, 220]   # SPEC §4
+    assert tok.encode_chat(msgs) == chat_ids
+    assert llm.tokenize(tok.render_chat(msgs).encode(), add_bos=False, special=True) == chat_ids
+    # llama-cpp-python renders the file's chat template itself: same prompt, one BOS
+    out = llm.create_chat_completion(messages=msgs, max_tokens=2, temperature=0.0)
+    assert out["usage"]["prompt_tokens"] == len(chat_ids)
 
     # scales in the file are f16: compare with the same rounding on our side
     for _, m in tiny_llama3.projections():
