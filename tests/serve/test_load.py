@@ -10,10 +10,13 @@ import socket
 import threading
 import time
 
-import openai
 import pytest
 
-from .conftest import MODEL_ID, ThreadServer, get_json, tiny_model, wait_idle
+openai = pytest.importorskip("openai")
+pytest.importorskip("fastapi")
+pytest.importorskip("uvicorn")
+
+from .conftest import MODEL_ID, ThreadServer, get_json, tiny_model, wait_idle  # noqa: E402
 
 
 def rss_of(pid: int) -> int:

@@ -9,10 +9,13 @@ import json
 import urllib.error
 import urllib.request
 
-import openai
 import pytest
 
-from .conftest import MODEL_ID, get_json, wait_idle
+openai = pytest.importorskip("openai")
+pytest.importorskip("fastapi")
+pytest.importorskip("uvicorn")
+
+from .conftest import MODEL_ID, get_json, wait_idle  # noqa: E402
 
 
 def post(url: str, body, timeout: float = 30.0) -> tuple[int, dict | str, dict]:
