@@ -132,3 +132,21 @@ def test_exported_folder_loads_in_bitnet158_and_transformers(pipeline, stage):
     with torch.no_grad():
         b = hf(tokens).logits.float()
     assert (a - b).abs().max().item() <= 1e-4
+
+
+def test_sft_resume_repeats_the_same_losses(pipeline, tmp_path):
+    import shutil
+
+    from bitnet158.train.sft import run_sft
+    d, _ = pipeline
+    rec = _ft_recipe(tmp_path / "r.toml", d / "pre", [d / "chat.jsonl"],
+                     "seq_len = 64\nepochs = 1\nval_fraction = 0.1\n", 4, 3e-3)
+    over = ["train.ckpt_every=2", "train.keep_checkpoints=5", 'export=[]']
+    run_sft(str(rec), out=tmp_path / "a", device="cpu", overrides=over)
+    full = [r["loss"] for r in read_log(tmp_path / "a" / "log.jsonl") if "loss" in r]
+    ck = tmp_path / "a" / "checkpoints"
+    shutil.copytree(ck / "step-00000002", tmp_path / "b" / "checkpoints" / "step-00000002")
+    (tmp_path / "b" / "checkpoints" / "latest").write_text("step-00000002\n")
+    run_sft(str(rec), out=tmp_path / "b", device="cpu", overrides=over, resume=True)
+    resumed = [r["loss"] for r in read_log(tmp_path / "b" / "log.jsonl") if "loss" in r]
+    assert len(full) == 4 and resumed == full[2:]
