@@ -220,3 +220,29 @@ def test_bf16_runner_close_to_fp32():
     out = make_runner(m16).prefill(torch.tensor([ids]), torch.arange(6)[None])[0]
     assert out.dtype == torch.float32
     assert torch.allclose(out, ref, atol=0.15 * ref.abs().max().item())
+
+
+def test_runner_kept_on_packed_model_and_not_shared():
+    import copy
+    m = tiny_model(packed=True, seed=4)
+    p = SamplingParams(max_new_tokens=6, stop_ids=[])
+    a = list(generate(m, [0, 1, 2], p))
+    r1 = m._engine_runner.runner
+    g1 = generate(m, [0, 1, 2], p)                             # re-uses the kept runner
+    assert g1.runner is r1
+    g2 = generate(m, [0, 1, 2], p)                             # r1 is busy: a private runner
+    assert g2.runner is not r1
+    assert list(g2) == a and list(g1) == a
+    g = generate(m, [0, 1, 2], p)
+    assert g.runner is r1                                      # free again after g1 finished
+    g.close()
+    g3 = generate(m, [3] * 100, p)                             # longer: a bigger runner replaces it
+    assert g3.runner.max_len >= 106 and list(g3)
+    g4 = generate(m, [0, 1, 2], p)
+    g4.close()                                                 # closed early: runner given back
+    g5 = generate(m, [0, 1, 2], p)
+    assert g5.runner is g4.runner and g5.runner is g3.runner
+    g5.close()
+    m2 = copy.deepcopy(m)                                      # copies start without a runner
+    assert m2._engine_runner.runner is None
+    assert list(generate(m2, [0, 1, 2], p)) == a

@@ -22,8 +22,9 @@ Stop ids default to the model config's eos ids; the text helpers default to ``to
 
 from __future__ import annotations
 
+import threading
 import time
-from typing import Iterable, Iterator, Sequence
+from typing import Callable, Iterable, Iterator, Sequence
 
 import torch
 
@@ -66,7 +67,7 @@ class Generation:
     """
 
     def __init__(self, runner: Runner, prompt_ids, params: SamplingParams, *, cached: int = 0,
-                 row: int = 0, context: int | None = None):
+                 row: int = 0, context: int | None = None, on_done: Callable[[], None] | None = None):
         prompt = _prompt_list(prompt_ids)
         if not prompt:
             raise GenerationError("prompt_ids: the prompt is empty (give at least one token, e.g. BOS)")
@@ -100,6 +101,7 @@ class Generation:
         self.finish_reason: str | None = None
         self.prefill_s = 0.0
         self.decode_s = 0.0
+        self._on_done = on_done
         self._it = self._run()
 
     def __iter__(self) -> Iterator[int]:
@@ -111,6 +113,16 @@ class Generation:
     def close(self) -> None:
         """Stop early (finish_reason stays None)."""
         self._it.close()
+        self._done()
+
+    def _done(self) -> None:
+        done = getattr(self, "_on_done", None)
+        if done is not None:
+            self._on_done = None
+            done()
+
+    def __del__(self):  # never iterated: still give the runner back
+        self._done()
 
     def run(self) -> list[int]:
         """Exhaust the generation; return the new token ids."""
@@ -119,6 +131,12 @@ class Generation:
         return self.tokens
 
     def _run(self) -> Iterator[int]:
+        try:
+            yield from self._steps()
+        finally:                                  # exhausted, closed, failed or garbage-collected
+            self._done()
+
+    def _steps(self) -> Iterator[int]:
         r, dev, P, start = self.runner, self.runner.device, self.prompt_tokens, self.cached_tokens
         sampler = Sampler(self.params, r.vocab_size, self.prompt, device=dev)
         with torch.inference_mode():
@@ -162,12 +180,60 @@ class Generation:
         return n / self.prefill_s if self.prefill_s > 0 else 0.0
 
 
-def _runner_for(model_or_runner, needed: int, backend: str = "auto") -> Runner:
+_runner_lock = threading.Lock()
+
+
+class _RunnerSlot:
+    """The runner kept on a model (``model._engine_runner``); copies of the model start empty."""
+
+    def __init__(self, key=None):
+        self.key, self.runner, self.busy = key, None, True
+
+    def __deepcopy__(self, memo):
+        return _RunnerSlot()
+
+    def __copy__(self):
+        return _RunnerSlot()
+
+    def __reduce__(self):
+        return (_RunnerSlot, ())
+
+
+def _runner_for(model_or_runner, needed: int, backend: str = "auto") -> tuple[Runner, Callable[[], None] | None]:
+    """(runner, release) for a model. A packed model keeps one batch-1 runner (``_engine_runner``)
+    re-used while it is free, so fast engines build their weight layout once; a concurrent request
+    gets its own runner. After editing a packed model's weights in place, ``del model._engine_runner``.
+    """
     if _is_runner(model_or_runner):
-        return model_or_runner
+        return model_or_runner, None
     model = model_or_runner
     ctx = model.config.max_position_embeddings
-    return make_runner(model, batch=1, max_len=min(max(needed, 1), ctx), backend=backend)
+    need = min(max(needed, 1), ctx)
+    if not getattr(model, "packed", False):      # training weights change: no runner copy kept
+        return make_runner(model, batch=1, max_len=need), None
+    key = (backend, str(model.device), model.dtype)
+    with _runner_lock:
+        slot = getattr(model, "_engine_runner", None)
+        if slot is not None and slot.runner is not None and not slot.busy and slot.key == key \
+                and slot.runner.max_len >= need:
+            slot.busy = True
+        else:
+            if slot is not None and slot.busy:                     # in use: a private runner
+                return make_runner(model, batch=1, max_len=need, backend=backend), None
+            if slot is not None and slot.key == key and slot.runner is not None:
+                need = max(need, slot.runner.max_len)              # grow, never shrink
+            slot = _RunnerSlot(key)
+            object.__setattr__(model, "_engine_runner", slot)
+    if slot.runner is None:
+        try:
+            slot.runner = make_runner(model, batch=1, max_len=need, backend=backend)
+        except BaseException:
+            slot.busy = False
+            raise
+
+    def release() -> None:
+        slot.busy = False
+    return slot.runner, release
 
 
 def generate(model_or_runner, prompt_ids: Sequence[int], params: SamplingParams | None = None,
@@ -183,8 +249,13 @@ def generate(model_or_runner, prompt_ids: Sequence[int], params: SamplingParams 
         if len(prompt) >= ctx:
             raise ContextLengthError(f"prompt of {len(prompt)} tokens does not fit the context of "
                                      f"{ctx} tokens (it must leave room for at least one new token)")
-    runner = _runner_for(model_or_runner, len(prompt) + params.max_new_tokens)
-    return Generation(runner, prompt, params)
+    runner, release = _runner_for(model_or_runner, len(prompt) + params.max_new_tokens)
+    try:
+        return Generation(runner, prompt, params, on_done=release)
+    except BaseException:
+        if release is not None:
+            release()
+        raise
 
 
 class Session:
