@@ -30,7 +30,7 @@ import torch
 from gguf import GGML_QUANT_SIZES, GGMLQuantizationType as T, GGUFValueType, Keys
 
 from ..config import ModelConfig
-from ..errors import BitNetError, CheckpointError, ConfigError
+from ..errors import CheckpointError, ConfigError
 from ..model import PROJECTIONS
 from . import headquant, i2s, names, tq
 from .gguf_export import NORMS, _proj_shape
@@ -368,10 +368,7 @@ def read_gguf(path: str | os.PathLike) -> GGUFModel:
         raise ConfigError(f"{path}: general.architecture={arch!r} is not a BitNet architecture "
                           f"({', '.join(names.KNOWN_ARCHS)})")
     tensors = {t.name: t for t in reader.tensors}
-    try:
-        vocab = Vocab.from_fields(f, str(path))
-    except BitNetError:
-        raise
+    vocab = Vocab.from_fields(f, str(path))
     cfg = _config(path, arch, f, tensors, vocab)
     g = GGUFModel(path, arch, f, tensors, cfg, vocab)
     g.check_tensors()

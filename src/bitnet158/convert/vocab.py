@@ -17,7 +17,7 @@ ignored for whole-word hits as in tiktoken and llama.cpp's llama-bpe).
 from __future__ import annotations
 
 import json
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 
 import gguf
@@ -45,7 +45,6 @@ class Vocab:
     pad_id: int | None = None
     add_bos: bool = True
     chat_template: str | None = None
-    extra: dict = field(default_factory=dict)
 
     # ------------------------------------------------------------------ tokenizer.json -> GGUF
     @classmethod
