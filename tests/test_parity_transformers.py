@@ -44,13 +44,17 @@ def _eager_transformers():
     torch.set_num_threads(threads)
 
 
-def hf_load(folder, dtype=torch.float32):
+def hf_load(folder, dtype=torch.float32, direct=False):
+    """transformers' model, loaded in fp32 then cast (5.x: embeddings stay bf16 unless cast).
+    ``direct`` loads in ``dtype`` instead: its packed ``BitLinear`` (linear_class "bitlinear")
+    fixes its compute dtype at construction, so ``.to()`` does not change it."""
     from transformers import BitNetForCausalLM
 
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
-        m = BitNetForCausalLM.from_pretrained(folder, dtype=torch.float32, attn_implementation="eager")
-    return m.to(dtype).eval()  # 5.x: embeddings stay bf16 unless cast
+        m = BitNetForCausalLM.from_pretrained(folder, dtype=dtype if direct else torch.float32,
+                                              attn_implementation="eager")
+    return m.to(dtype).eval()
 
 
 _FOLDERS: dict = {}
@@ -159,7 +163,7 @@ def test_fp32_logits_match(folders, cfg_name, layout):
         assert_fp32_parity(train, hf, t)
 
 
-@pytest.mark.parametrize("layout", ["packed", "master"])
+@pytest.mark.parametrize("layout", LAYOUTS)
 @pytest.mark.parametrize("cfg_name", CONFIGS)
 @torch.no_grad()
 def test_bf16_logits_within_bf16_rounding(folders, cfg_name, layout):
@@ -168,7 +172,8 @@ def test_bf16_logits_within_bf16_rounding(folders, cfg_name, layout):
     transformers' own bf16 run is: max error <= 1.5x theirs + 1 ulp, mean <= 1.2x theirs."""
     t = tokens(cfg_name)
     exact = hf_fp32(folders, cfg_name, layout)(t).logits
-    theirs = hf_load(folders(cfg_name, layout), torch.bfloat16)(t).logits.float()
+    theirs = hf_load(folders(cfg_name, layout), torch.bfloat16, direct=layout == "bitlinear")
+    theirs = theirs(t).logits.float()
     ours = checkpoint.load(folders(cfg_name, layout), dtype=torch.bfloat16, attn_impl="eager")(t)
     assert ours.dtype == torch.bfloat16
     ulp = bf16_ulp(exact.abs().max().item())
