@@ -1,0 +1,117 @@
+"""Continuous batching throughput: aggregate decode speed of the server's batch engine vs. concurrency.
+
+    python3 bench/serve_batch.py                                  # random 2B4T shapes, CPU, 1/2/4 clients
+    python3 bench/serve_batch.py --device cuda --concurrency 1,4,16,32 --gen-tokens 64 --save
+    python3 bench/serve_batch.py --model path/to/folder          # a real model folder
+
+Drives :class:`bitnet158.engine.batch.BatchEngine` (what ``bitnet158 serve`` runs behind HTTP) with
+``c`` requests submitted at once on a runner of ``c`` rows: each request has its own random
+``--prompt-tokens`` prompt and decodes ``--gen-tokens`` tokens (end-of-text ignored). Reported per
+concurrency: wall time, aggregate tokens/s (all requests), per-request tokens/s, time to first
+token (median / max, including the wait for the other prompts' prefills) and ms per decode step.
+Prints a table, then one JSON line; ``--save`` writes
+``bench/results/serve_batch-2026-11-25-<machine>.json``. No HTTP: the server adds per-token
+JSON/SSE work on top; this isolates the engine.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import platform
+import statistics
+import threading
+import time
+from pathlib import Path
+
+import torch
+
+from bitnet158.engine import SamplingParams, make_runner
+from bitnet158.engine.batch import BatchEngine
+
+
+def build_model(args):
+    if args.model:
+        from bitnet158.checkpoint import load
+        return load(args.model, device=args.device)
+    from bitnet158.random_model import random_packed_model
+    return random_packed_model("2b4t", seed=0, device=args.device)
+
+
+def run_level(model, c: int, prompt_tokens: int, gen_tokens: int, backend: str, seed: int) -> dict:
+    runner = make_runner(model, batch=c, max_len=prompt_tokens + gen_tokens + 1, backend=backend)
+    eng = BatchEngine(runner, max_queue=c).start()
+    g = torch.Generator().manual_seed(seed)
+    V = model.config.vocab_size
+    prompts = [torch.randint(0, V, (prompt_tokens,), generator=g).tolist() for _ in range(c)]
+    params = SamplingParams(max_new_tokens=gen_tokens, stop_ids=frozenset())   # greedy, no early stop
+    first, done, counts = [None] * c, [threading.Event() for _ in range(c)], [0] * c
+    steps0 = eng.steps
+    t0 = time.perf_counter()
+
+    def on_token(i):
+        def f(tok):
+            if first[i] is None:
+                first[i] = time.perf_counter() - t0
+            counts[i] += 1
+        return f
+
+    for i, p in enumerate(prompts):
+        eng.submit(p, params, on_token(i), lambda r, e, i=i: done[i].set())
+    for ev in done:
+        ev.wait(3600)
+    wall = time.perf_counter() - t0
+    steps = eng.steps - steps0
+    eng.stop()
+    total = sum(counts)
+    ttft = [f for f in first if f is not None]
+    decode_s = wall - max(ttft)              # after the last first token every row is decoding
+    return {"concurrency": c, "wall_s": wall, "tokens": total, "agg_tok_s": total / wall,
+            "per_request_tok_s": gen_tokens / wall, "ttft_median_s": statistics.median(ttft),
+            "ttft_max_s": max(ttft), "decode_steps": steps,
+            "step_ms": 1e3 * decode_s / max(1, gen_tokens - 1)}
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    ap.add_argument("--model", default=None, help="model folder (default: random 2B4T shapes in memory)")
+    ap.add_argument("--device", default="cpu")
+    ap.add_argument("--backend", default="auto")
+    ap.add_argument("--threads", type=int, default=None)
+    ap.add_argument("--concurrency", default="1,2,4")
+    ap.add_argument("--prompt-tokens", type=int, default=32)
+    ap.add_argument("--gen-tokens", type=int, default=16)
+    ap.add_argument("--save", action="store_true")
+    args = ap.parse_args()
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    model = build_model(args)
+    levels = [int(x) for x in args.concurrency.split(",")]
+    run_level(model, 1, 8, 2, args.backend, 123)                       # warm-up (kernels, caches)
+    rows = [run_level(model, c, args.prompt_tokens, args.gen_tokens, args.backend, c) for c in levels]
+    dev = torch.cuda.get_device_name() if args.device.startswith("cuda") else platform.processor() or "cpu"
+    print(f"batch engine on {dev} ({args.device}, backend {args.backend}, {torch.get_num_threads()} threads), "
+          f"prompt {args.prompt_tokens}, gen {args.gen_tokens}")
+    print(f"{'clients':>8}{'wall s':>9}{'agg tok/s':>11}{'req tok/s':>11}{'ttft p50':>10}{'ttft max':>10}"
+          f"{'step ms':>9}")
+    for r in rows:
+        print(f"{r['concurrency']:>8}{r['wall_s']:>9.2f}{r['agg_tok_s']:>11.2f}{r['per_request_tok_s']:>11.2f}"
+              f"{r['ttft_median_s']:>10.3f}{r['ttft_max_s']:>10.3f}{r['step_ms']:>9.2f}")
+    out = {"device": dev, "backend": args.backend, "threads": torch.get_num_threads(),
+           "model": args.model or "random-2b4t", "prompt_tokens": args.prompt_tokens,
+           "gen_tokens": args.gen_tokens}
+    for r in rows:
+        c = r["concurrency"]
+        out.update({f"c{c}_agg_tok_s": r["agg_tok_s"], f"c{c}_req_tok_s": r["per_request_tok_s"],
+                    f"c{c}_ttft_p50_s": r["ttft_median_s"], f"c{c}_ttft_max_s": r["ttft_max_s"],
+                    f"c{c}_step_ms": r["step_ms"]})
+    line = json.dumps(out)
+    print(line)
+    if args.save:
+        machine = "gpu-" + dev.split()[-1].lower() if args.device.startswith("cuda") else platform.node()
+        path = Path(__file__).resolve().parent / "results" / f"serve_batch-2026-11-25-{machine}.json"
+        path.write_text(line + "\n")
+
+
+if __name__ == "__main__":
+    main()
