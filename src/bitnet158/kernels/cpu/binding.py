@@ -93,6 +93,8 @@ def _declare(lib: ctypes.CDLL) -> None:
         "bn_bandwidth": (c_double, [P, c_size_t, c_int]),
         "bn_forward": (c_int, [P, c_int, P, P, P, c_int, P, P]),
         "bn_model_sizeof": (c_int, []),
+        "bn_prof_enable": (None, [c_int]),
+        "bn_prof_get": (c_int, [P]),
         "bn_layer_sizeof": (c_int, []),
     }
     for name, (res, args) in sig.items():

@@ -73,26 +73,42 @@ int bn_get_threads(void) { return bn_pool_threads(); }
 /* ------------------------------------------------------------------ layout conversion
  * HF packed P uint8 [N/4][K] (field f of row r = row f*R + r, stored w+1) -> T16 (bitnet_cpu.h).
  * out must hold (Np/16) * (Kp/16) * 64 bytes; padding rows/columns get u = 1 (w = 0).           */
-int bn_convert_hf(const uint8_t *P, int N, int K, uint8_t *out) {
-    if (N % 4) return -1;
-    const int R = N / 4, np = (N + 15) / 16 * 16, kp = (K + 15) / 16 * 16, ks = kp / 16;
-    for (int n = 0; n < np; n++) {
-        const int t = n / 16, r = n % 16;
-        const uint8_t *src = n < N ? P + (size_t)(n % R) * K : NULL;
-        const int sh = n < N ? 2 * (n / R) : 0;
-        for (int s = 0; s < ks; s++) {
-            uint8_t *dst = out + ((size_t)t * ks + s) * 64 + r * 4;
-            for (int j = 0; j < 4; j++) {
-                uint8_t byte = 0;
-                for (int f = 0; f < 4; f++) {
-                    const int k = 16 * s + 4 * f + j;
-                    const int u = (src && k < K) ? (src[k] >> sh) & 3 : 1;
-                    byte |= (uint8_t)(u << (2 * f));
+typedef struct { const uint8_t *P; int N, K; uint8_t *out; } cv_ctx;
+
+static void convert_task(void *c_, int t0, int t1, int tid) {
+    (void)tid;
+    const cv_ctx *c = c_;
+    const int N = c->N, K = c->K, R = N / 4, kp = (K + 15) / 16 * 16, ks = kp / 16, kfull = K / 16;
+    for (int t = t0; t < t1; t++) {
+        for (int r = 0; r < 16; r++) {
+            const int n = 16 * t + r;
+            const uint8_t *src = n < N ? c->P + (size_t)(n % R) * K : NULL;
+            const int sh = n < N ? 2 * (n / R) : 0;
+            uint8_t *dst = c->out + (size_t)t * ks * 64 + r * 4;
+            for (int s = 0; s < ks; s++, dst += 64) {
+                const uint8_t *x = src ? src + 16 * s : NULL;
+                for (int j = 0; j < 4; j++) {
+                    uint8_t byte = 0;
+                    if (x && s < kfull) {          /* fast path: whole step inside K */
+                        for (int f = 0; f < 4; f++) byte |= (uint8_t)(((x[4 * f + j] >> sh) & 3) << (2 * f));
+                    } else {
+                        for (int f = 0; f < 4; f++) {
+                            const int k = 16 * s + 4 * f + j;
+                            const int u = (src && k < K) ? (src[k] >> sh) & 3 : 1;
+                            byte |= (uint8_t)(u << (2 * f));
+                        }
+                    }
+                    dst[j] = byte;
                 }
-                dst[j] = byte;
             }
         }
     }
+}
+
+int bn_convert_hf(const uint8_t *P, int N, int K, uint8_t *out) {
+    if (N % 4) return -1;
+    cv_ctx c = {P, N, K, out};
+    bn_pool_run(convert_task, &c, (N + 15) / 16);
     return 0;
 }
 

@@ -14,6 +14,7 @@
  */
 #include <math.h>
 #include <string.h>
+#include <time.h>
 
 #include "bitnet_cpu.h"
 #include "core.h"
@@ -138,6 +139,25 @@ static void token_task(void *c_, int i0, int i1, int tid) {
     }
 }
 
+/* Optional per-stage wall-clock profile (bn_prof_enable(1); bn_prof_get(double[BN_NPROF])). */
+enum { P_NORMQ, P_QKV, P_ROPE, P_ATTN, P_O, P_GU, P_FFNACT, P_DOWN, P_HEAD, BN_NPROF };
+static int prof_on;
+static double prof_s[BN_NPROF];
+
+static inline double tnow(void) {
+    struct timespec ts;
+    clock_gettime(CLOCK_MONOTONIC, &ts);
+    return ts.tv_sec + 1e-9 * ts.tv_nsec;
+}
+#define PROF(stage, stmt)                                                          \
+    do {                                                                           \
+        if (prof_on) { double t_ = tnow(); stmt; prof_s[stage] += tnow() - t_; }   \
+        else { stmt; }                                                             \
+    } while (0)
+
+void bn_prof_enable(int on) { prof_on = on; if (on) memset(prof_s, 0, sizeof prof_s); }
+int bn_prof_get(double *out) { memcpy(out, prof_s, sizeof prof_s); return BN_NPROF; }
+
 static void attn_task(void *c, int i0, int i1, int tid) { bn_cur->attention((const bn_attn *)c, i0, i1, tid); }
 
 static void run_tokens(fw_ctx *c, int step) {
@@ -167,19 +187,19 @@ int bn_forward(const bn_model *M, int m, const int32_t *tok, const int32_t *pos,
     for (int l = 0; l < M->n_layers; l++) {
         const bn_layer *L = &M->layers[l];
         c.L = L;
-        run_tokens(&c, ST_NORM_IN);
-        gemm(M, L->wqkv, L->gqkv, M->nqkv, M->kp_d, m, M->qkv, M->nqkv, BN_OUT_F32);
-        run_tokens(&c, ST_ROPE_KV);
+        PROF(P_NORMQ, run_tokens(&c, ST_NORM_IN));
+        PROF(P_QKV, gemm(M, L->wqkv, L->gqkv, M->nqkv, M->kp_d, m, M->qkv, M->nqkv, BN_OUT_F32));
+        PROF(P_ROPE, run_tokens(&c, ST_ROPE_KV));
         bn_attn a = {.q = M->qkv + M->q_off, .ldq = M->nqkv, .kc = L->kc, .vc = L->vc, .kv_bf16 = M->kv_bf16,
                      .S = M->max_len, .hd = M->hd, .H = M->h, .Hkv = M->hkv, .row = row, .pos = pos,
                      .out = M->att, .ldo = nq, .scratch = M->scratch, .scale = M->attn_scale};
-        bn_pool_run(attn_task, &a, m * M->h);
-        run_tokens(&c, ST_NORM_ATTN);
-        gemm(M, L->wo, L->go, M->d, M->kp_q, m, M->x, M->d, BN_OUT_F32_ADD);
-        run_tokens(&c, ST_NORM_POST);
-        gemm(M, L->wgu, L->ggu, 2 * M->f_pad, M->kp_d, m, M->gu, 2 * M->f_pad, BN_OUT_F32);
-        run_tokens(&c, ST_FFN_ACT);
-        gemm(M, L->wdown, L->gdown, M->d, M->kp_f, m, M->x, M->d, BN_OUT_F32_ADD);
+        PROF(P_ATTN, bn_pool_run(attn_task, &a, m * M->h));
+        PROF(P_NORMQ, run_tokens(&c, ST_NORM_ATTN));
+        PROF(P_O, gemm(M, L->wo, L->go, M->d, M->kp_q, m, M->x, M->d, BN_OUT_F32_ADD));
+        PROF(P_NORMQ, run_tokens(&c, ST_NORM_POST));
+        PROF(P_GU, gemm(M, L->wgu, L->ggu, 2 * M->f_pad, M->kp_d, m, M->gu, 2 * M->f_pad, BN_OUT_F32));
+        PROF(P_FFNACT, run_tokens(&c, ST_FFN_ACT));
+        PROF(P_DOWN, gemm(M, L->wdown, L->gdown, M->d, M->kp_f, m, M->x, M->d, BN_OUT_F32_ADD));
     }
     if (n_out <= 0) return 0;
     for (int j = 0; j < n_out; j++) {
@@ -190,7 +210,7 @@ int bn_forward(const bn_model *M, int m, const int32_t *tok, const int32_t *pos,
     }
     bn_head hd = {.w = M->head, .kind = M->head_kind, .row_scale = M->head_scale, .d = M->d, .x = M->hout,
                   .m = n_out, .ldx = M->d, .out = logits, .ldo = M->vocab};
-    bn_head_run(&hd, M->vocab);
+    PROF(P_HEAD, bn_head_run(&hd, M->vocab));
     return 0;
 }
 

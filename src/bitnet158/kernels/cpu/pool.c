@@ -1,9 +1,10 @@
 /* pool.c — a small persistent thread pool: workers spin briefly on a generation counter, then sleep.
  *
- * bn_pool_run(fn, ctx, items) splits [0, items) into one contiguous chunk per thread (the caller
- * runs chunk 0) and returns when every chunk is done. Spinning first keeps the ~300 hand-offs of a
+ * bn_pool_run(fn, ctx, items) splits [0, items) into 2 contiguous chunks per thread, claimed
+ * dynamically (the caller works too), and returns when every chunk is done. Spinning first keeps the ~300 hand-offs of a
  * decode step at well under a microsecond each; sleeping after ~2 ms keeps idle workers off the CPU
- * (and out of torch's way) between calls. Workers are pinned one per CPU when BITNET158_CPU_PIN=1.
+ * (and out of torch's way) between calls. Worker i is pinned to the i-th allowed CPU (the caller stays
+ * free and the scheduler moves it to the remaining CPU); BITNET158_CPU_PIN=0 turns pinning off.
  */
 #define _GNU_SOURCE
 #include <pthread.h>
@@ -27,12 +28,13 @@ static struct {
     int n;                         /* threads including the caller */
     pthread_t th[BN_MAX_THREADS];
     _Atomic unsigned gen;          /* bumped once per job */
-    _Atomic int done;              /* workers finished with the current job */
+    _Atomic int done;              /* chunks finished in the current job */
     _Atomic int sleeping;
     _Atomic int stop;
     bn_task fn;
     void *ctx;
-    int items;
+    int items, nchunks;
+    _Atomic uint64_t claim;        /* (job generation << 32) | next chunk */
     pthread_mutex_t mu;
     pthread_cond_t cv;
 } P = {.n = 1, .mu = PTHREAD_MUTEX_INITIALIZER, .cv = PTHREAD_COND_INITIALIZER};
@@ -41,11 +43,6 @@ static double now_s(void) {
     struct timespec ts;
     clock_gettime(CLOCK_MONOTONIC, &ts);
     return ts.tv_sec + 1e-9 * ts.tv_nsec;
-}
-
-static void chunk(int tid, int n, int items, int *i0, int *i1) {
-    *i0 = (int)((long long)items * tid / n);
-    *i1 = (int)((long long)items * (tid + 1) / n);
 }
 
 static void pin(int tid) {
@@ -69,10 +66,28 @@ static void pin(int tid) {
 
 static unsigned start_gen;  /* P.gen when the workers were created: no job can be missed */
 
+/* Claim and run chunks of job `gen` until none is left. A claim is a CAS on (gen << 32 | next),
+ * so a thread that wakes late can never take a chunk of a later job. */
+static void work(unsigned gen, int tid) {
+    const bn_task fn = P.fn;
+    void *const ctx = P.ctx;
+    const int items = P.items, nch = P.nchunks;
+    uint64_t cur = atomic_load(&P.claim);
+    for (;;) {
+        if ((unsigned)(cur >> 32) != gen || (int)(uint32_t)cur >= nch) return;
+        if (!atomic_compare_exchange_weak(&P.claim, &cur, cur + 1)) continue;
+        const int c = (int)(uint32_t)cur;
+        const int i0 = (int)((long long)items * c / nch), i1 = (int)((long long)items * (c + 1) / nch);
+        if (i1 > i0) fn(ctx, i0, i1, tid);
+        atomic_fetch_add_explicit(&P.done, 1, memory_order_release);
+        cur = atomic_load(&P.claim);
+    }
+}
+
 static void *worker(void *arg) {
     const int tid = (int)(intptr_t)arg;
     const char *e = getenv("BITNET158_CPU_PIN");
-    if (e && e[0] == '1') pin(tid);
+    if (!(e && e[0] == '0')) pin(tid);
     unsigned seen = start_gen;
     for (;;) {
         double t0 = 0.0;
@@ -93,10 +108,7 @@ static void *worker(void *arg) {
         }
         seen = atomic_load_explicit(&P.gen, memory_order_acquire);
         if (atomic_load(&P.stop)) return NULL;
-        int i0, i1;
-        chunk(tid, P.n, P.items, &i0, &i1);
-        if (i1 > i0) P.fn(P.ctx, i0, i1, tid);
-        atomic_fetch_add_explicit(&P.done, 1, memory_order_release);
+        work(seen, tid);
     }
 }
 
@@ -132,18 +144,25 @@ void bn_pool_run(bn_task fn, void *ctx, int items) {
         fn(ctx, 0, items, 0);
         return;
     }
+    /* Chunks are claimed dynamically: when a worker is descheduled (a busy machine) the caller
+     * does its share instead of spinning. Two chunks per thread keep each one's memory stream long. */
+    const int nch = items < 2 * P.n ? items : 2 * P.n;
     P.fn = fn;
     P.ctx = ctx;
     P.items = items;
+    P.nchunks = nch;
     atomic_store(&P.done, 0);
-    atomic_fetch_add(&P.gen, 1);          /* seq_cst: pairs with the sleeper's check under P.mu */
+    const unsigned gen = atomic_load(&P.gen) + 1;
+    atomic_store(&P.claim, (uint64_t)gen << 32);
+    atomic_store(&P.gen, gen);            /* seq_cst: pairs with the sleeper's check under P.mu */
     if (atomic_load(&P.sleeping)) {
         pthread_mutex_lock(&P.mu);
         pthread_cond_broadcast(&P.cv);
         pthread_mutex_unlock(&P.mu);
     }
-    int i0, i1;
-    chunk(0, P.n, items, &i0, &i1);
-    if (i1 > i0) fn(ctx, i0, i1, 0);
-    while (atomic_load_explicit(&P.done, memory_order_acquire) != P.n - 1) BN_PAUSE();
+    work(gen, 0);
+    for (unsigned spins = 1; atomic_load_explicit(&P.done, memory_order_acquire) != nch; spins++) {
+        BN_PAUSE();
+        if ((spins & 255) == 0) sched_yield();
+    }
 }

@@ -25,7 +25,7 @@ from ctypes import POINTER, Structure, c_float, c_int, c_void_p
 
 import torch
 
-from . import HEAD_KINDS, binding, convert, pad16, quantize_rows_int8
+from . import HEAD_KINDS, binding, pad16, quantize_rows_int8
 
 PREFILL_CHUNK = 128   # tokens per forward call during prefill (bounds the activation buffers)
 
@@ -59,16 +59,24 @@ def _projection(mod) -> tuple[torch.Tensor, float]:
 
 
 def _fused(mods) -> tuple[torch.Tensor, torch.Tensor, list[int]]:
-    """Concatenate T16 matrices (each padded to 16 rows) -> (weights, gamma per tile, row offsets)."""
-    ws, gs, offs, off = [], [], [], 0
-    for mod in mods:
+    """Stack T16 matrices (each padded to 16 rows) -> (weights, gamma per tile, row offsets).
+
+    Converted straight into one buffer: no per-matrix temporaries to fragment the heap."""
+    lib = binding.lib()
+    shapes = [(pad16(m.out_features), pad16(m.in_features)) for m in mods]
+    if len({k for _, k in shapes}) != 1:
+        raise ValueError("fused projections must share in_features")
+    sizes = [n * k // 4 for n, k in shapes]
+    out = torch.empty(sum(sizes), dtype=torch.uint8)
+    gs, offs, off, byte = [], [], 0, 0
+    for mod, (n, _), size in zip(mods, shapes, sizes):
         packed, gamma = _projection(mod)
-        ws.append(convert(packed))
-        tiles = pad16(mod.out_features) // 16
-        gs.append(torch.full((tiles,), gamma, dtype=torch.float32))
+        packed = packed.contiguous()
+        lib.bn_convert_hf(packed.data_ptr(), mod.out_features, mod.in_features, out.data_ptr() + byte)
+        gs.append(torch.full((n // 16,), gamma, dtype=torch.float32))
         offs.append(off)
-        off += tiles * 16
-    return torch.cat(ws), torch.cat(gs), offs
+        off, byte = off + n, byte + size
+    return out, torch.cat(gs), offs
 
 
 def supports(model) -> bool:

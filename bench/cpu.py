@@ -1,0 +1,225 @@
+"""CPU engine benchmark: pp128 / tg128 tok/s and resident memory on a random model with exact 2B4T shapes.
+
+    python3 bench/cpu.py                       # ours (bf16 + int8 head), torch reference, llama.cpp
+    python3 bench/cpu.py --only ours-bf16      # one engine
+    python3 bench/cpu.py --save                # also write bench/results/cpu-2026-11-25-<cpu>.json
+
+Each engine runs in its own subprocess (so resident memory is its own), with the same thread count
+(default 2), after a one-token warm-up: pp = prompt tokens / prefill seconds, tg = generated tokens
+/ decode seconds (greedy, one token per step, the logits of every step computed). Engines:
+  ours-bf16 / ours-int8   the C runner (bitnet158.kernels.cpu.runner), the torch model dropped after
+                          conversion (only the kernel copy and the head/embedding stay resident)
+  torch                   the reference TorchRunner, pure torch (C kernels disabled), fewer tokens
+  llamacpp-f16 / -q8_0    llama-cpp-python on a TQ2_0 GGUF of the same shapes from
+                          bitnet158.convert.write_random_gguf (F16 / Q8_0 token_embd = tied head)
+The streaming-read bandwidth (C loop, same threads) gives the decode floor:
+bytes per token / bandwidth. Prints a table, then one JSON line.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+ENGINES = ("ours-bf16", "ours-int8", "torch", "llamacpp-f16", "llamacpp-q8_0")
+
+
+def rss_gb() -> tuple[float, float]:
+    """(VmRSS, VmHWM) of this process in GB."""
+    f = dict(line.split(":", 1) for line in Path("/proc/self/status").read_text().splitlines() if ":" in line)
+    return int(f["VmRSS"].split()[0]) / 1e6, int(f["VmHWM"].split()[0]) / 1e6
+
+
+def cpu_name() -> str:
+    for line in Path("/proc/cpuinfo").read_text().splitlines():
+        if line.startswith("model name"):
+            return line.split(":", 1)[1].strip()
+    return platform.processor() or "unknown"
+
+
+def _time_runner(runner, V: int, prompt: int, gen: int) -> dict:
+    import torch
+    g = torch.Generator().manual_seed(0)
+    toks = torch.randint(0, V, (1, prompt), generator=g)
+    runner.prefill(toks[:, :1], torch.zeros(1, 1, dtype=torch.long))         # warm-up
+    t0 = time.perf_counter()
+    logits = runner.prefill(toks, torch.arange(prompt)[None])
+    t_pp = time.perf_counter() - t0
+    nxt = logits.argmax(-1)
+    t0 = time.perf_counter()
+    for i in range(gen):
+        nxt = runner.decode(nxt, torch.tensor([prompt + i])).argmax(-1)
+    t_tg = time.perf_counter() - t0
+    return {"pp_tok_s": prompt / t_pp, "tg_tok_s": gen / t_tg, "pp_tokens": prompt, "tg_tokens": gen}
+
+
+def run_ours(head: str, threads: int, prompt: int, gen: int) -> dict:
+    import torch
+    torch.set_num_threads(threads)
+    from bitnet158.kernels import cpu
+    from bitnet158.kernels.cpu.runner import CpuRunner, release_memory
+    from bitnet158.random_model import random_packed_model
+    t0 = time.perf_counter()
+    model = random_packed_model("2b4t", seed=0)
+    runner = CpuRunner(model, batch=1, max_len=prompt + gen + 24, head=head, threads=threads)
+    V = model.config.vocab_size
+    del model
+    release_memory()
+    load_s = time.perf_counter() - t0
+    r = _time_runner(runner, V, prompt, gen)
+    rss, hwm = rss_gb()
+    stages = profile_decode(runner, prompt + gen, steps=16)
+    bw = cpu.bandwidth(1 << 30, reps=5)
+    head_bytes = 128256 * 2560 * (2 if head == "bf16" else 1)
+    tern_bytes = sum(t.numel() for t in runner._keep if t.dtype == torch.uint8)
+    return {**r, "rss_gb": rss, "peak_rss_gb": hwm, "load_s": load_s, "isa": cpu.isa(),
+            "bandwidth_gb_s": bw, "token_bytes_gb": (head_bytes + tern_bytes) / 1e9, "decode_stage_ms": stages}
+
+
+STAGES = ("norm+quant", "qkv", "rope+kv", "attention", "o_proj", "gate_up", "relu2+subnorm", "down", "head")
+
+
+def profile_decode(runner, pos: int, steps: int) -> dict:
+    """Wall-clock ms per decode token of each stage of the C forward (its own profiler)."""
+    import ctypes
+
+    import torch
+    lib = runner._lib
+    lib.bn_prof_enable(1)
+    tok = torch.tensor([1])
+    for i in range(steps):
+        runner.decode(tok, torch.tensor([pos + i]))
+    out = (ctypes.c_double * 16)()
+    n = lib.bn_prof_get(ctypes.addressof(out))
+    lib.bn_prof_enable(0)
+    return {STAGES[i]: round(out[i] * 1e3 / steps, 3) for i in range(n)}
+
+
+def run_torch(threads: int, prompt: int, gen: int) -> dict:
+    os.environ["BITNET158_CPU_KERNELS"] = "0"
+    import torch
+    torch.set_num_threads(threads)
+    from bitnet158.engine.runner import TorchRunner
+    from bitnet158.random_model import random_packed_model
+    model = random_packed_model("2b4t", seed=0)
+    runner = TorchRunner(model, batch=1, max_len=prompt + gen + 8)
+    r = _time_runner(runner, model.config.vocab_size, prompt, gen)
+    rss, hwm = rss_gb()
+    return {**r, "rss_gb": rss, "peak_rss_gb": hwm}
+
+
+def run_llamacpp(head: str, threads: int, prompt: int, gen: int, gguf_dir: Path) -> dict:
+    import numpy as np
+    from llama_cpp import Llama, __version__
+    path = gguf_dir / f"2b4t-tq2_0-{head}.gguf"
+    if not path.exists():
+        from bitnet158.convert import write_random_gguf
+        write_random_gguf(path, "2b4t", wtype="tq2_0", head=head)
+    llm = Llama(model_path=str(path), n_threads=threads, n_threads_batch=threads, n_ctx=prompt + gen + 16,
+                n_batch=prompt, logits_all=False, verbose=False, use_mmap=False)
+    rng = np.random.default_rng(0)
+    toks = rng.integers(1000, 100000, size=prompt).tolist()
+    llm.eval(toks[:1])
+    llm.reset()
+    t0 = time.perf_counter()
+    llm.eval(toks)
+    t_pp = time.perf_counter() - t0
+    nxt = int(np.argmax(llm.scores[llm.n_tokens - 1]))
+    t0 = time.perf_counter()
+    for _ in range(gen):
+        llm.eval([nxt])
+        nxt = int(np.argmax(llm.scores[llm.n_tokens - 1]))
+    t_tg = time.perf_counter() - t0
+    rss, hwm = rss_gb()
+    return {"pp_tok_s": prompt / t_pp, "tg_tok_s": gen / t_tg, "pp_tokens": prompt, "tg_tokens": gen,
+            "rss_gb": rss, "peak_rss_gb": hwm, "llama_cpp_python": __version__}
+
+
+def child(args) -> dict:
+    e = args.only
+    if e.startswith("ours-"):
+        return run_ours(e.split("-", 1)[1], args.threads, args.prompt, args.gen)
+    if e == "torch":
+        return run_torch(args.threads, args.torch_prompt, args.torch_gen)
+    if e.startswith("llamacpp-"):
+        return run_llamacpp(e.split("-", 1)[1], args.threads, args.prompt, args.gen, Path(args.gguf_dir))
+    raise SystemExit(f"unknown engine {e!r}; choose from {', '.join(ENGINES)}")
+
+
+def main() -> int:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--threads", type=int, default=2)
+    ap.add_argument("--prompt", type=int, default=128)
+    ap.add_argument("--gen", type=int, default=128)
+    ap.add_argument("--torch-prompt", type=int, default=32, help="prompt tokens for the slow torch reference")
+    ap.add_argument("--torch-gen", type=int, default=8, help="generated tokens for the torch reference")
+    ap.add_argument("--engines", default=",".join(ENGINES))
+    ap.add_argument("--only", help="run one engine in this process and print its JSON (used internally)")
+    ap.add_argument("--gguf-dir", default=os.path.join(tempfile.gettempdir(), "bitnet158-bench"))
+    ap.add_argument("--save", action="store_true")
+    args = ap.parse_args()
+    if args.only:
+        print(json.dumps(child(args)))
+        return 0
+    Path(args.gguf_dir).mkdir(parents=True, exist_ok=True)
+    res: dict[str, dict] = {}
+    for e in args.engines.split(","):
+        cmd = [sys.executable, __file__, "--only", e, "--threads", str(args.threads), "--prompt", str(args.prompt),
+               "--gen", str(args.gen), "--torch-prompt", str(args.torch_prompt), "--torch-gen", str(args.torch_gen),
+               "--gguf-dir", args.gguf_dir]
+        p = subprocess.run(cmd, capture_output=True, text=True, cwd=ROOT)
+        lines = [ln for ln in p.stdout.splitlines() if ln.startswith("{")]
+        if p.returncode or not lines:
+            res[e] = {"error": (p.stderr.strip().splitlines() or ["failed"])[-1][:200]}
+        else:
+            res[e] = json.loads(lines[-1])
+        print(f"  {e}: {res[e]}", file=sys.stderr)
+    print(f"\nCPU: {cpu_name()}, {args.threads} threads; random model with exact 2B4T shapes")
+    print(f"{'engine':<16}{'pp tok/s':>10}{'tg tok/s':>10}{'RSS GB':>9}{'peak GB':>9}  note")
+    for e, r in res.items():
+        if "error" in r:
+            print(f"{e:<16}{'-':>10}{'-':>10}{'-':>9}{'-':>9}  {r['error']}")
+            continue
+        note = f"pp{r['pp_tokens']}/tg{r['tg_tokens']}"
+        if "bandwidth_gb_s" in r:
+            floor = r["bandwidth_gb_s"] / r["token_bytes_gb"]
+            note += f", {r['isa']}, read BW {r['bandwidth_gb_s']:.1f} GB/s -> floor {floor:.1f} tok/s"
+        print(f"{e:<16}{r['pp_tok_s']:>10.1f}{r['tg_tok_s']:>10.2f}{r['rss_gb']:>9.2f}{r['peak_rss_gb']:>9.2f}  {note}")
+    flat = {"cpu": cpu_name(), "threads": args.threads, "date": "2026-11-25"}
+    for e, r in res.items():
+        key = e.replace("-", "_")
+        if "pp_tok_s" in r:
+            flat[f"{key}_pp{r['pp_tokens']}_tok_s"] = round(r["pp_tok_s"], 2)
+            flat[f"{key}_tg{r['tg_tokens']}_tok_s"] = round(r["tg_tok_s"], 2)
+            flat[f"{key}_rss_gb"] = round(r["rss_gb"], 3)
+            flat[f"{key}_peak_rss_gb"] = round(r["peak_rss_gb"], 3)
+    ours = res.get("ours-bf16", {})
+    if "bandwidth_gb_s" in ours:
+        flat["read_bandwidth_gb_s"] = round(ours["bandwidth_gb_s"], 2)
+        flat["ours_isa"] = ours["isa"]
+    for h, lh in (("bf16", "f16"), ("int8", "q8_0")):
+        a, b = res.get(f"ours-{h}", {}), res.get(f"llamacpp-{lh}", {})
+        if "tg_tok_s" in a and "tg_tok_s" in b:
+            flat[f"tg_speedup_vs_llamacpp_{h}_head"] = round(a["tg_tok_s"] / b["tg_tok_s"], 3)
+            flat[f"pp_speedup_vs_llamacpp_{h}_head"] = round(a["pp_tok_s"] / b["pp_tok_s"], 3)
+    line = json.dumps(flat)
+    if args.save:
+        tag = "".join(c if c.isalnum() else "-" for c in cpu_name().lower()).strip("-")
+        while "--" in tag:
+            tag = tag.replace("--", "-")
+        out = ROOT / "bench" / "results" / f"cpu-2026-11-25-{tag}.json"
+        out.write_text(json.dumps({**flat, "engines": res}, indent=1) + "\n")
+    print(line)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
