@@ -4,6 +4,7 @@ a clear error (type + the file/tensor/field named) for every kind of bad input."
 from __future__ import annotations
 
 import json
+import os
 import warnings
 
 import pytest
@@ -182,6 +183,10 @@ def test_save_is_atomic(tmp_path, monkeypatch):
     assert sorted(p.name for p in tmp_path.iterdir()) == ["m"]  # no temporary left behind
     checkpoint.save(random_model("tiny", seed=2), target)  # a model folder is replaced
     assert not torch.equal(tensors(target)[Q0 + ".weight"], before[Q0 + ".weight"])
+    umask = os.umask(0)
+    os.umask(umask)
+    assert (target.stat().st_mode & 0o777) == 0o777 & ~umask  # not mkdtemp's 0700
+    assert all((f.stat().st_mode & 0o777) == 0o666 & ~umask for f in target.iterdir())
     other = tmp_path / "notes"
     other.mkdir()
     (other / "todo.txt").write_text("keep me")
