@@ -97,7 +97,9 @@ def read_weights(folder: Path) -> tuple[dict[str, torch.Tensor], dict[str, Path]
                 for name in fh.keys():
                     if name in tensors:
                         raise CheckpointError(f"{f}: tensor {name!r} also appears in {sources[name]}")
-                    tensors[name] = fh.get_tensor(name)
+                    # get_tensor views a private mmap of the file: copy to own the memory, so a
+                    # later in-place rewrite of the file can never fault the loaded model
+                    tensors[name] = fh.get_tensor(name).clone()
                     sources[name] = f
         except CheckpointError:
             raise
