@@ -142,19 +142,25 @@ def profile_decode(model, path, batch=1, ctx=1024):
     from torch.profiler import ProfilerActivity, profile
 
     from bitnet158.kernels.triton.runner import TritonRunner
-    r = TritonRunner(model, batch=batch, max_len=ctx + 64, graphs=False)
+    r = TritonRunner(model, batch=batch, max_len=4096 if batch == 1 else 1280, graphs=False)
     tok = torch.randint(0, r.vocab_size, (batch,), device="cuda")
     pos = torch.full((batch,), ctx - 1, device="cuda")
-    for _ in range(2):
-        r.decode(tok, pos)
-    torch.cuda.synchronize()
-    with profile(activities=[ProfilerActivity.CUDA]) as prof:
-        for _ in range(5):
-            r.decode(tok, pos)
+    ptok = torch.randint(0, r.vocab_size, (1, 2048), device="cuda")
+    ppos = torch.arange(2048, device="cuda")[None]
+    for name, fn, n in (("decode", lambda: r.decode(tok, pos), 5),
+                        ("prefill 2048", lambda: r.prefill(ptok, ppos, rows=torch.tensor([0])), 1)):
+        if batch > 1 and name != "decode":
+            continue
+        for _ in range(2):
+            fn()
         torch.cuda.synchronize()
-    table = prof.key_averages().table(sort_by="cuda_time_total", row_limit=25)
-    with open(path, "a") as f:
-        f.write(f"decode batch {batch} ctx {ctx}, 5 steps\n{table}\n")
+        with profile(activities=[ProfilerActivity.CUDA]) as prof:
+            for _ in range(n):
+                fn()
+            torch.cuda.synchronize()
+        table = prof.key_averages().table(sort_by="cuda_time_total", row_limit=22, max_name_column_width=60)
+        with open(path, "a") as f:
+            f.write(f"{name} batch {batch} ctx {ctx}, {n} calls\n{table}\n")
     del r
 
 
@@ -192,6 +198,8 @@ def main(argv=None) -> int:
     ap.add_argument("--quick", action="store_true", help="fewer cases (smoke run)")
     ap.add_argument("--sweep", default=None, help="also time GEMV block shapes; write them here")
     ap.add_argument("--profile", default=None, help="write a per-kernel profile of decode steps here")
+    ap.add_argument("--profile-only", action="store_true", help="only the profile (set BITNET158_PDL=0 "
+                    "for per-kernel times: with PDL a kernel's time includes its wait)")
     args = ap.parse_args(argv)
     if not torch.cuda.is_available():
         print("bench/gpu.py needs a CUDA device", file=sys.stderr)
@@ -221,6 +229,8 @@ def main(argv=None) -> int:
                 profile_decode(model, args.profile, batch=b)
             except Exception as e:
                 print("profile failed:", repr(e)[:300])
+        if args.profile_only:
+            return 0
     kv_tok = 2 * cfg.num_hidden_layers * cfg.num_key_value_heads * cfg.head_dim * 2    # bytes / position
     ctxs = [128, 1024, 4096] if not args.quick else [1024]
     for mode in ("w2a8", "bf16"):
@@ -257,6 +267,14 @@ def main(argv=None) -> int:
             pos = [1023 - (37 * b) % 256 for b in range(B)]              # staggered positions
             ms = decode_ms(r, pos, iters=30)
             res[f"decode_b{B}_{mode}_ms"] = round(ms, 4)
+            if mode == "w2a8" and B == 8:          # the dp4a GEMV (rows looped) instead of tl.dot
+                from bitnet158.kernels.triton import w2a8 as _w
+                keep, _w.GEMV_MAX_M = _w.GEMV_MAX_M, 8
+                r2 = TritonRunner(model, batch=B, max_len=1280, linear=mode)
+                fill_cache(r2)
+                res["decode_b8_w2a8_gemv_ms"] = round(decode_ms(r2, pos, iters=30), 4)
+                _w.GEMV_MAX_M = keep
+                del r2
             res[f"decode_b{B}_{mode}_tok_s"] = round(B / ms * 1e3, 1)
             print(f"[{mode}] decode b{B}: {ms:.3f} ms/step, {B / ms * 1e3:.0f} tok/s", flush=True)
             del r

@@ -166,6 +166,7 @@ def test_decode_attention(dtype):
     vc = torch.randn(B, HKV, S, D).to(dtype)
     pos = torch.tensor([0, 17, 39], dtype=torch.int32)
     norm = RMSNorm(H * D, 1e-5).to(dtype)
+    norm.weight.data = (torch.rand(H * D) + 0.5).to(dtype)
     ref = _attn_reference(qkv, kc.clone(), vc.clone(), pos, cos_t, sin_t, H, HKV, D, norm)
     att = DecodeAttention(H, HKV, D, B, S, DEV, chunk=16, block_n=16)
     kd, vd = kc.clone().to(DEV), vc.clone().to(DEV)
@@ -176,7 +177,13 @@ def test_decode_attention(dtype):
     torch.testing.assert_close(y.cpu().float(), ref.float(), rtol=tol, atol=tol)
     kr, vr = kc.clone(), vc.clone()
     _attn_reference(qkv, kr, vr, pos, cos_t, sin_t, H, HKV, D, norm)
-    assert torch.equal(kd.cpu(), kr) and torch.equal(vd.cpu(), vr)       # RoPE'd keys bit-exact
+    assert torch.equal(vd.cpu(), vr)
+    # RoPE'd keys: bit-exact under the interpreter; compiled code may round one element in a few
+    # hundred differently (native bf16 ops / FMA contraction), one ulp
+    torch.testing.assert_close(kd.cpu(), kr, rtol=8e-3 if dtype == torch.bfloat16 else 1e-6, atol=1e-6)
+    if common.INTERPRET:
+        assert torch.equal(kd.cpu(), kr)
+    assert int(att.cnt.abs().sum()) == 0                                # row counters left at zero
     q, s = att(qkv.to(DEV), kd, vd, rows, pos.to(DEV), cos_t.to(DEV), sin_t.to(DEV),
                norm.weight.to(DEV), 1e-5)
     rq, _ = quant.act_quant(ref)

@@ -101,7 +101,7 @@ def _rel(a, b):
     return float((a.float() - b.float()).norm() / b.float().norm())
 
 
-def _compare_2b4t(layers, B=2, T=37):
+def _compare_2b4t(layers, B=2, T=37, stds=None):
     """Reference (torch kernels) vs Triton runner on a random 2B4T-shaped bf16 model.
 
     Also measures the reference's own spread: its eager attention against its SDPA attention
@@ -109,7 +109,7 @@ def _compare_2b4t(layers, B=2, T=37):
     """
     from bitnet158.random_model import random_packed_model
     cfg = ModelConfig.from_name("2b4t", num_hidden_layers=layers)
-    m = random_packed_model(cfg, seed=0, dtype=torch.bfloat16, device="cuda")
+    m = random_packed_model(cfg, seed=0, dtype=torch.bfloat16, device="cuda", stds=stds)
     toks = torch.randint(0, cfg.vocab_size, (B, T), device="cuda", generator=torch.Generator("cuda").manual_seed(0))
     pos = torch.arange(T, device="cuda")[None].expand(B, T)
     dp = torch.full((B,), T, device="cuda")
@@ -128,24 +128,31 @@ def _compare_2b4t(layers, B=2, T=37):
     e = dict(prefill=_rel(b, a), decode=_rel(b2, a2), ref_spread_prefill=_rel(out["eager"][0], a),
              ref_spread_decode=_rel(out["eager"][1], a2), max_abs_decode=float((b2 - a2).abs().max()),
              ref_max_abs=float(a2.abs().max()))
-    print(f"\n2b4t-shaped, {layers} layers, bf16: " + ", ".join(f"{k} {v:.3e}" for k, v in e.items()))
+    print(f"\n2b4t-shaped, {layers} layers, bf16, stds {stds}: " + ", ".join(f"{k} {v:.3e}" for k, v in e.items()))
     return e
+
+
+# q/k scales a quarter of the defaults: softer attention, so that the logits do not hinge on
+# one-ulp differences of attention scores (the defaults make even the reference's eager and
+# SDPA attention disagree by several percent, printed by the test below)
+MILD = {"q_proj": 0.005, "k_proj": 0.011}
 
 
 @pytest.mark.cuda
 @pytest.mark.skipif(not CUDA, reason="needs CUDA")
 def test_cuda_2b4t_logits_close(reference_kernels):
-    """Relative L2 of the logits <= 1e-2 on 2B4T shapes (2 layers: every kernel at full size)."""
-    e = _compare_2b4t(layers=2)
+    """All 30 layers at 2B4T shapes in bf16: relative L2 of the logits <= 1e-2 (prefill, decode)."""
+    e = _compare_2b4t(layers=30, stds=MILD)
     assert e["prefill"] <= 1e-2 and e["decode"] <= 1e-2
 
 
 @pytest.mark.cuda
 @pytest.mark.skipif(not CUDA, reason="needs CUDA")
-def test_cuda_2b4t_full_depth_within_reference_spread(reference_kernels):
-    """All 30 layers: random ternary layers amplify one-ulp differences (see the reference's own
-    eager-vs-SDPA spread, printed); the runner must stay within 1e-2 or within twice that spread."""
-    e = _compare_2b4t(layers=30)
+@pytest.mark.parametrize("layers", [2, 30])
+def test_cuda_2b4t_default_scales_within_reference_spread(layers, reference_kernels):
+    """Default random scales: sharp attention and 30 random ternary layers amplify one-ulp
+    differences; the runner must stay within 1e-2 or within twice the reference's own spread."""
+    e = _compare_2b4t(layers=layers)
     for k in ("prefill", "decode"):
         assert e[k] <= max(1e-2, 2 * e["ref_spread_" + k])
 

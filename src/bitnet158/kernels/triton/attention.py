@@ -9,8 +9,9 @@ One decode step of one layer, for B rows each at its own position ``pos[b]``:
    reads them back after a barrier. Chunks past ``pos`` exit at once: the grid is fixed for a
    cache of ``max_len`` slots (CUDA graphs) but only ``pos + 1`` slots are read. Output: per chunk
    the normalized partial ``o`` (fp32) and its softmax max / sum.
-2. ``_attn_combine`` — grid (B,). Merges the chunks of every head, rounds ``o`` to the model dtype
-   (what SDPA returns), then applies ``attn_sub_norm`` (RMSNorm over all heads) and quantizes to
+2. ``_attn_combine`` — grid (B, H). Merges the chunks of one head in one shot and rounds ``o`` to
+   the model dtype (what SDPA returns); the last head of a row to finish (a per-row counter, left
+   at zero for the next call) applies ``attn_sub_norm`` (RMSNorm over all heads) and quantizes to
    int8 for ``o_proj`` — or stores the normed row (``quant=False``, for a float linear).
 
 The input is the fused q/k/v row ``[B, (H + 2 Hkv) * D]`` from the QKV projection (pre-RoPE).
@@ -111,50 +112,51 @@ def _attn_partial(qkv_ptr, stride_qkv, kc_ptr, vc_ptr, sc_b, sc_h, sc_s, rows_pt
 
 
 @triton.jit
-def _attn_combine(po_ptr, pml_ptr, pos_ptr, w_ptr, y_ptr, q_ptr, s_ptr, stride_y, stride_q, eps,
-                  H: tl.constexpr, HP: tl.constexpr, D: tl.constexpr, CHUNK: tl.constexpr,
+def _attn_combine(po_ptr, pml_ptr, pos_ptr, w_ptr, ob_ptr, cnt_ptr, y_ptr, q_ptr, s_ptr, stride_y,
+                  stride_q, eps, H: tl.constexpr, HP: tl.constexpr, D: tl.constexpr, CHUNK: tl.constexpr,
                   NCH: tl.constexpr, NCHP: tl.constexpr, QUANT: tl.constexpr, PDL: tl.constexpr,
                   INTERP: tl.constexpr):
+    """Grid (B, H): merge one head's chunks in one shot; the last head of a row to finish (a
+    per-row counter) applies attn_sub_norm over the whole row and quantizes it."""
+    b = tl.program_id(0)
+    h = tl.program_id(1)
     if PDL:
         gdc_launch_dependents()
         gdc_wait()
-    b = tl.program_id(0)
+    dt = w_ptr.dtype.element_ty
     pos = tl.load(pos_ptr + b)
     nch = pos // CHUNK + 1
-    hs = tl.arange(0, HP)
     cs = tl.arange(0, NCHP)
     d = tl.arange(0, D)
-    hmask = hs < H
-    valid = hmask[:, None] & (cs[None, :] < nch)
-    ml = pml_ptr + ((b * H + hs[:, None]) * NCH + cs[None, :]) * 2
-    m = tl.load(ml, mask=valid, other=-float("inf"))
-    lsum = tl.load(ml + 1, mask=valid, other=0.0)
-    mx = tl.where(hmask, tl.max(m, axis=1), 0.0)
-    wgt = tl.where(valid, tl.exp(m - mx[:, None]) * lsum, 0.0)                        # [HP, NCHP]
-    tot = tl.where(hmask, tl.sum(wgt, axis=1), 1.0)
-    acc = tl.zeros((HP, D), tl.float32)
-    for c in range(0, NCH):
-        if c < nch:                                                                   # chunks up to pos
-            wc = tl.sum(tl.where(cs[None, :] == c, wgt, 0.0), axis=1)                 # [HP]
-            o = tl.load(po_ptr + ((b * H + hs[:, None]) * NCH + c) * D + d[None, :],
-                        mask=hmask[:, None], other=0.0)
-            acc += wc[:, None] * o
-    dt = w_ptr.dtype.element_ty
-    o = rnd(acc / tot[:, None], dt, INTERP)                                           # SDPA output
-    o = tl.where(hmask[:, None], o, 0.0)
-    var = tl.sum(tl.sum(o * o, axis=1), axis=0) / (H * D)
-    r = tl.math.div_rn(1.0, tl.sqrt_rn(var + eps))
-    idx = hs[:, None] * D + d[None, :]
-    w = tl.load(w_ptr + idx, mask=hmask[:, None], other=0.0).to(tl.float32)
-    y = rnd(w * rnd(o * r, dt, INTERP), dt, INTERP)
-    if QUANT:
-        amax = tl.max(tl.max(tl.abs(y), axis=1), axis=0)
-        s = 127.0 * tl.math.div_rn(1.0, tl.maximum(amax, 1e-5))
-        qv = tl.minimum(tl.maximum(rint(y * s, INTERP), -128.0), 127.0)
-        tl.store(q_ptr + b * stride_q + idx, qv.to(tl.int8), mask=hmask[:, None])
-        tl.store(s_ptr + b, s)
-    else:
-        tl.store(y_ptr + b * stride_y + idx, cast(y, y_ptr.dtype.element_ty, INTERP), mask=hmask[:, None])
+    cm = cs < nch
+    base = (b * H + h) * NCH + cs
+    m = tl.load(pml_ptr + base * 2, mask=cm, other=-float("inf"))
+    lsum = tl.load(pml_ptr + base * 2 + 1, mask=cm, other=0.0)
+    wgt = tl.where(cm, tl.exp(m - tl.max(m, axis=0)) * lsum, 0.0)                       # [NCHP]
+    o = tl.load(po_ptr + base[:, None] * D + d[None, :], mask=cm[:, None], other=0.0)  # [NCHP, D]
+    o = rnd(tl.sum(wgt[:, None] * o, axis=0) / tl.sum(wgt, axis=0), dt, INTERP)         # SDPA output
+    tl.store(ob_ptr + (b * H + h) * D + d, o)
+    tl.debug_barrier()
+    done = tl.atomic_add(cnt_ptr + b, 1)                      # acq_rel: our row slice is visible
+    if done == H - 1:
+        tl.debug_barrier()
+        hs = tl.arange(0, HP)
+        hmask = hs < H
+        idx = hs[:, None] * D + d[None, :]
+        o = tl.load(ob_ptr + b * H * D + idx, mask=hmask[:, None], other=0.0, cache_modifier=".cg")
+        var = tl.sum(tl.sum(o * o, axis=1), axis=0) / (H * D)
+        r = tl.math.div_rn(1.0, tl.sqrt_rn(var + eps))
+        w = tl.load(w_ptr + idx, mask=hmask[:, None], other=0.0).to(tl.float32)
+        y = rnd(w * rnd(o * r, dt, INTERP), dt, INTERP)
+        if QUANT:
+            amax = tl.max(tl.max(tl.abs(y), axis=1), axis=0)
+            s = 127.0 * tl.math.div_rn(1.0, tl.maximum(amax, 1e-5))
+            qv = tl.minimum(tl.maximum(rint(y * s, INTERP), -128.0), 127.0)
+            tl.store(q_ptr + b * stride_q + idx, qv.to(tl.int8), mask=hmask[:, None])
+            tl.store(s_ptr + b, s)
+        else:
+            tl.store(y_ptr + b * stride_y + idx, cast(y, y_ptr.dtype.element_ty, INTERP), mask=hmask[:, None])
+        tl.atomic_xchg(cnt_ptr + b, 0)                       # ready for the next layer / replay
 
 
 class DecodeAttention:
@@ -177,6 +179,8 @@ class DecodeAttention:
         self.nch = triton.cdiv(max_len, self.chunk)
         self.po = torch.empty((batch, n_heads, self.nch, head_dim), dtype=torch.float32, device=device)
         self.pml = torch.empty((batch, n_heads, self.nch, 2), dtype=torch.float32, device=device)
+        self.ob = torch.empty((batch, n_heads * head_dim), dtype=torch.float32, device=device)
+        self.cnt = torch.zeros(batch, dtype=torch.int32, device=device)   # left zeroed by each call
 
     def __call__(self, qkv: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor,
                  rows: torch.Tensor, pos: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor,
@@ -204,8 +208,9 @@ class DecodeAttention:
         else:
             y_out = y_out if y_out is not None else torch.empty((B, HD), dtype=qkv.dtype, device=qkv.device)
             q_out, s_out = y_out, y_out
-        _attn_combine[(B,)](
-            self.po, self.pml, pos, norm_weight, y_out, q_out, s_out, y_out.stride(0), q_out.stride(0), eps,
+        _attn_combine[(B, self.H)](
+            self.po, self.pml, pos, norm_weight, self.ob, self.cnt, y_out, q_out, s_out, y_out.stride(0),
+            q_out.stride(0), eps,
             H=self.H, HP=triton.next_power_of_2(self.H), D=self.D, CHUNK=self.chunk, NCH=self.nch,
             NCHP=triton.next_power_of_2(self.nch), QUANT=quant, PDL=PDL, INTERP=INTERPRET, num_warps=8,
             **_pdl)
