@@ -241,9 +241,9 @@ def load_state(path_or_hub_id: str | os.PathLike, revision: str | None = None
     cfg = read_config(folder)
     tensors, sources = read_weights(folder)
     _validate(cfg, tensors, sources, folder)
-    tensors.pop("lm_head.weight", None) if cfg.tie_word_embeddings else None
-    for k in [k for k in tensors if k.endswith("rotary_emb.inv_freq")]:
-        del tensors[k]
+    for k in list(tensors):  # the ignorable extras _validate let through
+        if k.endswith("rotary_emb.inv_freq") or (k == "lm_head.weight" and cfg.tie_word_embeddings):
+            del tensors[k]
     return cfg, tensors
 
 
