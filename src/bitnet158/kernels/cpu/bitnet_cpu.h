@@ -52,8 +52,8 @@ typedef struct {
 typedef struct {
     const float *q;            /* [m][ldq], head h at q + h*hd                                       */
     int ldq;
-    const void *kc, *vc;       /* caches [B][Hkv][S][hd], fp32 or bf16                               */
-    int kv_bf16, S, hd, H, Hkv;
+    const void *kc, *vc;       /* fp32 or bf16 caches: K [B][Hkv][S/16][hd][16], V [B][Hkv][S][hd]     */
+    int kv_bf16, S, hd, H, Hkv;   /* S: cache slots, a multiple of 16                                */
     const int32_t *row, *pos;  /* [m] cache row and position of each token                          */
     float *out;                /* [m][ldo], head h at out + h*hd                                     */
     int ldo;
@@ -69,6 +69,7 @@ typedef struct {
     void (*head)(const bn_head *h, int r0, int r1);              /* rows [r0, r1), all m tokens  */
     void (*rmsnorm)(const float *x, const float *w, int n, float eps, float *y);
     void (*attention)(const bn_attn *a, int i0, int i1, int tid);  /* items = token*H + head     */
+    void (*relu2_mul)(const float *g, const float *u, int n, float *t);
     uint64_t (*stream_read)(const uint8_t *p, size_t n);         /* memory bandwidth probe       */
 } bn_ops;
 

@@ -24,11 +24,11 @@ typedef struct {
     const uint8_t *wqkv, *wo, *wgu, *wdown;      /* T16 weights; q|k|v and gate|up fused */
     const float *gqkv, *go, *ggu, *gdown;        /* gamma per 16-row tile */
     const float *ln_in, *ln_post, *ln_attn, *ln_ffn;
-    void *kc, *vc;                               /* [batch][hkv][max_len][hd] */
+    void *kc, *vc;           /* K [batch][hkv][max_len/16][hd][16], V [batch][hkv][max_len][hd] */
 } bn_layer;
 
 typedef struct {
-    int n_layers, d, h, hkv, hd, f, vocab, batch, max_len, kv_bf16;
+    int n_layers, d, h, hkv, hd, f, vocab, batch, max_len, kv_bf16;   /* max_len: multiple of 16 */
     float eps, attn_scale;
     int q_off, k_off, v_off, nqkv;   /* column offsets of q, k, v in the fused output (16-aligned) */
     int f_pad;                       /* gate rows padded to 16; up starts at column f_pad */
@@ -78,12 +78,13 @@ static void rope(float *v, const float *c, const float *s, int hd) {
     }
 }
 
-static void store_kv(void *cache, int bf16, size_t off, const float *src, int n) {
+static void store_kv(void *cache, int bf16, size_t off, const float *src, int n, int stride) {
     if (bf16) {
         uint16_t *d = (uint16_t *)cache + off;
-        for (int i = 0; i < n; i++) d[i] = bn_f32_to_bf16(src[i]);
+        for (int i = 0; i < n; i++) d[(size_t)i * stride] = bn_f32_to_bf16(src[i]);
     } else {
-        memcpy((float *)cache + off, src, sizeof(float) * n);
+        float *d = (float *)cache + off;
+        for (int i = 0; i < n; i++) d[(size_t)i * stride] = src[i];
     }
 }
 
@@ -113,9 +114,10 @@ static void token_task(void *c_, int i0, int i1, int tid) {
             for (int g = 0; g < M->hkv; g++) {
                 float *k = q + M->k_off + g * M->hd;
                 rope(k, cs, sn, M->hd);
-                const size_t off = (((size_t)c->row[i] * M->hkv + g) * M->max_len + p) * M->hd;
-                store_kv(L->kc, M->kv_bf16, off, k, M->hd);
-                store_kv(L->vc, M->kv_bf16, off, q + M->v_off + g * M->hd, M->hd);
+                const size_t slab = ((size_t)c->row[i] * M->hkv + g) * M->max_len * M->hd;
+                store_kv(L->vc, M->kv_bf16, slab + (size_t)p * M->hd, q + M->v_off + g * M->hd, M->hd, 1);
+                /* K in blocks of 16 positions: [S/16][hd][16] */
+                store_kv(L->kc, M->kv_bf16, slab + (size_t)(p / 16) * M->hd * 16 + p % 16, k, M->hd, 16);
             }
             break;
         }
@@ -127,10 +129,7 @@ static void token_task(void *c_, int i0, int i1, int tid) {
         }
         case ST_FFN_ACT: {
             const float *g = M->gu + (size_t)i * 2 * M->f_pad, *u = g + M->f_pad;
-            for (int j = 0; j < M->f; j++) {
-                const float r = g[j] > 0.0f ? g[j] : 0.0f;
-                t[j] = (r * r) * u[j];
-            }
+            bn_cur->relu2_mul(g, u, M->f, t);
             bn_cur->rmsnorm(t, L->ln_ffn, M->f, M->eps, t);
             bn_cur->act_quant(t, M->f, M->kp_f, M->xq + (size_t)i * M->kp_f, M->sx + i, M->sa + i);
             break;

@@ -369,7 +369,9 @@ static void FN(rmsnorm)(const float *x, const float *w, int n, float eps, float 
     for (int i = 0; i < n; i++) y[i] = w[i] * (x[i] * r);
 }
 
-/* Causal attention of one (token, head) per item over cache slots 0..pos of the token's row. */
+/* Causal attention of one (token, head) per item over cache slots 0..pos of the token's row.
+ * K is cached in blocks of 16 positions, [S/16][hd][16], so the scores of 16 positions are 16-wide
+ * FMAs against a broadcast q[d] (no horizontal sums); V is [S][hd], accumulated 16-wide over d. */
 static void FN(attention)(const bn_attn *a, int i0, int i1, int tid) {
     float *sc = a->scratch + (size_t)tid * a->S;
     const int hd = a->hd, rep = a->H / a->Hkv;
@@ -378,21 +380,51 @@ static void FN(attention)(const bn_attn *a, int i0, int i1, int tid) {
         const int p = a->pos[m];
         const size_t base = ((size_t)a->row[m] * a->Hkv + g) * (size_t)a->S * hd;
         const float *q = a->q + (size_t)m * a->ldq + (size_t)h * hd;
-        float mx = -INFINITY;
-        for (int j = 0; j <= p; j++) {
-            float dot = 0.0f;
+        const int nblk = p / 16 + 1;
+        for (int blk = 0; blk < nblk; blk++) {
+            const size_t kb = base + (size_t)blk * hd * 16;
+#if defined(ISA_AVX512)
+            __m512 acc0 = _mm512_setzero_ps(), acc1 = _mm512_setzero_ps();
             if (a->kv_bf16) {
-                const uint16_t *k = (const uint16_t *)a->kc + base + (size_t)j * hd;
-#pragma omp simd reduction(+ : dot)
-                for (int d = 0; d < hd; d++) dot += q[d] * bn_bf16_to_f32(k[d]);
+                const uint16_t *k = (const uint16_t *)a->kc + kb;
+                for (int d = 0; d < hd; d += 2) {
+                    const __m512i k2 = _mm512_loadu_si512(k + d * 16);       /* rows d, d+1 */
+                    const __m512 klo = _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32(_mm512_castsi512_si256(k2)), 16));
+                    const __m512 khi = _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32(_mm512_extracti64x4_epi64(k2, 1)), 16));
+                    acc0 = _mm512_add_ps(acc0, _mm512_mul_ps(_mm512_set1_ps(q[d]), klo));
+                    acc1 = _mm512_add_ps(acc1, _mm512_mul_ps(_mm512_set1_ps(q[d + 1]), khi));
+                }
             } else {
-                const float *k = (const float *)a->kc + base + (size_t)j * hd;
-#pragma omp simd reduction(+ : dot)
-                for (int d = 0; d < hd; d++) dot += q[d] * k[d];
+                const float *k = (const float *)a->kc + kb;
+                for (int d = 0; d < hd; d += 2) {
+                    acc0 = _mm512_add_ps(acc0, _mm512_mul_ps(_mm512_set1_ps(q[d]), _mm512_loadu_ps(k + d * 16)));
+                    acc1 = _mm512_add_ps(acc1, _mm512_mul_ps(_mm512_set1_ps(q[d + 1]), _mm512_loadu_ps(k + d * 16 + 16)));
+                }
             }
-            sc[j] = dot * a->scale;
-            mx = sc[j] > mx ? sc[j] : mx;
+            _mm512_storeu_ps(sc + blk * 16, _mm512_mul_ps(_mm512_add_ps(acc0, acc1), _mm512_set1_ps(a->scale)));
+#else
+            float acc[16];
+            for (int l = 0; l < 16; l++) acc[l] = 0.0f;
+            if (a->kv_bf16) {
+                const uint16_t *k = (const uint16_t *)a->kc + kb;
+                for (int d = 0; d < hd; d++) {
+                    const float qd = q[d];
+#pragma omp simd
+                    for (int l = 0; l < 16; l++) acc[l] += qd * bn_bf16_to_f32(k[d * 16 + l]);
+                }
+            } else {
+                const float *k = (const float *)a->kc + kb;
+                for (int d = 0; d < hd; d++) {
+                    const float qd = q[d];
+#pragma omp simd
+                    for (int l = 0; l < 16; l++) acc[l] += qd * k[d * 16 + l];
+                }
+            }
+            for (int l = 0; l < 16; l++) sc[blk * 16 + l] = acc[l] * a->scale;
+#endif
         }
+        float mx = -INFINITY;
+        for (int j = 0; j <= p; j++) mx = sc[j] > mx ? sc[j] : mx;
         float sum = 0.0f;
         for (int j = 0; j <= p; j++) { sc[j] = expf(sc[j] - mx); sum += sc[j]; }
         const float inv = 1.0f / sum;
@@ -410,6 +442,15 @@ static void FN(attention)(const bn_attn *a, int i0, int i1, int tid) {
                 for (int d = 0; d < hd; d++) o[d] += pj * v[d];
             }
         }
+    }
+}
+
+/* t[j] = relu(g[j])^2 * u[j] (the squared-ReLU gate), fp32 as the reference. */
+static void FN(relu2_mul)(const float *g, const float *u, int n, float *t) {
+#pragma omp simd
+    for (int j = 0; j < n; j++) {
+        const float r = g[j] > 0.0f ? g[j] : 0.0f;
+        t[j] = (r * r) * u[j];
     }
 }
 
@@ -442,5 +483,6 @@ const bn_ops BN_CAT(bn_ops, ISA_NAME) = {
     .head = FN(head),
     .rmsnorm = FN(rmsnorm),
     .attention = FN(attention),
+    .relu2_mul = FN(relu2_mul),
     .stream_read = FN(stream_read),
 };

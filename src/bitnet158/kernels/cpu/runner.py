@@ -123,7 +123,8 @@ class CpuRunner:
 
         with torch.no_grad():
             layers = (_Layer * cfg.num_hidden_layers)()
-            kv_shape = (self.batch, Hkv, self.max_len, hd)
+            s_pad = pad16(self.max_len)                     # K is cached in blocks of 16 positions
+            kv_shape = (self.batch, Hkv, s_pad, hd)
             self._kv = []
             for i, blk in enumerate(model.model.layers):
                 at, mlp = blk.self_attn, blk.mlp
@@ -143,7 +144,7 @@ class CpuRunner:
                 L.ln_attn, L.ln_ffn = f32(at.attn_sub_norm.weight), f32(mlp.ffn_sub_norm.weight)
             M = _Model()
             M.n_layers, M.d, M.h, M.hkv, M.hd, M.f = cfg.num_hidden_layers, D, H, Hkv, hd, F
-            M.vocab, M.batch, M.max_len = cfg.vocab_size, self.batch, self.max_len
+            M.vocab, M.batch, M.max_len = cfg.vocab_size, self.batch, s_pad
             M.kv_bf16 = int(kv_dtype == torch.bfloat16)
             M.eps, M.attn_scale = cfg.rms_norm_eps, hd ** -0.5
             M.q_off, M.k_off, M.v_off = qkv_off
@@ -151,8 +152,8 @@ class CpuRunner:
             M.f_pad = gu_off[1]
             M.kp_d, M.kp_q, M.kp_f = pad16(D), pad16(H * hd), pad16(F)
             # RoPE tables as the reference uses them: fp32, rounded through the model dtype
-            M.rope_cos = f32(model.rope_cos[:self.max_len].to(mdtype))
-            M.rope_sin = f32(model.rope_sin[:self.max_len].to(mdtype))
+            M.rope_cos = f32(model.rope_cos[:s_pad].to(mdtype))
+            M.rope_sin = f32(model.rope_sin[:s_pad].to(mdtype))
             M.ln_final = f32(model.model.norm.weight)
             emb = model.model.embed_tokens.weight.detach()
             head_w = model.head_weight.detach()
@@ -190,7 +191,7 @@ class CpuRunner:
         self._bufs = dict(
             x=torch.empty(max_m, c.hidden_size), t=torch.empty(max_m, ldt), qkv=torch.empty(max_m, M.nqkv),
             att=torch.empty(max_m, nq), gu=torch.empty(max_m, 2 * M.f_pad), hout=torch.empty(max_m, c.hidden_size),
-            scratch=torch.empty(max(threads, 64), self.max_len), xq=torch.empty(max_m, kp, dtype=torch.int8),
+            scratch=torch.empty(max(threads, 64), M.max_len), xq=torch.empty(max_m, kp, dtype=torch.int8),
             sx=torch.empty(max_m), sa=torch.empty(max_m, dtype=torch.int32))
         for k, v in self._bufs.items():
             setattr(M, k, v.data_ptr())
