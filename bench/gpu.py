@@ -250,6 +250,17 @@ def main(argv=None) -> int:
                 res[f"floor_b1_ctx{ctx}_int8_head_ms"] = round((nbytes - wb["head"] / 2) / (bw * 1e9) * 1e3, 4)
             print(f"[{mode}] decode b1 ctx {ctx}: {ms:.3f} ms", flush=True)
             save()
+        if mode == "w2a8":                 # the optional int8 head, same cache length
+            del r
+            r = TritonRunner(model, batch=1, max_len=4096, linear=mode, int8_head=True)
+            fill_cache(r)
+            for ctx in ctxs:
+                res[f"decode_b1_ctx{ctx}_w2a8_int8head_ms"] = round(decode_ms(r, [ctx - 1], iters=100), 4)
+            wq = r.weight_bytes()
+            res["w2a8_int8head_weights_head_gb"] = round((wq["linear"] + wq["head"]) / 1e9, 3)
+            print(f"[w2a8 int8 head] decode b1 ctx 1024: {res['decode_b1_ctx1024_w2a8_int8head_ms']:.3f} ms")
+            del r
+            r = TritonRunner(model, batch=1, max_len=4096, linear=mode)
         res[f"prefill2048_{mode}_ms"] = round(prefill_ms(r), 2)
         if mode == "w2a8":            # the same prefill on the Triton tensor-core kernel alone
             from bitnet158.kernels.triton import w2a8 as _w
@@ -317,6 +328,9 @@ def main(argv=None) -> int:
           f"{res.get('prefill2048_bf16_ms', 0):10.2f} {res.get('prefill2048_speedup', 0):8.2f}")
     print(f"{'weights+head resident (GB)':34s} {res.get('w2a8_weights_head_gb', 0):10.3f} "
           f"{res.get('bf16_weights_head_gb', 0):10.3f}")
+    if "decode_b1_ctx1024_w2a8_int8head_ms" in res:
+        print(f"{'decode_b1_ctx1024, int8 head (ms)':34s} {res['decode_b1_ctx1024_w2a8_int8head_ms']:10.3f} "
+              f"{'':10s} {'':8s} {res['floor_b1_ctx1024_int8_head_ms']:8.3f}")
     print(f"{'copy bandwidth (GB/s)':34s} {bw:10.0f}")
     print(json.dumps(res))
     return 0

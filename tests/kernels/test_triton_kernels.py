@@ -229,3 +229,16 @@ def test_unpack_and_scale_kernels_exact():
     w2a8._scale_rows[(1, 1)](acc.to(DEV), s.reshape(-1).to(DEV), g.to(DEV), out, M, 4 * R, 12, 20,
                              out.stride(0), BM=8, BN=32, INTERP=common.INTERPRET)
     assert torch.equal(out.cpu(), ref)
+
+
+def test_int8_head():
+    from bitnet158.kernels.triton.head import int8_head, quantize_head
+    torch.manual_seed(3)
+    w = torch.randn(37, 48).bfloat16()
+    x = torch.randn(3, 48).bfloat16()
+    w_q, s = quantize_head(w.to(DEV))
+    y = int8_head(x.to(DEV), w_q, s).cpu()
+    ref_q = x.float() @ (w_q.cpu().float() * s.cpu()[:, None]).t()      # the int8 model exactly
+    torch.testing.assert_close(y, ref_q, rtol=1e-5, atol=1e-4)
+    ref = x.float() @ w.float().t()                                      # the bf16 head, approximately
+    assert float((y - ref).norm() / ref.norm()) < 1e-2

@@ -201,3 +201,9 @@ def test_cuda_auto_selection_and_linear_backend():
     from bitnet158.kernels import reference
     ref = reference.forward(x, lin, reference.prepare(lin))
     assert torch.equal(y, ref)
+    # the optional int8 head: same tokens path, logits within the 8-bit rounding of the head
+    toks = torch.randint(0, m.config.vocab_size, (1, 6), device="cuda")
+    pos = torch.arange(6, device="cuda")[None]
+    a = TritonRunner(m, batch=1, max_len=32).prefill(toks, pos)
+    b = TritonRunner(m, batch=1, max_len=32, int8_head=True).prefill(toks, pos)
+    assert _rel(b, a) < 2e-2

@@ -17,7 +17,8 @@ length replays the same graph. Prefill runs the same kernels eagerly (tensor-cor
 SDPA attention. q/k/v and gate/up weights are concatenated once at load and the model's own
 buffers become views of them: the packed weights exist once.
 
-``linear="bf16"`` builds the comparison pipeline of the benchmark instead: the same graph, cache,
+``int8_head=True`` reads an int8 copy of the head with per-row scales (half the head's bytes,
+an approximation of the model). ``linear="bf16"`` builds the comparison pipeline of the benchmark instead: the same graph, cache,
 attention and norms, but every projection a cuBLAS ``F.linear`` on dequantized bf16 weights.
 """
 
@@ -31,6 +32,7 @@ from ...engine.runner import register_runner
 from ...errors import ConfigError
 from ...model import apply_rope
 from .attention import DecodeAttention
+from .head import int8_head, quantize_head
 from .norm_quant import norm_quant
 from .w2a8 import Workspace, w2a8_linear
 
@@ -69,7 +71,7 @@ class TritonRunner:
     name = "triton"
 
     def __init__(self, model, batch: int = 1, max_len: int | None = None, linear: str = "w2a8",
-                 graphs: bool | None = None):
+                 graphs: bool | None = None, int8_head: bool = False):
         if not model.packed:
             raise ConfigError("triton runner: the model must be packed (call model.pack() or load "
                               "with packed=True)")
@@ -102,6 +104,9 @@ class TritonRunner:
         self.final_norm = model.model.norm.weight.detach().to(dt)
         self.embed = model.model.embed_tokens.weight
         self.head = model.head_weight
+        self.head_q = None
+        if int8_head:          # int8 rows + fp32 row scales; the embedding lookup stays bf16
+            self.head_q, self.head_s = quantize_head(self.head.detach())
         self.cos = model.rope_cos.float().contiguous()     # fp32 [P, D]
         self.sin = model.rope_sin.float().contiguous()
         H, HKV, D = cfg.num_attention_heads, cfg.num_key_value_heads, cfg.head_dim
@@ -154,6 +159,8 @@ class TritonRunner:
 
     def _head(self, x, delta):
         y = norm_quant(x, self.final_norm, self.eps, residual=delta, h_out=x, quant=False)
+        if self.head_q is not None:
+            return int8_head(y, self.head_q, self.head_s)
         return F.linear(y.to(self.head.dtype), self.head).float()
 
     # ------------------------------------------------------------------ decode
@@ -265,6 +272,8 @@ class TritonRunner:
             for k in ("qkv", "o", "gu", "down"):
                 t = L[k].packed if L[k].packed is not None else L[k].dense
                 lin += t.numel() * t.element_size()
+        if self.head_q is not None:
+            return dict(linear=lin, head=self.head_q.numel() + 4 * self.head_s.numel())
         return dict(linear=lin, head=self.head.numel() * self.head.element_size())
 
 
