@@ -22,10 +22,17 @@ def lm(model, tokenizer):
     return BitNetLM(model=model, tokenizer=tokenizer, batch_size=4)
 
 
-def test_registered():
-    import bitnet158.eval.harness  # noqa: F401
+def test_registered_and_built_from_arg_string(folder, tokenizer):
     from lm_eval.api.registry import get_model
-    assert get_model("bitnet158").__name__ == "BitNetLM"
+
+    from bitnet158.checkpoint import load
+    from bitnet158.eval.harness import BitNetLM
+    cls = get_model("bitnet158")
+    assert cls.__name__ == "BitNetLM"
+    lm2 = cls.create_from_arg_string(f"pretrained={folder},batch_size=2")   # how lm_eval builds it
+    reqs = [inst("loglikelihood", ("The cat sat on the", " mat"))]
+    same = BitNetLM(model=load(folder), tokenizer=tokenizer)      # (the folder stores bf16 scales)
+    assert lm2.loglikelihood(reqs) == same.loglikelihood(reqs)
 
 
 def test_loglikelihood_equals_eval(lm, model, tokenizer, tmp_path):
