@@ -186,10 +186,11 @@ def _validate(cfg: ModelConfig, tensors: dict[str, torch.Tensor], sources: dict[
                 continue
             conv = _CONVENTION[layout]
             if t.dtype != torch.uint8:
+                hint = ("quantization_mode 'online'" if layout == "packed" else
+                        "linear_class 'autobitlinear' and quantization_mode 'online'")
                 raise CheckpointError(
                     f"{where(name)}: tensor {name!r} has dtype {t.dtype}, expected uint8 packed "
-                    f"[{out // 4}, {inp}] (quantization_mode 'offline', {conv}); a float master "
-                    "checkpoint needs quantization_mode 'online' in config.json")
+                    f"[{out // 4}, {inp}] ({conv}); float master weights need {hint} in config.json")
             if out % 4 or tuple(t.shape) != (out // 4, inp):
                 raise CheckpointError(f"{where(name)}: tensor {name!r} has shape {list(t.shape)}, "
                                       f"expected packed [{out // 4}, {inp}] ([out/4, in] of [{out}, {inp}])")
