@@ -153,3 +153,15 @@ def test_errors_and_engine_registration():
     ref_ids = list(engine.generate(engine.make_runner(model, 1, 16, backend="torch"), [1, 2, 3],
                                    engine.SamplingParams(max_new_tokens=5)))
     assert ids == ref_ids
+
+
+def test_with_int8_head_matches_int8_runner():
+    """The torch-side simulation used for the perplexity measurement equals the int8 runner."""
+    from bitnet158.kernels.cpu.runner import with_int8_head
+    model = _model(seed=7)
+    run = CpuRunner(model, max_len=16, head="int8")
+    tok = torch.randint(0, model.config.vocab_size, (1, 6), generator=torch.Generator().manual_seed(7))
+    pos = torch.arange(6)[None]
+    a = run.prefill(tok, pos)
+    b = _Ref(with_int8_head(model), 1, 16).step(tok, pos)
+    assert (a - b).abs().max() <= 1e-4

@@ -8,7 +8,7 @@
 
 Importing this module registers it with ``bitnet158.engine`` as "cpu" (priority 10), so
 ``make_runner(model)`` / ``generate`` / ``chat`` / ``serve`` use it on CPU whenever the C library
-loads. At construction the runner converts every projection to the kernel layout (q|k|v and
+loads (``BITNET158_CPU_HEAD=int8`` selects the int8 head there). At construction the runner converts every projection to the kernel layout (q|k|v and
 gate|up fused), copies the norms to fp32 and keeps a reference to the embedding table, which the
 bf16 head reads in place (tied weights: one copy). ``head="int8"`` quantizes the head per row
 (absmax, fp32 row scales) and, when tied, serves the embedding lookup from that table too, so the
@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import ctypes
 import gc
+import os
 from ctypes import POINTER, Structure, c_float, c_int, c_void_p
 
 import torch
@@ -271,6 +272,18 @@ class CpuRunner:
         return total
 
 
+@torch.no_grad()
+def with_int8_head(model):
+    """``model`` with its head (and, when tied, its embedding) replaced in place by the dequantized
+    per-row int8 table the ``head="int8"`` runner uses: ``perplexity(with_int8_head(m), ...)`` measures
+    the int8 head's cost with any torch code path (same numbers up to fp32 summation order)."""
+    w = model.head_weight
+    q, s = quantize_rows_int8(w)
+    for i in range(0, w.shape[0], 8192):
+        w[i:i + 8192] = (q[i:i + 8192].float() * s[i:i + 8192, None]).to(w.dtype)
+    return model
+
+
 def release_memory() -> None:
     """Collect garbage and hand freed heap pages back to the OS (glibc), e.g. after dropping a model."""
     gc.collect()
@@ -285,10 +298,12 @@ def _register() -> None:
         from ...engine import register_runner
     except ImportError:
         return
-    register_runner("cpu", factory=lambda model, batch=1, max_len=None: CpuRunner(model, batch, max_len),
-                    available=supports, priority=10)
+    def factory(model, batch=1, max_len=None):
+        return CpuRunner(model, batch, max_len, head=os.environ.get("BITNET158_CPU_HEAD", "bf16"))
+
+    register_runner("cpu", factory=factory, available=supports, priority=10)
 
 
 _register()
 
-__all__ = ["CpuRunner", "supports", "release_memory", "PREFILL_CHUNK"]
+__all__ = ["CpuRunner", "supports", "release_memory", "with_int8_head", "PREFILL_CHUNK"]
