@@ -143,3 +143,22 @@ def test_random_generator(tmp_path, wtype):
     assert len(gammas) > 1                              # scales differ per projection kind
     with torch.no_grad():
         assert torch.isfinite(m(TOKENS)).all()
+
+
+@pytest.mark.parametrize("layout", ["master", "bitlinear"])
+def test_other_folder_layouts(tmp_path, layout):
+    """Latent (online) folders are ternarized at export; inverse-scale (bitlinear) folders are
+    written with the multiplier: the GGUF model equals the folder's, scales rounded to f16."""
+    from bitnet158.random_model import write_random_folder
+
+    folder = write_random_folder(tmp_path / layout, tq_config(num_hidden_layers=1), layout=layout,
+                                 seed=7, tokenizer_dir=TOK_TINY, dtype="float32")
+    src = checkpoint.load(folder, dtype="float32")
+    got = load_gguf(export_gguf(folder, tmp_path / "m.gguf", wtype="tq2_0"))
+    for (_, a), (_, b) in zip(src.projections(), got.projections()):
+        assert torch.equal(a.weight, b.weight)
+        assert torch.equal(b.weight_scale, a.weight_scale.half().float())
+        a.weight_scale.copy_(b.weight_scale)
+        a.invalidate()
+    with torch.no_grad():
+        assert (src(TOKENS) - got(TOKENS)).abs().max().item() <= 1e-4

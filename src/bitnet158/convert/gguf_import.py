@@ -321,6 +321,8 @@ def _config(path: Path, arch: str, f: dict, tensors: dict, vocab: Vocab | None) 
         raise ConfigError(f"{path}: {names.key(arch, Keys.Rope.DIMENSION_COUNT)}={rot} differs from "
                           f"head_dim={head_dim}; partial RoPE is not part of BitNet b1.58")
     act = f.get(names.K_ACT, f.get(f"{arch}.hidden_activation"))
+    if act is None and arch != names.ARCH_LLAMA_CPP:
+        act = "relu2"                   # bitnet.cpp's bitnet-b1.58 / bitnet-25 graphs use ReLU²
     if act is None:
         warnings.warn(f"{path}: no activation key ({names.K_ACT}); assuming relu2 (BitNet b1.58 "
                       "2B4T). Files converted from SiLU models (1bitLLM bitnet_b1_58-*) would compute "
