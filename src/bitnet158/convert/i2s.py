@@ -7,8 +7,11 @@ I2_S is not an upstream ggml type: it exists in Microsoft's bitnet.cpp fork of l
 ``GGML_TYPE_I2_S = 36`` (``LLAMA_FTYPE_MOSTLY_I2_S = 40``). The ``gguf`` Python package does not
 know it, so the writer is given the raw type id and byte count, and the reader here parses it.
 
-Byte layout (the x86 layout: bitnet.cpp's ``quantize_i2_s`` with ``QK_I2_S = 128`` and its
-``dequantize_row_i2_s``, which reads 128-weight blocks on every host):
+Byte layout (bitnet.cpp's x86 layout: ``quantize_i2_s`` with ``QK_I2_S = 128`` as built with
+its default ``gemm-config.h``, which defines ``ACT_PARALLEL``; ``dequantize_row_i2_s`` reads the
+same 128-weight blocks. Two other bitnet.cpp builds write other orders and would misread these
+files: ARM NEON builds pack 64-weight blocks, and x86 builds with ``ACT_PARALLEL`` removed pack 4
+rows per byte, column by column):
 
 - The tensor's weights are taken in row-major order (row = output feature, K = input features:
   ggml ``ne0 = K``), ``n = rows * K`` with ``K % 128 == 0``, and cut into blocks of 128.
