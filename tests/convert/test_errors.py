@@ -86,3 +86,13 @@ def test_export_shape_errors(tmp_path):
     assert not (tmp_path / "t.gguf").exists() and not (tmp_path / "t.gguf.tmp").exists()
     p = export_gguf(m, tmp_path / "ok.gguf", wtype="f16", head="q8_0")      # f16 fits any shape
     assert load_gguf(p).config.hidden_size == 64 and read_gguf(p).vocab is None
+
+
+def test_unsupported_tokenizer_keeps_weights(gguf_files, tmp_path):
+    p = rewrite(gguf_files["tq2_0"], tmp_path / "spm.gguf", drop_keys=("tokenizer.ggml.model",),
+                set_keys={"tokenizer.ggml.model": "llama"})
+    with pytest.warns(UserWarning, match=r"tokenizer.ggml.model='llama' is not supported.*without a tokenizer"):
+        g = read_gguf(p)
+    assert g.vocab is None and (g.config.bos_token_id, g.config.eos_token_id) == (0, 1)
+    with pytest.warns(UserWarning, match="without a tokenizer"):
+        assert load_gguf(p).config.num_hidden_layers == 2

@@ -30,7 +30,7 @@ import torch
 from gguf import GGML_QUANT_SIZES, GGMLQuantizationType as T, GGUFValueType, Keys
 
 from ..config import ModelConfig
-from ..errors import CheckpointError, ConfigError
+from ..errors import CheckpointError, ConfigError, TokenizerError
 from ..model import PROJECTIONS
 from . import headquant, i2s, names, tq
 from .gguf_export import NORMS, _proj_shape
@@ -301,7 +301,7 @@ def _fields(reader: _Reader) -> dict:
     return {k: v for k, v in reader.values.items() if not k.startswith("GGUF.")}
 
 
-def _config(path: Path, arch: str, f: dict, tensors: dict, vocab: Vocab | None) -> ModelConfig:
+def _config(path: Path, arch: str, f: dict, tensors: dict) -> ModelConfig:
     def get(k: str, default=None, required: bool = True):
         key = names.key(arch, k)
         if key in f:
@@ -341,11 +341,19 @@ def _config(path: Path, arch: str, f: dict, tensors: dict, vocab: Vocab | None) 
               tie_word_embeddings=names.OUTPUT not in tensors, hidden_act=str(act), dtype="float32")
     if head_dim != hidden // heads:
         kw["head_dim_override"] = head_dim
-    if vocab is not None:
-        kw["bos_token_id"] = vocab.bos_id if vocab.bos_id is not None else 0
-        eos = [i for i in (vocab.eos_id, vocab.eot_id) if i is not None]
-        kw["eos_token_id"] = eos[0] if eos else 0
-        kw["pad_token_id"] = vocab.pad_id
+    ids = {k: f.get(getattr(Keys.Tokenizer, k)) for k in ("BOS_ID", "EOS_ID", "EOT_ID", "PAD_ID")}
+    fits = lambda i: i is not None and 0 <= int(i) < kw["vocab_size"]  # noqa: E731
+    if fits(ids["BOS_ID"]):
+        kw["bos_token_id"] = int(ids["BOS_ID"])
+    eos = ids["EOS_ID"] if fits(ids["EOS_ID"]) else ids["EOT_ID"]
+    if fits(eos):
+        kw["eos_token_id"] = int(eos)
+    if fits(ids["PAD_ID"]):
+        kw["pad_token_id"] = int(ids["PAD_ID"])
+    if not fits(ModelConfig.bos_token_id) and "bos_token_id" not in kw:
+        kw["bos_token_id"] = 0          # no special ids in the file and the 2B4T ones do not fit
+    if not fits(ModelConfig.eos_token_id) and "eos_token_id" not in kw:
+        kw["eos_token_id"] = 0
     try:
         return ModelConfig(**kw)
     except ConfigError as e:
@@ -370,8 +378,12 @@ def read_gguf(path: str | os.PathLike) -> GGUFModel:
         raise ConfigError(f"{path}: general.architecture={arch!r} is not a BitNet architecture "
                           f"({', '.join(names.KNOWN_ARCHS)})")
     tensors = {t.name: t for t in reader.tensors}
-    vocab = Vocab.from_fields(f, str(path))
-    cfg = _config(path, arch, f, tensors, vocab)
+    try:
+        vocab = Vocab.from_fields(f, str(path))
+    except TokenizerError as e:     # the weights are still usable; say why there is no tokenizer
+        warnings.warn(f"{e}; loading the weights without a tokenizer", stacklevel=2)
+        vocab = None
+    cfg = _config(path, arch, f, tensors)
     g = GGUFModel(path, arch, f, tensors, cfg, vocab)
     g.check_tensors()
     return g
