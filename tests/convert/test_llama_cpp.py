@@ -186,9 +186,9 @@ def test_weight_and_head_types_in_llama_cpp(tmp_path, wtype, head):
         emul = F.linear(ACT_ROUNDING[head](model.hidden(torch.tensor([ids]))[0]), head_w)
     diff = (got - emul).abs().amax(-1)                    # per position
     if head == "q8_0":
-        # ggml's Q8_0 head matmul on this CPU (AVX-512/AMX build) rounds the activations of some
-        # rows differently from the reference Q8_0 rounding emulated here: those rows differ by
-        # activation-rounding noise, the others match exactly (so the bytes are read right)
+        # some positions differ from the emulation by activation-rounding noise (most likely
+        # ggml's Q8_0 matmul path on an AVX-512/AMX CPU rounds the hidden state differently from
+        # the Q8_0 rule emulated here); the others match exactly, so the bytes are read right
         assert (diff <= 1e-4).any() and diff.max().item() <= 0.05 * got.abs().max().item()
     else:
         tol = 1e-2 if wtype == "f16" else 1e-4            # f16 matmuls round partial results
