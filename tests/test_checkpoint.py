@@ -363,6 +363,14 @@ def test_tied_lm_head_is_ignored_with_a_warning(tiny_folder):
     assert not hasattr(m, "lm_head")
 
 
+def test_old_rotary_buffers_are_ignored(tiny_folder):
+    folder = tiny_folder("tiny")
+    rewrite(folder, lambda t: t.update({"model.layers.0.self_attn.rotary_emb.inv_freq": torch.ones(8)}))
+    cfg, raw = checkpoint.load_state(folder)
+    assert not any(k.endswith("inv_freq") for k in raw)
+    checkpoint.load(folder)
+
+
 def test_vocab_mismatch(tiny_folder):
     folder = tiny_folder("tiny")
     edit_config(folder, lambda d: d.update(vocab_size=600))
