@@ -143,19 +143,19 @@ def _attn_combine(po_ptr, pml_ptr, pos_ptr, w_ptr, ob_ptr, cnt_ptr, y_ptr, q_ptr
         hs = tl.arange(0, HP)
         hmask = hs < H
         idx = hs[:, None] * D + d[None, :]
-        o = tl.load(ob_ptr + b * H * D + idx, mask=hmask[:, None], other=0.0, cache_modifier=".cg")
-        var = tl.sum(tl.sum(o * o, axis=1), axis=0) / (H * D)
+        orow = tl.load(ob_ptr + b * H * D + idx, mask=hmask[:, None], other=0.0, cache_modifier=".cg")
+        var = tl.sum(tl.sum(orow * orow, axis=1), axis=0) / (H * D)
         r = tl.math.div_rn(1.0, tl.sqrt_rn(var + eps))
-        w = tl.load(w_ptr + idx, mask=hmask[:, None], other=0.0).to(tl.float32)
-        y = rnd(w * rnd(o * r, dt, INTERP), dt, INTERP)
+        wn = tl.load(w_ptr + idx, mask=hmask[:, None], other=0.0).to(tl.float32)
+        yrow = rnd(wn * rnd(orow * r, dt, INTERP), dt, INTERP)
         if QUANT:
-            amax = tl.max(tl.max(tl.abs(y), axis=1), axis=0)
-            s = 127.0 * tl.math.div_rn(1.0, tl.maximum(amax, 1e-5))
-            qv = tl.minimum(tl.maximum(rint(y * s, INTERP), -128.0), 127.0)
+            amax = tl.max(tl.max(tl.abs(yrow), axis=1), axis=0)
+            sq = 127.0 * tl.math.div_rn(1.0, tl.maximum(amax, 1e-5))
+            qv = tl.minimum(tl.maximum(rint(yrow * sq, INTERP), -128.0), 127.0)
             tl.store(q_ptr + b * stride_q + idx, qv.to(tl.int8), mask=hmask[:, None])
-            tl.store(s_ptr + b, s)
+            tl.store(s_ptr + b, sq)
         else:
-            tl.store(y_ptr + b * stride_y + idx, cast(y, y_ptr.dtype.element_ty, INTERP), mask=hmask[:, None])
+            tl.store(y_ptr + b * stride_y + idx, cast(yrow, y_ptr.dtype.element_ty, INTERP), mask=hmask[:, None])
         tl.atomic_xchg(cnt_ptr + b, 0)                       # ready for the next layer / replay
 
 
