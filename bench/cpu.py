@@ -67,6 +67,7 @@ def run_ours(head: str, threads: int, prompt: int, gen: int) -> dict:
     from bitnet158.kernels import cpu
     from bitnet158.kernels.cpu.runner import CpuRunner, release_memory
     from bitnet158.random_model import random_packed_model
+    base_rss = rss_gb()[0]                   # python + torch + bitnet158 imported, no model yet
     t0 = time.perf_counter()
     model = random_packed_model("2b4t", seed=0)
     runner = CpuRunner(model, batch=1, max_len=prompt + gen + 24, head=head, threads=threads)
@@ -76,6 +77,7 @@ def run_ours(head: str, threads: int, prompt: int, gen: int) -> dict:
     load_s = time.perf_counter() - t0
     r = _time_runner(runner, V, prompt, gen)
     rss, hwm = rss_gb()
+    r["baseline_rss_gb"] = base_rss
     stages = profile_decode(runner, prompt + gen, steps=16)
     bw = cpu.bandwidth(1 << 30, reps=5)
     head_bytes = 128256 * 2560 * (2 if head == "bf16" else 1)
@@ -132,11 +134,16 @@ def run_llamacpp(head: str, threads: int, prompt: int, gen: int, gguf_dir: Path)
     t0 = time.perf_counter()
     llm.eval(toks)
     t_pp = time.perf_counter() - t0
-    nxt = int(np.argmax(llm.scores[llm.n_tokens - 1]))
+    V = llm.n_vocab()
+
+    def last_logits():                       # the last token's logits (llama.cpp keeps only those)
+        return np.ctypeslib.as_array(llm._ctx.get_logits(), shape=(V,))
+
+    nxt = int(np.argmax(last_logits()))
     t0 = time.perf_counter()
     for _ in range(gen):
         llm.eval([nxt])
-        nxt = int(np.argmax(llm.scores[llm.n_tokens - 1]))
+        nxt = int(np.argmax(last_logits()))
     t_tg = time.perf_counter() - t0
     rss, hwm = rss_gb()
     return {"pp_tok_s": prompt / t_pp, "tg_tok_s": gen / t_tg, "pp_tokens": prompt, "tg_tokens": gen,
@@ -170,12 +177,15 @@ def main() -> int:
         print(json.dumps(child(args)))
         return 0
     Path(args.gguf_dir).mkdir(parents=True, exist_ok=True)
+    load0 = os.getloadavg()[0]                 # other work on the machine skews every number
     res: dict[str, dict] = {}
     for e in args.engines.split(","):
         cmd = [sys.executable, __file__, "--only", e, "--threads", str(args.threads), "--prompt", str(args.prompt),
                "--gen", str(args.gen), "--torch-prompt", str(args.torch_prompt), "--torch-gen", str(args.torch_gen),
                "--gguf-dir", args.gguf_dir]
-        p = subprocess.run(cmd, capture_output=True, text=True, cwd=ROOT)
+        # freed build-time buffers go back to the OS (glibc would keep part of its heap otherwise)
+        env = {**os.environ, "MALLOC_MMAP_THRESHOLD_": "131072"}
+        p = subprocess.run(cmd, capture_output=True, text=True, cwd=ROOT, env=env)
         lines = [ln for ln in p.stdout.splitlines() if ln.startswith("{")]
         if p.returncode or not lines:
             res[e] = {"error": (p.stderr.strip().splitlines() or ["failed"])[-1][:200]}
@@ -192,8 +202,11 @@ def main() -> int:
         if "bandwidth_gb_s" in r:
             floor = r["bandwidth_gb_s"] / r["token_bytes_gb"]
             note += f", {r['isa']}, read BW {r['bandwidth_gb_s']:.1f} GB/s -> floor {floor:.1f} tok/s"
+        if "baseline_rss_gb" in r:
+            note += f", RSS {r['rss_gb'] - r['baseline_rss_gb']:.2f} GB over the python+torch baseline"
         print(f"{e:<16}{r['pp_tok_s']:>10.1f}{r['tg_tok_s']:>10.2f}{r['rss_gb']:>9.2f}{r['peak_rss_gb']:>9.2f}  {note}")
-    flat = {"cpu": cpu_name(), "threads": args.threads, "date": "2026-11-25"}
+    flat = {"cpu": cpu_name(), "threads": args.threads, "date": "2026-11-25",
+            "loadavg_start": load0, "loadavg_end": os.getloadavg()[0]}
     for e, r in res.items():
         key = e.replace("-", "_")
         if "pp_tok_s" in r:
@@ -201,6 +214,8 @@ def main() -> int:
             flat[f"{key}_tg{r['tg_tokens']}_tok_s"] = round(r["tg_tok_s"], 2)
             flat[f"{key}_rss_gb"] = round(r["rss_gb"], 3)
             flat[f"{key}_peak_rss_gb"] = round(r["peak_rss_gb"], 3)
+            if "baseline_rss_gb" in r:
+                flat[f"{key}_rss_over_torch_baseline_gb"] = round(r["rss_gb"] - r["baseline_rss_gb"], 3)
     ours = res.get("ours-bf16", {})
     if "bandwidth_gb_s" in ours:
         flat["read_bandwidth_gb_s"] = round(ours["bandwidth_gb_s"], 2)
