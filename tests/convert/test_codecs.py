@@ -85,11 +85,14 @@ def test_head_types_dequantize_with_gguf_package():
         headquant.quantize_float(x[:, :96], "q6_k")
 
 
-def test_numpy_hf_packing_matches_reference():
+def test_numpy_hf_layout_matches_reference():
     import torch
 
     from bitnet158 import quant
-    from bitnet158.convert.gguf_import import pack_hf_np
+    from bitnet158.convert.hf_layout import pack_hf_np, unpack_hf_np
 
     w = _ternary(12, 40, seed=4)
-    assert np.array_equal(pack_hf_np(w), quant.pack_hf(torch.from_numpy(w)).numpy())
+    p = pack_hf_np(w)
+    assert np.array_equal(p, quant.pack_hf(torch.from_numpy(w)).numpy())
+    assert np.array_equal(unpack_hf_np(p), w)
+    assert np.array_equal(unpack_hf_np(p), quant.unpack_hf(torch.from_numpy(p)).numpy())

@@ -38,6 +38,7 @@ from ..config import ModelConfig
 from ..errors import CheckpointError, ConfigError
 from ..model import PROJECTIONS
 from . import headquant, i2s, names, tq
+from .hf_layout import unpack_hf_np
 from .vocab import Vocab
 
 NORMS = ("input_layernorm", "self_attn.attn_sub_norm", "post_attention_layernorm", "mlp.ffn_sub_norm")
@@ -68,9 +69,11 @@ class ModelSource:
 
         mod = self.model.model.layers[layer].get_submodule(proj)
         if isinstance(mod, PackedLinear):
-            w_t, gamma = mod.ternary(), mod.weight_scale.float().reshape(())
-        else:
-            w_t, gamma = quant.ternarize(mod.weight.detach())
+            w_t = unpack_hf_np(mod.weight.detach().cpu().numpy())
+            if w_t.max(initial=0) > 1:
+                raise CheckpointError(f"{names.proj_name(layer, proj)}: packed weight holds code 3")
+            return w_t, float(mod.weight_scale.float().reshape(()))
+        w_t, gamma = quant.ternarize(mod.weight.detach())
         return w_t.cpu().numpy().astype(np.int8), float(gamma)
 
     def norm(self, layer: int | None, norm: str) -> np.ndarray:

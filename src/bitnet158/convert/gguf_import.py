@@ -33,6 +33,7 @@ from ..config import ModelConfig
 from ..errors import CheckpointError, ConfigError, TokenizerError
 from ..model import PROJECTIONS
 from . import headquant, i2s, names, tq
+from .hf_layout import pack_hf_np
 from .gguf_export import NORMS, _proj_shape
 from .vocab import Vocab
 
@@ -255,15 +256,6 @@ class GGUFModel:
             raise CheckpointError(self._err(f"unexpected tensor(s) {', '.join(extra[:5])}"
                                             f"{' ...' if len(extra) > 5 else ''} for a "
                                             f"{cfg.num_hidden_layers}-layer BitNet model"))
-
-
-def pack_hf_np(w: np.ndarray) -> np.ndarray:
-    """Ternary int8 [out, in] (checked) -> uint8 [out/4, in] in the Hugging Face block layout of
-    ``quant.pack_hf`` (field k of row r = row k*R + r, stored w + 1), in numpy: ~30x faster."""
-    out = w.shape[0]
-    u = (w.astype(np.int8) + np.int8(1)).view(np.uint8).reshape(4, out // 4, *w.shape[1:])
-    return u[0] | (u[1] << 2) | (u[2] << 4) | (u[3] << 6)
-
 
 
 def _f32(v) -> float:
