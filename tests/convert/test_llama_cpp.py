@@ -22,8 +22,6 @@ from bitnet158.model import FeedForward  # noqa: E402
 
 from .conftest import LLAMA3_RANKS, TOK_TINY, tq_config  # noqa: E402
 
-pytestmark = pytest.mark.skipif(not LLAMA3_RANKS.is_file(), reason="Llama-3 rank file not present")
-
 TEXTS = ["Hello world! How are you doing today?", "  leading spaces, 12345 digits and émojis 🙂",
          "def f(x):\n    return x ** 2\n"]
 
@@ -31,6 +29,8 @@ TEXTS = ["Hello world! How are you doing today?", "  leading spaces, 12345 digit
 @pytest.fixture(scope="module")
 def llama3_dir(tmp_path_factory):
     from bitnet158.tokenizer_build import build_llama3_tokenizer_dir
+    if not LLAMA3_RANKS.is_file():
+        pytest.skip(f"Llama-3 rank file not present at {LLAMA3_RANKS}")
     return build_llama3_tokenizer_dir(tmp_path_factory.mktemp("llama3"), rank_file=LLAMA3_RANKS)
 
 
