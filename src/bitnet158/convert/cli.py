@@ -25,8 +25,8 @@ from .headquant import HEAD_TYPES
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("paths", nargs="+", metavar="PATH",
-                   help="MODEL OUT.gguf: the source model (Hugging Face folder or hub id) and the output file; with --random "
-                        "only OUT.gguf")
+                   help="MODEL OUT.gguf: the source model (Hugging Face folder or hub id) and the "
+                        "output file; with --random only OUT.gguf")
     p.add_argument("--type", dest="wtype", default="tq2_0", choices=names.WEIGHT_TYPES,
                    help="ternary weight type (default tq2_0)")
     p.add_argument("--head", default="f16", choices=tuple(HEAD_TYPES),
