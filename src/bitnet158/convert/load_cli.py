@@ -32,14 +32,15 @@ def describe(path: str) -> str:
     g = read_gguf(path)
     c = g.config
     types = collections.Counter(_tname(t.tensor_type) for t in g.tensors.values())
+    v = g.vocab
+    tok = "none" if v is None else f"{v.pre}, {len(v.tokens)} tokens, {len(v.merges)} merges"
     lines = [f"{path}: architecture {g.arch}, {len(g.tensors)} tensors "
              f"({', '.join(f'{n} {k}' for k, n in types.most_common())})",
              f"  layers {c.num_hidden_layers}, hidden {c.hidden_size}, ffn {c.intermediate_size}, heads "
              f"{c.num_attention_heads}/{c.num_key_value_heads} (head_dim {c.head_dim}), vocab {c.vocab_size}, "
              f"context {c.max_position_embeddings}, rope theta {c.rope_theta:g}, eps {c.rms_norm_eps:g}, "
              f"{'tied' if c.tie_word_embeddings else 'untied'} head",
-             f"  tokenizer: {'none' if g.vocab is None else f'{g.vocab.pre}, {len(g.vocab.tokens)} tokens, {len(g.vocab.merges)} merges'}"
-             f", bos {c.bos_token_id}, eos {c.eos_token_id}"]
+             f"  tokenizer: {tok}, bos {c.bos_token_id}, eos {c.eos_token_id}"]
     name = g.fields.get("general.name")
     if name:
         lines.insert(1, f"  name: {name}")
