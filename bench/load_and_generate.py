@@ -173,7 +173,7 @@ def main() -> None:
     gen = generate(runner, prompt, SamplingParams(max_new_tokens=n_dec + 1, stop_ids=[]))
     gen.run()
     tg = gen.decode_tok_s
-    steps = gen.completion_tokens - 1
+    steps = gen.decode_steps
 
     res = {
         "bench": "load_and_generate",

@@ -63,7 +63,7 @@ class Generation:
     After (or during) iteration: ``finish_reason`` ("stop" | "length", None while running or if
     the consumer stopped early), ``prompt_tokens``, ``cached_tokens`` (prompt tokens already in the
     cache, not recomputed), ``completion_tokens``, ``tokens`` (the yielded ids), ``prefill_s``,
-    ``decode_s`` (seconds spent in the runner and sampler), ``cache_tokens`` (ids the cache row holds).
+    ``decode_s`` / ``decode_steps`` (time in the runner and sampler after the prefill), ``cache_tokens`` (ids the cache row holds).
     """
 
     def __init__(self, runner: Runner, prompt_ids, params: SamplingParams, *, cached: int = 0,
@@ -101,6 +101,7 @@ class Generation:
         self.finish_reason: str | None = None
         self.prefill_s = 0.0
         self.decode_s = 0.0
+        self.decode_steps = 0
         self._on_done = on_done
         self._it = self._run()
 
@@ -168,11 +169,12 @@ class Generation:
                 self.cache_tokens.append(tok)
                 tok = sampler(logits)
             self.decode_s += time.perf_counter() - t0
+            self.decode_steps += 1
 
     @property
     def decode_tok_s(self) -> float:
-        n = self.completion_tokens - 1  # the first token comes from the prefill
-        return n / self.decode_s if n > 0 and self.decode_s > 0 else 0.0
+        """Decode steps per second (the first token comes from the prefill)."""
+        return self.decode_steps / self.decode_s if self.decode_steps and self.decode_s > 0 else 0.0
 
     @property
     def prefill_tok_s(self) -> float:
