@@ -369,6 +369,26 @@ static void FN(rmsnorm)(const float *x, const float *w, int n, float eps, float 
     for (int i = 0; i < n; i++) y[i] = w[i] * (x[i] * r);
 }
 
+#if defined(ISA_AVX512)
+/* exp(x) for x <= 0 (softmax): 2^n * P(r), r = x - n ln2 (Cody-Waite split), degree-6 polynomial;
+ * relative error ~2 ulp; x below -87 gives 0. */
+static inline __m512 FN(exp16)(__m512 x) {
+    x = _mm512_max_ps(x, _mm512_set1_ps(-87.0f));
+    const __m512 n = _mm512_roundscale_ps(_mm512_mul_ps(x, _mm512_set1_ps(1.44269504088896341f)),
+                                          _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
+    __m512 r = _mm512_fnmadd_ps(n, _mm512_set1_ps(0.693359375f), x);
+    r = _mm512_fnmadd_ps(n, _mm512_set1_ps(-2.12194440e-4f), r);
+    __m512 y = _mm512_set1_ps(1.9875691500e-4f);
+    y = _mm512_fmadd_ps(y, r, _mm512_set1_ps(1.3981999507e-3f));
+    y = _mm512_fmadd_ps(y, r, _mm512_set1_ps(8.3334519073e-3f));
+    y = _mm512_fmadd_ps(y, r, _mm512_set1_ps(4.1665795894e-2f));
+    y = _mm512_fmadd_ps(y, r, _mm512_set1_ps(1.6666665459e-1f));
+    y = _mm512_fmadd_ps(y, r, _mm512_set1_ps(5.0000001201e-1f));
+    y = _mm512_fmadd_ps(y, _mm512_mul_ps(r, r), _mm512_add_ps(r, _mm512_set1_ps(1.0f)));
+    return _mm512_scalef_ps(y, n);
+}
+#endif
+
 /* Causal attention of one (token, head) per item over cache slots 0..pos of the token's row.
  * K is cached in blocks of 16 positions, [S/16][hd][16], so the scores of 16 positions are 16-wide
  * FMAs against a broadcast q[d] (no horizontal sums); V is [S][hd], accumulated 16-wide over d. */
@@ -426,7 +446,20 @@ static void FN(attention)(const bn_attn *a, int i0, int i1, int tid) {
         float mx = -INFINITY;
         for (int j = 0; j <= p; j++) mx = sc[j] > mx ? sc[j] : mx;
         float sum = 0.0f;
-        for (int j = 0; j <= p; j++) { sc[j] = expf(sc[j] - mx); sum += sc[j]; }
+        int j0 = 0;
+#if defined(ISA_AVX512)
+        {
+            __m512 vs = _mm512_setzero_ps();
+            const __m512 vmx = _mm512_set1_ps(mx);
+            for (; j0 + 16 <= p + 1; j0 += 16) {
+                const __m512 e = FN(exp16)(_mm512_sub_ps(_mm512_loadu_ps(sc + j0), vmx));
+                _mm512_storeu_ps(sc + j0, e);
+                vs = _mm512_add_ps(vs, e);
+            }
+            sum = _mm512_reduce_add_ps(vs);
+        }
+#endif
+        for (int j = j0; j <= p; j++) { sc[j] = expf(sc[j] - mx); sum += sc[j]; }
         const float inv = 1.0f / sum;
         float *o = a->out + (size_t)m * a->ldo + (size_t)h * hd;
         for (int d = 0; d < hd; d++) o[d] = 0.0f;
