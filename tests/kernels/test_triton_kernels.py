@@ -178,9 +178,9 @@ def test_decode_attention(dtype):
     kr, vr = kc.clone(), vc.clone()
     _attn_reference(qkv, kr, vr, pos, cos_t, sin_t, H, HKV, D, norm)
     assert torch.equal(vd.cpu(), vr)
-    # RoPE'd keys: bit-exact under the interpreter; compiled code may round one element in a few
-    # hundred differently (native bf16 ops / FMA contraction), one ulp
-    torch.testing.assert_close(kd.cpu(), kr, rtol=8e-3 if dtype == torch.bfloat16 else 1e-6, atol=1e-6)
+    # RoPE'd keys: bit-exact under the interpreter; compiled for sm_90 one element in a few
+    # thousand came out 2 bf16 ulps off (an H100, 2026-11-25): allow that much
+    torch.testing.assert_close(kd.cpu(), kr, rtol=1.6e-2 if dtype == torch.bfloat16 else 1e-6, atol=1e-6)
     if common.INTERPRET:
         assert torch.equal(kd.cpu(), kr)
     assert int(att.cnt.abs().sum()) == 0                                # row counters left at zero

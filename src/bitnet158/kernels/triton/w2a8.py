@@ -265,7 +265,8 @@ def _intmm_linear(x_q, s_x, w, gammas, P1, P2, out):
 # From this many activation rows on, cuBLAS int8 GEMM on transiently unpacked weights. Off by
 # default: on an H100 a 2048-token prefill took 52 ms this way against 40 ms with the Triton kernel.
 INTMM_MIN_M = 1 << 62
-GEMV_MAX_M = 4      # up to this many rows the dp4a GEMV (weights read once, rows looped)
+GEMV_MAX_M = 8      # up to this many rows the dp4a GEMV (weights read once, rows looped):
+                    # batch-8 decode took 4.5 ms/step this way, 9.0 ms with tl.dot tiles
 
 
 # ---------------------------------------------------------------- host side
@@ -294,9 +295,9 @@ def workspace(device) -> Workspace:
 def pick_config(M: int, R: int, K: int, n_sm: int = 132) -> dict:
     """Block shapes for an [M, K] x [4R, K] product (tuned on an H100 at 2B4T shapes).
 
-    M <= 8: dp4a GEMV, the whole K of BR packed rows in one tile (BR * BK4 = 8K int32) so that a
-    program's weights are loaded in one go ahead of the wait on the previous kernel.
-    Larger M: int8 tensor-core tiles, split-K while the tiles alone leave SMs idle.
+    M <= GEMV_MAX_M: dp4a GEMV, the whole K of BR packed rows in one tile (BR * BK4 <= 8K int32)
+    so that a program's weights are loaded in one go ahead of the wait on the previous kernel.
+    Larger M: int8 tensor-core tiles (split-K stays available through ``config``).
     """
     if M <= GEMV_MAX_M:
         bk4 = min(triton.next_power_of_2(max(K // 4, 1)), 2048)
@@ -305,14 +306,8 @@ def pick_config(M: int, R: int, K: int, n_sm: int = 132) -> dict:
         else:                    # K = 2560: 4 rows while that still fills the SMs, else 8
             br, nw = (4 if R <= 1024 else 8), 4
         return dict(kind="gemv", BR=br, BK4=bk4, MB=M, num_warps=nw)
-    if M <= 64:
-        bm = 16 if M <= 16 else (32 if M <= 32 else 64)
-        br, bk = (128, 64) if bm == 16 else (64, 128)
-        progs = triton.cdiv(R, br) * triton.cdiv(M, bm)
-        split = 1
-        while progs * split < n_sm // 2 and K // (split * 2) >= bk * 2:
-            split *= 2
-        return dict(kind="dot", BM=bm, BR=br, BK=bk, SPLIT_K=split, num_warps=4, num_stages=3)
+    if M <= 64:              # 16-row tiles, 512 outputs a program: 54 us for gate|up at M=64
+        return dict(kind="dot", BM=16, BR=128, BK=64, SPLIT_K=1, num_warps=4, num_stages=3)
     return dict(kind="dot", BM=128, BR=64, BK=128, SPLIT_K=1, num_warps=8, num_stages=3)
 
 
