@@ -162,7 +162,7 @@ def _attn_combine(po_ptr, pml_ptr, pos_ptr, w_ptr, ob_ptr, cnt_ptr, y_ptr, q_ptr
 class DecodeAttention:
     """Buffers and launch parameters for one model shape, batch and cache length.
 
-    ``CHUNK`` cache slots per program (64..256, ~32 chunks per cache): Hkv * ceil((pos+1)/CHUNK)
+    ``CHUNK`` cache slots per program (64..256, up to 64 chunks per cache): Hkv * ceil((pos+1)/CHUNK)
     programs per row, each reading only the tiles up to ``pos``.
     """
 
@@ -172,8 +172,8 @@ class DecodeAttention:
             raise ValueError(f"decode attention: head_dim={head_dim} must be a power of two")
         self.H, self.HKV, self.D = n_heads, n_kv, head_dim
         self.group = n_heads // n_kv
-        if chunk is None:   # ~32 chunks over the cache, 64..256 slots each
-            chunk = min(256, max(64, triton.next_power_of_2(triton.cdiv(max_len, 32))))
+        if chunk is None:   # 64..256 slots a chunk, up to 64 chunks (one 64-slot tile up to 4096)
+            chunk = min(256, max(64, triton.next_power_of_2(triton.cdiv(max_len, 64))))
         self.chunk = max(16, min(chunk, triton.next_power_of_2(max_len)))
         self.block_n = max(16, min(block_n, self.chunk))      # tl.dot needs K >= 16
         self.nch = triton.cdiv(max_len, self.chunk)
