@@ -133,7 +133,8 @@ def test_head_gemv(isa, dtype, m):
         wd = w.to(dtype)
         out = cpu.head_gemv(wd, x)
         ref = x.double() @ wd.double().t()
-    torch.testing.assert_close(out.double(), ref, rtol=1e-5, atol=1e-4)
+    tol = 2e-4 if dtype == torch.int8 else 1e-5     # int8: the input is requantized to int16
+    torch.testing.assert_close(out.double(), ref, rtol=tol, atol=10 * tol)
 
 
 def test_fallback_when_library_missing(monkeypatch):

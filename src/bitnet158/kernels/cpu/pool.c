@@ -3,8 +3,9 @@
  * bn_pool_run(fn, ctx, items) splits [0, items) into 2 contiguous chunks per thread, claimed
  * dynamically (the caller works too), and returns when every chunk is done. Spinning first keeps the ~300 hand-offs of a
  * decode step at well under a microsecond each; sleeping after ~2 ms keeps idle workers off the CPU
- * (and out of torch's way) between calls. Worker i is pinned to the i-th allowed CPU (the caller stays
- * free and the scheduler moves it to the remaining CPU); BITNET158_CPU_PIN=0 turns pinning off.
+ * (and out of torch's way) between calls. BITNET158_CPU_PIN=1 pins worker i to the i-th allowed CPU
+ * (off by default: on a shared machine a pinned worker cannot move away from a busy CPU, while the
+ * dynamic chunks below already keep the caller busy when a worker is descheduled).
  */
 #define _GNU_SOURCE
 #include <pthread.h>
@@ -87,7 +88,7 @@ static void work(unsigned gen, int tid) {
 static void *worker(void *arg) {
     const int tid = (int)(intptr_t)arg;
     const char *e = getenv("BITNET158_CPU_PIN");
-    if (!(e && e[0] == '0')) pin(tid);
+    if (e && e[0] == '1') pin(tid);
     unsigned seen = start_gen;
     for (;;) {
         double t0 = 0.0;
