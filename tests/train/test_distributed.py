@@ -39,6 +39,13 @@ def test_two_processes_match_one(mode, single, tmp_path):
            "--parallel", mode, "--set", "train.micro_batch=2"]          # 2 x 2 rows = the same global batch
     r = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=300)
     assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-3000:]
+    if mode == "fsdp":
+        # sharded resume: drop the last checkpoint, resume from step 3 on 2 ranks, same losses
+        import shutil
+        shutil.rmtree(out / "checkpoints" / f"step-{STEPS:08d}")
+        (out / "checkpoints" / "latest").write_text("step-00000003\n")
+        r = subprocess.run(cmd + ["--resume"], env=env, capture_output=True, text=True, timeout=300)
+        assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-3000:]
     want, got = _losses(ref), _losses(out)
     assert len(got) == len(want) == STEPS
     for a, b in zip(got, want):
