@@ -150,3 +150,26 @@ def test_non_streaming_disconnect_frees_row(slow_server):
         steps0 = eng.steps
     h = wait_idle(srv.base, timeout=20)                  # socket closed: the row must come free
     assert h["active"] == 0 and eng.steps - steps0 < 200
+
+
+def test_generation_config_defaults(tmp_path):
+    """Fields a request leaves out come from generation_config.json; the request's own values win."""
+    import json as _json
+
+    from bitnet158.serve.app import Server, generation_defaults
+    from bitnet158.serve.protocol import CompletionRequest
+    from bitnet158.tokenizer import Tokenizer
+
+    from .conftest import TOKENIZER
+    (tmp_path / "generation_config.json").write_text(_json.dumps(
+        {"do_sample": True, "temperature": 0.7, "top_p": 0.9, "repetition_penalty": 1.15, "max_new_tokens": 9}))
+    d = generation_defaults(tmp_path)
+    assert d == {"temperature": 0.7, "top_p": 0.9, "repetition_penalty": 1.15, "max_tokens": 9}
+    srv = Server(tiny_model().pack(), Tokenizer.from_pretrained(TOKENIZER), MODEL_ID, max_batch=1,
+                 backend="torch", defaults=d)
+    p, _ = srv.sampling(CompletionRequest(model=MODEL_ID, prompt="x"), 3, "prompt")
+    assert (p.temperature, p.top_p, p.repetition_penalty, p.max_new_tokens) == (0.7, 0.9, 1.15, 9)
+    p, _ = srv.sampling(CompletionRequest(model=MODEL_ID, prompt="x", temperature=0, max_tokens=20), 3, "prompt")
+    assert (p.temperature, p.max_new_tokens) == (0.0, 20)
+    (tmp_path / "generation_config.json").write_text(_json.dumps({"do_sample": False, "temperature": 0.6}))
+    assert generation_defaults(tmp_path) == {"temperature": 0.0}

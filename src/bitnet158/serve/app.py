@@ -42,8 +42,9 @@ class Server:
 
     def __init__(self, model, tokenizer, model_id: str, max_batch: int = 8, max_queue: int = 64,
                  max_len: int | None = None, backend: str = "auto", api_key: str | None = None,
-                 prefill_chunk: int = 512):
+                 prefill_chunk: int = 512, defaults: dict | None = None):
         self.model_id = model_id
+        self.defaults = dict(defaults or {})   # sampling defaults for fields a request leaves out
         self.tokenizer = tokenizer
         self.api_key = api_key
         self.created = int(time.time())
@@ -109,7 +110,7 @@ class Server:
         if isinstance(req, P.ChatCompletionRequest) and req.max_completion_tokens is not None:
             name, max_tokens = "max_completion_tokens", req.max_completion_tokens
         if max_tokens is None:
-            max_tokens = ctx - n_prompt
+            max_tokens = min(ctx - n_prompt, self.defaults.get("max_tokens", ctx))
         elif max_tokens < 1:
             raise P.APIError(400, f"'{name}' must be at least 1 (got {max_tokens}).", param=name,
                              code="invalid_value")
@@ -123,12 +124,13 @@ class Server:
         if len(stops) > MAX_STOPS:
             raise P.APIError(400, f"'stop' takes at most {MAX_STOPS} sequences (got {len(stops)}).",
                              param="stop", code="invalid_value")
-        temperature = 1.0 if req.temperature is None else float(req.temperature)
+        d = self.defaults
+        temperature = float(d.get("temperature", 1.0) if req.temperature is None else req.temperature)
         if not 0.0 <= temperature <= 2.0:
             raise P.APIError(400, f"'temperature' must be in [0, 2] (got {temperature}).",
                              param="temperature", code="invalid_value")
-        checks = (("top_p", req.top_p, 1.0), ("top_k", req.top_k, 0),
-                  ("repetition_penalty", req.repetition_penalty, 1.0))
+        checks = (("top_p", req.top_p, d.get("top_p", 1.0)), ("top_k", req.top_k, d.get("top_k", 0)),
+                  ("repetition_penalty", req.repetition_penalty, d.get("repetition_penalty", 1.0)))
         kw = {k: (d if v is None else v) for k, v, d in checks}
         try:
             params = SamplingParams(temperature=temperature, top_p=float(kw["top_p"]), top_k=kw["top_k"],
@@ -194,15 +196,48 @@ class Server:
                 return
 
 
+def generation_defaults(folder) -> dict:
+    """Sampling defaults from a model folder's ``generation_config.json`` (empty if it has none)."""
+    from pathlib import Path
+    p = Path(folder) / "generation_config.json"
+    if not p.is_file():
+        return {}
+    try:
+        g = json.loads(p.read_text())
+    except (OSError, json.JSONDecodeError):
+        return {}
+    if not isinstance(g, dict):
+        return {}
+    out: dict = {}
+    if g.get("do_sample") is False:
+        out["temperature"] = 0.0
+    for key in ("temperature", "top_p", "top_k", "repetition_penalty"):
+        v = g.get(key)
+        if key == "temperature" and "temperature" in out:          # do_sample: false wins
+            continue
+        if isinstance(v, (int, float)) and not isinstance(v, bool):
+            out[key] = int(v) if key == "top_k" else float(v)
+    if isinstance(g.get("max_new_tokens"), int) and g["max_new_tokens"] > 0:
+        out["max_tokens"] = g["max_new_tokens"]
+    return out
+
+
 def _sse(obj) -> str:
     return f"data: {json.dumps(obj, ensure_ascii=False)}\n\n"
 
 
 def create_app(model, tokenizer, model_id: str, max_batch: int = 8, max_queue: int = 64,
                max_len: int | None = None, backend: str = "auto", api_key: str | None = None,
-               cors_origins: list[str] | None = None, prefill_chunk: int = 512) -> FastAPI:
-    """Build the app; the batch engine starts with the app (lifespan) and stops with it."""
-    srv = Server(model, tokenizer, model_id, max_batch, max_queue, max_len, backend, api_key, prefill_chunk)
+               cors_origins: list[str] | None = None, prefill_chunk: int = 512,
+               defaults: dict | None = None) -> FastAPI:
+    """Build the app; the batch engine starts with the app (lifespan) and stops with it.
+
+    ``defaults``: sampling values for fields a request omits (``temperature``, ``top_p``, ``top_k``,
+    ``repetition_penalty``, ``max_tokens``), e.g. from :func:`generation_defaults`; OpenAI's own
+    defaults (temperature 1, the rest of the context) otherwise.
+    """
+    srv = Server(model, tokenizer, model_id, max_batch, max_queue, max_len, backend, api_key, prefill_chunk,
+                 defaults)
 
     @asynccontextmanager
     async def lifespan(app):
@@ -336,4 +371,4 @@ async def _stream(srv: Server, handle, events, stops: list[str], rid: str, creat
         handle.cancel()   # client gone (generator closed/cancelled) or finished: free the row now
 
 
-__all__ = ["create_app", "Server"]
+__all__ = ["create_app", "Server", "generation_defaults"]

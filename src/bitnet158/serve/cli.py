@@ -35,6 +35,9 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--prefill-chunk", type=int, default=512,
                    help="prompt tokens prefilled per step, so long prompts do not stall running "
                         "requests (default 512)")
+    p.add_argument("--generation-config", choices=("auto", "none"), default="auto",
+                   help="auto: sampling defaults for fields a request leaves out come from the model "
+                        "folder's generation_config.json; none: OpenAI's defaults (temperature 1)")
     p.add_argument("--ctx", type=int, default=None,
                    help="context length per row (default: the model's max_position_embeddings)")
     p.add_argument("--backend", default="auto", help="runner: auto (best available), torch, cpu, ...")
@@ -61,7 +64,7 @@ def main(args: argparse.Namespace) -> int:
 
     from ..checkpoint import load, resolve
     from ..tokenizer import Tokenizer
-    from .app import create_app
+    from .app import create_app, generation_defaults
 
     if args.threads:
         torch.set_num_threads(args.threads)
@@ -73,11 +76,13 @@ def main(args: argparse.Namespace) -> int:
     model = load(folder, dtype=args.dtype, device=args.device)
     tok = Tokenizer.from_pretrained(folder)
     name = args.model_name or Path(folder).name
+    defaults = generation_defaults(folder) if args.generation_config == "auto" else {}
     app = create_app(model, tok, name, max_batch=args.max_batch, max_queue=args.max_queue,
                      max_len=args.ctx, backend=args.backend, api_key=args.api_key,
-                     cors_origins=args.cors_origin, prefill_chunk=args.prefill_chunk)
+                     cors_origins=args.cors_origin, prefill_chunk=args.prefill_chunk, defaults=defaults)
     print(f"serving {name!r} from {folder} on http://{args.host}:{args.port}/v1 "
           f"(batch {args.max_batch}, queue {args.max_queue}, context {app.state.server.max_len}, "
-          f"runner {type(app.state.server.engine.runner).__name__})", flush=True)
+          f"runner {type(app.state.server.engine.runner).__name__}, defaults {defaults or 'OpenAI'})",
+          flush=True)
     uvicorn.run(app, host=args.host, port=args.port, log_level=args.log_level)
     return 0
