@@ -114,3 +114,19 @@ def test_real_gutenberg_books_are_stripped():
         assert "PROJECT GUTENBERG" not in body[:2000].upper()
         assert "PROJECT GUTENBERG" not in body[-2000:].upper()
         assert len(body) > 10000 and "\r" not in body
+
+
+def test_data_command(tmp_path, corpus_dir, tokenizer_dir, capsys):
+    import sys
+
+    from bitnet158 import cli
+    argv = sys.argv[:]
+    try:
+        rc = cli.main(["data", "--input", str(corpus_dir), "--tokenizer", str(tokenizer_dir), "--out",
+                       str(tmp_path / "s"), "--val-fraction", "0.1", "--quiet"])
+    finally:
+        sys.argv = argv
+    assert rc == 0
+    line = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
+    assert line["train_docs"] + line["val_docs"] == 40 and line["val_tokens"] > 0
+    assert (tmp_path / "s" / "tokenizer" / "tokenizer.json").is_file()

@@ -104,3 +104,11 @@ def test_refuses_to_overwrite_without_resume(tmp_path, shards_dir):
     run(Recipe.from_file(recipe), out=tmp_path / "o", device="cpu")
     with pytest.raises(ConfigError, match="--resume"):
         run(Recipe.from_file(recipe), out=tmp_path / "o", device="cpu")
+
+
+def test_activation_checkpointing_gives_the_same_losses(tmp_path, shards_dir):
+    recipe = write_recipe(tmp_path / "r.toml", shards_dir, steps=6, eval_every=0, ckpt_every=0)
+    run(Recipe.from_file(recipe), out=tmp_path / "a", device="cpu")
+    run(Recipe.from_file(recipe, overrides=["train.activation_checkpointing=true"]), out=tmp_path / "b",
+        device="cpu")
+    assert _losses(tmp_path / "a") == _losses(tmp_path / "b")
