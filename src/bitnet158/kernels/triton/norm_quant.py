@@ -6,7 +6,8 @@ One program per token row, the whole row in registers. Numerics follow the refer
 - RMSNorm (``model.RMSNorm``): fp32 ``h * 1/sqrt(mean(h^2) + eps)``, cast to the model dtype, times
   the weight (rounded again);
 - activation quant (``quant.act_quant``): fp32 ``s = 127 / max(max|y|, 1e-5)``, which torch
-  evaluates as ``127 * (1 / t)`` (two roundings; we do the same), ``q = clamp(rint(y * s), -128, 127)`` with round-half-to-even.
+  evaluates as ``127 * (1 / t)`` (two roundings; done the same way here), then
+  ``q = clamp(rint(y * s), -128, 127)`` with round-half-to-even.
 
 Modes: 0 = plain row, 1 = ``x + d`` residual, 2 = squared-ReLU gate ``relu(g)^2 * u`` of a fused
 gate/up row ``[g | u]`` (bf16 rounding after each op, as the reference's torch ops).

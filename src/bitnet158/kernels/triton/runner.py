@@ -18,8 +18,9 @@ SDPA attention. q/k/v and gate/up weights are concatenated once at load and the 
 buffers become views of them: the packed weights exist once.
 
 ``int8_head=True`` reads an int8 copy of the head with per-row scales (half the head's bytes,
-an approximation of the model). ``linear="bf16"`` builds the comparison pipeline of the benchmark instead: the same graph, cache,
-attention and norms, but every projection a cuBLAS ``F.linear`` on dequantized bf16 weights.
+an approximation of the model). ``linear="bf16"`` builds the comparison pipeline of the
+benchmark instead: the same graph, cache, attention and norms, but every projection a cuBLAS
+``F.linear`` on dequantized bf16 weights.
 """
 
 from __future__ import annotations

@@ -8,16 +8,19 @@ weight: segment ``s`` starts at packed row ``P_s`` (``R_s`` rows) and its output
 
 Two kernels, one epilogue (``y = acc * (gamma_s / s_x)``, exactly the reference's fp32 ops):
 
-- ``_gemv_dp4a``: decode (M <= 4). An int32 of packed weights holds 4 consecutive K columns;
-  ``(w >> 2k) & 0x03030303`` gives 4 codes ``u = w + 1`` of output row ``k*R + r`` at once, and one
-  ``dp4a`` multiplies them with 4 int8 activations. ``x . w = x . u - sum(x)``. 3 ALU ops per
-  packed byte instead of ~16 for byte-wise unpacking.
-- ``_gemm_dot``: prefill and batched decode. Unpacks each ``[BR, BK]`` byte tile into four int8
-  code tiles and runs ``tl.dot`` int8 x int8 -> int32 on the tensor cores (M padded to 16).
+- ``_gemv_dp4a``: decode (M <= ``GEMV_MAX_M``). An int32 of packed weights holds 4 consecutive K
+  columns; ``(w >> 2k) & 0x03030303`` gives 4 codes ``u = w + 1`` of output row ``k*R + r`` at
+  once, and one ``dp4a`` multiplies them with 4 int8 activations: ``x . w = x . u - sum(x)``, 3 ALU
+  ops per packed byte instead of ~16 for byte-wise unpacking. A program holds the whole K of its
+  rows in one tile, loaded before it waits on the previous kernel (programmatic dependent launch).
+- ``_gemm_dot``: prefill and batched decode. Unpacks each ``[BK, BR]`` byte tile into four int8
+  code tiles and runs ``tl.dot`` int8 x int8 -> int32 on the tensor cores (M padded to 16). It can
+  split K over ``SPLIT_K`` programs: partial int32 sums go atomically into a workspace; the last
+  program of a tile (a per-tile counter) applies the epilogue and zeroes workspace and counter,
+  so it replays in CUDA graphs.
 
-Both split K over ``SPLIT_K`` programs for the long K = 6912 rows: partial int32 sums are added
-atomically into a workspace; the last program of a tile (a per-tile counter) applies the epilogue
-and resets workspace and counter, so the kernels replay in CUDA graphs. Integer results are exact.
+Integer results are exact. ``_unpack_int8`` + ``torch._int_mm`` + ``_scale_rows`` is an optional
+large-M path on cuBLAS int8 (off by default, see ``INTMM_MIN_M``).
 
 Run the tests: ``TRITON_INTERPRET=1 pytest tests/kernels/test_triton_kernels.py`` (CPU) or on a GPU.
 """
@@ -64,7 +67,8 @@ def _epilogue(acc, ms, rows, k: tl.constexpr, M, P1, P2, R_total, sx_ptr, g_ptr,
     scale = tl.math.div_rn(gamma[None, :], sx[:, None])                 # [BM, BR], as the reference
     y = acc.to(tl.float32) * scale
     mask = (ms[:, None] < M) & (rows[None, :] < R_total)
-    tl.store(out_ptr + ms[:, None] * stride_om + cols[None, :], cast(y, out_ptr.dtype.element_ty, INTERP), mask=mask)
+    tl.store(out_ptr + ms[:, None] * stride_om + cols[None, :], cast(y, out_ptr.dtype.element_ty, INTERP),
+             mask=mask)
 
 
 @triton.jit
