@@ -401,3 +401,30 @@ def save(model: Transformer, path: str | os.PathLike, layout: str = "packed",
 
 __all__ = ["resolve", "load", "load_state", "save", "model_state", "from_state", "read_config", "file_layout",
            "torch_dtype", "LAYOUTS", "SINGLE", "INDEX"]
+
+
+def generation_defaults(folder) -> dict:
+    """Sampling defaults from a model folder's ``generation_config.json`` (empty if it has none).
+
+    Keys as the CLI and server name them: temperature, top_p, top_k, repetition_penalty,
+    max_tokens. ``do_sample: false`` means greedy (temperature 0).
+    """
+    p = Path(folder) / "generation_config.json"
+    if not p.is_file():
+        return {}
+    try:
+        g = json.loads(p.read_text())
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError):
+        return {}
+    if not isinstance(g, dict):
+        return {}
+    out: dict = {}
+    for key in ("temperature", "top_p", "top_k", "repetition_penalty"):
+        v = g.get(key)
+        if isinstance(v, (int, float)) and not isinstance(v, bool):
+            out[key] = int(v) if key == "top_k" else float(v)
+    if g.get("do_sample") is False:
+        out["temperature"] = 0.0
+    if isinstance(g.get("max_new_tokens"), int) and g["max_new_tokens"] > 0:
+        out["max_tokens"] = g["max_new_tokens"]
+    return out

@@ -40,14 +40,17 @@ def add_model_arguments(p: argparse.ArgumentParser) -> None:
 
 def add_sampling_arguments(p: argparse.ArgumentParser, max_tokens: int = 128, temperature: float = 0.0,
                            top_p: float = 1.0) -> None:
-    g = p.add_argument_group("sampling")
-    g.add_argument("-n", "--max-tokens", type=int, default=max_tokens,
+    """Sampling flags. A flag left out takes the model folder's generation_config.json value, else
+    the command's default given here."""
+    p.set_defaults(sampling_defaults=dict(max_tokens=max_tokens, temperature=temperature, top_p=top_p,
+                                          top_k=0, repetition_penalty=1.0))
+    g = p.add_argument_group("sampling (unset flags: the model's generation_config.json, then defaults)")
+    g.add_argument("-n", "--max-tokens", type=int, default=None,
                    help=f"most new tokens per answer (default {max_tokens})")
-    g.add_argument("--temperature", type=float, default=temperature,
-                   help=f"0 = greedy (default {temperature})")
-    g.add_argument("--top-k", type=int, default=0, help="keep the k most likely tokens (default 0 = off)")
-    g.add_argument("--top-p", type=float, default=top_p, help=f"nucleus mass (default {top_p})")
-    g.add_argument("--repetition-penalty", type=float, default=1.0, help="HF-style (default 1.0 = off)")
+    g.add_argument("--temperature", type=float, default=None, help=f"0 = greedy (default {temperature})")
+    g.add_argument("--top-k", type=int, default=None, help="keep the k most likely tokens (default 0 = off)")
+    g.add_argument("--top-p", type=float, default=None, help=f"nucleus mass (default {top_p})")
+    g.add_argument("--repetition-penalty", type=float, default=None, help="HF-style (default 1.0 = off)")
     g.add_argument("--seed", type=int, default=None, help="random seed for reproducible sampling")
     g.add_argument("--stats", action="store_true", help="print token counts and speed to stderr")
 
@@ -86,6 +89,7 @@ def load_model(args):
     if args.context is not None and args.context < 2:
         raise ConfigError(f"--context {args.context}: must be >= 2")
     folder = checkpoint.resolve(model_path(args))
+    args.model_folder = folder
     dtype = None if args.dtype == "auto" else args.dtype
     model = checkpoint.load(folder, dtype=dtype, device=pick_device(args.device))
     tok = Tokenizer.from_pretrained(args.tokenizer or folder)
@@ -99,9 +103,17 @@ def sampling_params(args, tokenizer):
     """SamplingParams from the sampling arguments; stops at the tokenizer's eot/eos ids."""
     from ..engine import GenerationError, SamplingParams
 
-    flags = dict(temperature=args.temperature, top_k=args.top_k, top_p=args.top_p,
-                 repetition_penalty=args.repetition_penalty, seed=args.seed,
-                 max_new_tokens=args.max_tokens)
+    from ..checkpoint import generation_defaults
+
+    folder = getattr(args, "model_folder", None)
+    chosen = {**getattr(args, "sampling_defaults", {}),
+              **(generation_defaults(folder) if folder else {})}
+    for key in ("temperature", "top_k", "top_p", "repetition_penalty", "max_tokens"):
+        if getattr(args, key, None) is not None:
+            chosen[key] = getattr(args, key)
+    flags = dict(temperature=chosen.get("temperature", 0.0), top_k=chosen.get("top_k", 0),
+                 top_p=chosen.get("top_p", 1.0), repetition_penalty=chosen.get("repetition_penalty", 1.0),
+                 seed=args.seed, max_new_tokens=chosen.get("max_tokens", 128))
     for field, value in flags.items():       # validate one by one to name the flag at fault
         try:
             SamplingParams(**{field: value})
