@@ -1,0 +1,84 @@
+"""Compile every Triton kernel of the GPU engine for sm_90 without a GPU (frontend, LLVM, ptxas).
+
+    python3 -m bitnet158.kernels.triton.compile_check          # prints one line per kernel
+
+The interpreter (``TRITON_INTERPRET=1``, used by the CPU tests) runs kernels as Python and misses
+errors that only the compiler sees (e.g. a variable re-bound to another shape inside an ``if``).
+This compiles the kernels at their 2B4T launch shapes for an H100 target. Exit code 1 on error.
+"""
+
+from __future__ import annotations
+
+import os
+import sys
+
+
+def main() -> int:
+    if os.environ.get("TRITON_INTERPRET") == "1":
+        print("compile_check: unset TRITON_INTERPRET first", file=sys.stderr)
+        return 2
+    import triton
+    from triton.backends.compiler import GPUTarget
+    from triton.compiler import ASTSource
+
+    from . import attention, head, norm_quant, w2a8
+
+    target = GPUTarget("cuda", 90, 32)
+    errors = 0
+
+    def comp(fn, types: dict, consts: dict, **opts):
+        nonlocal errors
+        sig = {n: ("constexpr" if n in consts else types.get(n, "i32")) for n in fn.arg_names}
+        cst = {(fn.arg_names.index(k),): v for k, v in consts.items()}
+        try:
+            triton.compile(ASTSource(fn=fn, signature=sig, constexprs=cst), target=target, options=opts)
+            print(f"ok    {fn.__name__} {consts}")
+        except Exception as e:  # report every kernel, then fail
+            errors += 1
+            print(f"ERROR {fn.__name__} {consts}\n{e}")
+
+    P = lambda t: "*" + t  # noqa: E731
+    bf, f32, i8, i32 = "bf16", "fp32", "i8", "i32"
+    for quant in (True, False):
+        comp(attention._attn_combine, dict(po_ptr=P(f32), pml_ptr=P(f32), pos_ptr=P(i32), w_ptr=P(bf),
+                                           ob_ptr=P(f32), cnt_ptr=P(i32), y_ptr=P(bf), q_ptr=P(i8),
+                                           s_ptr=P(f32), eps=f32),
+             dict(H=20, HP=32, D=128, CHUNK=64, NCH=64, NCHP=64, QUANT=quant, PDL=True, INTERP=False),
+             num_warps=8)
+    for dt, ieee in ((bf, False), (f32, True)):
+        comp(attention._attn_partial, dict(qkv_ptr=P(dt), kc_ptr=P(dt), vc_ptr=P(dt), rows_ptr=P(i32),
+                                           pos_ptr=P(i32), cos_ptr=P(f32), sin_ptr=P(f32), po_ptr=P(f32),
+                                           pml_ptr=P(f32), scale=f32),
+             dict(H=20, HKV=5, D=128, GROUP=4, GP=16, CHUNK=64, BLOCK_N=64, NCH=64, IEEE=ieee, PDL=True,
+                  INTERP=False), num_warps=4)
+    for mode, quant in ((0, True), (1, True), (2, True), (1, False)):
+        comp(norm_quant._norm_quant_kernel, dict(x_ptr=P(bf), d_ptr=P(bf), h_ptr=P(bf), w_ptr=P(bf),
+                                                 y_ptr=P(bf), q_ptr=P(i8), s_ptr=P(f32), eps=f32),
+             dict(MODE=mode, BLOCK=8192 if mode == 2 else 4096, NORM=True, STORE_Y=not quant, QUANT=quant,
+                  PDL=True, INTERP=False), num_warps=8)
+    for M, R, K in ((1, 960, 2560), (1, 3456, 2560), (1, 640, 6912), (8, 640, 6912)):
+        cfg = w2a8.pick_config(M, R, K)
+        cfg.pop("kind")
+        nw = cfg.pop("num_warps")
+        comp(w2a8._gemv_dp4a, dict(x_ptr=P(i32), sx_ptr=P(f32), w_ptr=P(i32), g_ptr=P(f32), out_ptr=P(bf)),
+             dict(ITERS=triton.cdiv(K // 4, cfg["BK4"]), PDL=True, INTERP=False, **cfg), num_warps=nw)
+    for M in (64, 2048):
+        cfg = w2a8.pick_config(M, 3456, 2560)
+        cfg.pop("kind")
+        nw, ns = cfg.pop("num_warps"), cfg.pop("num_stages")
+        comp(w2a8._gemm_dot, dict(x_ptr=P(i8), sx_ptr=P(f32), w_ptr=P("u8"), g_ptr=P(f32), out_ptr=P(bf),
+                                  ws_ptr=P(i32), cnt_ptr=P(i32)),
+             dict(ITERS=2560 // cfg["BK"], GROUP_M=8, PDL=True, INTERP=False, **cfg), num_warps=nw, num_stages=ns)
+    comp(w2a8._gemm_dot, dict(x_ptr=P(i8), sx_ptr=P(f32), w_ptr=P("u8"), g_ptr=P(f32), out_ptr=P(bf),
+                              ws_ptr=P(i32), cnt_ptr=P(i32)),
+         dict(BM=16, BR=32, BK=128, SPLIT_K=4, ITERS=5, GROUP_M=8, PDL=True, INTERP=False), num_warps=4)
+    comp(head._head_kernel, dict(x_ptr=P(bf), w_ptr=P(i8), ws_ptr=P(f32), out_ptr=P(f32)),
+         dict(MB=1, BV=4, BD=4096, PDL=True), num_warps=8)
+    comp(w2a8._unpack_int8, dict(w_ptr=P("u8"), out_ptr=P(i8)), dict(BR=32, BK=256), num_warps=4)
+    comp(w2a8._scale_rows, dict(acc_ptr=P(i32), sx_ptr=P(f32), g_ptr=P(f32), out_ptr=P(bf)),
+         dict(BM=16, BN=256, INTERP=False), num_warps=4)
+    return 1 if errors else 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
