@@ -25,7 +25,17 @@ def backends() -> list:
     return [*_BACKENDS, reference]
 
 
+_gpu_loaded = False
+
+
 def select(x: torch.Tensor):
+    global _gpu_loaded
+    if x.is_cuda and not _gpu_loaded:  # the Triton backend registers itself on first CUDA use
+        _gpu_loaded = True
+        try:
+            from . import triton as _triton_backend  # noqa: F401
+        except ImportError:
+            pass
     for b in _BACKENDS:
         if b.available(x):
             return b
