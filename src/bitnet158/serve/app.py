@@ -29,6 +29,7 @@ from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse, StreamingResponse
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
+from ..checkpoint import generation_defaults
 from ..engine.batch import BatchEngine, EngineStoppedError, QueueFullError
 from ..engine.runner import make_runner
 from ..engine.sampling import SamplingError, SamplingParams
@@ -194,32 +195,6 @@ class Server:
                     yield out
                 handle.result = ("stop" if filt.stopped else reason or "stop", None)
                 return
-
-
-def generation_defaults(folder) -> dict:
-    """Sampling defaults from a model folder's ``generation_config.json`` (empty if it has none)."""
-    from pathlib import Path
-    p = Path(folder) / "generation_config.json"
-    if not p.is_file():
-        return {}
-    try:
-        g = json.loads(p.read_text())
-    except (OSError, json.JSONDecodeError):
-        return {}
-    if not isinstance(g, dict):
-        return {}
-    out: dict = {}
-    if g.get("do_sample") is False:
-        out["temperature"] = 0.0
-    for key in ("temperature", "top_p", "top_k", "repetition_penalty"):
-        v = g.get(key)
-        if key == "temperature" and "temperature" in out:          # do_sample: false wins
-            continue
-        if isinstance(v, (int, float)) and not isinstance(v, bool):
-            out[key] = int(v) if key == "top_k" else float(v)
-    if isinstance(g.get("max_new_tokens"), int) and g["max_new_tokens"] > 0:
-        out["max_tokens"] = g["max_new_tokens"]
-    return out
 
 
 def _sse(obj) -> str:

@@ -37,7 +37,6 @@ from __future__ import annotations
 
 import argparse
 import copy
-import json
 import math
 import random
 from dataclasses import dataclass, field
@@ -48,6 +47,7 @@ import torch
 
 from ..errors import ConfigError
 from ..tokenizer import Tokenizer
+from . import finetune
 from .finetune import (FinetuneRecipe, config_dict, export_model, load_start, make_optimizer,
                        pick_device, write_json)
 from .loop import Trainer, find_latest
@@ -274,17 +274,8 @@ def run_dpo(recipe: FinetuneRecipe | str | Path, out: str | Path | None = None, 
 # ---------------------------------------------------------------- command line
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
-    p.add_argument("recipe", help="fine-tuning recipe (.toml or .json) with DPO data")
-    p.add_argument("--init", default=None, help="starting model = reference (overrides the recipe's `init`)")
-    p.add_argument("--out", default=None, help="output folder (default: the recipe's `out`)")
-    p.add_argument("--resume", action="store_true", help="continue from the latest checkpoint in --out")
-    p.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda"])
-    p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
-                   help="override a recipe value, e.g. --set data.beta=0.2 (repeatable)")
+    finetune.add_arguments(p, 'fine-tuning recipe (.toml or .json) with DPO data', "starting model = reference (overrides the recipe's `init`)", 'data.beta=0.2')
 
 
 def main(args: argparse.Namespace) -> int:
-    summary = run_dpo(args.recipe, out=args.out, init=args.init, resume=args.resume, device=args.device,
-                      overrides=args.set)
-    print(json.dumps({k: v for k, v in summary.items() if not isinstance(v, dict)}))
-    return 0
+    return finetune.run_command(run_dpo, args)

@@ -23,6 +23,7 @@ overrides), with these top-level keys instead of ``[model]``:
 
 from __future__ import annotations
 
+import argparse
 import copy
 import json
 import tomllib
@@ -195,3 +196,24 @@ def export_model(model, out: str | Path, tok_dir: str | Path, layouts: list[str]
 
 def write_json(path: Path, obj: dict) -> None:
     path.write_text(json.dumps(obj, indent=1, default=str) + "\n")
+
+
+# ---------------------------------------------------------------- command line (sft, dpo)
+
+def add_arguments(p: argparse.ArgumentParser, recipe_help: str, init_help: str, set_example: str) -> None:
+    """The arguments `bitnet158 sft` and `bitnet158 dpo` share."""
+    p.add_argument("recipe", help=recipe_help)
+    p.add_argument("--init", default=None, help=init_help)
+    p.add_argument("--out", default=None, help="output folder (default: the recipe's `out`)")
+    p.add_argument("--resume", action="store_true", help="continue from the latest checkpoint in --out")
+    p.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda"])
+    p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
+                   help=f"override a recipe value, e.g. --set {set_example} (repeatable)")
+
+
+def run_command(run, args: argparse.Namespace) -> int:
+    """Run ``run_sft``/``run_dpo`` from parsed arguments; print the flat summary as one JSON line."""
+    summary = run(args.recipe, out=args.out, init=args.init, resume=args.resume, device=args.device,
+                  overrides=args.set)
+    print(json.dumps({k: v for k, v in summary.items() if not isinstance(v, dict)}))
+    return 0

@@ -36,7 +36,6 @@ folder with the tokenizer; loads in bitnet158 and transformers), ``OUT/summary.j
 from __future__ import annotations
 
 import argparse
-import json
 import math
 import random
 from dataclasses import dataclass, field
@@ -47,6 +46,7 @@ import torch
 
 from ..errors import ConfigError
 from ..tokenizer import Tokenizer
+from . import finetune
 from .finetune import (FinetuneRecipe, config_dict, export_model, load_start, make_optimizer,
                        pick_device, write_json)
 from .loop import Trainer, find_latest
@@ -247,17 +247,8 @@ def run_sft(recipe: FinetuneRecipe | str | Path, out: str | Path | None = None, 
 # ---------------------------------------------------------------- command line
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
-    p.add_argument("recipe", help="fine-tuning recipe (.toml or .json)")
-    p.add_argument("--init", default=None, help="starting model (overrides the recipe's `init`)")
-    p.add_argument("--out", default=None, help="output folder (default: the recipe's `out`)")
-    p.add_argument("--resume", action="store_true", help="continue from the latest checkpoint in --out")
-    p.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda"])
-    p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
-                   help="override a recipe value, e.g. --set data.epochs=2 (repeatable)")
+    finetune.add_arguments(p, 'fine-tuning recipe (.toml or .json)', "starting model (overrides the recipe's `init`)", 'data.epochs=2')
 
 
 def main(args: argparse.Namespace) -> int:
-    summary = run_sft(args.recipe, out=args.out, init=args.init, resume=args.resume, device=args.device,
-                      overrides=args.set)
-    print(json.dumps({k: v for k, v in summary.items() if not isinstance(v, dict)}))
-    return 0
+    return finetune.run_command(run_sft, args)
