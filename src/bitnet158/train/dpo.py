@@ -42,15 +42,13 @@ import random
 from dataclasses import dataclass, field
 from pathlib import Path
 
-import numpy as np
 import torch
 
 from ..errors import ConfigError
 from ..tokenizer import Tokenizer
 from . import finetune
-from .finetune import (FinetuneRecipe, config_dict, export_model, load_start, make_optimizer,
-                       pick_device, write_json)
-from .loop import Trainer, find_latest
+from .finetune import FinetuneRecipe, config_dict, export_model, make_optimizer, write_json
+from .loop import Trainer
 from .losses import dpo_loss, sequence_logprobs
 from .sft import _unwrap
 from .dpo_data import Pair, encode_pairs, pad_pairs
@@ -219,13 +217,7 @@ def run_dpo(recipe: FinetuneRecipe | str | Path, out: str | Path | None = None, 
         recipe.init = str(init)
     d: DPOData = recipe.data
     out = Path(out or recipe.out)
-    dev = pick_device(device)
-    random.seed(recipe.seed)
-    np.random.seed(recipe.seed)
-    torch.manual_seed(recipe.seed)
-    model, tok_dir = load_start(recipe.resolve(recipe.init),
-                                recipe.resolve(recipe.tokenizer) if recipe.tokenizer else None)
-    tok = Tokenizer.from_pretrained(tok_dir)
+    model, tok, tok_dir, dev = finetune.begin(recipe, device)
     train, val, stats = load_pairs(recipe, tok)
     pad = tok.pad_id if tok.pad_id is not None else (tok.eos_id or 0)
     mb = int(recipe.train.get("micro_batch", 8))
@@ -252,12 +244,7 @@ def run_dpo(recipe: FinetuneRecipe | str | Path, out: str | Path | None = None, 
                       batches, tcfg, out, eval_fn=eval_fn, config_dict=config_dict(model),
                       extra_state={"recipe": recipe.to_dict(), "tokenizer": str(Path(tok_dir).resolve()),
                                    "stage": "dpo"})
-    if resume:
-        if not trainer.maybe_resume():
-            print(f"--resume: no checkpoint in {out}, starting from step 0", flush=True)
-    elif find_latest(out) is not None:
-        raise ConfigError(f"{out} already holds checkpoints: pass --resume to continue, or choose another --out")
-    write_json(out / "recipe.json", recipe.to_dict())
+    finetune.resume_or_start(trainer, out, resume, recipe)
     start = trainer.evaluate() if eval_fn is not None and trainer.step == 0 else {}
     summary = trainer.fit()
     hist = [r for r in trainer.history if "margin" in r]

@@ -198,6 +198,42 @@ def write_json(path: Path, obj: dict) -> None:
     path.write_text(json.dumps(obj, indent=1, default=str) + "\n")
 
 
+def begin(recipe: FinetuneRecipe, device: str):
+    """Seed every RNG, pick the device, load the starting model and its tokenizer.
+
+    Returns (model, tokenizer, tokenizer folder, device); the model is not moved yet.
+    """
+    import random
+
+    import numpy as np
+
+    from ..tokenizer import Tokenizer
+
+    dev = pick_device(device)
+    random.seed(recipe.seed)
+    np.random.seed(recipe.seed)
+    torch.manual_seed(recipe.seed)
+    model, tok_dir = load_start(recipe.resolve(recipe.init),
+                                recipe.resolve(recipe.tokenizer) if recipe.tokenizer else None)
+    tok = Tokenizer.from_pretrained(tok_dir)
+    if tok.vocab_size > model.config.vocab_size:
+        raise ConfigError(f"tokenizer {tok_dir} has {tok.vocab_size} tokens > the model's vocab_size "
+                          f"{model.config.vocab_size}")
+    return model, tok, tok_dir, dev
+
+
+def resume_or_start(trainer, out: Path, resume: bool, recipe: FinetuneRecipe) -> None:
+    """Resume from OUT's latest checkpoint, or refuse to overwrite one; then record the recipe."""
+    from .loop import find_latest
+
+    if resume:
+        if not trainer.maybe_resume():
+            print(f"--resume: no checkpoint in {out}, starting from step 0", flush=True)
+    elif find_latest(out) is not None:
+        raise ConfigError(f"{out} already holds checkpoints: pass --resume to continue, or choose another --out")
+    write_json(out / "recipe.json", recipe.to_dict())
+
+
 # ---------------------------------------------------------------- command line (sft, dpo)
 
 def add_arguments(p: argparse.ArgumentParser, recipe_help: str, init_help: str, set_example: str) -> None:

@@ -37,7 +37,6 @@ from __future__ import annotations
 
 import argparse
 import math
-import random
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -47,9 +46,8 @@ import torch
 from ..errors import ConfigError
 from ..tokenizer import Tokenizer
 from . import finetune
-from .finetune import (FinetuneRecipe, config_dict, export_model, load_start, make_optimizer,
-                       pick_device, write_json)
-from .loop import Trainer, find_latest
+from .finetune import FinetuneRecipe, config_dict, export_model, make_optimizer, write_json
+from .loop import Trainer
 from .losses import linear_cross_entropy
 from .sft_data import (ChatEncoder, Rows, encode_records, pack_examples, read_records, split_holdout)
 
@@ -196,16 +194,7 @@ def run_sft(recipe: FinetuneRecipe | str | Path, out: str | Path | None = None, 
         recipe.init = str(init)
     d: SFTData = recipe.data
     out = Path(out or recipe.out)
-    dev = pick_device(device)
-    random.seed(recipe.seed)
-    np.random.seed(recipe.seed)
-    torch.manual_seed(recipe.seed)
-    model, tok_dir = load_start(recipe.resolve(recipe.init),
-                                recipe.resolve(recipe.tokenizer) if recipe.tokenizer else None)
-    tok = Tokenizer.from_pretrained(tok_dir)
-    if tok.vocab_size > model.config.vocab_size:
-        raise ConfigError(f"tokenizer {tok_dir} has {tok.vocab_size} tokens > the model's vocab_size "
-                          f"{model.config.vocab_size}")
+    model, tok, tok_dir, dev = finetune.begin(recipe, device)
     train, val, st, sv = load_sft_examples(recipe, tok)
     pad = tok.pad_id if tok.pad_id is not None else (tok.eos_id or 0)
     mb = int(recipe.train.get("micro_batch", 8))
@@ -229,12 +218,7 @@ def run_sft(recipe: FinetuneRecipe | str | Path, out: str | Path | None = None, 
                       config_dict=config_dict(model),
                       extra_state={"recipe": recipe.to_dict(), "tokenizer": str(Path(tok_dir).resolve()),
                                    "stage": "sft"})
-    if resume:
-        if not trainer.maybe_resume():
-            print(f"--resume: no checkpoint in {out}, starting from step 0", flush=True)
-    elif find_latest(out) is not None:
-        raise ConfigError(f"{out} already holds checkpoints: pass --resume to continue, or choose another --out")
-    write_json(out / "recipe.json", recipe.to_dict())
+    finetune.resume_or_start(trainer, out, resume, recipe)
     summary = trainer.fit()
     summary.update({"name": recipe.name, "stage": "sft", "examples": len(train), "val_examples": len(val),
                     "rows_per_epoch": len(rows0), "epochs": d.epochs, "loss": d.loss,
