@@ -6,8 +6,9 @@
   ``tiny_folder(cfg="tiny", layout="packed", seed=0, tokenizer_dir=None, name=None, **kw) -> Path``
   (``cfg``: a preset/size name of :mod:`bitnet158.random_model` or a ModelConfig; ``layout``:
   "packed" | "master" | "bitlinear"; ``kw`` goes to ``write_random_folder``).
-- ``one_thread``: run the test with ``torch.set_num_threads(1)`` (restored after). Tiny models
-  gain nothing from more threads and lose a lot when the machine is busy (spinning threads).
+- The whole session runs torch on one thread (restored at the end): the tests use tiny models,
+  which gain nothing from more threads and lose a lot when the machine is busy (spinning threads).
+  ``one_thread`` does the same for one test and is kept for tests that ask for it by name.
 """
 
 from __future__ import annotations
@@ -47,6 +48,16 @@ def tiny_folder(tmp_path):
 
 @pytest.fixture
 def one_thread():
+    import torch
+
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)
+
+
+@pytest.fixture(autouse=True, scope="session")
+def _torch_one_thread():
     import torch
 
     n = torch.get_num_threads()

@@ -7,7 +7,6 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-import torch
 
 pytest.importorskip("gguf")
 
@@ -27,14 +26,6 @@ TQ_CFG = dict(vocab_size=520, hidden_size=256, intermediate_size=512, num_hidden
 
 def tq_config(**overrides) -> ModelConfig:
     return ModelConfig(**{**TQ_CFG, **overrides})
-
-
-@pytest.fixture(autouse=True, scope="package")
-def _one_thread():
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
 
 
 @pytest.fixture(scope="session")

@@ -18,15 +18,6 @@ def tiny_model(packed: bool = False, seed: int = 0, vocab_size: int = 512, **ove
     return m
 
 
-@pytest.fixture(autouse=True, scope="package")
-def _one_thread():
-    """Tiny models run fastest on one thread (and do not fight other processes for cores)."""
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
-
-
 @pytest.fixture(scope="session")
 def model() -> Transformer:
     return tiny_model()

@@ -22,14 +22,6 @@ def tiny_model(seed: int = 0, max_pos: int = 256) -> Transformer:
     return init_weights(Transformer(cfg), std=0.3).eval().pack()
 
 
-@pytest.fixture(autouse=True, scope="package")
-def _one_thread():
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
-
-
 @pytest.fixture(scope="session")
 def model() -> Transformer:
     return tiny_model()
