@@ -261,7 +261,9 @@ def run_dpo(recipe: FinetuneRecipe | str | Path, out: str | Path | None = None, 
 # ---------------------------------------------------------------- command line
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
-    finetune.add_arguments(p, 'fine-tuning recipe (.toml or .json) with DPO data', "starting model = reference (overrides the recipe's `init`)", 'data.beta=0.2')
+    finetune.add_arguments(p, recipe_help="fine-tuning recipe (.toml or .json) with DPO data",
+                           init_help="starting model = reference (overrides the recipe's `init`)",
+                           set_example="data.beta=0.2")
 
 
 def main(args: argparse.Namespace) -> int:

@@ -26,7 +26,6 @@ from __future__ import annotations
 import argparse
 import copy
 import json
-import tomllib
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
@@ -35,7 +34,7 @@ import torch
 
 from ..errors import CheckpointError, ConfigError
 from .loop import TrainConfig
-from .recipe import OptimSpec, _build, apply_override
+from .recipe import OptimSpec, _build, read_recipe_file
 from .schedules import Schedule
 
 EXPORT_LAYOUTS = ("packed", "master")
@@ -90,17 +89,7 @@ class FinetuneRecipe:
 
     @classmethod
     def from_file(cls, path: str | Path, data_cls, overrides: list[str] | None = None) -> "FinetuneRecipe":
-        path = Path(path)
-        if not path.is_file():
-            raise ConfigError(f"{path}: recipe file not found")
-        text = path.read_text()
-        try:
-            d = json.loads(text) if path.suffix == ".json" else tomllib.loads(text)
-        except (tomllib.TOMLDecodeError, json.JSONDecodeError) as e:
-            raise ConfigError(f"{path}: cannot parse ({e})") from None
-        for o in overrides or []:
-            apply_override(d, o)
-        return cls.from_dict(d, data_cls, source=str(path))
+        return cls.from_dict(read_recipe_file(path, overrides), data_cls, source=str(path))
 
     def resolve(self, p: str | Path) -> Path:
         """A recipe path: as given if it exists from the current directory, else from the recipe's folder."""

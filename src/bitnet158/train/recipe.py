@@ -139,18 +139,7 @@ class Recipe:
 
     @classmethod
     def from_file(cls, path: str | Path, overrides: list[str] | None = None) -> "Recipe":
-        path = Path(path)
-        if not path.is_file():
-            raise ConfigError(f"{path}: recipe file not found")
-        text = path.read_text()
-        try:
-            d = json.loads(text) if path.suffix == ".json" else tomllib.loads(text)
-        except (tomllib.TOMLDecodeError, json.JSONDecodeError) as e:
-            raise ConfigError(f"{path}: cannot parse ({e})") from None
-        for o in overrides or []:
-            apply_override(d, o)
-        r = cls.from_dict(d, source=str(path))
-        return r
+        return cls.from_dict(read_recipe_file(path, overrides), source=str(path))
 
     def make_schedule(self) -> Schedule:
         return Schedule.from_dict(self.schedule, total_steps=self.train.steps, source=f"{self.source}: [schedule]")
@@ -185,3 +174,18 @@ def apply_override(d: dict, item: str) -> None:
         if not isinstance(cur, dict):
             raise ConfigError(f"override {item!r}: {p!r} is not a table")
     cur[parts[-1]] = value
+
+
+def read_recipe_file(path: str | Path, overrides: list[str] | None = None) -> dict:
+    """A recipe file (.toml, or .json) as a dict with ``--set KEY=VALUE`` overrides applied."""
+    path = Path(path)
+    if not path.is_file():
+        raise ConfigError(f"{path}: recipe file not found")
+    text = path.read_text()
+    try:
+        d = json.loads(text) if path.suffix == ".json" else tomllib.loads(text)
+    except (tomllib.TOMLDecodeError, json.JSONDecodeError) as e:
+        raise ConfigError(f"{path}: cannot parse ({e})") from None
+    for o in overrides or []:
+        apply_override(d, o)
+    return d

@@ -231,7 +231,9 @@ def run_sft(recipe: FinetuneRecipe | str | Path, out: str | Path | None = None, 
 # ---------------------------------------------------------------- command line
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
-    finetune.add_arguments(p, 'fine-tuning recipe (.toml or .json)', "starting model (overrides the recipe's `init`)", 'data.epochs=2')
+    finetune.add_arguments(p, recipe_help="fine-tuning recipe (.toml or .json)",
+                           init_help="starting model (overrides the recipe's `init`)",
+                           set_example="data.epochs=2")
 
 
 def main(args: argparse.Namespace) -> int:
