@@ -14,7 +14,8 @@
   stage 2: exactly 0.
 
 ``kind="one_stage"`` (the comparison): warmup then one cosine from ``lr_peak`` to ``lr_final``,
-constant weight decay ``wd_peak``. ``kind="constant"``: warmup then ``lr_peak``, weight decay
+constant weight decay ``wd_peak`` (``wd_cosine=True``: the two-stage stage-1 weight-decay cosine over
+the whole run instead, with no stage-2 zero). ``kind="constant"``: warmup then ``lr_peak``, weight decay
 ``wd_peak`` (used by fine-tuning recipes).
 
 Steps count optimizer updates from 0; ``lr(step)`` is the value used for update ``step``.
@@ -50,6 +51,7 @@ class Schedule:
     stage2_fraction: float = 0.5     # where the abrupt drop happens, as a fraction of total_steps
     wd_peak: float = 0.1             # stage-1 weight-decay peak (one-stage/constant: constant WD)
     wd_min_ratio: float = 0.0        # stage-1 WD cosine lands at wd_peak * this at the last step
+    wd_cosine: bool = False          # one_stage: WD follows the stage-1 cosine (else constant)
 
     def __post_init__(self) -> None:
         self.validate()
@@ -118,7 +120,7 @@ class Schedule:
         return _cosine((step - self.boundary) / span, self.lr_peak2, self.lr_final)
 
     def wd(self, step: int) -> float:
-        if self.kind != "two_stage":
+        if self.kind == "constant" or (self.kind == "one_stage" and not self.wd_cosine):
             return self.wd_peak
         if step >= self.boundary:
             return 0.0
