@@ -29,6 +29,9 @@ This module imports without Triton.
 
 from __future__ import annotations
 
+import os
+import weakref
+
 import torch
 from torch import nn
 
@@ -41,6 +44,9 @@ except ImportError:  # pragma: no cover - exercised where Triton is not installe
     _tk = None
 
 BACKENDS = ("auto", "triton", "torch")
+# Forward product of the Triton backend: "triton" (int8 tensor-core kernel, scales in the epilogue) or
+# "bf16" (cuBLAS on integer-valued bf16 operands with fp32 accumulation, exact too; scales in torch).
+GEMM = os.environ.get("BITNET158_FUSED_GEMM", "triton")
 
 
 # ---------------------------------------------------------------- backend choice
@@ -61,12 +67,72 @@ def _resolve(backend: str, x: torch.Tensor) -> str:
     return backend
 
 
+# ---------------------------------------------------------------- ternary weight, once per version
+
+def _ternarize(weight: torch.Tensor, be: str) -> tuple[torch.Tensor, torch.Tensor]:
+    with torch.no_grad():
+        if be == "triton":
+            return _tk.ternarize(weight)
+        return quant.ternarize(weight)
+
+
+def ternary_weight(weight: torch.Tensor, backend: str = "auto") -> tuple[torch.Tensor, torch.Tensor]:
+    """(W_t int8 [N, K], gamma fp32 scalar) of ``weight``, computed once per weight version.
+
+    The result is remembered on the parameter, keyed on its storage and version counter (every
+    in-place update, the optimizer's step or an FSDP all-gather into the buffer, bumps it), through a
+    weak reference: it lives exactly as long as an autograd graph that saved it. A forward
+    recomputed under activation checkpointing finds it; nothing is held between steps.
+    """
+    be = _resolve(backend, weight)
+    if torch.compiler.is_compiling():
+        return _ternarize(weight, be)
+    key = (weight.data_ptr(), weight._version, weight.dtype, tuple(weight.shape), be)
+    hit = getattr(weight, "_bitnet158_ternary", None)
+    if hit is not None and hit[0] == key:
+        w_t = hit[1]()
+        if w_t is not None:
+            return w_t, hit[2]
+    w_t, gamma = _ternarize(weight, be)
+    try:
+        weight._bitnet158_ternary = (key, weakref.ref(w_t), gamma)
+    except (AttributeError, RuntimeError):  # pragma: no cover - a tensor type that takes no attributes
+        pass
+    return w_t, gamma
+
+
+def _out_dtype(x: torch.Tensor, dtype: torch.dtype) -> torch.dtype:
+    """The dtype F.linear would return: autocast's where autocast is on, else ``dtype``."""
+    dev = x.device.type
+    if torch.is_autocast_enabled(dev):
+        return torch.get_autocast_dtype(dev)
+    return dtype
+
+
+def dequant_weight(w_t: torch.Tensor, gamma: torch.Tensor, w_dtype: torch.dtype,
+                   dt: torch.dtype) -> torch.Tensor:
+    """``W_t * gamma`` as the reference forms it (``W_t / (1 / gamma)`` in fp32, then w's dtype,
+    then the compute dtype); gamma a scalar or one per row [N]."""
+    g = gamma.reshape(-1, 1) if gamma.numel() > 1 else gamma
+    if dt == torch.float32 or w_dtype != torch.float32:
+        return (w_t.float() / (1.0 / g)).to(w_dtype).to(dt)
+    return w_t.to(dt) * (1.0 / (1.0 / g)).to(dt)           # bf16: +-bf16(gamma), no fp32 [N, K]
+
+
+def dequant_act(x_q: torch.Tensor, s: torch.Tensor, dt: torch.dtype) -> torch.Tensor:
+    """``x_q / s_x`` in fp32, cast to dt: x_q int8 [M, K], s fp32 [M, 1] -> [M, K]."""
+    if _tk is not None and dt != torch.float32 and _tk.usable(x_q):
+        return _tk.dequant_rows(x_q, s, dt)
+    return (x_q.float() / s).to(dt)
+
+
 # ---------------------------------------------------------------- the autograd function
 
 class FusedBitLinearFunction(torch.autograd.Function):
     """``y = BitLinear(x; W)`` with int8 forward and STE backward; see the module docstring.
 
-    ``apply(x [..., K], weight [N, K], backend)`` -> y [..., N] in x's dtype.
+    ``apply(x [..., K], weight [N, K], backend)`` -> y [..., N] in x's dtype (autocast's dtype
+    under autocast, as F.linear).
     """
 
     @staticmethod
@@ -76,17 +142,18 @@ class FusedBitLinearFunction(torch.autograd.Function):
             raise ValueError(f"fused BitLinear: weight has in_features={weight.shape[-1]}, "
                              f"input has {K}")
         lead = x.shape[:-1]
-        x2 = x.reshape(-1, K)                                        # [M, K]
         be = _resolve(backend, x)
-        w_t, gamma = quant.ternarize(weight)                         # int8 [N, K], fp32 scalar
-        if be == "triton":
-            y, x_q, s = _tk.forward_int8(x2, w_t, gamma, x.dtype)   # [M, N], int8 [M, K], [M, 1]
-        else:
-            x_q, s = quant.act_quant(x2)                             # int8 [M, K], fp32 [M, 1]
-            y = (quant.int_matmul(x_q, w_t).float() * (gamma / s)).to(x.dtype)
+        out_dt = _out_dtype(x, x.dtype)
+        with torch.autocast(x.device.type, enabled=False):
+            x2 = x.reshape(-1, K)                                    # [M, K]
+            w_t, gamma = ternary_weight(weight, be)                  # int8 [N, K], fp32 scalar
+            if be == "triton":
+                y, x_q, s = _tk.forward_int8(x2, w_t, gamma, out_dt)   # [M, N], int8 [M, K], [M, 1]
+            else:
+                x_q, s = quant.act_quant(x2)                         # int8 [M, K], fp32 [M, 1]
+                y = (quant.int_matmul(x_q, w_t).float() * (gamma / s)).to(out_dt)
         ctx.save_for_backward(x_q, s, w_t, gamma)
-        ctx.x_shape = x.shape
-        ctx.w_dtype = weight.dtype
+        ctx.x_shape, ctx.x_dtype, ctx.w_dtype = x.shape, x.dtype, weight.dtype
         return y.reshape(*lead, w_t.shape[0])
 
     @staticmethod
@@ -96,11 +163,10 @@ class FusedBitLinearFunction(torch.autograd.Function):
         dt = grad_y.dtype
         grad_x = grad_w = None
         if ctx.needs_input_grad[0]:
-            # the dequantized weight as the reference forms it: W_t / (1 / gamma), in the grad dtype
-            w_deq = (w_t.float() / (1.0 / gamma)).to(ctx.w_dtype).to(dt)  # [N, K]
-            grad_x = (g2 @ w_deq).reshape(ctx.x_shape)
+            w_deq = dequant_weight(w_t, gamma, ctx.w_dtype, dt)      # [N, K], transient
+            grad_x = (g2 @ w_deq).to(ctx.x_dtype).reshape(ctx.x_shape)
         if ctx.needs_input_grad[1]:
-            x_deq = (x_q.float() / s).to(dt)                         # [M, K]
+            x_deq = dequant_act(x_q, s, dt)                          # [M, K], transient
             grad_w = (g2.t() @ x_deq).to(ctx.w_dtype)                # [N, K]
         return grad_x, grad_w, None
 
@@ -129,14 +195,19 @@ class FusedBitLinear(BitLinear):
         return super().extra_repr() + f", backend={self.backend}"
 
 
-def use_fused_bitlinear(model: nn.Module, backend: str = "auto") -> int:
-    """Turn every :class:`BitLinear` of ``model`` into a :class:`FusedBitLinear`, in place.
+def use_fused_bitlinear(model: nn.Module, backend: str = "auto", fuse_norm: bool = True) -> int:
+    """Switch ``model`` to the fused training path, in place; returns the BitLinear modules switched.
 
-    The modules keep their identity and parameters (optimizer state, hooks and wrappers stay
-    valid): only their class changes. Returns the number of modules switched.
+    Every :class:`BitLinear` becomes a :class:`FusedBitLinear`; with ``fuse_norm`` every
+    :class:`model.Block` also becomes a :class:`norm_bitlinear.FusedBlock` (RMSNorm + quantization
+    in one kernel, q|k|v and gate|up as one GEMM each). Only classes change: parameters, names,
+    optimizer state and hooks stay valid. Call it before ``fully_shard``/DDP, activation
+    checkpointing or ``torch.compile`` wrap the model.
     """
     if backend not in BACKENDS:
         raise ValueError(f"use_fused_bitlinear: backend={backend!r} is not one of {BACKENDS}")
+    from ..model import Block
+    from .norm_bitlinear import FusedBlock
     n = 0
     for m in model.modules():
         if isinstance(m, BitLinear):
@@ -145,14 +216,23 @@ def use_fused_bitlinear(model: nn.Module, backend: str = "auto") -> int:
                 n += 1
             if isinstance(m, FusedBitLinear):
                 m.backend = backend
+        if fuse_norm and type(m) is Block and all(
+                isinstance(p, BitLinear) for p in (m.self_attn.q_proj, m.self_attn.o_proj, m.mlp.down_proj)):
+            m.__class__ = FusedBlock
+        if isinstance(m, FusedBlock):
+            m.fused_backend = backend
     return n
 
 
 def use_reference_bitlinear(model: nn.Module) -> int:
-    """Undo :func:`use_fused_bitlinear`: FusedBitLinear modules become plain BitLinear again."""
+    """Undo :func:`use_fused_bitlinear`: the reference BitLinear and Block classes come back."""
+    from ..model import Block
+    from .norm_bitlinear import FusedBlock
     n = 0
     for m in model.modules():
         if type(m) is FusedBitLinear:
             m.__class__ = BitLinear
             n += 1
+        elif type(m) is FusedBlock:
+            m.__class__ = Block
     return n

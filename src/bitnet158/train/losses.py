@@ -63,6 +63,45 @@ def _compute_dtype(h: torch.Tensor, w: torch.Tensor) -> torch.dtype:
     return torch.promote_types(h.dtype, w.dtype)
 
 
+# Triton's row kernel runs on CUDA tensors; tests set this to also run it under the interpreter.
+FORCE_TRITON = False
+
+
+def _triton_rows():
+    try:
+        from ..kernels.triton import linear_ce
+        return linear_ce
+    except ImportError:  # pragma: no cover - no Triton
+        return None
+
+
+def ce_rows(logits: torch.Tensor, labels: torch.Tensor, scale: torch.Tensor | None = None,
+            ignore_index: int = IGNORE_INDEX, write_grad: bool = True) -> torch.Tensor:
+    """Per-row NLL of a logits chunk [c, V] -> fp32 [c]; with ``write_grad`` the logits are
+    overwritten by ``scale_row * (softmax - onehot(label))`` (their dtype). Ignored rows: 0.
+
+    The Triton kernel (:mod:`bitnet158.kernels.triton.linear_ce`) on CUDA; torch ops elsewhere.
+    """
+    if logits.is_cuda or FORCE_TRITON:
+        k = _triton_rows()
+        if k is not None:
+            return k.ce_rows(logits, labels, scale, ignore_index, write_grad)
+    valid = labels != ignore_index
+    lab = torch.where(valid, labels, torch.zeros_like(labels))
+    z = logits.float()                                                   # [c, V]
+    lse = torch.logsumexp(z, dim=-1)
+    nll = torch.where(valid, lse - z.gather(1, lab[:, None]).squeeze(1), torch.zeros_like(lse))
+    if write_grad:
+        sc = torch.ones((), device=z.device) if scale is None else scale.float()
+        sc = torch.where(valid, sc.expand(valid.shape), torch.zeros_like(lse))
+        g = torch.softmax(z, dim=-1)
+        del z
+        g.scatter_add_(1, lab[:, None], -torch.ones_like(g[:, :1]))
+        g.mul_(sc[:, None])
+        logits.copy_(g)
+    return nll
+
+
 class _ChunkedTokenLogprobs(torch.autograd.Function):
     """log p(labels[i] | hidden[i]) for every row, with logits = hidden @ weight.T made per chunk.
 
@@ -76,10 +115,9 @@ class _ChunkedTokenLogprobs(torch.autograd.Function):
         w = weight.to(dtype)                                             # [V, D]
         for s in range(0, M, chunk):
             h = hidden[s:s + chunk].to(dtype)                            # [c, D]
-            logits = (h @ w.t()).float()                                 # [c, V]: the only big tensor
+            logits = h @ w.t()                                           # [c, V]: the only big tensor
             LAST_CHUNKS.forward.append(tuple(logits.shape))
-            lse = torch.logsumexp(logits, dim=-1)                        # [c]
-            out[s:s + chunk] = logits.gather(1, labels[s:s + chunk, None]).squeeze(1) - lse
+            out[s:s + chunk] = -ce_rows(logits, labels[s:s + chunk], write_grad=False)
             del logits
         ctx.save_for_backward(hidden, weight, labels)
         ctx.chunk, ctx.dtype = chunk, dtype
@@ -96,14 +134,12 @@ class _ChunkedTokenLogprobs(torch.autograd.Function):
         go = grad_out.float()
         for s in range(0, hidden.shape[0], chunk):
             h = hidden[s:s + chunk].to(dtype)                            # [c, D]
-            logits = (h @ w.t()).float()                                 # [c, V], recomputed
+            logits = h @ w.t()                                           # [c, V], recomputed
             LAST_CHUNKS.backward.append(tuple(logits.shape))
-            # d logp / d logits = onehot(y) - softmax; times the incoming grad of each row
-            g = torch.softmax(logits, dim=-1)
-            del logits
-            g.neg_()
-            g.scatter_add_(1, labels[s:s + chunk, None], torch.ones_like(g[:, :1]))
-            g.mul_(go[s:s + chunk, None])                                # [c, V]
+            # d logp / d logits = onehot(y) - softmax, times the incoming grad of each row: the
+            # head-loss row kernel with scale -grad (it writes scale * (softmax - onehot)) in place
+            ce_rows(logits, labels[s:s + chunk], -go[s:s + chunk], write_grad=True)
+            g = logits
             if need_h:
                 grad_h[s:s + chunk] = (g.to(dtype) @ w).to(hidden.dtype)
             if need_w:
@@ -160,6 +196,87 @@ def linear_cross_entropy(hidden: torch.Tensor, weight: torch.Tensor, labels: tor
     raise ValueError(f"reduction={reduction!r} is not 'sum', 'mean' or 'none'")
 
 
+FUSED_MAX_CHUNK_ELEMS = 1 << 27        # 128 M logits = 256 MB of bf16 per chunk (4096 rows at 32k)
+
+
+class _FusedLinearCE(torch.autograd.Function):
+    """``scale * sum_i nll_i`` of ``hidden @ weight.T`` with the gradients made in the forward.
+
+    hidden [M, D], weight [V, D], labels [M] (``ignore_index`` allowed), scale fp32 [] (device).
+    Each chunk's logits [c, V] are made once: the row kernel turns them in place into the gradient
+    of the loss w.r.t. the logits, which goes straight into ``grad_h`` [M, D] and ``grad_W``
+    [V, D] (fp32). Saved for backward: only those two; backward scales them by the incoming grad.
+    """
+
+    @staticmethod
+    def forward(ctx, hidden, weight, labels, scale, chunk: int, dtype: torch.dtype, ignore_index: int):
+        M = hidden.shape[0]
+        need_h, need_w = ctx.needs_input_grad[0], ctx.needs_input_grad[1]
+        grad = need_h or need_w
+        w = weight.to(dtype)                                             # [V, D]
+        nll = torch.empty(M, dtype=torch.float32, device=hidden.device)
+        grad_h = torch.empty_like(hidden) if need_h else None
+        grad_w = torch.zeros(weight.shape, dtype=torch.float32, device=weight.device) if need_w else None
+        for s in range(0, M, chunk):
+            h = hidden[s:s + chunk].to(dtype)                            # [c, D]
+            logits = h @ w.t()                                           # [c, V]: the only big tensor
+            LAST_CHUNKS.forward.append(tuple(logits.shape))
+            nll[s:s + chunk] = ce_rows(logits, labels[s:s + chunk], scale, ignore_index, write_grad=grad)
+            if need_h:                                                   # logits now hold d loss/d logits
+                grad_h[s:s + chunk] = logits @ w
+            if need_w:
+                grad_w.add_(logits.t() @ h)
+            del logits
+        ctx.save_for_backward(grad_h, grad_w)
+        ctx.w_dtype = weight.dtype
+        return nll.sum() * scale
+
+    @staticmethod
+    def backward(ctx, grad_out):
+        grad_h, grad_w = ctx.saved_tensors
+        go = grad_out.float()
+        gh = (grad_h * go).to(grad_h.dtype) if grad_h is not None else None
+        gw = (grad_w * go).to(ctx.w_dtype) if grad_w is not None else None
+        return gh, gw, None, None, None, None, None
+
+
+def fused_linear_cross_entropy(hidden: torch.Tensor, weight: torch.Tensor, labels: torch.Tensor,
+                               reduction: str = "mean", chunk: int | None = None,
+                               ignore_index: int = IGNORE_INDEX,
+                               max_chunk_elems: int = FUSED_MAX_CHUNK_ELEMS) -> torch.Tensor:
+    """Cross-entropy of ``hidden @ weight.T`` (mean or sum over valid tokens), head and loss fused.
+
+    Same value and gradients as :func:`linear_cross_entropy` (and as ``F.cross_entropy`` of the full
+    logits), but each logits chunk is computed ONCE: the gradient is made in the forward (no
+    recomputation in backward) and the fp32 copies of the logits never exist. Peak memory: one
+    chunk of logits in the compute dtype + ``grad_h`` [N, D] + ``grad_W`` [V, D] fp32, independent of
+    N x V. The result must only be scaled/added on the way to ``backward`` (a loss, not a feature).
+    """
+    if hidden.dim() != 2 or weight.dim() != 2 or hidden.shape[1] != weight.shape[1]:
+        raise ValueError(f"fused_linear_cross_entropy: hidden {tuple(hidden.shape)} and weight "
+                         f"{tuple(weight.shape)} must be [N, D] and [V, D]")
+    if labels.shape != hidden.shape[:1]:
+        raise ValueError(f"fused_linear_cross_entropy: labels {tuple(labels.shape)} do not match "
+                         f"hidden {tuple(hidden.shape)}")
+    if reduction not in ("mean", "sum"):
+        raise ValueError(f"fused_linear_cross_entropy: reduction={reduction!r} is not 'mean' or 'sum'")
+    V = weight.shape[0]
+    c = chunk_tokens_for(V, chunk, max_chunk_elems)
+    LAST_CHUNKS.reset(c)
+    if labels.numel() and not torch.compiler.is_compiling():
+        bad = ((labels != ignore_index) & ((labels < 0) | (labels >= V))).any()
+        if labels.is_cuda:          # checked on the device: no host sync in the training step
+            torch._assert_async(~bad, f"fused_linear_cross_entropy: a label is outside [0, {V})")
+        elif bool(bad):
+            raise ValueError(f"fused_linear_cross_entropy: a label is outside [0, {V})")
+    if reduction == "mean":
+        scale = 1.0 / (labels != ignore_index).sum().clamp(min=1).float()
+    else:
+        scale = torch.ones((), dtype=torch.float32, device=hidden.device)
+    return _FusedLinearCE.apply(hidden, weight, labels, scale, c, _compute_dtype(hidden, weight),
+                                ignore_index)
+
+
 def sequence_logprobs(hidden: torch.Tensor, weight: torch.Tensor, labels: torch.Tensor,
                       chunk: int | None = None, ignore_index: int = IGNORE_INDEX,
                       max_chunk_elems: int = DEFAULT_MAX_CHUNK_ELEMS) -> torch.Tensor:
@@ -187,5 +304,5 @@ def dpo_loss(pol_chosen: torch.Tensor, pol_rejected: torch.Tensor, ref_chosen: t
     return losses.mean(), stats
 
 
-__all__ = ["linear_cross_entropy", "token_logprobs", "sequence_logprobs", "dpo_loss", "LAST_CHUNKS",
+__all__ = ["linear_cross_entropy", "fused_linear_cross_entropy", "ce_rows", "token_logprobs", "sequence_logprobs", "dpo_loss", "LAST_CHUNKS",
            "chunk_tokens_for", "IGNORE_INDEX", "DEFAULT_MAX_CHUNK_ELEMS"]
