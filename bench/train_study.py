@@ -17,6 +17,11 @@ the same order from the same start (per-seed pairs):
 
 Phases, all within ``--deadline-s``:
 
+Size ``--steps`` to the deadline (or leave it 0): a run still going at the deadline is killed and has no
+final loss. Seen on an H100 (2026-11-25): the first two compiles together took 78 s with a cold
+inductor cache, the other runs ~30 s more to start, and 9 runs together trained at ~0.84M tokens/s in all
+(~93k each); ternary runs get fewer tokens/s than full-precision ones under the same share of the GPU.
+
 1. main: one run of each model kind starts first (it compiles and fills the inductor cache); once it
    trains, all other runs start; all run at once as separate processes sharing the GPU;
 2. probes: each model kind alone on the GPU for ``--probe-steps`` updates (warm compile cache): tokens/s
@@ -106,7 +111,10 @@ def stats(xs: list[float]) -> dict:
     return {"mean": round(m, 4), "std": round(sd, 4), "ci95": round(half, 4), "n": n}
 
 
-def plot(work: Path, arms: list[str], seeds: list[int], final: dict, png: Path) -> None:
+def plot(work: Path, arms: list[str], seeds: list[int], final: dict, common: dict, step: int | None,
+         png: Path) -> None:
+    """Left: validation curves (mean over seeds, min..max band). Right: per-seed values at the end (filled)
+    and at the last step every run reached (hollow), mean ± std beside them."""
     try:
         import matplotlib
         matplotlib.use("Agg")
@@ -116,32 +124,35 @@ def plot(work: Path, arms: list[str], seeds: list[int], final: dict, png: Path) 
         return
     fig, (a1, a2) = plt.subplots(1, 2, figsize=(13, 4.8))
     for i, arm in enumerate(arms):
-        curves = []
-        for s in seeds:
-            va = [r for r in read_log(work / f"{arm}_s{s}" / "log.jsonl") if "val_loss" in r]
-            if va:
-                curves.append(va)
+        curves = [[r for r in read_log(work / f"{arm}_s{s}" / "log.jsonl") if "val_loss" in r] for s in seeds]
+        curves = [c for c in curves if c]
         if not curves:
             continue
         n = min(len(c) for c in curves)
-        x = [c["step"] for c in curves[0][:n]]
-        y = np.array([[c["val_loss"] for c in cur[:n]] for cur in curves])
-        a1.plot(x, y.mean(0), "o-", ms=3, label=arm, color=f"C{i}")
+        x = [r["step"] for r in curves[0][:n]]
+        y = np.array([[r["val_loss"] for r in c[:n]] for c in curves])
+        a1.plot(x, y.mean(0), "o-", ms=3, label=f"{arm} ({len(curves)} seeds)", color=f"C{i}")
         a1.fill_between(x, y.min(0), y.max(0), alpha=0.2, color=f"C{i}")
-        vals = [final[arm][s] for s in seeds if final[arm].get(s) is not None]
-        a2.scatter([i] * len(vals), vals, color=f"C{i}", s=18)
-        if vals:
-            st = stats(vals)
-            a2.errorbar([i + 0.15], [st["mean"]], yerr=[st["std"]], fmt="s", color=f"C{i}", capsize=4)
-    a1.set_xlabel("update"), a1.set_ylabel("validation loss (nats/token, held-out books)")
-    lows = [v for a in arms for v in final[a].values() if v is not None]
+        for off, vals, filled in ((-0.12, [final[arm].get(s) for s in seeds], True),
+                                  (0.12, [common.get(arm, {}).get(s) for s in seeds], False)):
+            vals = [v for v in vals if v is not None]
+            if not vals:
+                continue
+            a2.scatter([i + off] * len(vals), vals, s=22, color=f"C{i}" if filled else "none",
+                       edgecolors=f"C{i}")
+            if len(vals) > 1:
+                a2.errorbar([i + off + 0.06], [np.mean(vals)], yerr=[np.std(vals, ddof=1)], fmt="_",
+                            color=f"C{i}", capsize=4)
+    lows = [v for d in (final, common) for a in d for v in d[a].values() if v is not None]
     if lows:
         a1.set_ylim(min(lows) - 0.05, min(lows) + 1.5)
-    a1.set_title(f"validation loss: mean over seeds {seeds} (band: min..max)")
-    a1.legend()
+    a1.set_xlabel("update"), a1.set_ylabel("validation loss (nats/token, held-out books)")
+    a1.set_title("validation loss: mean over seeds (band: min..max)")
+    a1.legend(fontsize=8)
     a2.set_xticks(range(len(arms)), [a.replace("_", "\n", 1) for a in arms], fontsize=8)
-    a2.set_ylabel("final validation loss")
-    a2.set_title("after the cooldown: seeds (dots), mean ± std (squares)")
+    a2.set_ylabel("validation loss")
+    a2.set_title("per seed: at the end (filled)" + (f", at update {step} (hollow)" if step else "") +
+                 "; bars: mean ± std", fontsize=9)
     fig.tight_layout()
     fig.savefig(png, dpi=110)
 
@@ -151,7 +162,12 @@ def main() -> int:
     ap.add_argument("--data", required=True, help="shard folder of the corpus (bitnet158 data)")
     ap.add_argument("--work", default="/tmp/study", help="run folders (checkpoints are large)")
     ap.add_argument("--out", required=True, help="results JSON, plot, logs tarball")
-    ap.add_argument("--steps", type=int, required=True, help="updates per run (all runs alike)")
+    ap.add_argument("--steps", type=int, default=0, help="updates per run (all runs alike); 0: sized to end "
+                    "inside --deadline-s from --agg-tok-s and --startup-s")
+    ap.add_argument("--agg-tok-s", type=float, default=8e5, help="all runs' tokens/s together on the GPU "
+                    "(H100, 9 runs of the 35M model at 16 x 1024 rows: ~0.84M)")
+    ap.add_argument("--startup-s", type=float, default=130, help="first compile (cold cache, ~80 s) plus the "
+                    "start of the other runs (~30 s) and slack")
     ap.add_argument("--arms", default=DEFAULT_ARMS, help="comma-separated subset of " + ",".join(ARMS))
     ap.add_argument("--seeds", default="0,1,2")
     ap.add_argument("--probe-steps", type=int, default=30, help="0: no alone probes")
@@ -159,6 +175,9 @@ def main() -> int:
     ap.add_argument("--name", default="train_study-2026-11-25-h100-seeds", help="results file stem")
     ap.add_argument("--device", default="cuda", help="cpu: a smoke test of this script")
     ap.add_argument("--set", action="append", default=[], help="extra recipe override for every run")
+    ap.add_argument("--report-only", action="store_true", help="no runs: report the run folders under --work "
+                    "(those without summary.json count as stopped early); keeps device/timing keys of an "
+                    "existing OUT/NAME.json")
     args = ap.parse_args()
     t0 = time.time()
     work, out = Path(args.work), Path(args.out)
@@ -181,10 +200,21 @@ def main() -> int:
     seq = int(over.get("data.seq_len", rec["data"]["seq_len"]))
     tokens_per_step = mb * accum * seq
     steps = args.steps
+    if not steps:   # sized so that the slowest run still ends before the deadline (a killed run has no result)
+        window = args.deadline_s - args.startup_s - (60 if args.probe_steps else 0)
+        steps = max(10, int(0.85 * window * args.agg_tok_s / (len(arms) * len(seeds) * tokens_per_step)) // 10 * 10)
     warmup = max(1, round(0.04 * steps))
     common = data + [f"train.steps={steps}", f"schedule.warmup_steps={warmup}",
                      f"train.eval_every={max(steps // 6, 1)}", "train.log_every=50", "train.plot=false"]
     runs = {f"{a}_s{s}": (a, s) for a in arms for s in seeds}
+    if args.report_only:
+        old = read_json(out / f"{args.name}.json")
+        res = {k: old[k] for k in ("device", "torch", "main_phase_s", "start_s", "command") if k in old}
+        codes = {r: 0 if (work / r / "summary.json").is_file() else "stopped before the end" for r in runs}
+        res.update(report(work, out, args.name, runs, codes, {}, steps, warmup, tokens_per_step, mb, accum))
+        (out / f"{args.name}.json").write_text(json.dumps(res, indent=1) + "\n")
+        print(json.dumps({k: v for k, v in res.items() if not k.endswith("_val_curve")}))
+        return 0
     print(f"{len(runs)} runs ({len(arms)} arms x seeds {seeds}) x {steps} updates x {tokens_per_step} tokens "
           f"(warmup {warmup}) on {dev}", flush=True)
 
@@ -235,51 +265,36 @@ def main() -> int:
               f"{probe[k].get('peak_mem_gb', 0):.2f} GB", flush=True)
 
     # 3) report
-    res: dict = {"device": dev, "torch": torch.__version__, "arms": arms, "seeds": seeds, "steps": steps,
-                 "warmup_steps": warmup, "tokens_per_step": tokens_per_step, "micro_batch": mb, "grad_accum": accum,
-                 "tokens_per_run": steps * tokens_per_step, "concurrent_runs": len(runs),
-                 "main_phase_s": round(main_s, 1)}
-    final: dict = {a: {} for a in arms}
-    print(f"\n{'run':<28}{'val loss':>10}{'train loss':>12}{'tok/s shared':>14}{'peak GB':>9}{'epochs':>8}")
-    tok_shared: dict = {"ternary": [], "fp": []}
-    mem: dict = {"ternary": [], "fp": []}
-    for name, (arm, s) in runs.items():
-        sm = read_json(work / name / "summary.json")
-        final[arm][s] = sm.get("val_loss") if codes.get(name) == 0 else None
-        tok_shared[kind(arm)].append(sm.get("tok_s_median", 0))
-        mem[kind(arm)].append(sm.get("peak_mem_gb", 0))
-        ep = sm.get("data_epochs", {}).get("gutenberg", 0)
-        res["data_epochs"] = round(ep, 3)
-        res["non_embedding_params"] = sm.get("non_embedding_params", res.get("non_embedding_params"))
-        v = sm.get("val_loss") or float("nan")
-        print(f"{name:<28}{v:>10.4f}{sm.get('final_loss') or float('nan'):>12.4f}"
-              f"{sm.get('tok_s_median', 0):>14.0f}{sm.get('peak_mem_gb', 0):>9.2f}{ep:>8.2f}")
-    for k in ("ternary", "fp"):
-        if tok_shared[k]:
-            res[f"{k}_tok_s_shared_median"] = round(statistics.median(tok_shared[k]))
-            res[f"{k}_peak_mem_gb"] = round(max(mem[k]), 2)
-        if k in probe:
-            res[f"{k}_tok_s_alone"] = round(probe[k].get("tok_s_median", 0))
-            res[f"{k}_peak_mem_gb_alone"] = round(probe[k].get("peak_mem_gb", 0), 2)
-    res["aggregate_tok_s_shared"] = round(sum(tok_shared["ternary"]) + sum(tok_shared["fp"]))
-    ok = {a: [final[a][s] for s in seeds if final[a].get(s) is not None] for a in arms}
+    res: dict = {"device": dev, "torch": torch.__version__, "main_phase_s": round(main_s, 1),
+                 "start_s": {n: round(v, 1) for n, v in start_at.items()}}
+    res.update(report(work, out, args.name, runs, codes, probe, steps, warmup, tokens_per_step, mb, accum))
+    res["total_s"] = round(time.time() - t0, 1)
+    (out / f"{args.name}.json").write_text(json.dumps(res, indent=1) + "\n")
+    print(json.dumps({k: v for k, v in res.items() if not k.endswith("_val_curve")}))
+    return 0
+
+
+def compare(vals: dict, arms: list[str], seeds: list[int], prefix: str) -> dict:
+    """Per-arm mean/std/ci95 of ``vals[arm][seed]`` and per-seed paired differences; keys start with prefix."""
+    res: dict = {}
+    ok = {a: [vals[a][s] for s in seeds if vals[a].get(s) is not None] for a in arms}
     for a in arms:
-        key = a.replace(".", "_").replace("-", "_")
-        res[f"{key}_val_loss_per_seed"] = [None if final[a].get(s) is None else round(final[a][s], 4) for s in seeds]
+        key = prefix + a.replace(".", "_").replace("-", "_")
+        res[f"{key}_val_loss_per_seed"] = [None if vals[a].get(s) is None else round(vals[a][s], 4) for s in seeds]
         if ok[a]:
             for sk, sv in stats(ok[a]).items():
                 res[f"{key}_val_loss_{sk}"] = sv
-    fp_arms = [a for a in arms if kind(a) == "fp" and ok[a]]
+    # the FP baseline at its own tuned LR: the FP arm with the lowest mean (complete arms only)
+    fp_arms = [a for a in arms if kind(a) == "fp" and ok[a] and len(ok[a]) == len(seeds)]
     best_fp = min(fp_arms, key=lambda a: statistics.fmean(ok[a])) if fp_arms else None
-    res["fp_tuned_arm"] = best_fp
+    res[prefix + "fp_tuned_arm"] = best_fp
 
     def paired(a: str, b: str, key: str) -> None:
-        d = [final[a][s] - final[b][s] for s in seeds
-             if final[a].get(s) is not None and final[b].get(s) is not None]
+        d = [vals[a][s] - vals[b][s] for s in seeds if vals[a].get(s) is not None and vals[b].get(s) is not None]
         if d:
-            res[f"{key}_nats_per_seed"] = [round(x, 4) for x in d]
+            res[f"{prefix}{key}_nats_per_seed"] = [round(x, 4) for x in d]
             for sk, sv in stats(d).items():
-                res[f"{key}_nats_{sk}"] = sv
+                res[f"{prefix}{key}_nats_{sk}"] = sv
 
     if "ternary_two_stage" in arms and "ternary_one_stage" in arms:
         paired("ternary_two_stage", "ternary_one_stage", "two_stage_minus_one_stage")
@@ -290,30 +305,79 @@ def main() -> int:
     for a in fp_arms:
         if a != best_fp and "ternary_two_stage" in arms:
             paired("ternary_two_stage", a, f"ternary_minus_{a.replace('.', '_').replace('-', '_')}")
-    if "ternary_minus_fp_tuned_nats_mean" in res:
-        res["target_ternary_minus_fp_le_0_08_met"] = res["ternary_minus_fp_tuned_nats_mean"] <= 0.08
-    if "two_stage_minus_one_stage_nats_mean" in res:
-        res["target_two_stage_better_met"] = res["two_stage_minus_one_stage_nats_mean"] < 0
-    for name in runs:
-        va = [r for r in read_log(work / name / "log.jsonl") if "val_loss" in r]
-        res[f"{name.replace('.', '_').replace('-', '_')}_val_curve"] = [[r["step"], round(r["val_loss"], 4)] for r in va]
-    res["start_s"] = {n: round(v, 1) for n, v in start_at.items()}
-    png = out / f"{args.name}.png"
-    plot(work, arms, seeds, final, png)
-    with tarfile.open(out / "runs.tar.gz", "w:gz") as tf:
-        for name in list(runs) + [f"probe_{k}" for k in probe]:
-            for f in ("log.jsonl", "summary.json", "recipe.json"):
-                if (work / name / f).is_file():
-                    tf.add(work / name / f, arcname=f"{name}/{f}")
-            if (work / f"{name}.log").is_file():
-                tf.add(work / f"{name}.log", arcname=f"{name}.stdout.log")
-    res["total_s"] = round(time.time() - t0, 1)
-    (out / f"{args.name}.json").write_text(json.dumps(res, indent=1) + "\n")
-    print("\n" + "  ".join(f"{a}: {res.get(a.replace('.', '_').replace('-', '_') + '_val_loss_mean')} ± "
-                           f"{res.get(a.replace('.', '_').replace('-', '_') + '_val_loss_std')}" for a in arms))
-    print(json.dumps({k: v for k, v in res.items() if not k.endswith("_val_curve")}))
-    return 0
+    n = len(seeds)
+    if res.get(f"{prefix}ternary_minus_fp_tuned_nats_n") == n:
+        res[f"{prefix}target_ternary_minus_fp_le_0_08_met"] = res[f"{prefix}ternary_minus_fp_tuned_nats_mean"] <= 0.08
+    if res.get(f"{prefix}two_stage_minus_one_stage_nats_n") == n:
+        res[f"{prefix}target_two_stage_better_met"] = res[f"{prefix}two_stage_minus_one_stage_nats_mean"] < 0
+    return res
 
+
+def report(work: Path, out: Path, name: str, runs: dict, codes: dict, probe: dict, steps: int, warmup: int,
+           tokens_per_step: int, mb: int, accum: int) -> dict:
+    """Table, plot, logs tarball and the results dict of the runs under ``work``."""
+    arms = list(dict.fromkeys(a for a, _ in runs.values()))
+    seeds = sorted({s for _, s in runs.values()})
+    res: dict = {"arms": arms, "seeds": seeds, "steps": steps, "warmup_steps": warmup,
+                 "tokens_per_step": tokens_per_step, "micro_batch": mb, "grad_accum": accum,
+                 "tokens_per_run": steps * tokens_per_step, "concurrent_runs": len(runs)}
+    final: dict = {a: {} for a in arms}
+    curves: dict = {}
+    tok: dict = {"ternary": [], "fp": []}
+    mem: dict = {"ternary": [], "fp": []}
+    print(f"\n{'run':<28}{'status':>12}{'val loss':>10}{'updates':>9}{'tok/s shared':>14}{'peak GB':>9}")
+    for run, (arm, s) in runs.items():
+        sm = read_json(work / run / "summary.json")
+        log = read_log(work / run / "log.jsonl")
+        tr = [r for r in log if "loss" in r]
+        curves[run] = {r["step"]: r["val_loss"] for r in log if "val_loss" in r}
+        done = codes.get(run) == 0 and bool(sm)
+        final[arm][s] = sm.get("val_loss") if done else None
+        if tr:
+            tok[kind(arm)].append(statistics.median(r["tok_s"] for r in tr[1:] or tr))
+            mem[kind(arm)].append(max(r["mem_gb"] for r in tr))
+        if sm:
+            res["data_epochs"] = round(sm.get("data_epochs", {}).get("gutenberg", 0), 3)
+            res["non_embedding_params"] = sm.get("non_embedding_params")
+        status = "done" if done else f"stopped@{tr[-1]['step'] if tr else 0}"
+        print(f"{run:<28}{status:>12}{final[arm][s] or float('nan'):>10.4f}{tr[-1]['step'] if tr else 0:>9}"
+              f"{tok[kind(arm)][-1] if tr else 0:>14.0f}{mem[kind(arm)][-1] if tr else 0:>9.2f}")
+    res["runs_complete"] = sum(codes.get(r) == 0 for r in runs)
+    res["runs_incomplete"] = {r: str(c) for r, c in codes.items() if c != 0}
+    for k in ("ternary", "fp"):
+        if tok[k]:
+            res[f"{k}_tok_s_shared_median"] = round(statistics.median(tok[k]))
+            res[f"{k}_peak_mem_gb"] = round(max(mem[k]), 2)
+        if k in probe:
+            res[f"{k}_tok_s_alone"] = round(probe[k].get("tok_s_median", 0))
+            res[f"{k}_peak_mem_gb_alone"] = round(probe[k].get("peak_mem_gb", 0), 2)
+    res.update(compare(final, arms, seeds, ""))
+    # the last validation step every run reached: a like-for-like comparison even if some runs stopped early
+    common = set.intersection(*(set(c) for c in curves.values())) if curves else set()
+    if common:
+        k = max(common)
+        res["common_eval_step"] = k
+        res.update(compare({a: {s: curves[f"{a}_s{s}"][k] for s in seeds} for a in arms}, arms, seeds,
+                           f"at_step_{k}_"))
+    for run in runs:
+        res[f"{run.replace('.', '_').replace('-', '_')}_val_curve"] = [[st, round(v, 4)] for st, v in curves[run].items()]
+    k = res.get("common_eval_step")
+    at = {a: {s: curves[f"{a}_s{s}"][k] for s in seeds} for a in arms} if k else {}
+    plot(work, arms, seeds, final, at, k, out / f"{name}.png")
+    with tarfile.open(out / "runs.tar.gz", "w:gz") as tf:
+        for run in list(runs) + [f"probe_{k}" for k in probe]:
+            for f in ("log.jsonl", "summary.json", "recipe.json"):
+                if (work / run / f).is_file():
+                    tf.add(work / run / f, arcname=f"{run}/{f}")
+            if (work / f"{run}.log").is_file():
+                tf.add(work / f"{run}.log", arcname=f"{run}.stdout.log")
+            elif (work / f"{run}.stdout.log").is_file():
+                tf.add(work / f"{run}.stdout.log", arcname=f"{run}.stdout.log")
+    for pre in [""] + ([f"at_step_{res['common_eval_step']}_"] if "common_eval_step" in res else []):
+        print(f"{pre or 'final: '}" + "  ".join(
+            f"{a} {res.get(pre + a.replace('.', '_').replace('-', '_') + '_val_loss_mean')} ± "
+            f"{res.get(pre + a.replace('.', '_').replace('-', '_') + '_val_loss_std')}" for a in arms))
+    return res
 
 if __name__ == "__main__":
     sys.exit(main())
