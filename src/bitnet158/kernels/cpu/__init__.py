@@ -5,8 +5,11 @@
     cpu.isa(), cpu.supported_isas()  # 'avx512', ['scalar', 'avx2', 'avxvnni', 'avx512']
     cpu.set_isa("scalar")            # force a path (tests); cpu.set_isa(None) -> best again
     w16 = cpu.convert(layer.weight)  # HF uint8 [N/4, K] -> kernel layout (bitnet_cpu.h, "T16")
+    wb3 = cpu.convert(layer.weight, "b3")   # 1.6 bits/weight (5 ternary digits per byte)
     q, s, sa = cpu.act_quant(x)      # == quant.act_quant(x), plus the row sums of q
     acc = cpu.gemm_i32(w16, N, q)    # == quant.int_matmul(q, W_t), exactly
+    acc = cpu.gemm_i32(wb3, N, q, "b3")
+    cpu.layout_native("b3")          # the current ISA path has a native B3 kernel (AVX-512 VBMI)
 
 The whole-model engine is :mod:`bitnet158.kernels.cpu.runner` (``engine.make_runner`` picks it on
 CPU); :mod:`bitnet158.kernels.cpu.backend` serves single ``PackedLinear`` calls. Design and
@@ -66,15 +69,67 @@ def pad16(n: int) -> int:
     return (n + 15) // 16 * 16
 
 
-def convert(packed: torch.Tensor) -> torch.Tensor:
-    """HF packed uint8 [N/4, K] -> the kernel's T16 layout, uint8 [ceil(N/16) * ceil(K/16) * 64]."""
+LAYOUTS = {"t16": 0, "b3": 1}   # bitnet_cpu.h: 2 bits/weight (every path) / 1.6 bits (VBMI + scalar)
+
+
+def _layout(layout: str) -> int:
+    if layout not in LAYOUTS:
+        raise ConfigError(f"layout={layout!r}: expected one of {', '.join(LAYOUTS)}")
+    return LAYOUTS[layout]
+
+
+def kpad(k: int, layout: str = "t16") -> int:
+    """K padded for a layout: to 16 (T16) or 20 (B3: 5 digits x 4 bytes per lane)."""
+    q = 20 if _layout(layout) else 16
+    return (k + q - 1) // q * q
+
+
+def layout_bytes(n: int, k: int, layout: str = "t16") -> int:
+    """Bytes of an [n, k] ternary matrix in a kernel layout."""
+    return pad16(n) // 16 * (kpad(k, layout) // (20 if _layout(layout) else 16)) * 64
+
+
+def layout_native(layout: str) -> bool:
+    """Whether the current ISA path runs ``layout`` natively (B3 elsewhere runs the scalar kernel)."""
+    return bool(_lib().bn_layout_native(_layout(layout)))
+
+
+def convert(packed: torch.Tensor, layout: str = "t16", out: torch.Tensor | None = None) -> torch.Tensor:
+    """HF packed uint8 [N/4, K] -> a kernel layout (bitnet_cpu.h), uint8 [layout_bytes(N, K)].
+
+    ``out``: a uint8 buffer of exactly that many bytes to convert into (e.g. a slice of an arena)."""
     if packed.dtype != torch.uint8 or packed.dim() != 2:
         raise ValueError(f"convert: expected uint8 [out/4, in], got {packed.dtype} {list(packed.shape)}")
     p = packed.contiguous()
     n, k = p.shape[0] * 4, p.shape[1]
-    out = torch.empty(pad16(n) * pad16(k) // 4, dtype=torch.uint8)
-    _lib().bn_convert_hf(p.data_ptr(), n, k, out.data_ptr())
+    size = layout_bytes(n, k, layout)
+    if out is None:
+        out = torch.empty(size, dtype=torch.uint8)
+    elif out.dtype != torch.uint8 or out.numel() != size or not out.is_contiguous():
+        raise ValueError(f"convert: out must be {size} contiguous uint8, got {out.dtype} {list(out.shape)}")
+    fn = _lib().bn_convert_b3 if _layout(layout) else _lib().bn_convert_hf
+    fn(p.data_ptr(), n, k, out.data_ptr())
     return out
+
+
+HUGE = 2 << 20
+
+
+def huge_empty(nbytes: int) -> torch.Tensor:
+    """An uninitialised uint8 [nbytes] buffer on transparent huge pages where the OS allows it.
+
+    Over-allocates 2 MB so the view starts 2 MB-aligned, and advises MADV_HUGEPAGE before the first
+    touch (the untouched slack is never resident). Plain memory elsewhere."""
+    base = torch.empty(nbytes + HUGE, dtype=torch.uint8)
+    off = -base.data_ptr() % HUGE
+    view = base[off:off + nbytes]
+    _lib().bn_advise_huge(view.data_ptr(), nbytes, 0)
+    return view
+
+
+def collapse_huge(t: torch.Tensor) -> bool:
+    """Move an already-written tensor onto huge pages in place (MADV_COLLAPSE); False if refused."""
+    return _lib().bn_advise_huge(t.data_ptr(), t.numel() * t.element_size(), 1) > 0
 
 
 def act_quant(x: torch.Tensor, kp: int | None = None):
@@ -89,18 +144,19 @@ def act_quant(x: torch.Tensor, kp: int | None = None):
     return q[:, :k], s, sa
 
 
-def gemm_i32(w16: torch.Tensor, n: int, x_q: torch.Tensor) -> torch.Tensor:
-    """Exact int32 [M, N] = x_q int8 [M, K] @ W_t^T, with W in T16 layout (from :func:`convert`)."""
+def gemm_i32(w16: torch.Tensor, n: int, x_q: torch.Tensor, layout: str = "t16") -> torch.Tensor:
+    """Exact int32 [M, N] = x_q int8 [M, K] @ W_t^T, with W in a kernel layout (from :func:`convert`)."""
     m, k = x_q.shape
-    kp = pad16(k)
-    if w16.numel() != pad16(n) * kp // 4:
-        raise ValueError(f"gemm_i32: weight buffer of {w16.numel()} bytes does not match N={n}, K={k}")
+    kp = kpad(k, layout)
+    if w16.numel() != layout_bytes(n, k, layout):
+        raise ValueError(f"gemm_i32: weight buffer of {w16.numel()} bytes does not match N={n}, K={k} "
+                         f"in layout {layout}")
     xq = torch.zeros(m, kp, dtype=torch.int8)
     xq[:, :k] = x_q
     sa = torch.zeros(m, dtype=torch.int32)       # raw Σu·a - Σa needs Σa: compute it exactly
     sa += x_q.to(torch.int32).sum(dim=1, dtype=torch.int32)
     out = torch.empty(m, n, dtype=torch.int32)
-    _lib().bn_gemm_i32(w16.data_ptr(), n, kp, xq.data_ptr(), m, sa.data_ptr(), out.data_ptr())
+    _lib().bn_gemm_i32(w16.data_ptr(), n, kp, xq.data_ptr(), m, sa.data_ptr(), out.data_ptr(), _layout(layout))
     return out
 
 
@@ -115,7 +171,7 @@ def linear(x: torch.Tensor, w16: torch.Tensor, n: int, gamma: float) -> torch.Te
     s = torch.empty(m, dtype=torch.float32)
     sa = torch.empty(m, dtype=torch.int32)
     _lib().bn_linear(xf.data_ptr(), m, k, w16.data_ptr(), n, kp, tg.data_ptr(), y.data_ptr(),
-                     q.data_ptr(), s.data_ptr(), sa.data_ptr())
+                     q.data_ptr(), s.data_ptr(), sa.data_ptr(), 0)
     return y
 
 
@@ -138,10 +194,12 @@ def head_gemv(w: torch.Tensor, x: torch.Tensor, row_scale: torch.Tensor | None =
     return out
 
 
-def quantize_rows_int8(w: torch.Tensor, chunk: int = 8192) -> tuple[torch.Tensor, torch.Tensor]:
-    """Per-row absmax int8: W [V, D] -> (q int8 [V, D], scale fp32 [V]); W ≈ q * scale[:, None]."""
+def quantize_rows_int8(w: torch.Tensor, chunk: int = 8192,
+                       out: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+    """Per-row absmax int8: W [V, D] -> (q int8 [V, D], scale fp32 [V]); W ≈ q * scale[:, None].
+    ``out``: an int8 [V, D] tensor to write q into."""
     v = w.shape[0]
-    q = torch.empty(w.shape, dtype=torch.int8)
+    q = torch.empty(w.shape, dtype=torch.int8) if out is None else out
     scale = torch.empty(v, dtype=torch.float32)
     for i in range(0, v, chunk):                 # chunks: never a full fp32 copy of a 656 MB head
         wf = w[i:i + chunk].float()
@@ -151,11 +209,15 @@ def quantize_rows_int8(w: torch.Tensor, chunk: int = 8192) -> tuple[torch.Tensor
     return q, scale
 
 
-def bandwidth(nbytes: int = 1 << 30, reps: int = 3) -> float:
-    """Streaming-read bandwidth in GB/s with the current thread count (the decode floor)."""
-    buf = torch.ones(nbytes, dtype=torch.uint8)
+def bandwidth(nbytes: int = 1 << 30, reps: int = 3, huge: bool = True) -> float:
+    """Streaming-read bandwidth in GB/s with the current thread count (the decode floor): a 512-bit
+    load loop with software prefetch over ``nbytes`` on huge pages (``huge=False``: plain 4 KB
+    pages, the way memory from a default allocation is mapped), best of ``reps``."""
+    buf = huge_empty(nbytes) if huge else torch.empty(nbytes, dtype=torch.uint8)
+    buf.fill_(1)
     return float(_lib().bn_bandwidth(buf.data_ptr(), nbytes, reps))
 
 
 __all__ = ["available", "isa", "supported_isas", "set_isa", "set_threads", "threads", "convert",
-           "act_quant", "gemm_i32", "linear", "head_gemv", "quantize_rows_int8", "bandwidth", "pad16"]
+           "act_quant", "gemm_i32", "linear", "head_gemv", "quantize_rows_int8", "bandwidth", "pad16",
+           "LAYOUTS", "kpad", "layout_bytes", "layout_native", "huge_empty", "collapse_huge"]

@@ -24,7 +24,8 @@ def available(x: torch.Tensor) -> bool:
 
 
 def prepare(layer) -> tuple[torch.Tensor, torch.Tensor]:
-    """(T16 weights, gamma per 16-row tile) built once from the HF layout."""
+    """(T16 weights, gamma per 16-row tile) built once from the HF layout (one layer at a time:
+    the 2-bit layout, which every ISA path runs natively)."""
     from . import convert
     n = layer.out_features
     w16 = convert(layer.weight)
@@ -48,7 +49,7 @@ def forward(x: torch.Tensor, layer, state) -> torch.Tensor:
         s = torch.empty(m, dtype=torch.float32)
         sa = torch.empty(m, dtype=torch.int32)
         lib.bn_linear(xf.data_ptr(), m, k, w16.data_ptr(), n, kp, tg.data_ptr(), y.data_ptr(),
-                      q.data_ptr(), s.data_ptr(), sa.data_ptr())
+                      q.data_ptr(), s.data_ptr(), sa.data_ptr(), 0)
     return y.reshape(*lead, n).to(x.dtype)
 
 

@@ -3,7 +3,8 @@
     from bitnet158.kernels.cpu import binding
     lib = binding.lib()            # the loaded library, or None (then the torch reference runs)
 
-Lookup order: the extension built next to this file by ``pip install`` / ``pip install -e``; else a
+Lookup order: ``$BITNET158_CPU_LIB`` if set (a library built elsewhere, for development); the
+extension built next to this file by ``pip install`` / ``pip install -e``; else a
 copy compiled on first use with the system C compiler into ``~/.cache/bitnet158`` (same flags, keyed
 by a hash of the sources; ``BITNET158_CPU_JIT=0`` turns that off). If neither works a single warning
 is issued and callers fall back to the torch reference. ``BITNET158_CPU_KERNELS=0`` disables the
@@ -20,7 +21,7 @@ import subprocess
 import tempfile
 import threading
 import warnings
-from ctypes import POINTER, c_char_p, c_double, c_float, c_int, c_size_t, c_void_p
+from ctypes import POINTER, c_char_p, c_double, c_float, c_int, c_longlong, c_size_t, c_void_p
 from pathlib import Path
 
 HERE = Path(__file__).resolve().parent
@@ -46,6 +47,9 @@ def _warn(msg: str) -> None:
 
 
 def _built() -> Path | None:
+    override = os.environ.get("BITNET158_CPU_LIB")      # a library built elsewhere (development)
+    if override:
+        return Path(override)
     for suf in importlib.machinery.EXTENSION_SUFFIXES:
         p = HERE / f"_bitnet_cpu{suf}"
         if p.exists():
@@ -86,9 +90,12 @@ def _declare(lib: ctypes.CDLL) -> None:
         "bn_set_threads": (c_int, [c_int]),
         "bn_get_threads": (c_int, []),
         "bn_convert_hf": (c_int, [P, c_int, c_int, P]),
+        "bn_convert_b3": (c_int, [P, c_int, c_int, P]),
+        "bn_layout_native": (c_int, [c_int]),
+        "bn_advise_huge": (c_longlong, [P, c_size_t, c_int]),
         "bn_act_quant": (None, [P, c_int, c_int, c_int, P, P, P]),
-        "bn_gemm_i32": (None, [P, c_int, c_int, P, c_int, P, P]),
-        "bn_linear": (None, [P, c_int, c_int, P, c_int, c_int, P, P, P, P, P]),
+        "bn_gemm_i32": (None, [P, c_int, c_int, P, c_int, P, P, c_int]),
+        "bn_linear": (None, [P, c_int, c_int, P, c_int, c_int, P, P, P, P, P, c_int]),
         "bn_head_gemv": (None, [P, c_int, P, c_int, c_int, P, c_int, P]),
         "bn_bandwidth": (c_double, [P, c_size_t, c_int]),
         "bn_forward": (c_int, [P, c_int, P, P, P, c_int, P, P]),

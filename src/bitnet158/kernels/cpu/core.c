@@ -6,12 +6,28 @@
 #include <stdlib.h>
 #include <string.h>
 #include <time.h>
+#if defined(__linux__)
+#include <sys/mman.h>
+#endif
 
 #include "bitnet_cpu.h"
 #include "core.h"
 #include "pool.h"
 
 const bn_ops *bn_cur = &bn_ops_scalar;
+int bn_cpu_vbmi, bn_cpu_bf16;
+uint8_t bn_b3_tab[5][128] __attribute__((aligned(64)));
+uint8_t bn_b3_u[256][5];
+
+static void b3_tables(void) {
+    for (int m = 0; m < 128; m++)
+        for (int i = 0, v = m + 121; i < 5; i++, v /= 3) bn_b3_tab[i][m] = m < 122 ? (uint8_t)(v % 3) : 1;
+    for (int b = 0; b < 256; b++)
+        for (int i = 0; i < 5; i++) {
+            const int u = bn_b3_tab[i][b & 127];
+            bn_b3_u[b][i] = (uint8_t)(b & 128 ? 2 - u : u);
+        }
+}
 
 /* ------------------------------------------------------------------ dispatch */
 int bn_isa_supported(const char *name) {
@@ -63,6 +79,12 @@ int bn_set_isa(const char *name) {
 const char *bn_get_isa(void) { return bn_cur->name; }
 
 int bn_init(int threads) {
+#if defined(__x86_64__) || defined(__i386__)
+    __builtin_cpu_init();
+    bn_cpu_vbmi = __builtin_cpu_supports("avx512vbmi") != 0;
+    bn_cpu_bf16 = __builtin_cpu_supports("avx512bf16") != 0;
+#endif
+    b3_tables();
     bn_set_isa(bn_best_isa());
     return bn_pool_set_threads(threads);
 }
@@ -112,6 +134,68 @@ int bn_convert_hf(const uint8_t *P, int N, int K, uint8_t *out) {
     return 0;
 }
 
+/* HF packed -> B3 (bitnet_cpu.h): out holds (Np/16) * (Kp/20) * 64 bytes; padding is w = 0. */
+static void convert_b3_task(void *c_, int t0, int t1, int tid) {
+    (void)tid;
+    const cv_ctx *c = c_;
+    const int N = c->N, K = c->K, R = N / 4, ks = (K + 19) / 20;
+    for (int t = t0; t < t1; t++) {
+        for (int r = 0; r < 16; r++) {
+            const int n = 16 * t + r;
+            const uint8_t *src = n < N ? c->P + (size_t)(n % R) * K : NULL;
+            const int sh = n < N ? 2 * (n / R) : 0;
+            uint8_t *dst = c->out + (size_t)t * ks * 64 + r * 4;
+            for (int s = 0; s < ks; s++, dst += 64)
+                for (int j = 0; j < 4; j++) {
+                    int v = 0;
+                    for (int i = 4; i >= 0; i--) {
+                        const int k = 20 * s + 4 * i + j;
+                        v = 3 * v + ((src && k < K) ? (src[k] >> sh) & 3 : 1);
+                    }
+                    dst[j] = (uint8_t)(v >= 121 ? v - 121 : 0x80 | (121 - v));
+                }
+        }
+    }
+}
+
+int bn_convert_b3(const uint8_t *P, int N, int K, uint8_t *out) {
+    if (N % 4) return -1;
+    cv_ctx c = {P, N, K, out};
+    bn_pool_run(convert_b3_task, &c, (N + 15) / 16);
+    return 0;
+}
+
+/* Whether the current ISA path has a native kernel for `layout` (else B3 runs the scalar one). */
+int bn_layout_native(int layout) {
+    if (layout == BN_LAYOUT_T16) return 1;
+    if (bn_cur->gemm_b3 == NULL) return 0;
+#if defined(__x86_64__) || defined(__i386__)
+    if (bn_cur == &bn_ops_avx512) return bn_cpu_vbmi;     /* vpermi2b needs AVX-512 VBMI */
+#endif
+    return 1;
+}
+
+/* Ask for transparent huge pages on the 2 MB-aligned interior of [p, p + n): before the first
+ * touch (MADV_HUGEPAGE: faults then map 2 MB pages) or, with collapse, for memory already
+ * written (MADV_COLLAPSE, Linux >= 6.1: copied into huge pages in place, no second copy kept).
+ * Fewer TLB misses and longer hardware-prefetch streams on the weights: 10-25 % more read
+ * bandwidth on the 2-core Xeon this was tuned on. Returns the bytes advised, or -1. */
+long long bn_advise_huge(void *p, size_t n, int collapse) {
+#if defined(__linux__) && defined(MADV_HUGEPAGE)
+    const uintptr_t H = (uintptr_t)2 << 20;
+    const uintptr_t a = ((uintptr_t)p + H - 1) & ~(H - 1), e = ((uintptr_t)p + n) & ~(H - 1);
+    if (e <= a) return 0;
+#ifndef MADV_COLLAPSE
+#define MADV_COLLAPSE 25
+#endif
+    if (madvise((void *)a, e - a, collapse ? MADV_COLLAPSE : MADV_HUGEPAGE)) return -1;
+    return (long long)(e - a);
+#else
+    (void)p; (void)n; (void)collapse;
+    return -1;
+#endif
+}
+
 /* ------------------------------------------------------------------ activation quantization */
 typedef struct { const float *x; int k, kp, ldx; int8_t *q; float *s; int32_t *sa; } aq_ctx;
 
@@ -133,22 +217,30 @@ static void gemm_task(void *c, int t0, int t1, int tid) {
     bn_cur->gemm((const bn_gemm *)c, t0, t1);
 }
 
-void bn_gemm_run(const bn_gemm *g) { bn_pool_run(gemm_task, (void *)g, (g->n + 15) / 16); }
+static void gemm_b3_task(void *c, int t0, int t1, int tid) {
+    (void)tid;
+    (bn_layout_native(BN_LAYOUT_B3) ? bn_cur : &bn_ops_scalar)->gemm_b3((const bn_gemm *)c, t0, t1);
+}
 
-/* Exact integers: out [m][n] int32 = x_q [m][kp] @ W_t^T. */
-void bn_gemm_i32(const uint8_t *w, int n, int kp, const int8_t *xq, int m, const int32_t *sa, int32_t *out) {
+void bn_gemm_run(const bn_gemm *g) {
+    bn_pool_run(g->layout == BN_LAYOUT_B3 ? gemm_b3_task : gemm_task, (void *)g, (g->n + 15) / 16);
+}
+
+/* Exact integers: out [m][n] int32 = x_q [m][kp] @ W^T (kp: K padded for the layout). */
+void bn_gemm_i32(const uint8_t *w, int n, int kp, const int8_t *xq, int m, const int32_t *sa, int32_t *out,
+                 int layout) {
     bn_gemm g = {.w = w, .tile_gamma = NULL, .n = n, .kp = kp, .xq = xq, .m = m, .sx = NULL, .sa = sa,
-                 .out = out, .ldo = n, .mode = BN_OUT_I32};
+                 .out = out, .ldo = n, .mode = BN_OUT_I32, .layout = layout};
     bn_gemm_run(&g);
 }
 
 /* PackedLinear forward: x [m][k] fp32 -> y [m][n] fp32 = act_quant then (acc * (gamma / s_x)).
  * Scratch: q [m][kp] int8, s [m] fp32, sa [m] int32 (the caller's, so nothing is allocated here). */
 void bn_linear(const float *x, int m, int k, const uint8_t *w, int n, int kp, const float *tile_gamma,
-               float *y, int8_t *q, float *s, int32_t *sa) {
+               float *y, int8_t *q, float *s, int32_t *sa, int layout) {
     bn_act_quant(x, m, k, kp, q, s, sa);
     bn_gemm g = {.w = w, .tile_gamma = tile_gamma, .n = n, .kp = kp, .xq = q, .m = m, .sx = s, .sa = sa,
-                 .out = y, .ldo = n, .mode = BN_OUT_F32};
+                 .out = y, .ldo = n, .mode = BN_OUT_F32, .layout = layout};
     bn_gemm_run(&g);
 }
 

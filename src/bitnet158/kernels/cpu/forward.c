@@ -21,7 +21,7 @@
 #include "pool.h"
 
 typedef struct {
-    const uint8_t *wqkv, *wo, *wgu, *wdown;      /* T16 weights; q|k|v and gate|up fused */
+    const uint8_t *wqkv, *wo, *wgu, *wdown;      /* T16 or B3 weights; q|k|v and gate|up fused */
     const float *gqkv, *go, *ggu, *gdown;        /* gamma per 16-row tile */
     const float *ln_in, *ln_post, *ln_attn, *ln_ffn;
     void *kc, *vc;           /* K [batch][hkv][max_len/16][hd][16], V [batch][hkv][max_len][hd] */
@@ -29,10 +29,11 @@ typedef struct {
 
 typedef struct {
     int n_layers, d, h, hkv, hd, f, vocab, batch, max_len, kv_bf16;   /* max_len: multiple of 16 */
+    int layout;                      /* BN_LAYOUT_T16 or BN_LAYOUT_B3, for every projection */
     float eps, attn_scale;
     int q_off, k_off, v_off, nqkv;   /* column offsets of q, k, v in the fused output (16-aligned) */
     int f_pad;                       /* gate rows padded to 16; up starts at column f_pad */
-    int kp_d, kp_q, kp_f;            /* padded K of the projections reading d, h*hd, f inputs */
+    int kp_d, kp_q, kp_f;            /* padded K (to 16, or 20 for B3) of the projections reading d, h*hd, f */
     const float *rope_cos, *rope_sin;                       /* [max_pos][hd] */
     const void *embed; int embed_kind; const float *embed_scale;   /* [vocab][d] */
     const void *head; int head_kind; const float *head_scale;      /* [vocab][d] */
@@ -167,7 +168,7 @@ static void run_tokens(fw_ctx *c, int step) {
 static void gemm(const bn_model *M, const uint8_t *w, const float *gam, int n, int kp, int m, void *out,
                  int ldo, int mode) {
     bn_gemm g = {.w = w, .tile_gamma = gam, .n = n, .kp = kp, .xq = M->xq, .m = m, .sx = M->sx,
-                 .sa = M->sa, .out = out, .ldo = ldo, .mode = mode};
+                 .sa = M->sa, .out = out, .ldo = ldo, .mode = mode, .layout = M->layout};
     bn_gemm_run(&g);
 }
 

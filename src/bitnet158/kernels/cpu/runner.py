@@ -26,7 +26,8 @@ from ctypes import POINTER, Structure, c_float, c_int, c_void_p
 
 import torch
 
-from . import HEAD_KINDS, binding, pad16, quantize_rows_int8
+from . import (HEAD_KINDS, binding, collapse_huge, convert, huge_empty, kpad, layout_bytes, layout_native,
+               pad16, quantize_rows_int8)
 
 PREFILL_CHUNK = 128   # tokens per forward call during prefill (bounds the activation buffers)
 
@@ -38,7 +39,7 @@ class _Layer(Structure):
 
 class _Model(Structure):
     _fields_ = [*[(n, c_int) for n in ("n_layers", "d", "h", "hkv", "hd", "f", "vocab", "batch",
-                                       "max_len", "kv_bf16")],
+                                       "max_len", "kv_bf16", "layout")],
                 ("eps", c_float), ("attn_scale", c_float),
                 *[(n, c_int) for n in ("q_off", "k_off", "v_off", "nqkv", "f_pad", "kp_d", "kp_q", "kp_f")],
                 ("rope_cos", c_void_p), ("rope_sin", c_void_p),
@@ -59,25 +60,40 @@ def _projection(mod) -> tuple[torch.Tensor, float]:
     return quant.pack_hf(w_t), float(gamma)
 
 
-def _fused(mods) -> tuple[torch.Tensor, torch.Tensor, list[int]]:
-    """Stack T16 matrices (each padded to 16 rows) -> (weights, gamma per tile, row offsets).
+def _groups(blk) -> list[tuple[str, list]]:
+    """The kernel matrices of one block: q|k|v and gate|up fused (one pass over their input)."""
+    at, mlp = blk.self_attn, blk.mlp
+    return [("qkv", [at.q_proj, at.k_proj, at.v_proj]), ("o", [at.o_proj]),
+            ("gu", [mlp.gate_proj, mlp.up_proj]), ("down", [mlp.down_proj])]
 
-    Converted straight into one buffer: no per-matrix temporaries to fragment the heap."""
-    lib = binding.lib()
-    shapes = [(pad16(m.out_features), pad16(m.in_features)) for m in mods]
-    if len({k for _, k in shapes}) != 1:
+
+def _fused_bytes(mods, layout: str) -> int:
+    if len({m.in_features for m in mods}) != 1:
         raise ValueError("fused projections must share in_features")
-    sizes = [n * k // 4 for n, k in shapes]
-    out = torch.empty(sum(sizes), dtype=torch.uint8)
+    return sum(layout_bytes(m.out_features, m.in_features, layout) for m in mods)
+
+
+def _fused(mods, layout: str, out: torch.Tensor) -> tuple[torch.Tensor, list[int]]:
+    """Convert matrices (each padded to 16 rows) one after another into ``out`` (a slice of the
+    weight arena) -> (gamma per 16-row tile, row offset of each matrix)."""
     gs, offs, off, byte = [], [], 0, 0
-    for mod, (n, _), size in zip(mods, shapes, sizes):
+    for mod in mods:
+        n, size = pad16(mod.out_features), layout_bytes(mod.out_features, mod.in_features, layout)
         packed, gamma = _projection(mod)
-        packed = packed.contiguous()
-        lib.bn_convert_hf(packed.data_ptr(), mod.out_features, mod.in_features, out.data_ptr() + byte)
+        convert(packed, layout, out=out[byte:byte + size])
         gs.append(torch.full((n // 16,), gamma, dtype=torch.float32))
         offs.append(off)
         off, byte = off + n, byte + size
-    return out, torch.cat(gs), offs
+    return torch.cat(gs), offs
+
+
+def default_layout() -> str:
+    """B3 (1.6 bits/weight) where the current ISA path decodes it natively, else T16 (2 bits);
+    ``BITNET158_CPU_LAYOUT=t16|b3`` overrides."""
+    env = os.environ.get("BITNET158_CPU_LAYOUT")
+    if env:
+        return env
+    return "b3" if layout_native("b3") else "t16"
 
 
 def supports(model) -> bool:
@@ -94,12 +110,16 @@ class CpuRunner:
 
     def __init__(self, model, batch: int = 1, max_len: int | None = None, head: str = "bf16",
                  kv_dtype: torch.dtype | None = None, prefill_chunk: int = PREFILL_CHUNK,
-                 threads: int | None = None):
+                 threads: int | None = None, layout: str | None = None):
         lib = binding.lib()
         if lib is None:
             raise RuntimeError(f"CpuRunner: C kernels unavailable ({binding.error()})")
         if head not in ("bf16", "int8"):
             raise ValueError(f"CpuRunner: head={head!r} (expected 'bf16' or 'int8')")
+        layout = layout or default_layout()
+        if layout not in ("t16", "b3"):
+            raise ValueError(f"CpuRunner: layout={layout!r} (expected 't16' or 'b3')")
+        self.layout = layout
         self._lib = lib
         lib.bn_set_threads(int(threads or torch.get_num_threads()))
         cfg = model.config
@@ -127,31 +147,40 @@ class CpuRunner:
             s_pad = pad16(self.max_len)                     # K is cached in blocks of 16 positions
             kv_shape = (self.batch, Hkv, s_pad, hd)
             self._kv = []
+            # every ternary matrix of the model in one arena on huge pages, in the order decode reads it
+            total = sum(_fused_bytes(mods, layout) for blk in model.model.layers for _, mods in _groups(blk))
+            arena, byte = huge_empty(total), 0
+            keep.append(arena)
             for i, blk in enumerate(model.model.layers):
-                at, mlp = blk.self_attn, blk.mlp
-                wqkv, gqkv, qkv_off = _fused([at.q_proj, at.k_proj, at.v_proj])
-                wgu, ggu, gu_off = _fused([mlp.gate_proj, mlp.up_proj])
-                wo, go, _ = _fused([at.o_proj])
-                wd, gd, _ = _fused([mlp.down_proj])
+                L = layers[i]
+                for name, mods in _groups(blk):
+                    size = _fused_bytes(mods, layout)
+                    w = arena[byte:byte + size]
+                    gam, offs = _fused(mods, layout, w)
+                    byte += size
+                    keep.append(gam)
+                    setattr(L, "w" + name, w.data_ptr())
+                    setattr(L, "g" + name, gam.data_ptr())
+                    if name == "qkv":
+                        qkv_off = offs
+                    elif name == "gu":
+                        gu_off = offs
                 kc = torch.empty(kv_shape, dtype=kv_dtype)    # untouched pages are not resident
                 vc = torch.empty(kv_shape, dtype=kv_dtype)
                 self._kv.append((kc, vc))
-                keep += [wqkv, gqkv, wgu, ggu, wo, go, wd, gd]
-                L = layers[i]
-                for name, t in (("wqkv", wqkv), ("gqkv", gqkv), ("wgu", wgu), ("ggu", ggu), ("wo", wo),
-                                ("go", go), ("wdown", wd), ("gdown", gd), ("kc", kc), ("vc", vc)):
-                    setattr(L, name, t.data_ptr())
+                L.kc, L.vc = kc.data_ptr(), vc.data_ptr()
                 L.ln_in, L.ln_post = f32(blk.input_layernorm.weight), f32(blk.post_attention_layernorm.weight)
-                L.ln_attn, L.ln_ffn = f32(at.attn_sub_norm.weight), f32(mlp.ffn_sub_norm.weight)
+                L.ln_attn, L.ln_ffn = f32(blk.self_attn.attn_sub_norm.weight), f32(blk.mlp.ffn_sub_norm.weight)
             M = _Model()
             M.n_layers, M.d, M.h, M.hkv, M.hd, M.f = cfg.num_hidden_layers, D, H, Hkv, hd, F
             M.vocab, M.batch, M.max_len = cfg.vocab_size, self.batch, s_pad
             M.kv_bf16 = int(kv_dtype == torch.bfloat16)
+            M.layout = int(layout == "b3")
             M.eps, M.attn_scale = cfg.rms_norm_eps, hd ** -0.5
             M.q_off, M.k_off, M.v_off = qkv_off
             M.nqkv = qkv_off[2] + pad16(Hkv * hd)
             M.f_pad = gu_off[1]
-            M.kp_d, M.kp_q, M.kp_f = pad16(D), pad16(H * hd), pad16(F)
+            M.kp_d, M.kp_q, M.kp_f = kpad(D, layout), kpad(H * hd, layout), kpad(F, layout)
             # RoPE tables as the reference uses them: fp32, rounded through the model dtype
             M.rope_cos = f32(model.rope_cos[:s_pad].to(mdtype))
             M.rope_sin = f32(model.rope_sin[:s_pad].to(mdtype))
@@ -160,7 +189,7 @@ class CpuRunner:
             head_w = model.head_weight.detach()
             tied = head_w.data_ptr() == emb.data_ptr()
             if head == "int8":
-                hq, hs = quantize_rows_int8(head_w)
+                hq, hs = quantize_rows_int8(head_w, out=huge_empty(head_w.numel()).view(torch.int8).view(head_w.shape))
                 keep += [hq, hs]
                 M.head, M.head_kind, M.head_scale, M.head_round_bf16 = hq.data_ptr(), HEAD_KINDS[torch.int8], hs.data_ptr(), 0
                 if tied:                                   # one int8 table serves both ends
@@ -168,6 +197,7 @@ class CpuRunner:
             else:
                 hw = head_w if head_w.dtype in (torch.bfloat16, torch.float32) else head_w.float()
                 hw = hw.contiguous()
+                collapse_huge(hw)          # the model's own table, moved onto huge pages in place
                 keep.append(hw)
                 M.head, M.head_kind, M.head_scale = hw.data_ptr(), HEAD_KINDS[hw.dtype], None
                 M.head_round_bf16 = int(hw.dtype == torch.bfloat16)
