@@ -2,6 +2,7 @@
 
     torchrun --nproc_per_node=8 -m bitnet158.cli pretrain RECIPE --parallel fsdp
     python -m torch.distributed.run --nproc_per_node=2 -m bitnet158.cli pretrain RECIPE --device cpu
+    torchrun --nproc_per_node=8 -m bitnet158.cli sft RECIPE --parallel fsdp        # also: dpo
 
 ``DistContext`` is what the training loop talks to (the same interface as
 ``loop.LocalContext``): it initializes the process group (NCCL on GPUs, gloo on the CPU), wraps the
@@ -52,21 +53,38 @@ class DistContext(LocalContext):
         self.rank, self.world = dist.get_rank(), dist.get_world_size()
 
     # ------------------------------------------------------------------ model
-    def wrap(self, model: torch.nn.Module, mixed_precision: bool = True) -> torch.nn.Module:
+    def wrap(self, model: torch.nn.Module, mixed_precision: bool = True, blocks=None,
+             methods: tuple[str, ...] = ("hidden", "logits")) -> torch.nn.Module:
+        """DDP, or FSDP2: ``fully_shard`` each of ``blocks`` (default ``model.model.layers``), then the root.
+
+        ``methods``: methods of the root besides ``forward`` that run the model under FSDP (they get
+        its all-gather / reshard hooks). Under DDP only ``forward`` syncs gradients: a loss that
+        needs the head (fine-tuning) lives in the wrapped module's ``forward`` (``finetune.HeadLoss``).
+        """
         if self.mode == "ddp":
             from torch.nn.parallel import DistributedDataParallel as DDP
             ids = [self.device.index] if self.device.type == "cuda" else None
             return DDP(model, device_ids=ids)
+        return self._shard(model, mixed_precision, blocks, methods)
+
+    def wrap_frozen(self, model: torch.nn.Module, mixed_precision: bool = True, blocks=None) -> torch.nn.Module:
+        """A model that is only run (no gradients: the DPO reference): as is under DDP, sharded like the
+        trained model under FSDP2 (same bf16 parameter cast, so the same forward; 1/world of the memory)."""
+        if self.mode == "ddp":
+            return model
+        return self._shard(model, mixed_precision, blocks, ())
+
+    def _shard(self, model, mixed_precision: bool, blocks, methods) -> torch.nn.Module:
         from torch.distributed.device_mesh import init_device_mesh
         from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard, register_fsdp_forward_method
         mesh = init_device_mesh(self.device.type, (self.world,))
         # bf16 params in forward/backward, fp32 gradient reduction (the master weights stay fp32)
         mp = (MixedPrecisionPolicy(param_dtype=torch.bfloat16, reduce_dtype=torch.float32)
               if mixed_precision and self.device.type == "cuda" else MixedPrecisionPolicy())
-        for layer in model.model.layers:
+        for layer in (blocks if blocks is not None else model.model.layers):
             fully_shard(layer, mesh=mesh, mp_policy=mp)
         fully_shard(model, mesh=mesh, mp_policy=mp)
-        for method in ("hidden", "logits"):   # loss functions may call these instead of forward
+        for method in methods:   # loss functions may call these instead of forward
             register_fsdp_forward_method(model, method)
         return model
 
@@ -93,6 +111,13 @@ class DistContext(LocalContext):
             dist.destroy_process_group()
 
     # ------------------------------------------------------------------ full state dicts
+    def full_model_state(self, model) -> dict:
+        """The full (unsharded) model state dict on CPU on rank 0 ({} elsewhere under FSDP). Collective."""
+        if self.mode == "ddp":
+            return {k: v.detach().cpu() for k, v in model.state_dict().items()}
+        from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
+        return get_model_state_dict(model, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
+
     def full_state(self, model, optimizer) -> tuple[dict, dict]:
         if self.mode == "ddp":
             return super().full_state(model, optimizer)

@@ -31,6 +31,13 @@ Recipe: a fine-tuning recipe (``finetune.py``) with::
     beta = 0.1
     reference = "model"       # or "precomputed"
     label_smoothing = 0.0
+
+Several processes (``torchrun --nproc_per_node=N -m bitnet158.cli dpo RECIPE --parallel ddp|fsdp``):
+``train.micro_batch`` pairs per rank, each rank its slice of the same global micro-batch; the loss
+is the mean over a rank's pairs, and DDP / FSDP2 average over ranks (equal pair counts), so the
+update is that of the global mean. The reference runs on each rank's own pairs: a plain frozen copy
+under DDP, sharded like the policy under FSDP2 (same bf16 forward); ``"precomputed"`` splits the
+pairs over ranks once and all-reduces the table, so every rank holds every pair's reference log-probs.
 """
 
 from __future__ import annotations
@@ -47,10 +54,9 @@ import torch
 from ..errors import ConfigError
 from ..tokenizer import Tokenizer
 from . import finetune
-from .finetune import FinetuneRecipe, config_dict, export_model, make_optimizer, write_json
+from .finetune import FinetuneRecipe, HeadLoss, config_dict, make_optimizer, rank_slices, unwrap
 from .loop import Trainer
 from .losses import dpo_loss, sequence_logprobs
-from .sft import _unwrap
 from .dpo_data import Pair, encode_pairs, pad_pairs
 from .sft_data import ChatEncoder, read_records, split_holdout
 
@@ -85,10 +91,15 @@ class DPOData:
 # ---------------------------------------------------------------- batches
 
 class DPOBatches:
-    """Micro-batches of ``micro_batch`` pairs, re-shuffled each epoch; resumable by (epoch, pos)."""
+    """Micro-batches of ``micro_batch`` pairs, re-shuffled each epoch; resumable by (epoch, pos).
 
-    def __init__(self, pairs: list[Pair], micro_batch: int, pad_id: int, seed: int, device: torch.device):
+    With ``world`` ranks the global micro-batch of ``micro_batch * world`` pairs is drawn and this
+    rank's slice kept (the position is the same on every rank)."""
+
+    def __init__(self, pairs: list[Pair], micro_batch: int, pad_id: int, seed: int, device: torch.device,
+                 rank: int = 0, world: int = 1):
         self.pairs, self.n, self.pad_id, self.seed, self.device = pairs, micro_batch, pad_id, seed, device
+        self.rank, self.world = rank, world
         self.epoch, self.pos = 0, 0
 
     def order(self, epoch: int) -> list[int]:
@@ -98,14 +109,16 @@ class DPOBatches:
 
     def next_batch(self, step: int):
         idx: list[int] = []
-        while len(idx) < self.n:
+        need = self.n * self.world
+        while len(idx) < need:
             o = self.order(self.epoch)
-            k = min(self.n - len(idx), len(o) - self.pos)
+            k = min(need - len(idx), len(o) - self.pos)
             idx += o[self.pos:self.pos + k]
             self.pos += k
             if self.pos >= len(o):
                 self.epoch, self.pos = self.epoch + 1, 0
-        return make_batch(self.pairs, idx, self.pad_id, self.device)
+        lo = self.rank * self.n
+        return make_batch(self.pairs, idx[lo:lo + self.n], self.pad_id, self.device)
 
     def state_dict(self) -> dict:
         return {"epoch": self.epoch, "pos": self.pos}
@@ -121,28 +134,41 @@ def make_batch(pairs: list[Pair], idx: list[int], pad_id: int, device: torch.dev
 
 
 def policy_logps(model, tokens, labels, chunk=None) -> torch.Tensor:
-    """Summed completion log-probs [2P] of rows tokens/labels [2P, L] (chunked head)."""
+    """Summed completion log-probs [2P] of rows tokens/labels [2P, L] (chunked head): through ``forward``
+    for a (wrapped) HeadLoss, else hidden + head."""
+    if isinstance(unwrap(model), HeadLoss):
+        return model(tokens, labels)
     h = model.hidden(tokens)                                              # [2P, L, D]
-    return sequence_logprobs(h, _unwrap(model).head_weight, labels, chunk=chunk)
+    return sequence_logprobs(h, unwrap(model).head_weight, labels, chunk=chunk)
 
 
 @torch.no_grad()
-def reference_table(ref, pairs: list[Pair], micro_batch: int, pad_id: int, device, amp_dtype, chunk=None
-                    ) -> torch.Tensor:
-    """Reference log-probs [n_pairs, 2] (chosen, rejected), computed once."""
-    out = torch.zeros(len(pairs), 2, dtype=torch.float32)
+def reference_table(ref, pairs: list[Pair], micro_batch: int, pad_id: int, device, amp_dtype, chunk=None,
+                    ctx=None) -> torch.Tensor:
+    """Reference log-probs [n_pairs, 2] (chosen, rejected), computed once.
+
+    With ``ctx`` of several ranks the pairs are split over them and the table all-reduced: every rank
+    ends with the whole table."""
+    rank, world = (ctx.rank, ctx.world) if ctx is not None else (0, 1)
+    out = torch.zeros(len(pairs), 2, dtype=torch.float32, device=device if world > 1 else "cpu")
     amp = torch.autocast(device.type, dtype=torch.bfloat16, enabled=amp_dtype == "bf16")
-    for s in range(0, len(pairs), micro_batch):
-        idx = list(range(s, min(s + micro_batch, len(pairs))))
+    for lo, hi in rank_slices(len(pairs), micro_batch, rank, world):
+        idx = list(range(lo, hi)) or [0]                  # past the end: a throw-away batch (keeps collectives even)
         t, lab, _ = make_batch(pairs, idx, pad_id, device)
         with amp:
-            lp = policy_logps(ref, t, lab, chunk).float().cpu()
-        P = len(idx)
-        out[idx, 0], out[idx, 1] = lp[:P], lp[P:]
+            lp = policy_logps(ref, t, lab, chunk).float().to(out.device)
+        if hi > lo:
+            P = len(idx)
+            out[idx, 0], out[idx, 1] = lp[:P], lp[P:]
+    if world > 1:
+        out = ctx.all_reduce_sum(out).cpu()
     return out
 
 
-def make_loss_fn(beta: float, smoothing: float, grad_accum: int, ref_model=None, ref_table=None, chunk=None):
+def make_loss_fn(beta: float, smoothing: float, grad_accum: int, ref_model=None, ref_table=None, chunk=None,
+                 world: int = 1):
+    """Mean DPO loss over this rank's pairs (DDP / FSDP2 average over ranks: the global mean); metrics are
+    this rank's share of the global mean (divided by ``world``), so their sum over ranks is the global one."""
     def loss_fn(model, batch):
         tokens, labels, idx = batch
         P = len(idx)
@@ -155,7 +181,7 @@ def make_loss_fn(beta: float, smoothing: float, grad_accum: int, ref_model=None,
             r = ref_table[idx].to(lp.device)
             rc, rr = r[:, 0], r[:, 1]
         loss, s = dpo_loss(lp[:P], lp[P:], rc, rr, beta, smoothing)
-        metrics = {k if k != "margins" else "margin": v.mean() / grad_accum for k, v in s.items()}
+        metrics = {k if k != "margins" else "margin": v.mean() / (grad_accum * world) for k, v in s.items()}
         metrics["tokens"] = int((labels != -100).sum())
         metrics["pairs"] = P
         return loss, metrics
@@ -163,24 +189,28 @@ def make_loss_fn(beta: float, smoothing: float, grad_accum: int, ref_model=None,
 
 
 def make_eval_fn(pairs: list[Pair], ref: torch.Tensor, beta: float, micro_batch: int, pad_id: int, device,
-                 chunk=None):
-    """Mean DPO loss, reward margin, accuracy and rewards over held-out pairs (reference precomputed)."""
+                 chunk=None, ctx=None):
+    """Mean DPO loss, reward margin, accuracy and rewards over held-out pairs (reference precomputed),
+    split over the ranks of ``ctx`` (same number of batches each) and reduced."""
+    keys = ("val_loss", "val_reward_margin", "val_accuracy", "val_rewards_chosen", "val_rewards_rejected")
+    rank, world = (ctx.rank, ctx.world) if ctx is not None else (0, 1)
+
     def eval_fn(model) -> dict:
-        acc = {"val_loss": 0.0, "val_reward_margin": 0.0, "val_accuracy": 0.0,
-               "val_rewards_chosen": 0.0, "val_rewards_rejected": 0.0}
-        for s in range(0, len(pairs), micro_batch):
-            idx = list(range(s, min(s + micro_batch, len(pairs))))
+        acc = torch.zeros(len(keys), dtype=torch.float64, device=device)
+        for lo, hi in rank_slices(len(pairs), micro_batch, rank, world):
+            idx = list(range(lo, hi)) or [0]              # past the end: a throw-away batch
             t, lab, _ = make_batch(pairs, idx, pad_id, device)
             lp = policy_logps(model, t, lab, chunk).float()
+            if hi == lo:
+                continue
             P = len(idx)
             r = ref[idx].to(lp.device)
             loss, st = dpo_loss(lp[:P], lp[P:], r[:, 0], r[:, 1], beta)
-            acc["val_loss"] += loss.item() * P
-            acc["val_reward_margin"] += st["margins"].sum().item()
-            acc["val_accuracy"] += st["accuracy"].sum().item()
-            acc["val_rewards_chosen"] += st["rewards_chosen"].sum().item()
-            acc["val_rewards_rejected"] += st["rewards_rejected"].sum().item()
-        return {k: v / max(len(pairs), 1) for k, v in acc.items()}
+            acc += torch.stack([loss.detach() * P, st["margins"].sum(), st["accuracy"].sum(),
+                                st["rewards_chosen"].sum(), st["rewards_rejected"].sum()]).double()
+        if world > 1:
+            acc = ctx.all_reduce_sum(acc)
+        return {k: v / max(len(pairs), 1) for k, v in zip(keys, acc.tolist())}
     return eval_fn
 
 
@@ -209,39 +239,48 @@ def load_pairs(recipe: FinetuneRecipe, tok: Tokenizer):
 
 
 def run_dpo(recipe: FinetuneRecipe | str | Path, out: str | Path | None = None, init: str | None = None,
-            resume: bool = False, device: str = "auto", overrides: list[str] | None = None) -> dict:
-    """DPO of ``recipe.init`` on ``recipe.data``; returns the summary (also OUT/summary.json)."""
+            resume: bool = False, device: str = "auto", overrides: list[str] | None = None,
+            parallel: str = "ddp") -> dict:
+    """DPO of ``recipe.init`` on ``recipe.data``; returns the summary (also OUT/summary.json).
+
+    Under torchrun: DDP or FSDP2 (``parallel``), ``train.micro_batch`` pairs per rank."""
     if not isinstance(recipe, FinetuneRecipe):
         recipe = FinetuneRecipe.from_file(recipe, DPOData, overrides)
     if init:
         recipe.init = str(init)
     d: DPOData = recipe.data
     out = Path(out or recipe.out)
-    model, tok, tok_dir, dev = finetune.begin(recipe, device)
+    model, tok, tok_dir, ctx = finetune.begin(recipe, device, parallel)
+    dev = ctx.device
     train, val, stats = load_pairs(recipe, tok)
     pad = tok.pad_id if tok.pad_id is not None else (tok.eos_id or 0)
     mb = int(recipe.train.get("micro_batch", 8))
     ga = int(recipe.train.get("grad_accum", 1))
-    steps = max(1, math.ceil(len(train) * d.epochs / (mb * ga)))
+    steps = max(1, math.ceil(len(train) * d.epochs / (mb * ga * ctx.world)))
     tcfg = recipe.train_config(steps)
     schedule = recipe.make_schedule(tcfg.steps)
-    print(f"dpo: {len(train)} pairs, {len(val)} held out; beta {d.beta}, reference {d.reference}; "
-          f"{tcfg.steps} updates of {mb}x{ga} pairs on {dev}", flush=True)
+    if ctx.is_main:
+        print(f"dpo: {len(train)} pairs, {len(val)} held out; beta {d.beta}, reference {d.reference}; "
+              f"{tcfg.steps} updates of {mb}x{ga} pairs x {ctx.world} ranks ({ctx.mode}) on {dev}", flush=True)
     model.to(dev)
     chunk = d.chunk or None
-    ref = copy.deepcopy(model).eval().requires_grad_(False)      # same BitLinear forward, frozen
-    ref_val = reference_table(ref, val, mb, pad, dev, tcfg.dtype, chunk) if val else None
+    # the reference: a frozen copy with the same BitLinear forward (sharded like the policy under FSDP2)
+    ref = finetune.wrap(ctx, copy.deepcopy(model).eval().requires_grad_(False), "logps", chunk, tcfg.dtype,
+                        frozen=True)
+    ref_val = reference_table(ref, val, mb, pad, dev, tcfg.dtype, chunk, ctx) if val else None
     ref_train = None
     if d.reference == "precomputed":
-        ref_train = reference_table(ref, train, mb, pad, dev, tcfg.dtype, chunk)
+        ref_train = reference_table(ref, train, mb, pad, dev, tcfg.dtype, chunk, ctx)
         del ref
         ref = None
-    optimizer = make_optimizer(model, recipe, dev)
-    batches = DPOBatches(train, mb, pad, recipe.seed, dev)
-    eval_fn = make_eval_fn(val, ref_val, d.beta, mb, pad, dev, chunk) if val else None
-    trainer = Trainer(model, optimizer, schedule, make_loss_fn(d.beta, d.label_smoothing, tcfg.grad_accum, ref,
-                                                               ref_train, chunk),
-                      batches, tcfg, out, eval_fn=eval_fn, config_dict=config_dict(model),
+    net = model
+    call = finetune.wrap(ctx, net, "logps", chunk, tcfg.dtype)             # DDP / FSDP2 under torchrun
+    optimizer = make_optimizer(net, recipe, dev)
+    batches = DPOBatches(train, mb, pad, recipe.seed, dev, ctx.rank, ctx.world)
+    eval_fn = make_eval_fn(val, ref_val, d.beta, mb, pad, dev, chunk, ctx) if val else None
+    trainer = Trainer(call, optimizer, schedule,
+                      make_loss_fn(d.beta, d.label_smoothing, tcfg.grad_accum, ref, ref_train, chunk, ctx.world),
+                      batches, tcfg, out, raw_model=net, ctx=ctx, eval_fn=eval_fn, config_dict=config_dict(net),
                       extra_state={"recipe": recipe.to_dict(), "tokenizer": str(Path(tok_dir).resolve()),
                                    "stage": "dpo"})
     finetune.resume_or_start(trainer, out, resume, recipe)
@@ -253,9 +292,7 @@ def run_dpo(recipe: FinetuneRecipe | str | Path, out: str | Path | None = None, 
                     "start": start,
                     "first_step": {k: hist[0][k] for k in ("loss", "margin", "rewards_chosen", "accuracy")}
                     if hist else {}})
-    summary["export"] = export_model(model, out, tok_dir, recipe.export)
-    write_json(out / "summary.json", summary)
-    return summary
+    return finetune.finish(ctx, net, out, tok_dir, recipe.export, summary)
 
 
 # ---------------------------------------------------------------- command line

@@ -19,6 +19,12 @@ overrides), with these top-level keys instead of ``[model]``:
     [data] ...                        # SFT or DPO data table (see sft.py / dpo.py)
 
 ``train.steps`` may be left out: it is then computed from ``data.epochs``.
+
+Under ``torchrun`` (``--parallel ddp|fsdp``) every rank loads the starting model, the model and its
+head loss are wrapped together (:class:`HeadLoss`: DDP's gradient sync and FSDP2's all-gather of the
+tied head only act around ``forward``), each rank takes its slice of the same global micro-batch
+(``micro_batch`` rows or pairs per rank), rank 0 alone prints and writes logs, checkpoints (gathered
+full state: they load in one process and the other way round) and the exported folders.
 """
 
 from __future__ import annotations
@@ -31,9 +37,11 @@ from pathlib import Path
 from typing import Any
 
 import torch
+from torch import nn
 
 from ..errors import CheckpointError, ConfigError
 from .loop import TrainConfig
+from .losses import linear_cross_entropy, sequence_logprobs
 from .recipe import OptimSpec, _build, read_recipe_file
 from .schedules import Schedule
 
@@ -157,6 +165,56 @@ def make_optimizer(model, recipe: FinetuneRecipe, device: torch.device) -> torch
     return _make(model, recipe, device)
 
 
+class HeadLoss(nn.Module):
+    """The model and its head loss as one module: what DDP / FSDP2 wrap for fine-tuning.
+
+    ``kind="sft"``: ``forward(tokens, labels, segments)`` -> summed CE over target tokens (scalar);
+    ``kind="logps"``: ``forward(tokens, labels)`` -> summed target log-probs per row [B] (DPO).
+    The chunked head reads the tied head weight: under FSDP2 it is only unsharded inside the root's
+    forward, and DDP only syncs the gradients of what ran through ``forward``.
+    """
+
+    def __init__(self, net: nn.Module, kind: str, chunk: int | None = None):
+        super().__init__()
+        if kind not in ("sft", "logps"):
+            raise ValueError(f"HeadLoss kind {kind!r} is not 'sft' or 'logps'")
+        self.net, self.kind, self.chunk = net, kind, chunk
+
+    def forward(self, tokens: torch.Tensor, labels: torch.Tensor, segments: torch.Tensor | None = None):
+        h = self.net.hidden(tokens, segment_ids=segments)                  # [B, T, D]
+        if self.kind == "sft":
+            return linear_cross_entropy(h.flatten(0, 1), self.net.head_weight, labels.flatten(),
+                                        reduction="sum", chunk=self.chunk)
+        return sequence_logprobs(h, self.net.head_weight, labels, chunk=self.chunk)
+
+
+def unwrap(model):
+    """The module under torch.compile / DDP wrappers (FSDP2 modules are their own module)."""
+    m = getattr(model, "_orig_mod", model)
+    return getattr(m, "module", m)
+
+
+def wrap(ctx, net: nn.Module, kind: str, chunk: int | None, dtype: str, frozen: bool = False):
+    """``HeadLoss(net)`` wrapped for ``ctx``: DDP / FSDP2 (per block, then root) under torchrun, as is alone."""
+    mod = HeadLoss(net, kind, chunk)
+    if ctx.world == 1:
+        return mod
+    if frozen:
+        return ctx.wrap_frozen(mod, mixed_precision=dtype == "bf16", blocks=net.model.layers)
+    return ctx.wrap(mod, mixed_precision=dtype == "bf16", blocks=net.model.layers, methods=())
+
+
+def rank_slices(n: int, per_rank: int, rank: int, world: int):
+    """(lo, hi) item ranges of this rank, one per global micro-batch of ``per_rank * world`` items.
+
+    Every rank gets the same number of ranges, so the collectives inside a sharded forward stay
+    matched; a rank past the end gets an empty range (it runs a throw-away batch, see callers).
+    """
+    for s in range(0, n, per_rank * world):
+        lo = min(n, s + rank * per_rank)
+        yield lo, min(n, lo + per_rank)
+
+
 def pick_device(device: str) -> torch.device:
     if device == "auto":
         device = "cuda" if torch.cuda.is_available() else "cpu"
@@ -187,18 +245,20 @@ def write_json(path: Path, obj: dict) -> None:
     path.write_text(json.dumps(obj, indent=1, default=str) + "\n")
 
 
-def begin(recipe: FinetuneRecipe, device: str):
-    """Seed every RNG, pick the device, load the starting model and its tokenizer.
+def begin(recipe: FinetuneRecipe, device: str, parallel: str = "ddp"):
+    """Seed every RNG, set up the process context, load the starting model and its tokenizer.
 
-    Returns (model, tokenizer, tokenizer folder, device); the model is not moved yet.
+    Returns (model, tokenizer, tokenizer folder, context); ``context.device`` is the device (under
+    torchrun: this rank's); the model is not moved yet.
     """
     import random
 
     import numpy as np
 
     from ..tokenizer import Tokenizer
+    from .pretrain import setup_context
 
-    dev = pick_device(device)
+    ctx = setup_context(device, parallel)
     random.seed(recipe.seed)
     np.random.seed(recipe.seed)
     torch.manual_seed(recipe.seed)
@@ -208,7 +268,31 @@ def begin(recipe: FinetuneRecipe, device: str):
     if tok.vocab_size > model.config.vocab_size:
         raise ConfigError(f"tokenizer {tok_dir} has {tok.vocab_size} tokens > the model's vocab_size "
                           f"{model.config.vocab_size}")
-    return model, tok, tok_dir, dev
+    return model, tok, tok_dir, ctx
+
+
+def finish(ctx, net: nn.Module, out: Path, tok_dir, layouts: list[str], summary: dict) -> dict:
+    """Export the final model and write OUT/summary.json (rank 0); close the process group."""
+    paths: dict = {}
+    if ctx.world > 1 and ctx.mode == "fsdp":
+        msd = ctx.full_model_state(net)                    # collective: every rank takes part
+        if ctx.is_main and layouts:
+            from ..model import Transformer
+            full = Transformer(net.config)
+            missing, unexpected = full.load_state_dict(msd, strict=False)
+            if unexpected or any(k in dict(full.named_parameters()) for k in missing):
+                raise CheckpointError(f"gathered state does not fit the model: missing {missing[:5]}, "
+                                      f"unexpected {unexpected[:5]}")
+            paths = export_model(full, out, tok_dir, layouts)
+    elif ctx.is_main:
+        paths = export_model(net, out, tok_dir, layouts)
+    summary["export"] = paths
+    summary["world"], summary["parallel"] = ctx.world, ctx.mode
+    if ctx.is_main:
+        write_json(out / "summary.json", summary)
+    if ctx.world > 1:
+        ctx.close()
+    return summary
 
 
 def resume_or_start(trainer, out: Path, resume: bool, recipe: FinetuneRecipe) -> None:
@@ -216,11 +300,12 @@ def resume_or_start(trainer, out: Path, resume: bool, recipe: FinetuneRecipe) ->
     from .loop import find_latest
 
     if resume:
-        if not trainer.maybe_resume():
+        if not trainer.maybe_resume() and trainer.ctx.is_main:
             print(f"--resume: no checkpoint in {out}, starting from step 0", flush=True)
     elif find_latest(out) is not None:
         raise ConfigError(f"{out} already holds checkpoints: pass --resume to continue, or choose another --out")
-    write_json(out / "recipe.json", recipe.to_dict())
+    if trainer.ctx.is_main:
+        write_json(out / "recipe.json", recipe.to_dict())
 
 
 # ---------------------------------------------------------------- command line (sft, dpo)
@@ -232,13 +317,16 @@ def add_arguments(p: argparse.ArgumentParser, recipe_help: str, init_help: str, 
     p.add_argument("--out", default=None, help="output folder (default: the recipe's `out`)")
     p.add_argument("--resume", action="store_true", help="continue from the latest checkpoint in --out")
     p.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda"])
+    p.add_argument("--parallel", default="ddp", choices=["ddp", "fsdp"], help="mode under torchrun")
     p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
                    help=f"override a recipe value, e.g. --set {set_example} (repeatable)")
 
 
 def run_command(run, args: argparse.Namespace) -> int:
-    """Run ``run_sft``/``run_dpo`` from parsed arguments; print the flat summary as one JSON line."""
+    """Run ``run_sft``/``run_dpo`` from parsed arguments; rank 0 prints the flat summary as one JSON line."""
+    import os
     summary = run(args.recipe, out=args.out, init=args.init, resume=args.resume, device=args.device,
-                  overrides=args.set)
-    print(json.dumps({k: v for k, v in summary.items() if not isinstance(v, dict)}))
+                  overrides=args.set, parallel=args.parallel)
+    if int(os.environ.get("RANK", "0")) == 0:
+        print(json.dumps({k: v for k, v in summary.items() if not isinstance(v, dict)}))
     return 0

@@ -31,6 +31,13 @@ The recipe is a fine-tuning recipe (``finetune.py``) with this ``[data]`` table:
 
 Output: ``OUT/checkpoints/`` (resumable), ``OUT/log.jsonl``, ``OUT/loss.png``, ``OUT/hf`` (packed HF
 folder with the tokenizer; loads in bitnet158 and transformers), ``OUT/summary.json``.
+
+Several processes (``torchrun --nproc_per_node=N -m bitnet158.cli sft RECIPE --parallel ddp|fsdp``):
+``train.micro_batch`` rows per rank, each rank its slice of the same global micro-batch (N x
+micro_batch rows, so N ranks at micro_batch m train exactly as one process at N x m). DDP and FSDP2
+average gradients over ranks, so each rank's summed loss is scaled by N (by N / global target tokens
+for ``loss = "mean"``): the update is that of the global sum (mean), and the logged loss is the
+global one. Validation rows are split over ranks and the sums reduced.
 """
 
 from __future__ import annotations
@@ -46,10 +53,10 @@ import torch
 from ..errors import ConfigError
 from ..tokenizer import Tokenizer
 from . import finetune
-from .finetune import FinetuneRecipe, config_dict, export_model, make_optimizer, write_json
+from .finetune import FinetuneRecipe, HeadLoss, config_dict, make_optimizer, rank_slices, unwrap
 from .loop import Trainer
 from .losses import linear_cross_entropy
-from .sft_data import (ChatEncoder, Rows, encode_records, pack_examples, read_records, split_holdout)
+from .sft_data import (IGNORE, ChatEncoder, Rows, encode_records, pack_examples, read_records, split_holdout)
 
 
 @dataclass
@@ -81,12 +88,18 @@ class SFTData:
 # ---------------------------------------------------------------- batches
 
 class SFTBatches:
-    """Micro-batches of packed rows, epoch after epoch (re-packed per epoch); resumable by (epoch, pos)."""
+    """Micro-batches of packed rows, epoch after epoch (re-packed per epoch); resumable by (epoch, pos).
+
+    With ``world`` ranks the global micro-batch of ``micro_batch * world`` rows is drawn and this
+    rank's slice kept (the position is the same on every rank). A batch is (tokens, labels,
+    segments or None, target tokens of the whole global micro-batch as a 0-d tensor).
+    """
 
     def __init__(self, examples, seq_len: int, micro_batch: int, pad_id: int, seed: int, pack: bool,
-                 device: torch.device):
+                 device: torch.device, rank: int = 0, world: int = 1):
         self.examples, self.seq_len, self.n = examples, seq_len, micro_batch
         self.pad_id, self.seed, self.pack, self.device = pad_id, seed, pack, device
+        self.rank, self.world = rank, world
         self.epoch, self.pos = 0, 0
         self._rows: Rows | None = None
         self._rows_epoch = -1
@@ -99,7 +112,7 @@ class SFTBatches:
 
     def next_batch(self, step: int):
         take: list[tuple[np.ndarray, ...]] = []
-        need = self.n
+        need = self.n * self.world
         while need:
             rows = self.rows(self.epoch)
             k = min(need, len(rows) - self.pos)
@@ -109,8 +122,11 @@ class SFTBatches:
             self.pos += k
             if self.pos >= len(rows):
                 self.epoch, self.pos = self.epoch + 1, 0
-        t, lab, seg = (torch.from_numpy(np.concatenate(x)).to(self.device) for x in zip(*take))
-        return t, lab, (seg if self.pack else None)
+        t, lab, seg = (np.concatenate(x) for x in zip(*take))
+        n_global = torch.tensor(int((lab != IGNORE).sum()))
+        lo = self.rank * self.n
+        t, lab, seg = (torch.from_numpy(x[lo:lo + self.n]).to(self.device) for x in (t, lab, seg))
+        return t, lab, (seg if self.pack else None), n_global
 
     def state_dict(self) -> dict:
         return {"epoch": self.epoch, "pos": self.pos}
@@ -119,35 +135,47 @@ class SFTBatches:
         self.epoch, self.pos = int(s["epoch"]), int(s["pos"])
 
 
-def _unwrap(model):
-    m = getattr(model, "_orig_mod", model)
-    return getattr(m, "module", m)
+_unwrap = unwrap
 
 
-def make_loss_fn(reduction: str, grad_accum: int, chunk: int | None = None):
+def summed_ce(model, tokens, labels, segments=None, chunk=None) -> torch.Tensor:
+    """Summed CE over target tokens: through ``forward`` for a (wrapped) HeadLoss, else hidden + head."""
+    if isinstance(unwrap(model), HeadLoss):
+        return model(tokens, labels, segments)
+    h = model.hidden(tokens, segment_ids=segments)                           # [B, L, D]
+    return linear_cross_entropy(h.flatten(0, 1), unwrap(model).head_weight, labels.flatten(),
+                                reduction="sum", chunk=chunk)
+
+
+def make_loss_fn(reduction: str, grad_accum: int, chunk: int | None = None, world: int = 1):
+    """Loss of one micro-batch on this rank. DDP / FSDP2 average gradients over ``world`` ranks, hence the
+    factor ``world``: the update is that of the global micro-batch's sum (or mean over its targets)."""
     def loss_fn(model, batch):
-        tokens, labels, segments = batch
-        h = model.hidden(tokens, segment_ids=segments)                       # [B, L, D]
-        loss = linear_cross_entropy(h.flatten(0, 1), _unwrap(model).head_weight, labels.flatten(),
-                                    reduction=reduction, chunk=chunk)
-        n = int((labels != -100).sum())
-        per_tok = loss.detach() / (max(n, 1) if reduction == "sum" else 1)
-        return loss, {"tokens": n, "nll_per_token": per_tok / grad_accum}
+        tokens, labels, segments = batch[:3]
+        n = int((labels != IGNORE).sum())
+        n_global = max(int(batch[3]) if len(batch) > 3 else n, 1)      # targets of the global micro-batch
+        s = summed_ce(model, tokens, labels, segments, chunk)
+        loss = s * world if reduction == "sum" else s * (world / n_global)
+        # per-rank shares of the global per-token NLL: their sum over ranks is the global value
+        return loss, {"tokens": n, "nll_per_token": s.detach() / n_global / grad_accum}
     return loss_fn
 
 
-def make_eval_fn(rows: Rows, micro_batch: int, pack: bool, device: torch.device, chunk: int | None = None):
+def make_eval_fn(rows: Rows, micro_batch: int, pack: bool, ctx, chunk: int | None = None):
+    """Mean NLL per target token over ``rows``, split over ranks (same number of batches each), reduced."""
     def eval_fn(model) -> dict:
-        tot, n = 0.0, 0
-        for i in range(0, len(rows), micro_batch):
-            t = torch.from_numpy(rows.tokens[i:i + micro_batch]).to(device)
-            lab = torch.from_numpy(rows.labels[i:i + micro_batch]).to(device)
-            seg = torch.from_numpy(rows.segments[i:i + micro_batch]).to(device) if pack else None
-            h = model.hidden(t, segment_ids=seg)
-            tot += linear_cross_entropy(h.flatten(0, 1), _unwrap(model).head_weight, lab.flatten(),
-                                        reduction="sum", chunk=chunk).item()
-            n += int((lab != -100).sum())
-        v = tot / max(n, 1)
+        tot = torch.zeros(2, dtype=torch.float64, device=ctx.device)      # [NLL sum, targets]
+        for lo, hi in rank_slices(len(rows), micro_batch, ctx.rank, ctx.world):
+            sl = slice(lo, hi) if hi > lo else slice(0, 1)                   # empty: a throw-away batch
+            t = torch.from_numpy(rows.tokens[sl]).to(ctx.device)
+            lab = torch.from_numpy(rows.labels[sl]).to(ctx.device)
+            seg = torch.from_numpy(rows.segments[sl]).to(ctx.device) if pack else None
+            s = summed_ce(model, t, lab, seg, chunk)
+            if hi > lo:
+                tot[0] += s.double()
+                tot[1] += int((lab != IGNORE).sum())
+        tot = ctx.all_reduce_sum(tot)
+        v = (tot[0] / tot[1].clamp(min=1)).item()
         return {"val_loss": v, "val_ppl": float(math.exp(min(v, 50)))}
     return eval_fn
 
@@ -186,36 +214,45 @@ def load_sft_examples(recipe: FinetuneRecipe, tok: Tokenizer):
 
 
 def run_sft(recipe: FinetuneRecipe | str | Path, out: str | Path | None = None, init: str | None = None,
-            resume: bool = False, device: str = "auto", overrides: list[str] | None = None) -> dict:
-    """Fine-tune ``recipe.init`` on ``recipe.data``; returns the summary (also OUT/summary.json)."""
+            resume: bool = False, device: str = "auto", overrides: list[str] | None = None,
+            parallel: str = "ddp") -> dict:
+    """Fine-tune ``recipe.init`` on ``recipe.data``; returns the summary (also OUT/summary.json).
+
+    Under torchrun: DDP or FSDP2 (``parallel``), ``train.micro_batch`` rows per rank."""
     if not isinstance(recipe, FinetuneRecipe):
         recipe = FinetuneRecipe.from_file(recipe, SFTData, overrides)
     if init:
         recipe.init = str(init)
     d: SFTData = recipe.data
     out = Path(out or recipe.out)
-    model, tok, tok_dir, dev = finetune.begin(recipe, device)
+    model, tok, tok_dir, ctx = finetune.begin(recipe, device, parallel)
+    dev = ctx.device
     train, val, st, sv = load_sft_examples(recipe, tok)
     pad = tok.pad_id if tok.pad_id is not None else (tok.eos_id or 0)
     mb = int(recipe.train.get("micro_batch", 8))
     ga = int(recipe.train.get("grad_accum", 1))
     rows0 = pack_examples(train, d.seq_len, pad, recipe.seed, d.pack)
-    steps = max(1, math.ceil(len(rows0) * d.epochs / (mb * ga)))
+    steps = max(1, math.ceil(len(rows0) * d.epochs / (mb * ga * ctx.world)))
     tcfg = recipe.train_config(steps)
     if d.loss == "sum" and "loss_scale" not in recipe.train:
         tcfg.loss_scale = "sum"
     schedule = recipe.make_schedule(tcfg.steps)
-    print(f"sft: {len(train)} examples ({st['truncated']} truncated, {st['dropped']} without targets), "
-          f"{len(rows0)} rows of {d.seq_len} per epoch, {sum(e.n_targets for e in train)} target tokens; "
-          f"{len(val)} held out; {tcfg.steps} updates of {mb}x{ga} rows on {dev}", flush=True)
+    if ctx.is_main:
+        print(f"sft: {len(train)} examples ({st['truncated']} truncated, {st['dropped']} without targets), "
+              f"{len(rows0)} rows of {d.seq_len} per epoch, {sum(e.n_targets for e in train)} target tokens; "
+              f"{len(val)} held out; {tcfg.steps} updates of {mb}x{ga} rows x {ctx.world} ranks "
+              f"({ctx.mode}) on {dev}", flush=True)
     model.to(dev)
-    optimizer = make_optimizer(model, recipe, dev)
-    batches = SFTBatches(train, d.seq_len, mb, pad, recipe.seed, d.pack, dev)
     chunk = d.chunk or None
+    net = model
+    call = finetune.wrap(ctx, net, "sft", chunk, tcfg.dtype)                 # DDP / FSDP2 under torchrun
+    optimizer = make_optimizer(net, recipe, dev)                           # after sharding: DTensor params
+    batches = SFTBatches(train, d.seq_len, mb, pad, recipe.seed, d.pack, dev, ctx.rank, ctx.world)
     vrows = pack_examples(val, d.seq_len, pad, recipe.seed, d.pack) if val else None
-    trainer = Trainer(model, optimizer, schedule, make_loss_fn(d.loss, tcfg.grad_accum, chunk), batches, tcfg,
-                      out, eval_fn=make_eval_fn(vrows, mb, d.pack, dev, chunk) if vrows is not None else None,
-                      config_dict=config_dict(model),
+    trainer = Trainer(call, optimizer, schedule, make_loss_fn(d.loss, tcfg.grad_accum, chunk, ctx.world), batches,
+                      tcfg, out, raw_model=net, ctx=ctx,
+                      eval_fn=make_eval_fn(vrows, mb, d.pack, ctx, chunk) if vrows is not None else None,
+                      config_dict=config_dict(net),
                       extra_state={"recipe": recipe.to_dict(), "tokenizer": str(Path(tok_dir).resolve()),
                                    "stage": "sft"})
     finetune.resume_or_start(trainer, out, resume, recipe)
@@ -223,9 +260,7 @@ def run_sft(recipe: FinetuneRecipe | str | Path, out: str | Path | None = None, 
     summary.update({"name": recipe.name, "stage": "sft", "examples": len(train), "val_examples": len(val),
                     "rows_per_epoch": len(rows0), "epochs": d.epochs, "loss": d.loss,
                     "data_stats": st, "val_data_stats": sv, "device": str(dev)})
-    summary["export"] = export_model(model, out, tok_dir, recipe.export)
-    write_json(out / "summary.json", summary)
-    return summary
+    return finetune.finish(ctx, net, out, tok_dir, recipe.export, summary)
 
 
 # ---------------------------------------------------------------- command line
