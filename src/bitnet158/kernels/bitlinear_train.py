@@ -15,7 +15,7 @@ function differently:
 
 Backends: ``"triton"`` (:mod:`bitnet158.kernels.triton.bitlinear_train`: act-quant kernel + int8
 ``tl.dot`` GEMM; CUDA tensors, or CPU tensors under ``TRITON_INTERPRET=1``), ``"torch"`` (no
-Triton needed: ``quant.act_quant`` + ``quant.int_matmul``), ``"auto"`` = Triton where it can run.
+Triton needed: ``quant.act_quant`` + ``quant.int_matmul``), ``"auto"`` = Triton for CUDA tensors.
 Both are exact in integers. GPU speed has not been measured yet.
 
 Use it on a model without touching the training loop::
@@ -59,8 +59,8 @@ def triton_usable(x: torch.Tensor) -> bool:
 def _resolve(backend: str, x: torch.Tensor) -> str:
     if backend not in BACKENDS:
         raise ValueError(f"fused BitLinear: backend={backend!r} is not one of {BACKENDS}")
-    if backend == "auto":
-        return "triton" if triton_usable(x) else "torch"
+    if backend == "auto":   # Triton on CUDA; the interpreter only when asked for by name
+        return "triton" if x.is_cuda and triton_usable(x) else "torch"
     if backend == "triton" and not triton_usable(x):
         raise RuntimeError("fused BitLinear: backend='triton' needs Triton and a CUDA tensor "
                            "(or TRITON_INTERPRET=1 set before Triton is imported)")
@@ -121,7 +121,7 @@ def dequant_weight(w_t: torch.Tensor, gamma: torch.Tensor, w_dtype: torch.dtype,
 
 def dequant_act(x_q: torch.Tensor, s: torch.Tensor, dt: torch.dtype) -> torch.Tensor:
     """``x_q / s_x`` in fp32, cast to dt: x_q int8 [M, K], s fp32 [M, 1] -> [M, K]."""
-    if _tk is not None and dt != torch.float32 and _tk.usable(x_q):
+    if _tk is not None and dt != torch.float32 and x_q.is_cuda:
         return _tk.dequant_rows(x_q, s, dt)
     return (x_q.float() / s).to(dt)
 

@@ -112,6 +112,16 @@ def lm_loss(model, batch: torch.Tensor):
     return loss, {"tokens": y.numel()}
 
 
+def fused_lm_loss(model, batch: torch.Tensor):
+    """``lm_loss`` with the head and the loss fused: no [B, T, V] logits (losses.fused_linear_cross_entropy)."""
+    from .losses import fused_linear_cross_entropy
+    x, y = batch[:, :-1], batch[:, 1:]
+    h = model.hidden(x)                                                  # [B, T, D]
+    head = getattr(model, "_orig_mod", model).head_weight
+    loss = fused_linear_cross_entropy(h.flatten(0, 1), head, y.reshape(-1))
+    return loss, {"tokens": y.numel()}
+
+
 def make_eval_fn(rows: np.ndarray, micro_batch: int, ctx):
     """Mean validation CE over ``rows`` [N, T+1], split over ranks, reduced."""
     mine = rows[ctx.rank::ctx.world]
@@ -168,6 +178,9 @@ def run(recipe: Recipe, out: str | Path | None = None, resume: bool = False, dev
         print(f"model: {recipe.model.size} {recipe.model.linear}, {n_body / 1e6:.2f}M non-embedding "
               f"params ({n_all / 1e6:.2f}M total), vocab {cfg.vocab_size}; world {ctx.world} "
               f"({ctx.mode}) on {ctx.device}", flush=True)
+    if recipe.model.fused and recipe.model.linear == "bitlinear":
+        from ..kernels.bitlinear_train import use_fused_bitlinear
+        use_fused_bitlinear(model)           # class swap only: before checkpointing, FSDP, compile
     if recipe.train.activation_checkpointing:
         enable_activation_checkpointing(model)
     model.to(ctx.device)
@@ -183,7 +196,10 @@ def run(recipe: Recipe, out: str | Path | None = None, resume: bool = False, dev
     if config_dict is not None:
         config_dict["torch_dtype"] = "float32"
     tok_dir = recipe.tokenizer or str(recipe.resolve(recipe.data.sources[sorted(sources)[0]]) / "tokenizer")
-    trainer = Trainer(model, optimizer, schedule, lm_loss, batches, recipe.train, out, raw_model=raw,
+    # the fused head loss calls model.hidden: fine alone and under FSDP2 (a registered forward
+    # method), not through DDP's forward; there the fused blocks run with the full-logits loss
+    loss_fn = fused_lm_loss if recipe.model.fused and ctx.mode != "ddp" else lm_loss
+    trainer = Trainer(model, optimizer, schedule, loss_fn, batches, recipe.train, out, raw_model=raw,
                       eval_fn=make_eval_fn(vrows, recipe.train.micro_batch, ctx), ctx=ctx,
                       config_dict=config_dict,
                       extra_state={"recipe": recipe.to_dict(), "tokenizer": str(Path(tok_dir).resolve())})
@@ -235,10 +251,12 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--parallel", default="ddp", choices=["ddp", "fsdp"], help="mode under torchrun")
     p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
                    help="override a recipe value, e.g. --set train.steps=100 (repeatable)")
+    p.add_argument("--fused", action="store_true",
+                   help="fused BitLinear kernels and fused head loss (same as --set model.fused=true)")
 
 
 def main(args: argparse.Namespace) -> int:
-    recipe = Recipe.from_file(args.recipe, overrides=args.set)
+    recipe = Recipe.from_file(args.recipe, overrides=args.set + (["model.fused=true"] if args.fused else []))
     summary = run(recipe, out=args.out, resume=args.resume, device=args.device, parallel=args.parallel)
     if int(os.environ.get("RANK", "0")) == 0:
         print(json.dumps({k: v for k, v in summary.items() if not isinstance(v, dict)}))

@@ -11,6 +11,7 @@ A recipe file::
     [model]
     size = "tiny"                          # a named size of ModelConfig
     linear = "bitlinear"                   # or "linear": the full-precision baseline
+    fused = false                          # fused BitLinear kernels + fused head loss (docs/fused-training.md)
     [model.overrides]                      # any ModelConfig field; vocab_size defaults to the data's
     num_hidden_layers = 2
 
@@ -75,6 +76,7 @@ class ModelSpec:
     linear: str = "bitlinear"            # "bitlinear" (ternary) or "linear" (full-precision baseline)
     overrides: dict = field(default_factory=dict)
     init_std: float = 0.02
+    fused: bool = False                  # fused BitLinear block kernels + fused head loss
 
     def __post_init__(self) -> None:
         if self.linear not in ("bitlinear", "linear"):

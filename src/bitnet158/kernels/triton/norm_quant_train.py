@@ -44,7 +44,7 @@ def _rms_quant_kernel(x_ptr, w_ptr, q_ptr, s_ptr, r_ptr, D, stride_x, stride_q, 
     x = tl.load(x_ptr + row * stride_x + offs, mask=mask, other=0.0)
     xf = x.to(tl.float32)
     var = tl.sum(xf * xf, axis=0) / D
-    r = tl.math.div_rn(1.0, tl.sqrt_rn(var + eps))
+    r = tl.math.div_rn(1.0, tl.sqrt_rn((var + eps).to(tl.float32)))   # eps may come in as fp64 (inductor)
     h = rnd(xf * r, x_ptr.dtype.element_ty, INTERP)                   # h.to(x.dtype)
     w = tl.load(w_ptr + offs, mask=mask, other=0.0).to(tl.float32)
     y = rnd(w * h, YDT, INTERP)                                       # weight * h, promoted dtype
