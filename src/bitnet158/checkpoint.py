@@ -302,10 +302,24 @@ def load(path_or_hub_id: str | os.PathLike, dtype: str | torch.dtype | None = No
     return from_state(cfg, model_state(cfg, tensors, dt, packed), packed, attn_impl, device)
 
 
+class _MetaBuild(torch.overrides.TorchFunctionMode):
+    """Build modules on the meta device without computing on it: parameter init is skipped (the
+    state replaces it) and ``arange`` (the RoPE tables) runs on the CPU. Any computation on meta
+    tensors imports torch._dynamo (torch's Python meta kernels): ~0.13 GB more resident memory."""
+
+    def __torch_function__(self, func, types, args=(), kwargs=None):
+        kwargs = kwargs or {}
+        if getattr(func, "__module__", None) == "torch.nn.init":
+            return args[0] if args else kwargs["tensor"]
+        if func is torch.arange:
+            kwargs = {**kwargs, "device": "cpu"}
+        return func(*args, **kwargs)
+
+
 def from_state(cfg: ModelConfig, state: dict[str, torch.Tensor], packed: bool = True,
                attn_impl: str = "sdpa", device: str | torch.device = "cpu") -> Transformer:
     """A Transformer (eval) that takes ownership of ``state``'s tensors: nothing is allocated twice."""
-    with torch.device("meta"):  # no memory for weights that are about to be replaced
+    with torch.device("meta"), _MetaBuild():  # no memory for weights that are about to be replaced
         model = Transformer(cfg, packed=packed, attn_impl=attn_impl)
     model.load_state_dict(state, strict=True, assign=True)
     cos, sin = rope_tables(cfg.head_dim, cfg.max_position_embeddings, cfg.rope_theta)
