@@ -5,17 +5,20 @@
 # Inputs: DATA (shards of the corpus with tokenizer/, from `bitnet158 data`), ../shared/data (SFT and
 # preference sets). Outputs under OUT: results/ (study JSON, plot, driver log), runs.tar.gz (logs,
 # summaries), pretrained.tar.part-* and model.tar.part-* (packed folders split in 15 MB parts).
-#   DATA=data/gutenberg OUT=out BUDGET=300 bash bench/embedded_pipeline.sh
+#   DATA=data/gutenberg OUT=out bash bench/embedded_pipeline.sh        # STEPS=1230 updates per run
 set -u
 T0=$(date +%s)
 LIMIT=${LIMIT:-585}
-DATA=${DATA:-data/gutenberg}; OUT=${OUT:-out}; BUDGET=${BUDGET:-300}; WORK=${WORK:-/tmp/study}
+DATA=${DATA:-data/gutenberg}; OUT=${OUT:-out}; WORK=${WORK:-/tmp/study}
 export PYTHONPATH=$PWD/src PYTHONUNBUFFERED=1
 if [ -n "${SDATA:-}" ] && [ ! -e ../shared/data ]; then mkdir -p ../shared && ln -s "$PWD/$SDATA" ../shared/data; fi
 mkdir -p "$OUT/results"
 nvidia-smi --query-gpu=name,memory.used,memory.total --format=csv | tee "$OUT/results/gpu.txt"
-python bench/train_study.py --data "$DATA" --work "$WORK" --out "$OUT/results" --budget-s "$BUDGET" \
-  --probes ternary --probe-steps 12 --deadline-s $((LIMIT - 170)) 2>&1 | tee "$OUT/results/study.log"
+python bench/train_study.py --data "$DATA" --work "$WORK" --out "$OUT/results" --seeds 0 --steps "${STEPS:-1230}" \
+  --arms ternary_two_stage,ternary_one_stage,fp_two_stage_lr5e-4,fp_one_stage_lr1.5e-3 --name train_study \
+  --probe-steps 12 --deadline-s $((LIMIT - 170)) 2>&1 | tee "$OUT/results/study.log"
+ln -sfn "$WORK/ternary_two_stage_s0" "$WORK/ternary_two_stage"   # the embedded model's pretraining run
+python -m bitnet158.cli export "$WORK/ternary_two_stage" "$WORK/model" --tokenizer "$DATA/tokenizer"
 pack() {  # pack FOLDER NAME: tar split in 15 MB parts under OUT
   (cd "$(dirname "$1")" && tar cf - "$(basename "$1")") | split -b 15m - "$OUT/$2.tar.part-"
 }

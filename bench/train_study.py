@@ -52,6 +52,7 @@ ARMS = {
     "fp_two_stage_lr3e-3": ("recipes/study-fp-two-stage.toml", ["schedule.lr_peak=3e-3", "schedule.lr_peak2=1e-3"]),
     "fp_two_stage_lr1.5e-3": ("recipes/study-fp-two-stage.toml", ["schedule.lr_peak=1.5e-3", "schedule.lr_peak2=5e-4"]),
     "fp_two_stage_lr5e-4": ("recipes/study-fp-two-stage.toml", ["schedule.lr_peak=5e-4", "schedule.lr_peak2=1.667e-4"]),
+    "fp_one_stage_lr1.5e-3": ("recipes/study-fp-one-stage-lr1.5e-3.toml", []),
 }
 DEFAULT_ARMS = "ternary_two_stage,ternary_one_stage,fp_two_stage_lr3e-3,fp_two_stage_lr1.5e-3"
 T_CRIT_95 = {2: 12.706, 3: 4.303, 4: 3.182, 5: 2.776, 6: 2.571, 8: 2.365, 10: 2.262}   # two-sided t, df = n-1
