@@ -274,9 +274,9 @@ def begin(recipe: FinetuneRecipe, device: str, parallel: str = "ddp"):
 def finish(ctx, net: nn.Module, out: Path, tok_dir, layouts: list[str], summary: dict) -> dict:
     """Export the final model and write OUT/summary.json (rank 0); close the process group."""
     paths: dict = {}
-    if ctx.world > 1 and ctx.mode == "fsdp":
+    if ctx.world > 1 and ctx.mode == "fsdp" and layouts:
         msd = ctx.full_model_state(net)                    # collective: every rank takes part
-        if ctx.is_main and layouts:
+        if ctx.is_main:
             from ..model import Transformer
             full = Transformer(net.config)
             missing, unexpected = full.load_state_dict(msd, strict=False)
