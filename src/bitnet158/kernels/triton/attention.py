@@ -159,6 +159,97 @@ def _attn_combine(po_ptr, pml_ptr, pos_ptr, w_ptr, ob_ptr, cnt_ptr, y_ptr, q_ptr
         tl.atomic_xchg(cnt_ptr + b, 0)                       # ready for the next layer / replay
 
 
+@triton.jit
+def _attn_fused(qkv_ptr, stride_qkv, kc_ptr, vc_ptr, sc_b, sc_h, sc_s, rows_ptr, pos_ptr,
+                cos_ptr, sin_ptr, po_ptr, pml_ptr, cnt_ptr, o_ptr, stride_o, scale,
+                H: tl.constexpr, HKV: tl.constexpr, D: tl.constexpr, GROUP: tl.constexpr,
+                GP: tl.constexpr, CHUNK: tl.constexpr, BLOCK_N: tl.constexpr, NCH: tl.constexpr,
+                NCHP: tl.constexpr, IEEE: tl.constexpr, PDL: tl.constexpr, INTERP: tl.constexpr):
+    """Partials and merge in one kernel: grid (B * Hkv, NCH) as ``_attn_partial``; the last chunk
+    of a (row, KV head) to finish (a counter, left at zero) merges the group's heads and stores
+    the attention output ``o`` [B, H*D] in the model dtype (attn_sub_norm + quant happen in the
+    O projection's prologue). The first tile's cached keys/values (slots < pos, written by
+    earlier steps) are loaded before the wait on the previous kernel."""
+    pid = tl.program_id(0)
+    c = tl.program_id(1)
+    b = pid // HKV
+    g = pid % HKV
+    pos = tl.load(pos_ptr + b)                      # host-written before the step: safe pre-wait
+    row = tl.load(rows_ptr + b)
+    start = c * CHUNK
+    dt = kc_ptr.dtype.element_ty
+    d = tl.arange(0, D)
+    kbase = kc_ptr + row * sc_b + g * sc_h
+    vbase = vc_ptr + row * sc_b + g * sc_h
+    if start <= pos:                                # chunks past pos exit without waiting
+        n0 = start + tl.arange(0, BLOCK_N)
+        old = (n0 < pos)[:, None]
+        k0 = tl.load(kbase + n0[:, None] * sc_s + d[None, :], mask=old, other=0.0)
+        v0 = tl.load(vbase + n0[:, None] * sc_s + d[None, :], mask=old, other=0.0)
+        if PDL:
+            gdc_launch_dependents()
+            gdc_wait()
+        gi = tl.arange(0, GP)
+        hmask = gi < GROUP
+        heads = g * GROUP + gi
+        qbase = qkv_ptr + b * stride_qkv
+        q = _rope(qbase, heads[:, None] * D, d, pos, cos_ptr, sin_ptr, hmask[:, None], D, dt, INTERP)
+        one = tl.arange(0, 1)
+        kn = cast(_rope(qbase, (H * D + g * D + one * 0)[:, None], d, pos, cos_ptr, sin_ptr,
+                        (one >= 0)[:, None], D, dt, INTERP), dt, INTERP)              # [1, D]
+        vn = tl.load(qbase + (H + HKV) * D + g * D + one[:, None] * 0 + d[None, :]).to(dt)
+        holds = (pos < start + CHUNK) & (one >= 0)[:, None]                            # this chunk has pos
+        tl.store(kbase + pos * sc_s + one[:, None] * 0 + d[None, :], kn, mask=holds)
+        tl.store(vbase + pos * sc_s + one[:, None] * 0 + d[None, :], vn, mask=holds)
+        tl.debug_barrier()
+        qd = cast(q, dt, INTERP)
+        m_i = tl.full((GP,), -float("inf"), tl.float32)
+        l_i = tl.zeros((GP,), tl.float32)
+        acc = tl.zeros((GP, D), tl.float32)
+        for it in range(0, CHUNK // BLOCK_N):
+            if start + it * BLOCK_N <= pos:                     # only the tiles up to pos
+                n = start + it * BLOCK_N + tl.arange(0, BLOCK_N)
+                valid = n <= pos
+                if it == 0:                                     # prefetched; the new slot from registers
+                    at = (n == pos)[:, None]
+                    k = tl.where(at, kn, k0)
+                    v = tl.where(at, vn, v0)
+                else:
+                    k = tl.load(kbase + n[:, None] * sc_s + d[None, :], mask=valid[:, None], other=0.0)
+                    v = tl.load(vbase + n[:, None] * sc_s + d[None, :], mask=valid[:, None], other=0.0)
+                s = _mm(qd, tl.trans(k), IEEE or INTERP)
+                s = tl.where(valid[None, :], s * scale, -float("inf"))              # [GP, BLOCK_N]
+                m_new = tl.maximum(m_i, tl.max(s, axis=1))
+                alpha = tl.exp(m_i - m_new)
+                p = tl.exp(s - m_new[:, None])
+                l_i = l_i * alpha + tl.sum(p, axis=1)
+                pv = _mm(cast(p, dt, INTERP), v, IEEE or INTERP)
+                acc = acc * alpha[:, None] + pv
+                m_i = m_new
+        o = acc / l_i[:, None]
+        hb = (b * H + heads) * NCH + c                                                # [GP]
+        tl.store(po_ptr + hb[:, None] * D + d[None, :], o, mask=hmask[:, None])
+        tl.store(pml_ptr + hb * 2, m_i, mask=hmask)
+        tl.store(pml_ptr + hb * 2 + 1, l_i, mask=hmask)
+        tl.debug_barrier()
+        done = tl.atomic_add(cnt_ptr + pid, 1)                  # acq_rel: our partials are visible
+        if done == pos // CHUNK:                                # the last active chunk merges
+            tl.debug_barrier()
+            cs = tl.arange(0, NCHP)
+            cm = cs < pos // CHUNK + 1
+            for j in tl.static_range(GROUP):
+                base = (b * H + g * GROUP + j) * NCH + cs
+                mj = tl.load(pml_ptr + base * 2, mask=cm, other=-float("inf"), cache_modifier=".cg")
+                lj = tl.load(pml_ptr + base * 2 + 1, mask=cm, other=0.0, cache_modifier=".cg")
+                wgt = tl.where(cm, tl.exp(mj - tl.max(mj, axis=0)) * lj, 0.0)          # [NCHP]
+                oj = tl.load(po_ptr + base[:, None] * D + d[None, :], mask=cm[:, None], other=0.0,
+                             cache_modifier=".cg")                                      # [NCHP, D]
+                oj = tl.sum(wgt[:, None] * oj, axis=0) / tl.sum(wgt, axis=0)
+                tl.store(o_ptr + b * stride_o + (g * GROUP + j) * D + d,
+                         cast(oj, o_ptr.dtype.element_ty, INTERP))                    # SDPA output
+            tl.atomic_xchg(cnt_ptr + pid, 0)                    # ready for the next layer / replay
+
+
 class DecodeAttention:
     """Buffers and launch parameters for one model shape, batch and cache length.
 
@@ -181,6 +272,7 @@ class DecodeAttention:
         self.pml = torch.empty((batch, n_heads, self.nch, 2), dtype=torch.float32, device=device)
         self.ob = torch.empty((batch, n_heads * head_dim), dtype=torch.float32, device=device)
         self.cnt = torch.zeros(batch, dtype=torch.int32, device=device)   # left zeroed by each call
+        self.gcnt = torch.zeros(batch * n_kv, dtype=torch.int32, device=device)   # fused kernel's
 
     def __call__(self, qkv: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor,
                  rows: torch.Tensor, pos: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor,
@@ -215,3 +307,22 @@ class DecodeAttention:
             NCHP=triton.next_power_of_2(self.nch), QUANT=quant, PDL=PDL, INTERP=INTERPRET, num_warps=8,
             **_pdl)
         return (q_out, s_out) if quant else y_out
+
+    def fused(self, qkv: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, rows: torch.Tensor,
+              pos: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, out: torch.Tensor | None = None,
+              num_warps: int = 8):
+        """One kernel: qkv [B, (H+2Hkv)D] -> attention output o [B, H*D] in the caches' dtype
+        (before attn_sub_norm). Same cache write and chunking as ``__call__``."""
+        B = qkv.shape[0]
+        if k_cache.stride(3) != 1 or k_cache.stride() != v_cache.stride():
+            raise ValueError("decode attention: caches must share strides, unit stride on head_dim")
+        out = out if out is not None else torch.empty((B, self.H * self.D), dtype=k_cache.dtype,
+                                                      device=qkv.device)
+        _attn_fused[(B * self.HKV, self.nch)](
+            qkv, qkv.stride(0), k_cache, v_cache, k_cache.stride(0), k_cache.stride(1),
+            k_cache.stride(2), rows, pos, cos, sin, self.po, self.pml, self.gcnt, out, out.stride(0),
+            self.D ** -0.5, H=self.H, HKV=self.HKV, D=self.D, GROUP=self.group,
+            GP=max(16, triton.next_power_of_2(self.group)), CHUNK=self.chunk, BLOCK_N=self.block_n,
+            NCH=self.nch, NCHP=triton.next_power_of_2(self.nch), IEEE=k_cache.dtype == torch.float32,
+            PDL=PDL, INTERP=INTERPRET, num_warps=num_warps, **_pdl)
+        return out

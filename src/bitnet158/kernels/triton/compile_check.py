@@ -21,7 +21,7 @@ def main() -> int:
     from triton.backends.compiler import GPUTarget
     from triton.compiler import ASTSource
 
-    from . import attention, head, norm_quant, w2a8
+    from . import attention, decode_layer, gemm_tc, head, norm_quant, w2a8
 
     target = GPUTarget("cuda", 90, 32)
     errors = 0
@@ -62,8 +62,18 @@ def main() -> int:
         nw = cfg.pop("num_warps")
         comp(w2a8._gemv_dp4a, dict(x_ptr=P(i32), sx_ptr=P(f32), w_ptr=P(i32), g_ptr=P(f32), out_ptr=P(bf)),
              dict(ITERS=triton.cdiv(K // 4, cfg["BK4"]), PDL=True, INTERP=False, **cfg), num_warps=nw)
+    tc_types = dict(x_ptr=P(i8), sx_ptr=P(f32), w_ptr=P("u8"), g_ptr=P(f32), out_ptr=P(bf), ws_ptr=P(i32),
+                    cnt_ptr=P(i32))
+    for M, R, K in ((8, 960, 2560), (64, 640, 6912), (64, 3456, 2560), (2048, 3456, 2560), (2048, 960, 2560)):
+        cfg = gemm_tc.tc_config(M, R, K)
+        cfg.pop("kind")
+        nw, ns = cfg.pop("num_warps"), cfg.pop("num_stages")
+        cfg["SPLIT_K"] = min(cfg["SPLIT_K"], 2)
+        comp(gemm_tc._gemm_tc, tc_types, dict(ALIGNED=R != 960, EVEN=True, ITERS_C=0, PDL=True, INTERP=False, **cfg),
+             num_warps=nw, num_stages=ns)
     for M in (64, 2048):
-        cfg = w2a8.pick_config(M, 3456, 2560)
+        cfg = dict(kind="dot", BM=16, BR=128, BK=64, SPLIT_K=1, num_warps=4, num_stages=3) if M == 64 else \
+            dict(kind="dot", BM=128, BR=64, BK=128, SPLIT_K=1, num_warps=8, num_stages=3)
         cfg.pop("kind")
         nw, ns = cfg.pop("num_warps"), cfg.pop("num_stages")
         comp(w2a8._gemm_dot, dict(x_ptr=P(i8), sx_ptr=P(f32), w_ptr=P("u8"), g_ptr=P(f32), out_ptr=P(bf),
@@ -72,6 +82,18 @@ def main() -> int:
     comp(w2a8._gemm_dot, dict(x_ptr=P(i8), sx_ptr=P(f32), w_ptr=P("u8"), g_ptr=P(f32), out_ptr=P(bf),
                               ws_ptr=P(i32), cnt_ptr=P(i32)),
          dict(BM=16, BR=32, BK=128, SPLIT_K=4, ITERS=5, GROUP_M=8, PDL=True, INTERP=False), num_warps=4)
+    comp(attention._attn_fused, dict(qkv_ptr=P(bf), kc_ptr=P(bf), vc_ptr=P(bf), rows_ptr=P(i32),
+                                     pos_ptr=P(i32), cos_ptr=P(f32), sin_ptr=P(f32), po_ptr=P(f32),
+                                     pml_ptr=P(f32), cnt_ptr=P(i32), o_ptr=P(bf), scale=f32),
+         dict(H=20, HKV=5, D=128, GROUP=4, GP=16, CHUNK=64, BLOCK_N=64, NCH=64, NCHP=64, IEEE=False,
+              PDL=True, INTERP=False), num_warps=4)
+    for mode, K, R, gather in ((1, 2560, 960, False), (0, 2560, 960, True), (0, 2560, 640, False),
+                               (1, 2560, 3456, True), (2, 6912, 640, False)):
+        cfg = decode_layer.fused_config(1, R, K)
+        nw = cfg.pop("num_warps")
+        comp(decode_layer._gemv_nq, dict(a_ptr=P(bf), tok_ptr=P("i64"), d_ptr=P(bf), h_ptr=P(bf),
+                                         nw_ptr=P(bf), w_ptr=P(i32), g_ptr=P(f32), out_ptr=P(bf), eps=f32),
+             dict(MODE=mode, GATHER=gather, STORE_H=mode == 1, PDL=True, INTERP=False, **cfg), num_warps=nw)
     comp(head._head_kernel, dict(x_ptr=P(bf), w_ptr=P(i8), ws_ptr=P(f32), out_ptr=P(f32)),
          dict(MB=1, BV=4, BD=4096, PDL=True), num_warps=8)
     comp(w2a8._unpack_int8, dict(w_ptr=P("u8"), out_ptr=P(i8)), dict(BR=32, BK=256), num_warps=4)

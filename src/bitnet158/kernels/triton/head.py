@@ -41,6 +41,37 @@ def _head_kernel(x_ptr, w_ptr, ws_ptr, out_ptr, V, D, stride_x, stride_o, M,
         tl.store(out_ptr + m * stride_o + rows, y, mask=rmask & (m < M))
 
 
+@triton.jit
+def _head_split(x_ptr, w_ptr, ws_ptr, out_ptr, V, D, stride_x, stride_o, M,
+                MB: tl.constexpr, BV: tl.constexpr, BD1: tl.constexpr, BD2: tl.constexpr,
+                PDL: tl.constexpr):
+    """BV vocabulary rows as two column tiles [BV, BD1] + [BV, BD2] (D = 2560 = 2048 + 512: no
+    masked lanes), both loaded before the wait; fewer, larger programs than ``_head_kernel``,
+    so the activation row is re-read from L2 fewer times."""
+    rows = tl.program_id(0) * BV + tl.arange(0, BV)
+    pid_m = tl.program_id(1)
+    rmask = rows < V
+    d1 = tl.arange(0, BD1)
+    d2 = BD1 + tl.arange(0, BD2)
+    w1 = tl.load(w_ptr + rows[:, None] * D + d1[None, :], mask=rmask[:, None] & (d1 < D)[None, :], other=0)
+    w2 = tl.load(w_ptr + rows[:, None] * D + d2[None, :], mask=rmask[:, None] & (d2 < D)[None, :], other=0)
+    sc = tl.load(ws_ptr + rows, mask=rmask, other=0.0)
+    if PDL:
+        gdc_launch_dependents()
+        gdc_wait()
+    for mi in tl.static_range(MB):
+        m = pid_m * MB + mi
+        x1 = tl.load(x_ptr + m * stride_x + d1, mask=(d1 < D) & (m < M), other=0.0).to(tl.float32)
+        x2 = tl.load(x_ptr + m * stride_x + d2, mask=(d2 < D) & (m < M), other=0.0).to(tl.float32)
+        y = tl.sum(w1.to(tl.float32) * x1[None, :], axis=1) + tl.sum(w2.to(tl.float32) * x2[None, :], axis=1)
+        tl.store(out_ptr + m * stride_o + rows, y * sc, mask=rmask & (m < M))
+
+
+# (rows a program, warps) of the split kernel; None: the one-tile kernel. Set from the H100
+# measurements in bench/gpu_decode.py.
+HEAD_CONFIG: tuple[int, int] | None = None
+
+
 def quantize_head(weight: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """[V, D] float -> (int8 [V, D], fp32 scale [V]) with w ~ w_q * scale, scale = max|row| / 127."""
     w_q = torch.empty(weight.shape, dtype=torch.int8, device=weight.device)
@@ -53,13 +84,24 @@ def quantize_head(weight: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     return w_q, scale
 
 
-def int8_head(x: torch.Tensor, w_q: torch.Tensor, scale: torch.Tensor, out: torch.Tensor | None = None):
+def int8_head(x: torch.Tensor, w_q: torch.Tensor, scale: torch.Tensor, out: torch.Tensor | None = None,
+              config: tuple[int, int] | None = None):
     """x [M, D] (any float dtype) -> fp32 logits [M, V] = (x . w_q[v]) * scale[v]."""
     M, D = x.shape
     V = w_q.shape[0]
     if w_q.shape[1] != D:
         raise ValueError(f"int8_head: head has {w_q.shape[1]} columns, activations {D}")
     out = out if out is not None else torch.empty((M, V), dtype=torch.float32, device=x.device)
+    config = HEAD_CONFIG if config is None else config
+    if config:
+        bv, nw = config
+        bd1 = 1 << (D.bit_length() - 1)                        # D = bd1 + rest, rest < bd1
+        bd2 = triton.next_power_of_2(max(D - bd1, 1))
+        mb = min(M, 8)
+        _head_split[(triton.cdiv(V, bv), triton.cdiv(M, mb))](
+            x, w_q, scale, out, V, D, x.stride(0), out.stride(0), M, MB=mb, BV=bv, BD1=bd1, BD2=bd2,
+            PDL=PDL, num_warps=nw, **_pdl)
+        return out
     bd = triton.next_power_of_2(D)
     bv = max(1, min(16, 16384 // bd))
     mb = min(M, 8)

@@ -11,7 +11,13 @@ Decode step of a layer (9 kernels, batch rows at their own positions)::
     -> combine + attn_sub_norm + quant -> d = W2A8(o)  -> norm_quant(x + d) -> gu = W2A8(gate|up)
     -> relu(g)^2*u + ffn_sub_norm + quant -> d = W2A8(down)
 
-then the final norm and the bf16 head (cuBLAS). The whole step is captured in a CUDA graph per
+then the final norm and the bf16 head (cuBLAS). Up to 8 rows the default is the fused step of
+:mod:`.decode_layer`, 5 kernels a layer (``fused=False`` keeps the 9-kernel step)::
+
+    QKV(norm(x + d)) -> attention (partials + merge) -> O(attn_sub_norm) -> gate|up(norm(x + d))
+    -> down(ffn_sub_norm(relu(g)^2 * u))
+
+each GEMV recomputing its norm + int8 quantization in its prologue. The whole step is captured in a CUDA graph per
 number of rows, with tokens, positions and cache rows in device buffers, so any prompt and output
 length replays the same graph. Prefill runs the same kernels eagerly (tensor-core W2A8 GEMM) with
 SDPA attention. q/k/v and gate/up weights are concatenated once at load and the model's own
@@ -32,6 +38,7 @@ from ... import quant
 from ...engine.runner import register_runner
 from ...errors import ConfigError
 from ...model import apply_rope
+from . import decode_layer
 from .attention import DecodeAttention
 from .head import int8_head, quantize_head
 from .norm_quant import norm_quant
@@ -72,7 +79,7 @@ class TritonRunner:
     name = "triton"
 
     def __init__(self, model, batch: int = 1, max_len: int | None = None, linear: str = "w2a8",
-                 graphs: bool | None = None, int8_head: bool = False):
+                 graphs: bool | None = None, int8_head: bool = False, fused: bool | None = None):
         if not model.packed:
             raise ConfigError("triton runner: the model must be packed (call model.pack() or load "
                               "with packed=True)")
@@ -89,6 +96,11 @@ class TritonRunner:
         self.mode = linear
         self.eps = cfg.rms_norm_eps
         self.graphs = self.device.type == "cuda" if graphs is None else graphs
+        # fused decode (5 kernels a layer, norm + quant in the GEMV prologues) up to 8 rows
+        self.fused = (linear == "w2a8") if fused is None else (bool(fused) and linear == "w2a8")
+        self.fused_style = "fat"         # block shapes of the fused GEMVs (decode_layer.fused_config)
+        self.attn_warps = 8              # warps of the fused attention kernel
+        self.fused_max_rows = 8          # decode steps of more rows take the unfused kernels
         dev, dt = self.device, self.dtype
         self.layers = []
         for blk in model.model.layers:
@@ -124,6 +136,7 @@ class TritonRunner:
         self.pos_buf = torch.zeros(batch, dtype=torch.int32, device=dev)
         self.rows_buf = torch.zeros(batch, dtype=torch.int32, device=dev)
         self.x_buf = torch.zeros((batch, cfg.hidden_size), dtype=dt, device=dev)
+        self.x2_buf = torch.zeros((batch, cfg.hidden_size), dtype=dt, device=dev)   # fused: ping-pong
         self._graphs: dict[int, tuple] = {}
 
     # ------------------------------------------------------------------ helpers
@@ -165,9 +178,53 @@ class TritonRunner:
         return F.linear(y.to(self.head.dtype), self.head).float()
 
     # ------------------------------------------------------------------ decode
+    def _use_fused(self, n: int) -> bool:
+        return self.fused and n <= self.fused_max_rows and all(
+            decode_layer.supported(n, L[k].packed.shape[1]) for L in self.layers[:1]
+                                  for k in ("qkv", "o", "gu", "down"))
+
+    def _fl(self, lin: _Linear, a, norm_w, **kw):
+        return decode_layer.fused_linear(a, norm_w, lin.packed, lin.gammas, lin.segs, self.eps,
+                                         style=self.fused_style, **kw)
+
+    def _decode_step_fused(self, tok, pos, rows):
+        """5 kernels a layer: QKV(x + d) -> attention -> O(sub-norm) -> gate|up(x + d) -> down(relu^2).
+
+        The residual stream ping-pongs between two buffers (a program never writes the row other
+        programs of the same kernel read); the embedding lookup folds into layer 0's prologues.
+        """
+        n = tok.shape[0]
+        bufs = (self.x_buf[:n], self.x2_buf[:n])
+        cur = None                       # index of the buffer holding x; None: the embedding row
+        if self.embed.dtype != self.dtype:
+            bufs[0].copy_(F.embedding(tok, self.embed))
+            cur = 0
+        d = None
+        for i, L in enumerate(self.layers):
+            if cur is None:
+                qkv = self._fl(L["qkv"], self.embed, L["in_norm"], mode=0, tok=tok)
+            elif d is None:
+                qkv = self._fl(L["qkv"], bufs[cur], L["in_norm"], mode=0)
+            else:
+                qkv = self._fl(L["qkv"], bufs[cur], L["in_norm"], mode=1, d=d, h_out=bufs[1 - cur])
+                cur = 1 - cur
+            o = self.attn.fused(qkv, self.k_cache[i], self.v_cache[i], rows, pos, self.cos, self.sin,
+                                num_warps=self.attn_warps)
+            d = self._fl(L["o"], o, L["attn_norm"], mode=0)
+            if cur is None:
+                gu = self._fl(L["gu"], self.embed, L["post_norm"], mode=1, tok=tok, d=d, h_out=bufs[0])
+                cur = 0
+            else:
+                gu = self._fl(L["gu"], bufs[cur], L["post_norm"], mode=1, d=d, h_out=bufs[1 - cur])
+                cur = 1 - cur
+            d = self._fl(L["down"], gu, L["ffn_norm"], mode=2)
+        return self._head(bufs[cur], d)
+
     def _decode_step(self, tok, pos, rows):
         """tok long [n], pos int32 [n], rows int32 [n] (device buffers) -> float32 logits [n, V]."""
         n = tok.shape[0]
+        if self._use_fused(n) and self.layers:
+            return self._decode_step_fused(tok, pos, rows)
         x = self.x_buf[:n]
         x.copy_(F.embedding(tok, self.embed))
         delta = None
