@@ -5,23 +5,25 @@ ops, ``F.linear(ste(x_q / s_x), ste(W_t * gamma))``, and autograd keeps the floa
 float dequantized weight alive for backward. :class:`FusedBitLinearFunction` computes the same
 function differently:
 
-- forward: the absmean ternary weight once per call (``W_t`` int8 [N, K] + ``gamma`` fp32), the
-  per-token absmax int8 activations (``x_q`` int8 [M, K] + ``s_x`` fp32 [M, 1]) and the integer
-  product with the scales in the epilogue, ``y = (x_q @ W_t^T) * (gamma / s_x)``
-  (``quant.bitlinear_ref``'s fp32 ops);
+- forward: the absmean ternary weight once per weight version (:func:`ternary_weight`: ``W_t``
+  int8 [N, K] + ``gamma`` fp32), the per-token absmax int8 activations (``x_q`` int8 [M, K] +
+  ``s_x`` fp32 [M, 1]) and the integer product with the scales in the epilogue,
+  ``y = (x_q @ W_t^T) * (gamma / s_x)`` (``quant.bitlinear_ref``'s fp32 ops);
 - saved for backward: only ``x_q`` (int8), ``s_x``, ``W_t`` (int8) and ``gamma``;
-- backward (straight-through estimator, torch matmuls in the gradient's dtype):
-  ``grad_x = grad_y @ (W_t * gamma)``, ``grad_W = grad_y^T @ (x_q / s_x)``.
+- backward (straight-through estimator, torch matmuls in the gradient's dtype, dequantized
+  operands transient): ``grad_x = grad_y @ (W_t * gamma)``, ``grad_W = grad_y^T @ (x_q / s_x)``.
 
-Backends: ``"triton"`` (:mod:`bitnet158.kernels.triton.bitlinear_train`: act-quant kernel + int8
-``tl.dot`` GEMM; CUDA tensors, or CPU tensors under ``TRITON_INTERPRET=1``), ``"torch"`` (no
-Triton needed: ``quant.act_quant`` + ``quant.int_matmul``), ``"auto"`` = Triton for CUDA tensors.
-Both are exact in integers. GPU speed has not been measured yet.
+Inside the BitNet block the projections run grouped behind their RMSNorm
+(:mod:`bitnet158.kernels.norm_bitlinear`, ``FusedBlock``); :func:`use_fused_bitlinear` swaps both
+in. Backends: ``"triton"`` (:mod:`bitnet158.kernels.triton.bitlinear_train`; CUDA tensors, or CPU
+tensors under ``TRITON_INTERPRET=1``), ``"torch"`` (no Triton needed: ``quant.act_quant`` +
+``quant.int_matmul``), ``"auto"`` = Triton for CUDA tensors. Both are exact in integers. Step time
+and memory on an H100: docs/fused-training.md (``bench/train_step.py``).
 
 Use it on a model without touching the training loop::
 
     from bitnet158.kernels.bitlinear_train import use_fused_bitlinear
-    use_fused_bitlinear(model)            # every BitLinear becomes a FusedBitLinear, in place
+    use_fused_bitlinear(model)            # BitLinear -> FusedBitLinear, Block -> FusedBlock, in place
 
 Tests: ``python3 -m pytest -q tests/kernels/test_bitlinear_train.py`` (CPU: Triton interpreter).
 This module imports without Triton.

@@ -4,12 +4,17 @@
     h = model.hidden(tokens)                                        # [B, T, D]
     loss = linear_cross_entropy(h.flatten(0, 1), model.head_weight, labels.flatten(), reduction="sum")
     logp = sequence_logprobs(h, model.head_weight, labels)          # [B]: sum of log p(label), DPO
+    loss = fused_linear_cross_entropy(h.flatten(0, 1), model.head_weight, labels.flatten())  # mean|sum
 
 At a 128k vocabulary the logits of a batch ([B, T, V], fp32 for the softmax) are gigabytes.
 Here the tokens are processed ``chunk`` rows at a time: the forward keeps only one chunk of logits
 [chunk, V] alive and returns the per-token log-probabilities [N]; the backward recomputes each
 chunk's logits and turns them straight into gradients (``dlogp/dlogits = onehot(y) - softmax``),
-so no [N, V] tensor ever exists, in the forward or the backward. Tokens whose label is
+so no [N, V] tensor ever exists, in the forward or the backward. ``fused_linear_cross_entropy``
+(mean or sum: a training loss) goes further: each chunk's logits are made once, the row kernel
+(:func:`ce_rows`, Triton on CUDA) turns them in place into the gradient, which goes straight into
+the hidden and head gradients during the forward; backward only scales them. The DPO log-probs use
+the same row kernel. Tokens whose label is
 ``ignore_index`` (-100) are dropped before the head: prompt tokens cost nothing.
 
 The chunk size is ``max(1, max_chunk_elems // V)`` tokens unless given; every chunk of logits the
