@@ -13,6 +13,7 @@ import torch
 from bitnet158 import kernels, quant
 from bitnet158.kernels import cpu
 from bitnet158.kernels.cpu import backend, binding
+from bitnet158.errors import ConfigError
 from bitnet158.layers import PackedLinear
 
 pytestmark = pytest.mark.skipif(not cpu.available(), reason=f"C kernels unavailable: {binding.error()}")
@@ -36,30 +37,71 @@ SHAPES = [(1, 64, 64), (2, 20, 40), (3, 68, 100), (5, 16, 33), (17, 160, 2560), 
           (1, 160, 6912), (4, 36, 7)]
 
 
+@pytest.fixture(params=list(cpu.LAYOUTS) if cpu.available() else [])
+def layout(request):
+    return request.param
+
+
 @pytest.mark.parametrize("m,n,k", SHAPES)
-def test_gemm_exact_random(isa, m, n, k):
+def test_gemm_exact_random(isa, layout, m, n, k):
     g = torch.Generator().manual_seed(m * 1000 + n + k)
     w = _ternary(n, k, g)
     x_q = torch.randint(-128, 128, (m, k), dtype=torch.int8, generator=g)
-    acc = cpu.gemm_i32(cpu.convert(quant.pack_hf(w)), n, x_q)
+    acc = cpu.gemm_i32(cpu.convert(quant.pack_hf(w), layout), n, x_q, layout)
     assert torch.equal(acc, quant.int_matmul(x_q, w))
 
 
-def test_gemm_exact_adversarial(isa):
+def test_gemm_exact_adversarial(isa, layout):
     """Extreme sums: every activation at a bound against all-+1 / all--1 / all-0 weights (u = 2 / 0 / 1),
-    K long (the int16 / int32 bounds matter) and not a multiple of 16, every token-block remainder."""
+    K long (the int16 / int32 bounds matter) and a multiple of neither 16 nor 20, every token-block
+    remainder; for B3 also every one of the 243 five-digit codes (both signs) in one row."""
     n, k = 36, 6912 + 8
+    codes = torch.tensor([[(c // 3 ** i) % 3 - 1 for i in range(5)] for c in range(243)], dtype=torch.int8)
     for wsign in (1, -1, 0):
         w = torch.full((n, k), wsign, dtype=torch.int8)
         w[-1, ::3] = -wsign if wsign else 1       # one mixed row
-        w16 = cpu.convert(quant.pack_hf(w))
+        # row -2: the 243 codes, digit i of code c at k = 20s + 4i + j (one B3 byte each)
+        for c in range(243):
+            s, j = divmod(c, 4)
+            w[-2, 20 * s + 4 * torch.arange(5) + j] = codes[c]
+        wl = cpu.convert(quant.pack_hf(w), layout)
         for fill in (127, -128, -127):
             x_all = torch.full((128, k), fill, dtype=torch.int8)
             x_all[1::2, 1::2] = 127 if fill < 0 else -128   # alternating tokens
             for m in (1, 2, 3, 5, 17, 128):
                 x_q = x_all[:m].contiguous()
-                acc = cpu.gemm_i32(w16, n, x_q)
+                acc = cpu.gemm_i32(wl, n, x_q, layout)
                 assert torch.equal(acc, quant.int_matmul(x_q, w)), (wsign, fill, m)
+
+
+def test_b3_bytes_and_native_paths():
+    """B3 is 1.6 bits per weight; AVX-512 VBMI and scalar decode it natively (others run scalar)."""
+    assert cpu.layout_bytes(2560, 2560, "b3") * 5 == cpu.layout_bytes(2560, 2560, "t16") * 4
+    assert cpu.kpad(6912, "b3") == 6920 and cpu.kpad(6912) == 6912
+    w = torch.zeros(16, 20, dtype=torch.int8)
+    assert torch.equal(cpu.convert(quant.pack_hf(w), "b3"), torch.zeros(64, dtype=torch.uint8))  # 121 -> 0
+    w[0, 0] = -1                                      # v = 120 < 121: sign bit, magnitude 1
+    assert int(cpu.convert(quant.pack_hf(w), "b3")[0]) == 0x81
+    try:
+        cpu.set_isa("scalar")
+        assert cpu.layout_native("b3")
+        for name in cpu.supported_isas():
+            cpu.set_isa(name)
+            assert cpu.layout_native("t16")
+    finally:
+        cpu.set_isa(None)
+    with pytest.raises(ConfigError, match="layout"):
+        cpu.kpad(16, "t8")
+
+
+def test_huge_page_buffers():
+    """Arena helpers: a 2 MB-aligned writable view of exactly the size asked; collapse never fails loudly."""
+    t = cpu.huge_empty(5 << 20)
+    assert t.numel() == 5 << 20 and t.data_ptr() % (2 << 20) == 0
+    t.fill_(7)
+    assert int(t[-1]) == 7
+    cpu.collapse_huge(t)                              # may be refused (old kernel): returns a bool
+    assert int(t.sum(dtype=torch.int64)) == 7 * (5 << 20)
 
 
 def test_convert_padding_is_zero_weight():
@@ -121,10 +163,14 @@ def test_packed_linear_dispatches_to_c():
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.int8])
 @pytest.mark.parametrize("m", [1, 3, 5])
-def test_head_gemv(isa, dtype, m):
+@pytest.mark.parametrize("x_bf16", [False, True])
+def test_head_gemv(isa, dtype, m, x_bf16):
+    """x_bf16: inputs that are bf16 values (as the runner's final hidden state): the AVX512-BF16 path."""
     g = torch.Generator().manual_seed(m)
     w = torch.randn(203, 70, generator=g)
     x = torch.randn(m, 70, generator=g)
+    if x_bf16:
+        x = x.to(torch.bfloat16).float()
     if dtype == torch.int8:
         wq, sc = cpu.quantize_rows_int8(w)
         out = cpu.head_gemv(wq, x, sc)
@@ -171,7 +217,6 @@ def test_disable_env(monkeypatch):
 
 
 def test_set_isa_rejects_unknown():
-    from bitnet158.errors import ConfigError
     with pytest.raises(ConfigError, match="not supported"):
         cpu.set_isa("neon-on-x86")
     assert cpu.isa() == cpu.supported_isas()[-1]

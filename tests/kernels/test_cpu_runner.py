@@ -63,10 +63,12 @@ def isa(request):
     cpu.set_isa(None)
 
 
-def test_logits_and_greedy_match_reference_fp32(isa):
+@pytest.mark.parametrize("layout", ["t16", "b3"])
+def test_logits_and_greedy_match_reference_fp32(isa, layout):
     model = _model()
     B, T, steps = 2, 37, 12             # several 16-slot K blocks, vector exp
-    run, ref = CpuRunner(model, batch=B, max_len=64), _Ref(model, B, 64)
+    run, ref = CpuRunner(model, batch=B, max_len=64, layout=layout), _Ref(model, B, 64)
+    assert run.layout == layout
     g = torch.Generator().manual_seed(1)
     tok = torch.randint(0, model.config.vocab_size, (B, T), generator=g)
     pos = torch.arange(T).expand(B, T).contiguous()
@@ -78,6 +80,26 @@ def test_logits_and_greedy_match_reference_fp32(isa):
         assert (a - b).abs().max() <= 1e-4
         nxt_a, nxt_b, p = a.argmax(-1), b.argmax(-1), p + 1
         assert torch.equal(nxt_a, nxt_b)
+
+
+@pytest.mark.parametrize("threads", [1, 2])
+def test_grouped_attention_gqa4(threads):
+    """4 query heads per KV group, head_dim 32: prefill runs whole groups per item, batch-1 decode
+    splits them (halves / single heads, depending on the thread count); both layouts."""
+    model = _model(seed=8, hidden_size=256, num_attention_heads=8, num_key_value_heads=2)
+    for layout in ("t16", "b3"):
+        run = CpuRunner(model, batch=1, max_len=48, layout=layout, threads=threads)
+        ref = _Ref(model, 1, 48)
+        try:
+            tok = torch.randint(0, model.config.vocab_size, (1, 21), generator=torch.Generator().manual_seed(8))
+            a, b = run.prefill(tok, torch.arange(21)[None]), ref.step(tok, torch.arange(21)[None])
+            assert (a - b).abs().max() <= 1e-4
+            for p in range(21, 29):
+                nxt = a.argmax(-1)
+                a, b = run.decode(nxt, torch.tensor([p])), ref.step(nxt[:, None], torch.tensor([[p]]))
+                assert (a - b).abs().max() <= 1e-4
+        finally:
+            cpu.set_threads(torch.get_num_threads())
 
 
 def test_rows_at_different_positions_and_chunked_prefill():

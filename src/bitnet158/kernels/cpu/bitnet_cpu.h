@@ -72,8 +72,9 @@ typedef struct {
     const int32_t *row, *pos;  /* [m] cache row and position of each token                          */
     float *out;                /* [m][ldo], head h at out + h*hd                                     */
     int ldo;
-    float *scratch;            /* [threads][S]                                                      */
+    float *scratch;            /* [threads][4 * S]                                                  */
     float scale;
+    int hb;                    /* heads per item (divides H / Hkv; 1, 2 or 4)                       */
 } bn_attn;
 
 typedef struct {
@@ -84,7 +85,7 @@ typedef struct {
     void (*gemm_b3)(const bn_gemm *g, int t0, int t1);           /* B3 layout; NULL: none native */
     void (*head)(const bn_head *h, int r0, int r1);              /* rows [r0, r1), all m tokens  */
     void (*rmsnorm)(const float *x, const float *w, int n, float eps, float *y);
-    void (*attention)(const bn_attn *a, int i0, int i1, int tid);  /* items = token*H + head     */
+    void (*attention)(const bn_attn *a, int i0, int i1, int tid);  /* items: token x group x H/Hkv/hb */
     void (*relu2_mul)(const float *g, const float *u, int n, float *t);
     uint64_t (*stream_read)(const uint8_t *p, size_t n);         /* memory bandwidth probe       */
 } bn_ops;

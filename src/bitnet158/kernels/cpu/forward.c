@@ -4,7 +4,7 @@
  *   x = embed(tok)
  *   per layer:  n = rmsnorm(x)           -> int8 once -> fused q|k|v GEMM (one pass over xq)
  *               RoPE(q, k); k, v -> cache[row, :, pos]   (fp32 or bf16 cache)
- *               o = attention(q, cache[0..pos])          (per token x head, fp32 softmax)
+ *               o = attention(q, cache[0..pos])          (per token x KV group, fp32 softmax)
  *               o = rmsnorm_sub(o) -> int8 -> o_proj GEMM, residual added in its epilogue
  *               m = rmsnorm(x)       -> int8 once -> fused gate|up GEMM
  *               h = relu(g)^2 * u -> rmsnorm_sub -> int8 -> down GEMM, residual in epilogue
@@ -184,6 +184,11 @@ int bn_forward(const bn_model *M, int m, const int32_t *tok, const int32_t *pos,
     fw_ctx c = {.M = M, .m = m, .tok = tok, .pos = pos, .row = row, .out_idx = out_idx};
     run_tokens(&c, ST_EMBED);
     const int nq = M->h * M->hd;
+    /* attention items: the heads of a KV group together (they share K/V reads), split in halves
+     * while there are fewer than 4 items per thread (decode) */
+    const int rep = M->h / M->hkv;
+    int hb = rep % 4 == 0 ? 4 : rep % 2 == 0 ? 2 : 1;
+    while (hb > 1 && m * M->hkv * (rep / hb) < 4 * bn_pool_threads()) hb /= 2;
     for (int l = 0; l < M->n_layers; l++) {
         const bn_layer *L = &M->layers[l];
         c.L = L;
@@ -192,8 +197,8 @@ int bn_forward(const bn_model *M, int m, const int32_t *tok, const int32_t *pos,
         PROF(P_ROPE, run_tokens(&c, ST_ROPE_KV));
         bn_attn a = {.q = M->qkv + M->q_off, .ldq = M->nqkv, .kc = L->kc, .vc = L->vc, .kv_bf16 = M->kv_bf16,
                      .S = M->max_len, .hd = M->hd, .H = M->h, .Hkv = M->hkv, .row = row, .pos = pos,
-                     .out = M->att, .ldo = nq, .scratch = M->scratch, .scale = M->attn_scale};
-        PROF(P_ATTN, bn_pool_run(attn_task, &a, m * M->h));
+                     .out = M->att, .ldo = nq, .scratch = M->scratch, .scale = M->attn_scale, .hb = hb};
+        PROF(P_ATTN, bn_pool_run(attn_task, &a, m * M->hkv * (rep / hb)));
         PROF(P_NORMQ, run_tokens(&c, ST_NORM_ATTN));
         PROF(P_O, gemm(M, L->wo, L->go, M->d, M->kp_q, m, M->x, M->d, BN_OUT_F32_ADD));
         PROF(P_NORMQ, run_tokens(&c, ST_NORM_POST));

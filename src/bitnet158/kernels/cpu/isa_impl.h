@@ -509,7 +509,7 @@ BF_TGT INLINE void FN(hbf)(const bn_head *h, const uint16_t *xb, int r, const in
             const __m512bh wv = (__m512bh)_mm512_loadu_si512(w + (size_t)a * d + i);
 #pragma GCC unroll 4
             for (int b = 0; b < MB; b++)
-                acc[a][b] = _mm512_dpbf16_ps(acc[a][b], wv, (__m512bh)_mm512_load_si512(xb + (size_t)b * d + i));
+                acc[a][b] = _mm512_dpbf16_ps(acc[a][b], wv, (__m512bh)_mm512_loadu_si512(xb + (size_t)b * d + i));
         }
     }
     if (d32 < d) {
@@ -617,14 +617,13 @@ static inline __m512 FN(exp16)(__m512 x) {
 }
 #endif
 
-/* Causal attention of one (token, head) per item over cache slots 0..pos of the token's row.
+/* Causal attention of one (token, head) over cache slots 0..pos of the token's row, scores in sc.
  * K is cached in blocks of 16 positions, [S/16][hd][16], so the scores of 16 positions are 16-wide
  * FMAs against a broadcast q[d] (no horizontal sums); V is [S][hd], accumulated 16-wide over d. */
-static void FN(attention)(const bn_attn *a, int i0, int i1, int tid) {
-    float *sc = a->scratch + (size_t)tid * a->S;
+static void FN(attn_head)(const bn_attn *a, int m, int h, float *sc) {
     const int hd = a->hd, rep = a->H / a->Hkv;
-    for (int it = i0; it < i1; it++) {
-        const int m = it / a->H, h = it % a->H, g = h / rep;
+    {
+        const int g = h / rep;
         const int p = a->pos[m];
         const size_t base = ((size_t)a->row[m] * a->Hkv + g) * (size_t)a->S * hd;
         const float *q = a->q + (size_t)m * a->ldq + (size_t)h * hd;
@@ -703,6 +702,127 @@ static void FN(attention)(const bn_attn *a, int i0, int i1, int tid) {
                 for (int d = 0; d < hd; d++) o[d] += pj * v[d];
             }
         }
+    }
+}
+
+#if defined(ISA_AVX512)
+/* HB heads of one KV group at once (GQA): each K block and V row is loaded and widened once for
+ * all of them. Scores, softmax and the V sum as attn_head, with FMAs; hd a multiple of 16. */
+INLINE void FN(attn_grp)(const bn_attn *a, int m, int h0, const int HB, float *sc) {
+    const int hd = a->hd, S = a->S, rep = a->H / a->Hkv, g = h0 / rep, p = a->pos[m];
+    const size_t base = ((size_t)a->row[m] * a->Hkv + g) * (size_t)S * hd;
+    const float *q[4];
+#pragma GCC unroll 4
+    for (int b = 0; b < HB; b++) q[b] = a->q + (size_t)m * a->ldq + (size_t)(h0 + b) * hd;
+    const int nblk = p / 16 + 1;
+    const __m512 vscale = _mm512_set1_ps(a->scale);
+    for (int blk = 0; blk < nblk; blk++) {
+        const size_t kb = base + (size_t)blk * hd * 16;
+        __m512 acc0[4], acc1[4];
+#pragma GCC unroll 4
+        for (int b = 0; b < HB; b++) { acc0[b] = _mm512_setzero_ps(); acc1[b] = _mm512_setzero_ps(); }
+        for (int d = 0; d < hd; d += 2) {
+            __m512 klo, khi;
+            if (a->kv_bf16) {
+                const __m512i k2 = _mm512_loadu_si512((const uint16_t *)a->kc + kb + d * 16);   /* rows d, d+1 */
+                klo = _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32(_mm512_castsi512_si256(k2)), 16));
+                khi = _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32(_mm512_extracti64x4_epi64(k2, 1)), 16));
+            } else {
+                klo = _mm512_loadu_ps((const float *)a->kc + kb + d * 16);
+                khi = _mm512_loadu_ps((const float *)a->kc + kb + d * 16 + 16);
+            }
+#pragma GCC unroll 4
+            for (int b = 0; b < HB; b++) {
+                acc0[b] = _mm512_fmadd_ps(_mm512_set1_ps(q[b][d]), klo, acc0[b]);
+                acc1[b] = _mm512_fmadd_ps(_mm512_set1_ps(q[b][d + 1]), khi, acc1[b]);
+            }
+        }
+#pragma GCC unroll 4
+        for (int b = 0; b < HB; b++)
+            _mm512_storeu_ps(sc + (size_t)b * S + blk * 16, _mm512_mul_ps(_mm512_add_ps(acc0[b], acc1[b]), vscale));
+    }
+    /* softmax of each head over slots 0..p (slots past p in the last block are masked out) */
+    const __mmask16 last = (__mmask16)((1u << (p % 16 + 1)) - 1);
+    float inv[4];
+#pragma GCC unroll 4
+    for (int b = 0; b < HB; b++) {
+        float *s = sc + (size_t)b * S;
+        __m512 vm = _mm512_set1_ps(-INFINITY);
+        for (int blk = 0; blk < nblk; blk++)
+            vm = _mm512_mask_max_ps(vm, blk + 1 < nblk ? 0xffff : last, vm, _mm512_loadu_ps(s + blk * 16));
+        const __m512 vmx = _mm512_set1_ps(_mm512_reduce_max_ps(vm));
+        __m512 vs = _mm512_setzero_ps();
+        for (int blk = 0; blk < nblk; blk++) {
+            __m512 e = FN(exp16)(_mm512_sub_ps(_mm512_loadu_ps(s + blk * 16), vmx));
+            if (blk + 1 == nblk) e = _mm512_maskz_mov_ps(last, e);
+            _mm512_storeu_ps(s + blk * 16, e);
+            vs = _mm512_add_ps(vs, e);
+        }
+        inv[b] = 1.0f / _mm512_reduce_add_ps(vs);
+    }
+    /* out[h] = sum_j p_j V[j] / sum_j p_j, NV x 16 columns of d at a time held in registers */
+    const int NV = HB <= 2 ? 8 : 4;     /* a constant once inlined */
+    for (int d0 = 0; d0 < hd; d0 += NV * 16) {
+        const int nv = (hd - d0) / 16 < NV ? (hd - d0) / 16 : NV;
+        __m512 o[4][8];
+#pragma GCC unroll 4
+        for (int b = 0; b < HB; b++)
+#pragma GCC unroll 8
+            for (int v = 0; v < NV; v++) o[b][v] = _mm512_setzero_ps();
+        for (int j = 0; j <= p; j++) {
+            __m512 pj[4];
+#pragma GCC unroll 4
+            for (int b = 0; b < HB; b++) pj[b] = _mm512_set1_ps(sc[(size_t)b * S + j]);
+            if (nv == NV) {
+#pragma GCC unroll 8
+                for (int v = 0; v < NV; v++) {
+                    __m512 vv;
+                    if (a->kv_bf16) {
+                        const uint16_t *vr = (const uint16_t *)a->vc + base + (size_t)j * hd + d0 + 16 * v;
+                        vv = _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32(_mm256_loadu_si256((const __m256i *)vr)), 16));
+                    } else {
+                        vv = _mm512_loadu_ps((const float *)a->vc + base + (size_t)j * hd + d0 + 16 * v);
+                    }
+#pragma GCC unroll 4
+                    for (int b = 0; b < HB; b++) o[b][v] = _mm512_fmadd_ps(pj[b], vv, o[b][v]);
+                }
+            } else {
+                for (int v = 0; v < nv; v++) {
+                    __m512 vv;
+                    if (a->kv_bf16) {
+                        const uint16_t *vr = (const uint16_t *)a->vc + base + (size_t)j * hd + d0 + 16 * v;
+                        vv = _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32(_mm256_loadu_si256((const __m256i *)vr)), 16));
+                    } else {
+                        vv = _mm512_loadu_ps((const float *)a->vc + base + (size_t)j * hd + d0 + 16 * v);
+                    }
+                    for (int b = 0; b < HB; b++) o[b][v] = _mm512_fmadd_ps(pj[b], vv, o[b][v]);
+                }
+            }
+        }
+#pragma GCC unroll 4
+        for (int b = 0; b < HB; b++) {
+            float *out = a->out + (size_t)m * a->ldo + (size_t)(h0 + b) * hd + d0;
+            for (int v = 0; v < nv; v++) _mm512_storeu_ps(out + 16 * v, _mm512_mul_ps(o[b][v], _mm512_set1_ps(inv[b])));
+        }
+    }
+}
+#endif
+
+/* Items are (token, KV group, slice of hb of the group's heads): item = (m * Hkv + g) * (rep / hb) + c.
+ * Heads that share K/V are handled together where the vector path can (attn_grp). */
+static void FN(attention)(const bn_attn *a, int i0, int i1, int tid) {
+    const int rep = a->H / a->Hkv, hb = a->hb, per = rep / hb;
+    float *sc = a->scratch + (size_t)tid * 4 * a->S;
+    for (int it = i0; it < i1; it++) {
+        const int m = it / (a->Hkv * per), r = it % (a->Hkv * per), h0 = (r / per) * rep + (r % per) * hb;
+#if defined(ISA_AVX512)
+        if (a->hd % 16 == 0) {
+            if (hb == 4) { FN(attn_grp)(a, m, h0, 4, sc); continue; }
+            if (hb == 2) { FN(attn_grp)(a, m, h0, 2, sc); continue; }
+            if (hb == 1) { FN(attn_grp)(a, m, h0, 1, sc); continue; }
+        }
+#endif
+        for (int h = h0; h < h0 + hb; h++) FN(attn_head)(a, m, h, sc);
     }
 }
 

@@ -222,7 +222,7 @@ class CpuRunner:
         self._bufs = dict(
             x=torch.empty(max_m, c.hidden_size), t=torch.empty(max_m, ldt), qkv=torch.empty(max_m, M.nqkv),
             att=torch.empty(max_m, nq), gu=torch.empty(max_m, 2 * M.f_pad), hout=torch.empty(max_m, c.hidden_size),
-            scratch=torch.empty(max(threads, 64), M.max_len), xq=torch.empty(max_m, kp, dtype=torch.int8),
+            scratch=torch.empty(max(threads, 64), 4 * M.max_len), xq=torch.empty(max_m, kp, dtype=torch.int8),
             sx=torch.empty(max_m), sa=torch.empty(max_m, dtype=torch.int32))
         for k, v in self._bufs.items():
             setattr(M, k, v.data_ptr())
