@@ -193,6 +193,18 @@ def test_weight_cache_once_per_version():
     assert lin.weight._bitnet158_ternary[1]() is None   # nothing is held once unused
 
 
+def test_weight_cache_held_until_the_weight_changes(monkeypatch):
+    monkeypatch.setattr(bt, "HOLD_TERNARY", True)
+    lin = bt.FusedBitLinear(32, 8)
+    first = id(bt.ternary_weight(lin.weight, "torch")[0])
+    assert id(bt.ternary_weight(lin.weight, "torch")[0]) == first     # held although unused between
+    with torch.no_grad():
+        lin.weight.add_(0.5)
+    w_t, gamma = bt.ternary_weight(lin.weight, "torch")
+    want, g0 = quant.ternarize(lin.weight)
+    assert torch.equal(w_t, want) and torch.equal(gamma, g0)
+
+
 def test_torch_compile_traces_without_graph_breaks():
     from torch._dynamo.utils import counters
     cfg, ref, fused = _tiny_pair(seed=1)

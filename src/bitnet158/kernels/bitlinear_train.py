@@ -49,6 +49,8 @@ BACKENDS = ("auto", "triton", "torch")
 # Forward product of the Triton backend: "triton" (int8 tensor-core kernel, scales in the epilogue) or
 # "bf16" (cuBLAS on integer-valued bf16 operands with fp32 accumulation, exact too; scales in torch).
 GEMM = os.environ.get("BITNET158_FUSED_GEMM", "triton")
+# Hold each int8 ternary weight until its latent weight changes (see ternary_weight).
+HOLD_TERNARY = os.environ.get("BITNET158_HOLD_TERNARY", "0") == "1"
 
 
 # ---------------------------------------------------------------- backend choice
@@ -82,9 +84,13 @@ def ternary_weight(weight: torch.Tensor, backend: str = "auto") -> tuple[torch.T
     """(W_t int8 [N, K], gamma fp32 scalar) of ``weight``, computed once per weight version.
 
     The result is remembered on the parameter, keyed on its storage and version counter (every
-    in-place update, the optimizer's step or an FSDP all-gather into the buffer, bumps it), through a
-    weak reference: it lives exactly as long as an autograd graph that saved it. A forward
-    recomputed under activation checkpointing finds it; nothing is held between steps.
+    in-place update, the optimizer's step or an FSDP all-gather into the buffer, bumps it). By
+    default through a weak reference: it lives as long as something holds it (the autograd graph of
+    the forward that made it), so nothing is kept between steps; a forward recomputed under
+    activation checkpointing, or the next micro-batch of a gradient accumulation, quantizes again.
+    With ``HOLD_TERNARY = True`` the int8 weight is held until the weight changes: absmean runs once
+    per optimizer step whatever the recomputation, at 1 byte per parameter (for FSDP: the unsharded
+    int8 weight of every block on every rank).
     """
     be = _resolve(backend, weight)
     if torch.compiler.is_compiling():
@@ -92,12 +98,14 @@ def ternary_weight(weight: torch.Tensor, backend: str = "auto") -> tuple[torch.T
     key = (weight.data_ptr(), weight._version, weight.dtype, tuple(weight.shape), be)
     hit = getattr(weight, "_bitnet158_ternary", None)
     if hit is not None and hit[0] == key:
-        w_t = hit[1]()
+        w_t = hit[1]() if isinstance(hit[1], weakref.ref) else hit[1]
         if w_t is not None:
             return w_t, hit[2]
+    if hit is not None:
+        weight._bitnet158_ternary = None                    # drop a held stale copy before making one
     w_t, gamma = _ternarize(weight, be)
     try:
-        weight._bitnet158_ternary = (key, weakref.ref(w_t), gamma)
+        weight._bitnet158_ternary = (key, w_t if HOLD_TERNARY else weakref.ref(w_t), gamma)
     except (AttributeError, RuntimeError):  # pragma: no cover - a tensor type that takes no attributes
         pass
     return w_t, gamma
