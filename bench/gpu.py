@@ -137,19 +137,22 @@ def gemv_table(res: dict, sweep: dict | None = None):
         del ws, wd
 
 
-def profile_decode(model, path, batch=1, ctx=1024):
-    """Kernel table (CUDA time per kernel) of eager decode steps, to see where a step goes."""
+def profile_decode(model, path, batch=1, ctx=1024, linear="w2a8", prefill=None):
+    """Kernel table (CUDA time per kernel) of eager decode steps (and a 2048-token prefill), to see
+    where a step goes. Rows sit at staggered positions around ``ctx`` as in the timed runs."""
     from torch.profiler import ProfilerActivity, profile
 
     from bitnet158.kernels.triton.runner import TritonRunner
-    r = TritonRunner(model, batch=batch, max_len=4096 if batch == 1 else 1280, graphs=False)
+    r = TritonRunner(model, batch=batch, max_len=4096 if batch == 1 else 1280, graphs=False, linear=linear)
+    fill_cache(r)
     tok = torch.randint(0, r.vocab_size, (batch,), device="cuda")
-    pos = torch.full((batch,), ctx - 1, device="cuda")
+    pos = torch.tensor([ctx - 1 - (37 * b) % 256 for b in range(batch)], device="cuda")
     ptok = torch.randint(0, r.vocab_size, (1, 2048), device="cuda")
     ppos = torch.arange(2048, device="cuda")[None]
-    for name, fn, n in (("decode", lambda: r.decode(tok, pos), 5),
-                        ("prefill 2048", lambda: r.prefill(ptok, ppos, rows=torch.tensor([0])), 1)):
-        if batch > 1 and name != "decode":
+    prefill = batch == 1 if prefill is None else prefill
+    for name, fn, n in ((f"{linear} decode", lambda: r.decode(tok, pos), 5),
+                        (f"{linear} prefill 2048", lambda: r.prefill(ptok, ppos, rows=torch.tensor([0])), 1)):
+        if not prefill and "prefill" in name:
             continue
         for _ in range(2):
             fn()
@@ -200,6 +203,13 @@ def main(argv=None) -> int:
     ap.add_argument("--profile", default=None, help="write a per-kernel profile of decode steps here")
     ap.add_argument("--profile-only", action="store_true", help="only the profile (set BITNET158_PDL=0 "
                     "for per-kernel times: with PDL a kernel's time includes its wait)")
+    ap.add_argument("--profile-batches", default="1,64", help="decode batch sizes to profile")
+    ap.add_argument("--profile-bf16", action="store_true", help="also profile the bf16 pipeline")
+    ap.add_argument("--tuned", default=None, help="tensor-core block shapes (bench/gpu_gemm.py "
+                    "--tuned-out) to use instead of the built-in table")
+    ap.add_argument("--batched-only", action="store_true", help="only prefill and batch 8 / 64 decode")
+    ap.add_argument("--batches", default="8,64", help="batched decode sizes")
+    ap.add_argument("--modes", default="w2a8,bf16", help="pipelines to time (w2a8, bf16)")
     args = ap.parse_args(argv)
     if not torch.cuda.is_available():
         print("bench/gpu.py needs a CUDA device", file=sys.stderr)
@@ -211,6 +221,13 @@ def main(argv=None) -> int:
 
     res: dict = {"device": torch.cuda.get_device_name(), "date": datetime.date.today().isoformat(),
                  "torch": torch.__version__, "triton": triton.__version__}
+    if args.tuned:
+        from bitnet158.kernels.triton import gemm_tc
+        with open(args.tuned) as f:
+            table = {tuple(int(v) for v in k.split(",")): tuple(c) for k, c in json.load(f).items()}
+        gemm_tc.TUNED.clear()
+        gemm_tc.TUNED.update(table)
+        res["tuned"] = args.tuned
 
     def save():
         if args.out:
@@ -224,16 +241,20 @@ def main(argv=None) -> int:
     cfg = model.config
     res["model_build_s"] = round(time.time() - t0, 1)
     if args.profile:
-        for b in (1, 64):
-            try:
-                profile_decode(model, args.profile, batch=b)
-            except Exception as e:
-                print("profile failed:", repr(e)[:300])
+        for lin in ("w2a8", "bf16") if args.profile_bf16 else ("w2a8",):
+            bs = [int(b) for b in args.profile_batches.split(",") if b]
+            for b in bs:
+                try:
+                    profile_decode(model, args.profile, batch=b, linear=lin, prefill=b == bs[0])
+                except Exception as e:
+                    print("profile failed:", repr(e)[:300])
         if args.profile_only:
             return 0
     kv_tok = 2 * cfg.num_hidden_layers * cfg.num_key_value_heads * cfg.head_dim * 2    # bytes / position
     ctxs = [128, 1024, 4096] if not args.quick else [1024]
-    for mode in ("w2a8", "bf16"):
+    if args.batched_only:
+        ctxs = []
+    for mode in args.modes.split(","):
         torch.cuda.empty_cache()
         torch.cuda.reset_peak_memory_stats()
         r = TritonRunner(model, batch=1, max_len=4096, linear=mode)
@@ -250,7 +271,7 @@ def main(argv=None) -> int:
                 res[f"floor_b1_ctx{ctx}_int8_head_ms"] = round((nbytes - wb["head"] / 2) / (bw * 1e9) * 1e3, 4)
             print(f"[{mode}] decode b1 ctx {ctx}: {ms:.3f} ms", flush=True)
             save()
-        if mode == "w2a8":                 # the optional int8 head, same cache length
+        if mode == "w2a8" and ctxs:        # the optional int8 head, same cache length
             del r
             r = TritonRunner(model, batch=1, max_len=4096, linear=mode, int8_head=True)
             fill_cache(r)
@@ -262,37 +283,42 @@ def main(argv=None) -> int:
             del r
             r = TritonRunner(model, batch=1, max_len=4096, linear=mode)
         res[f"prefill2048_{mode}_ms"] = round(prefill_ms(r), 2)
-        if mode == "w2a8":            # the same prefill on the Triton tensor-core kernel alone
-            from bitnet158.kernels.triton import w2a8 as _w
-            keep, _w.INTMM_MIN_M = _w.INTMM_MIN_M, 1 << 30
-            res["prefill2048_w2a8_triton_dot_ms"] = round(prefill_ms(r), 2)
-            _w.INTMM_MIN_M = keep
         print(f"[{mode}] prefill 2048: {res[f'prefill2048_{mode}_ms']} ms", flush=True)
         res[f"peak_mem_b1_{mode}_gb"] = round(torch.cuda.max_memory_allocated() / 1e9, 3)
         del r
         save()
-        for B in ([8, 64] if not args.quick else [8]):
+        for B in ([int(b) for b in args.batches.split(",") if b] if not args.quick else [8]):
             torch.cuda.empty_cache()
             r = TritonRunner(model, batch=B, max_len=1280, linear=mode)
             fill_cache(r)
             pos = [1023 - (37 * b) % 256 for b in range(B)]              # staggered positions
             ms = decode_ms(r, pos, iters=30)
             res[f"decode_b{B}_{mode}_ms"] = round(ms, 4)
-            if mode == "w2a8" and B == 8:          # the dp4a GEMV (rows looped) instead of tl.dot
+            if mode == "w2a8" and B == 8:          # the other kernel at 8 rows: dp4a GEMV or tensor cores
                 from bitnet158.kernels.triton import w2a8 as _w
-                keep, _w.GEMV_MAX_M = _w.GEMV_MAX_M, 8
-                r2 = TritonRunner(model, batch=B, max_len=1280, linear=mode)
+                other = "tc" if _w.GEMV_MAX_M >= 8 else "gemv"
+                keep, _w.GEMV_MAX_M = _w.GEMV_MAX_M, (4 if other == "tc" else 8)
+                try:                               # the plain 9-kernel step, where a fused one exists
+                    r2 = TritonRunner(model, batch=B, max_len=1280, linear=mode, fused=False)
+                except TypeError:
+                    r2 = TritonRunner(model, batch=B, max_len=1280, linear=mode)
                 fill_cache(r2)
-                res["decode_b8_w2a8_gemv_ms"] = round(decode_ms(r2, pos, iters=30), 4)
+                res[f"decode_b8_w2a8_{other}_ms"] = round(decode_ms(r2, pos, iters=30), 4)
                 _w.GEMV_MAX_M = keep
                 del r2
             res[f"decode_b{B}_{mode}_tok_s"] = round(B / ms * 1e3, 1)
             print(f"[{mode}] decode b{B}: {ms:.3f} ms/step, {B / ms * 1e3:.0f} tok/s", flush=True)
+            if B == 64:                   # short context: projections weigh more than the KV reads
+                ms = decode_ms(r, [127 - (37 * b) % 64 for b in range(B)], iters=30)
+                res[f"decode_b64_ctx128_{mode}_ms"] = round(ms, 4)
+                print(f"[{mode}] decode b64 ctx ~128: {ms:.3f} ms/step", flush=True)
             del r
             save()
     for k in ["decode_b1_ctx128", "decode_b1_ctx1024", "decode_b1_ctx4096", "prefill2048"]:
         if f"{k}_w2a8_ms" in res and f"{k}_bf16_ms" in res:
             res[f"{k}_speedup"] = round(res[f"{k}_bf16_ms"] / res[f"{k}_w2a8_ms"], 2)
+    if "decode_b64_ctx128_w2a8_ms" in res and "decode_b64_ctx128_bf16_ms" in res:
+        res["decode_b64_ctx128_speedup"] = round(res["decode_b64_ctx128_bf16_ms"] / res["decode_b64_ctx128_w2a8_ms"], 2)
     for B in (8, 64):
         if f"decode_b{B}_w2a8_tok_s" in res and f"decode_b{B}_bf16_tok_s" in res:
             res[f"decode_b{B}_speedup"] = round(res[f"decode_b{B}_w2a8_tok_s"] / res[f"decode_b{B}_bf16_tok_s"], 2)
@@ -306,7 +332,8 @@ def main(argv=None) -> int:
         except Exception as e:
             sweep["dot_error"] = repr(e)[:200]
     try:
-        gemv_table(res, sweep)
+        if not args.batched_only:
+            gemv_table(res, sweep)
     except Exception as e:  # the table is extra; keep the main numbers
         res["gemv_error"] = repr(e)[:200]
     save()

@@ -69,7 +69,8 @@ def main() -> int:
         cfg.pop("kind")
         nw, ns = cfg.pop("num_warps"), cfg.pop("num_stages")
         cfg["SPLIT_K"] = min(cfg["SPLIT_K"], 2)
-        comp(gemm_tc._gemm_tc, tc_types, dict(ALIGNED=R != 960, EVEN=True, ITERS_C=0, PDL=True, INTERP=False, **cfg),
+        comp(gemm_tc._gemm_tc, tc_types, dict(ALIGNED=R != 960, EVEN=True, ITERS_C=0, NK_C=0, PDL=True, INTERP=False,
+                                              **cfg),
              num_warps=nw, num_stages=ns)
     for M in (64, 2048):
         cfg = dict(kind="dot", BM=16, BR=128, BK=64, SPLIT_K=1, num_warps=4, num_stages=3) if M == 64 else \

@@ -32,6 +32,7 @@ import triton
 import triton.language as tl
 
 from .common import INTERPRET, PDL, cast, gdc_launch_dependents, gdc_wait
+from .gemm_tc import tc_config, tc_linear
 
 
 @triton.jit
@@ -301,7 +302,7 @@ def pick_config(M: int, R: int, K: int, n_sm: int = 132) -> dict:
 
     M <= GEMV_MAX_M: dp4a GEMV, the whole K of BR packed rows in one tile (BR * BK4 <= 8K int32)
     so that a program's weights are loaded in one go ahead of the wait on the previous kernel.
-    Larger M: int8 tensor-core tiles (split-K stays available through ``config``).
+    Larger M: :mod:`.gemm_tc` (weights as the register operand of int8 tensor-core MMAs).
     """
     if M <= GEMV_MAX_M:
         bk4 = min(triton.next_power_of_2(max(K // 4, 1)), 2048)
@@ -310,9 +311,12 @@ def pick_config(M: int, R: int, K: int, n_sm: int = 132) -> dict:
         else:                    # K = 2560: 4 rows while that still fills the SMs, else 8
             br, nw = (4 if R <= 1024 else 8), 4
         return dict(kind="gemv", BR=br, BK4=bk4, MB=M, num_warps=nw)
-    if M <= 64:              # 16-row tiles, 512 outputs a program: 54 us for gate|up at M=64
-        return dict(kind="dot", BM=16, BR=128, BK=64, SPLIT_K=1, num_warps=4, num_stages=3)
-    return dict(kind="dot", BM=128, BR=64, BK=128, SPLIT_K=1, num_warps=8, num_stages=3)
+    return tc_config(M, R, K, n_sm)
+
+
+def _tc(x_q, s_x, w, gammas, P1, P2, out, cfg, ws):
+    ws = ws or workspace(x_q.device)
+    return tc_linear(x_q, s_x, w, gammas, P1, P2, out, cfg, ws.cnt)
 
 
 def w2a8_linear(x_q: torch.Tensor, s_x: torch.Tensor, w: torch.Tensor, gammas: torch.Tensor,
@@ -345,6 +349,8 @@ def w2a8_linear(x_q: torch.Tensor, s_x: torch.Tensor, w: torch.Tensor, gammas: t
     kind = cfg.pop("kind")
     if kind == "intmm":
         return _intmm_linear(x_q.contiguous(), s_x, w, gammas, P1, P2, out)
+    if kind == "tc":
+        return _tc(x_q, s_x, w, gammas, P1, P2, out, cfg, ws)
     pdl = dict(launch_pdl=True) if PDL else {}
     if kind == "gemv" and K % 4 == 0 and x_q.stride(0) % 4 == 0 and x_q.data_ptr() % 4 == 0:
         K4 = K // 4
@@ -355,7 +361,7 @@ def w2a8_linear(x_q: torch.Tensor, s_x: torch.Tensor, w: torch.Tensor, gammas: t
                          ITERS=triton.cdiv(K4, cfg["BK4"]), MB=mb, PDL=PDL, INTERP=INTERPRET, **cfg, **pdl)
         return out
     if kind == "gemv":  # odd K: fall back to the tensor-core kernel
-        cfg = {k: v for k, v in pick_config(16, R, K).items() if k != "kind"}
+        return _tc(x_q, s_x, w, gammas, P1, P2, out, tc_config(M, R, K), ws)
     split = cfg["SPLIT_K"]
     ws = ws or workspace(x_q.device)
     if split > 1 and M * 4 * R > ws.ws.numel():
