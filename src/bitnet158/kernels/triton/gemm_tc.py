@@ -17,12 +17,18 @@ gate|up). The product is computed transposed, ``acc_j [BR, BM] = W_j [BR, BK] @ 
 - the activations (``x^T``, K-major, as int8 ``wgmma`` needs) are the shared-memory operand. The
   batch / token dimension is the MMA's N (16..64 per program), so batch 8 pads to 16, not 64.
 
-A program holds four int32 accumulators ``[BR, BM]`` (one per field: 4*BR output rows), BR a
-multiple of 64 per warpgroup. Small products split K over ``SPLIT_K`` programs: partial sums go
-atomically into an int32 workspace, and the last program of a tile (a per-tile counter) applies
-the epilogue and zeroes workspace and counter, so a CUDA graph can replay it. The epilogue is the
-reference's fp32 ``acc * (gamma_seg / s_x)`` (correctly rounded division), cast to the output
-dtype. Integer results are exact.
+A program takes BR = 64 packed rows (one warpgroup) and F of their 4 fields (F*BR output
+rows, one int32 accumulator ``[BR, BM]`` each): F = 4 unpacks each weight tile once for 256
+outputs (prefill), F = 1 or 2 gives the small projections of batched decode 4x or 2x the
+programs. The fields are constants in each branch of the kernel (``_kloop``), so the shifts stay
+immediates of a unary ``inline_asm`` that Triton hoists into the MMA fragment layout. Small
+products also split K over programs: each stores its int32 partial tiles into its own slots of a
+scratch buffer (plain, coalesced stores: atomics cost more than the product at batch 64), and the
+last program of a tile (a per-tile counter) sums them, applies the epilogue and resets the
+counter, so a CUDA graph can replay it. The epilogue is the reference's fp32
+``acc * (gamma_seg / s_x)`` (correctly rounded division), cast to the output dtype. Integer
+results are exact. Block shapes measured best on an H100 are in ``TUNED``; ``tc_config`` falls
+back to the rule they follow. ``bench/gpu_gemm.py`` re-measures them.
 
 Under ``TRITON_INTERPRET=1`` (the CPU tests) ``_unpack`` is plain shifts and masks.
 """
