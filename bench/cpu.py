@@ -8,12 +8,14 @@ Each engine runs in its own subprocess (so resident memory is its own), with the
 (default 2), after a one-token warm-up (``--repeat N``: N interleaved runs, best of each kept): pp = prompt tokens / prefill seconds, tg = generated tokens
 / decode seconds (greedy, one token per step, the logits of every step computed). Engines:
   ours-bf16 / ours-int8   the C runner (bitnet158.kernels.cpu.runner), the torch model dropped after
-                          conversion (only the kernel copy and the head/embedding stay resident)
+                          conversion (only the kernel copy and the head/embedding stay resident),
+                          default weight layout (B3, 1.6 bits, where AVX-512 VBMI decodes it);
+                          ours-bf16-t16 / ours-int8-t16 (not run by default): the 2-bit T16 layout
   torch                   the reference TorchRunner, pure torch (C kernels disabled), fewer tokens
   llamacpp-f16 / -q8_0    llama-cpp-python on a TQ2_0 GGUF of the same shapes from
                           bitnet158.convert.write_random_gguf (F16 / Q8_0 token_embd = tied head)
-The streaming-read bandwidth (C loop, same threads) gives the decode floor:
-bytes per token / bandwidth. Prints a table, then one JSON line.
+The streaming-read bandwidth (C loop with prefetch, same threads, 1 GB on huge pages; also on 4 KB
+pages) gives the decode floor: weight bytes per token / bandwidth. Prints a table, then one JSON line.
 """
 
 from __future__ import annotations
@@ -61,7 +63,7 @@ def _time_runner(runner, V: int, prompt: int, gen: int) -> dict:
     return {"pp_tok_s": prompt / t_pp, "tg_tok_s": gen / t_tg, "pp_tokens": prompt, "tg_tokens": gen}
 
 
-def run_ours(head: str, threads: int, prompt: int, gen: int) -> dict:
+def run_ours(head: str, layout: str | None, threads: int, prompt: int, gen: int) -> dict:
     import torch
     torch.set_num_threads(threads)
     from bitnet158.kernels import cpu
@@ -70,7 +72,7 @@ def run_ours(head: str, threads: int, prompt: int, gen: int) -> dict:
     base_rss = rss_gb()[0]                   # python + torch + bitnet158 imported, no model yet
     t0 = time.perf_counter()
     model = random_packed_model("2b4t", seed=0)
-    runner = CpuRunner(model, batch=1, max_len=prompt + gen + 24, head=head, threads=threads)
+    runner = CpuRunner(model, batch=1, max_len=prompt + gen + 24, head=head, threads=threads, layout=layout)
     V = model.config.vocab_size
     del model
     release_memory()
@@ -79,11 +81,12 @@ def run_ours(head: str, threads: int, prompt: int, gen: int) -> dict:
     rss, hwm = rss_gb()
     r["baseline_rss_gb"] = base_rss
     stages = profile_decode(runner, prompt + gen, steps=16)
-    bw = cpu.bandwidth(1 << 30, reps=5)
-    head_bytes = 128256 * 2560 * (2 if head == "bf16" else 1)
-    tern_bytes = sum(t.numel() for t in runner._keep if t.dtype == torch.uint8)
-    return {**r, "rss_gb": rss, "peak_rss_gb": hwm, "load_s": load_s, "isa": cpu.isa(),
-            "bandwidth_gb_s": bw, "token_bytes_gb": (head_bytes + tern_bytes) / 1e9, "decode_stage_ms": stages}
+    bw = cpu.bandwidth(1 << 30, reps=5)                  # huge pages + prefetch: what the machine reaches
+    bw4k = cpu.bandwidth(1 << 30, reps=3, huge=False)    # the same loop on default 4 KB pages
+    return {**r, "rss_gb": rss, "peak_rss_gb": hwm, "load_s": load_s, "isa": cpu.isa(), "layout": runner.layout,
+            "ternary_gb": runner.ternary_bytes / 1e9, "head_gb": runner.head_bytes / 1e9,
+            "bandwidth_gb_s": bw, "bandwidth_4k_pages_gb_s": bw4k,
+            "token_bytes_gb": (runner.head_bytes + runner.ternary_bytes) / 1e9, "decode_stage_ms": stages}
 
 
 STAGES = ("norm+quant", "qkv", "rope+kv", "attention", "o_proj", "gate_up", "relu2+subnorm", "down", "head")
@@ -152,8 +155,9 @@ def run_llamacpp(head: str, threads: int, prompt: int, gen: int, gguf_dir: Path)
 
 def child(args) -> dict:
     e = args.only
-    if e.startswith("ours-"):
-        return run_ours(e.split("-", 1)[1], args.threads, args.prompt, args.gen)
+    if e.startswith("ours-"):                       # ours-<head>[-<layout>]
+        parts = e.split("-")
+        return run_ours(parts[1], parts[2] if len(parts) > 2 else None, args.threads, args.prompt, args.gen)
     if e == "torch":
         return run_torch(args.threads, args.torch_prompt, args.torch_gen)
     if e.startswith("llamacpp-"):
@@ -174,6 +178,7 @@ def main() -> int:
     ap.add_argument("--repeat", type=int, default=1,
                     help="run every engine N times, interleaved, and keep each one's best (a shared machine)")
     ap.add_argument("--save", action="store_true")
+    ap.add_argument("--suffix", default="", help="appended to the saved file's name (e.g. -v2)")
     args = ap.parse_args()
     if args.only:
         print(json.dumps(child(args)))
@@ -215,11 +220,13 @@ def main() -> int:
         note = f"pp{r['pp_tokens']}/tg{r['tg_tokens']}"
         if "bandwidth_gb_s" in r:
             floor = r["bandwidth_gb_s"] / r["token_bytes_gb"]
-            note += f", {r['isa']}, read BW {r['bandwidth_gb_s']:.1f} GB/s -> floor {floor:.1f} tok/s"
+            note += (f", {r['isa']}/{r['layout']}, {r['token_bytes_gb']:.3f} GB/token, read BW "
+                     f"{r['bandwidth_gb_s']:.1f} GB/s -> floor {floor:.1f} tok/s")
         if "baseline_rss_gb" in r:
             note += f", RSS {r['rss_gb'] - r['baseline_rss_gb']:.2f} GB over the python+torch baseline"
         print(f"{e:<16}{r['pp_tok_s']:>10.1f}{r['tg_tok_s']:>10.2f}{r['rss_gb']:>9.2f}{r['peak_rss_gb']:>9.2f}  {note}")
     flat = {"cpu": cpu_name(), "threads": args.threads, "date": "2026-11-25",
+            "command": "python3 bench/cpu.py " + " ".join(sys.argv[1:]),
             "loadavg_start": load0, "loadavg_end": os.getloadavg()[0]}
     for e, r in res.items():
         key = e.replace("-", "_")
@@ -233,7 +240,10 @@ def main() -> int:
     ours = res.get("ours-bf16", {})
     if "bandwidth_gb_s" in ours:
         flat["read_bandwidth_gb_s"] = round(ours["bandwidth_gb_s"], 2)
+        flat["read_bandwidth_4k_pages_gb_s"] = round(ours["bandwidth_4k_pages_gb_s"], 2)
         flat["ours_isa"] = ours["isa"]
+        flat["ours_layout"] = ours["layout"]
+        flat["ours_ternary_gb"] = round(ours["ternary_gb"], 4)
     for h, lh in (("bf16", "f16"), ("int8", "q8_0")):
         a, b = res.get(f"ours-{h}", {}), res.get(f"llamacpp-{lh}", {})
         if "tg_tok_s" in a and "tg_tok_s" in b:
@@ -244,7 +254,7 @@ def main() -> int:
         tag = "".join(c if c.isalnum() else "-" for c in cpu_name().lower()).strip("-")
         while "--" in tag:
             tag = tag.replace("--", "-")
-        out = ROOT / "bench" / "results" / f"cpu-2026-11-25-{tag}.json"
+        out = ROOT / "bench" / "results" / f"cpu-2026-11-25-{tag}{args.suffix}.json"
         out.write_text(json.dumps({**flat, "engines": res}, indent=1) + "\n")
     print(line)
     return 0

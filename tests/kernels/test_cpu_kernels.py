@@ -55,14 +55,15 @@ def test_gemm_exact_adversarial(isa, layout):
     """Extreme sums: every activation at a bound against all-+1 / all--1 / all-0 weights (u = 2 / 0 / 1),
     K long (the int16 / int32 bounds matter) and a multiple of neither 16 nor 20, every token-block
     remainder; for B3 also every one of the 243 five-digit codes (both signs) in one row."""
-    n, k = 36, 6912 + 8
+    n, k = 68, 6912 + 8                           # 5 tiles: a 4-tile decode block and a single tile
     codes = torch.tensor([[(c // 3 ** i) % 3 - 1 for i in range(5)] for c in range(243)], dtype=torch.int8)
     for wsign in (1, -1, 0):
         w = torch.full((n, k), wsign, dtype=torch.int8)
         w[-1, ::3] = -wsign if wsign else 1       # one mixed row
-        # row -2: the 243 codes, digit i of code c at k = 20s + 4i + j (one B3 byte each)
+        # rows 1 and -2: the 243 codes, digit i of code c at k = 20s + 4i + j (one B3 byte each)
         for c in range(243):
             s, j = divmod(c, 4)
+            w[1, 20 * s + 4 * torch.arange(5) + j] = codes[c]
             w[-2, 20 * s + 4 * torch.arange(5) + j] = codes[c]
         wl = cpu.convert(quant.pack_hf(w), layout)
         for fill in (127, -128, -127):

@@ -92,6 +92,7 @@ def _declare(lib: ctypes.CDLL) -> None:
         "bn_convert_hf": (c_int, [P, c_int, c_int, P]),
         "bn_convert_b3": (c_int, [P, c_int, c_int, P]),
         "bn_layout_native": (c_int, [c_int]),
+        "bn_set_prefetch": (c_int, [c_int]),
         "bn_advise_huge": (c_longlong, [P, c_size_t, c_int]),
         "bn_act_quant": (None, [P, c_int, c_int, c_int, P, P, P]),
         "bn_gemm_i32": (None, [P, c_int, c_int, P, c_int, P, P, c_int]),
@@ -131,6 +132,8 @@ def lib() -> ctypes.CDLL | None:
             _declare(handle)
             import torch
             handle.bn_init(max(1, torch.get_num_threads()))
+            if os.environ.get("BITNET158_CPU_PREFETCH"):       # bytes ahead on decode weight streams
+                handle.bn_set_prefetch(int(os.environ["BITNET158_CPU_PREFETCH"]))
             _lib = handle
         except Exception as e:  # noqa: BLE001 - any failure means: use the reference
             _error = str(e)

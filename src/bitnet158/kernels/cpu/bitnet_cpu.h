@@ -94,6 +94,7 @@ extern const bn_ops bn_ops_scalar;
 
 /* Set once by bn_init (core.c): CPU features checked at run time, B3 decode tables. */
 extern int bn_cpu_vbmi, bn_cpu_bf16;
+extern int bn_pf;                    /* software prefetch distance on decode weight streams (bytes) */
 extern uint8_t bn_b3_tab[5][128];    /* digit i (u = w + 1) of m + 121, m = 0..121; 1 past that  */
 extern uint8_t bn_b3_u[256][5];      /* the five u of a whole B3 byte, sign applied (scalar path) */
 #if defined(__x86_64__) || defined(__i386__)

@@ -16,6 +16,14 @@
 
 const bn_ops *bn_cur = &bn_ops_scalar;
 int bn_cpu_vbmi, bn_cpu_bf16;
+int bn_pf = 1024;
+
+/* Prefetch distance of the decode kernels in bytes (multiple of 64; 0 turns prefetching into a
+ * touch of the line being read). Returns the value in effect. */
+int bn_set_prefetch(int bytes) {
+    if (bytes >= 0 && bytes <= (1 << 16)) bn_pf = bytes / 64 * 64;
+    return bn_pf;
+}
 uint8_t bn_b3_tab[5][128] __attribute__((aligned(64)));
 uint8_t bn_b3_u[256][5];
 

@@ -107,10 +107,11 @@ static inline void FN(epilogue)(const bn_gemm *g, int t, int m, const int32_t *a
 }
 
 #if defined(ISA_AVX512)
-/* Software prefetch distance on each weight stream while decoding (bytes ahead). With 2 MB pages
- * (runner.py) a T0 prefetch ~1 KB ahead lifted the 2-thread read rate of this loop shape from
- * ~18 to ~23 GB/s on the Xeon this was tuned on; past the end of a buffer it is harmless. */
-#define BN_PF 1024
+/* Software prefetch distance on each weight stream while decoding: bn_pf bytes ahead (core.c,
+ * default 1024, bn_set_prefetch). With 2 MB pages (runner.py) a T0 prefetch ~1 KB ahead lifted
+ * the 2-thread read rate of this loop shape from ~18 to ~23 GB/s on the Xeon this was tuned on;
+ * past the end of a buffer it is harmless (prefetches never fault). */
+#define BN_PF ((size_t)bn_pf)
 
 INLINE void FN(store_tile)(const bn_gemm *g, int t, int m, __m512i acc) {
     const int n0 = t * 16, nv = g->n - n0;
@@ -238,12 +239,68 @@ B3_TGT INLINE void FN(kblk_b3)(const bn_gemm *g, int t, const int TB, int m, con
         for (int b = 0; b < MB; b++) FN(store_tile)(g, t + a, m + b, _mm512_add_epi32(acc[a][b], acc2[a][b]));
 }
 
+/* Decode (one token), 4 tiles at a time. Each digit is written as load -> vpermi2b -> masked
+ * subtract -> vpdpbusd in inline assembly so that the index register vpermi2b overwrites is a
+ * fresh load of the (L1-resident) weight vector rather than a register copy: with the ten table
+ * registers live, the compiler otherwise adds a vector move per digit, which costs an ALU slot
+ * (16 instead of 21 vector ALU operations per 320 weights; ~10 % faster decode). */
+typedef struct { char c[64]; } bn_blk64;
+#define B3_DIG(i, ACC)                                \
+    "vmovdqu64 %[wm], %[u]\n\t"                       \
+    "vpermi2b %[h" #i "], %[l" #i "], %[u]\n\t"      \
+    "vpsubb %[u], %[two], %[u]%{%[k]%}\n\t"           \
+    "vpdpbusd %[x" #i "], %[u], %[" #ACC "]\n\t"
+B3_TGT static void FN(gemv_b3)(const bn_gemm *g, int t0, int t1) {
+    const int ks = g->kp / 20;
+    const size_t ts = (size_t)ks * 64;
+    __m512i tl[5], th[5];
+#pragma GCC unroll 5
+    for (int i = 0; i < 5; i++) {
+        tl[i] = _mm512_load_si512(bn_b3_tab[i]);
+        th[i] = _mm512_load_si512(bn_b3_tab[i] + 64);
+    }
+    const __m512i two = _mm512_set1_epi8(2);
+    int t = t0;
+    for (; t + 4 <= t1; t += 4) {
+        const uint8_t *w = g->w + (size_t)t * ts;
+        __m512i acc[4], acc2[4];
+#pragma GCC unroll 4
+        for (int a = 0; a < 4; a++) { acc[a] = _mm512_setzero_si512(); acc2[a] = _mm512_setzero_si512(); }
+        for (int s = 0; s < ks; s++) {
+            __m512i xb[5];
+#pragma GCC unroll 5
+            for (int i = 0; i < 5; i++) xb[i] = _mm512_set1_epi32(FN(ld32)(g->xq + 20 * s + 4 * i));
+#pragma GCC unroll 4
+            for (int a = 0; a < 4; a++) _mm_prefetch((const char *)(w + a * ts + (size_t)s * 64 + BN_PF), _MM_HINT_T0);
+#pragma GCC unroll 4
+            for (int a = 0; a < 4; a++) {
+                __m512i u;
+                __mmask64 k;
+                __asm__("vmovdqu64 %[wm], %[u]\n\t"
+                        "vpmovb2m %[u], %[k]\n\t"
+                        "vpermi2b %[h0], %[l0], %[u]\n\t"
+                        "vpsubb %[u], %[two], %[u]%{%[k]%}\n\t"
+                        "vpdpbusd %[x0], %[u], %[A]\n\t"
+                        B3_DIG(1, B) B3_DIG(2, A) B3_DIG(3, B) B3_DIG(4, A)
+                        : [A] "+v"(acc[a]), [B] "+v"(acc2[a]), [u] "=&v"(u), [k] "=&Yk"(k)
+                        : [wm] "m"(*(const bn_blk64 *)(w + a * ts + (size_t)s * 64)),
+                          [l0] "v"(tl[0]), [h0] "v"(th[0]), [l1] "v"(tl[1]), [h1] "v"(th[1]),
+                          [l2] "v"(tl[2]), [h2] "v"(th[2]), [l3] "v"(tl[3]), [h3] "v"(th[3]),
+                          [l4] "v"(tl[4]), [h4] "v"(th[4]), [two] "v"(two),
+                          [x0] "v"(xb[0]), [x1] "v"(xb[1]), [x2] "v"(xb[2]), [x3] "v"(xb[3]), [x4] "v"(xb[4]));
+            }
+        }
+#pragma GCC unroll 4
+        for (int a = 0; a < 4; a++) FN(store_tile)(g, t + a, 0, _mm512_add_epi32(acc[a], acc2[a]));
+    }
+    for (; t < t1; t++) FN(kblk_b3)(g, t, 1, 0, 1);
+}
+
 B3_TGT static void FN(gemm_b3)(const bn_gemm *g, int t0, int t1) {
     const int M = g->m;
     int t = t0;
     if (M == 1) {
-        for (; t + 4 <= t1; t += 4) FN(kblk_b3)(g, t, 4, 0, 1);
-        for (; t < t1; t++) FN(kblk_b3)(g, t, 1, 0, 1);
+        FN(gemv_b3)(g, t0, t1);
         return;
     }
     for (; t < t1; t++) {                 /* one decode of a step serves up to 4 tokens */

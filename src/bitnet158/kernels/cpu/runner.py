@@ -151,6 +151,7 @@ class CpuRunner:
             total = sum(_fused_bytes(mods, layout) for blk in model.model.layers for _, mods in _groups(blk))
             arena, byte = huge_empty(total), 0
             keep.append(arena)
+            self.ternary_bytes = total
             for i, blk in enumerate(model.model.layers):
                 L = layers[i]
                 for name, mods in _groups(blk):
@@ -207,6 +208,7 @@ class CpuRunner:
                 keep.append(ew)
                 M.embed, M.embed_kind, M.embed_scale = ew.data_ptr(), HEAD_KINDS[ew.dtype], None
             M.layers = layers
+            self.head_bytes = (hq.numel() + 4 * hs.numel()) if head == "int8" else hw.numel() * hw.element_size()
             self._keep, self._layers, self._M = keep, layers, M
             self._buffers(max(self.batch, self.prefill_chunk))
         if lib.bn_model_sizeof() != ctypes.sizeof(_Model) or lib.bn_layer_sizeof() != ctypes.sizeof(_Layer):
