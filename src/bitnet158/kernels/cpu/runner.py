@@ -229,6 +229,8 @@ class CpuRunner:
         for k, v in self._bufs.items():
             setattr(M, k, v.data_ptr())
         M.max_m, M.ldt = max_m, ldt
+        self._out_ids = torch.arange(max_m, dtype=torch.int32)   # decode: logits of every token
+        self._row_ids: dict[tuple, torch.Tensor] = {}
 
     # ------------------------------------------------------------------ Runner protocol
     def reset(self) -> None:
@@ -247,6 +249,14 @@ class CpuRunner:
             raise ValueError(f"runner: rows {r} out of range for batch={self.batch}")
         return r
 
+    def _check(self, tokens: torch.Tensor, pos: torch.Tensor) -> None:
+        hi, lo = int(pos.max()), int(pos.min())
+        if hi >= self.max_len or lo < 0:
+            raise ValueError(f"runner: position {hi if hi >= self.max_len else lo} outside the KV cache "
+                             f"(max_len={self.max_len})")
+        if int(tokens.min()) < 0 or int(tokens.max()) >= self.vocab_size:
+            raise ValueError(f"runner: token id outside the vocabulary (size {self.vocab_size})")
+
     @torch.inference_mode()
     def prefill(self, tokens: torch.Tensor, pos: torch.Tensor, rows: torch.Tensor | None = None) -> torch.Tensor:
         """tokens, pos [B, T] -> float32 logits [B, V] of the last position of each row."""
@@ -254,12 +264,7 @@ class CpuRunner:
             raise ValueError(f"runner: tokens {list(tokens.shape)} and pos {list(pos.shape)} must both be [B, T]")
         B, T = tokens.shape
         r = self._rows(rows, B)
-        hi, lo = int(pos.max()), int(pos.min())
-        if hi >= self.max_len or lo < 0:
-            raise ValueError(f"runner: position {hi if hi >= self.max_len else lo} outside the KV cache "
-                             f"(max_len={self.max_len})")
-        if int(tokens.min()) < 0 or int(tokens.max()) >= self.vocab_size:
-            raise ValueError(f"runner: token id outside the vocabulary (size {self.vocab_size})")
+        self._check(tokens, pos)        # before any chunk runs: a bad position leaves the cache as it was
         tok32 = tokens.to(torch.int32).contiguous()
         pos32 = pos.to(torch.int32).contiguous()
         row32 = torch.tensor(r, dtype=torch.int32)[:, None].expand(B, T).contiguous()
@@ -279,8 +284,26 @@ class CpuRunner:
 
     @torch.inference_mode()
     def decode(self, tokens: torch.Tensor, pos: torch.Tensor, rows: torch.Tensor | None = None) -> torch.Tensor:
-        """tokens, pos [B] -> float32 logits [B, V]."""
-        return self.prefill(tokens.reshape(-1, 1), pos.reshape(-1, 1), rows)
+        """tokens, pos [B] -> float32 logits [B, V]. One C call; the C side checks every token,
+        position and row before it runs anything (the checks here only word the error)."""
+        tok32 = tokens.reshape(-1).to(torch.int32).contiguous()
+        pos32 = pos.reshape(-1).to(torch.int32).contiguous()
+        B = tok32.numel()
+        if pos32.numel() != B or B > self._M.max_m:
+            return self.prefill(tokens.reshape(-1, 1), pos.reshape(-1, 1), rows)
+        r = self._rows(rows, B)
+        if int(pos32.max()) >= self.max_len:     # the C side knows only the padded cache length
+            self._check(tok32, pos32)
+        row32 = self._row_ids.get(tuple(r))
+        if row32 is None:
+            row32 = self._row_ids.setdefault(tuple(r), torch.tensor(r, dtype=torch.int32))
+        logits = torch.empty(B, self.vocab_size, dtype=torch.float32)
+        rc = self._lib.bn_forward(ctypes.byref(self._M), B, tok32.data_ptr(), pos32.data_ptr(), row32.data_ptr(),
+                                  B, self._out_ids.data_ptr(), logits.data_ptr())
+        if rc:
+            self._check(tok32, pos32)
+            raise RuntimeError(f"CpuRunner: bn_forward failed ({rc})")
+        return logits
 
     # ------------------------------------------------------------------ construction helpers
     @classmethod
