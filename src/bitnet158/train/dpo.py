@@ -42,11 +42,11 @@ pairs over ranks once and all-reduces the table, so every rank holds every pair'
 
 from __future__ import annotations
 
-import argparse
 import copy
 import math
 import random
-from dataclasses import dataclass, field
+from dataclasses import dataclass
+from typing import ClassVar
 from pathlib import Path
 
 import torch
@@ -54,38 +54,29 @@ import torch
 from ..errors import ConfigError
 from ..tokenizer import Tokenizer
 from . import finetune
-from .finetune import FinetuneRecipe, HeadLoss, config_dict, make_optimizer, rank_slices, unwrap
-from .loop import Trainer
+from .finetune import FinetuneData, FinetuneRecipe, rank_slices
+from .head_loss import HeadLoss, unwrap
 from .losses import dpo_loss, sequence_logprobs
 from .dpo_data import Pair, encode_pairs, pad_pairs
 from .sft_data import ChatEncoder, read_records, split_holdout
 
 
 @dataclass
-class DPOData:
-    files: list = field(default_factory=list)
-    val_files: list = field(default_factory=list)
-    val_fraction: float = 0.05
+class DPOData(FinetuneData):
     max_len: int = 1024
     epochs: float = 2.0
-    max_records: int = 0
-    chunk: int = 0                       # head rows per chunk (0: automatic)
     # DPO settings live here too so that one [data] table configures the stage
     beta: float = 0.1
     reference: str = "model"             # "model" (frozen copy, on the fly) or "precomputed"
     label_smoothing: float = 0.0
+    what: ClassVar[str] = "preference"
 
     def __post_init__(self) -> None:
-        if isinstance(self.files, str):
-            self.files = [self.files]
-        if isinstance(self.val_files, str):
-            self.val_files = [self.val_files]
-        if not self.files:
-            raise ConfigError("[data] files names no preference data file")
+        super().__post_init__()
         if self.reference not in ("model", "precomputed"):
             raise ConfigError(f"data.reference={self.reference!r} is not 'model' or 'precomputed'")
-        if self.beta <= 0 or self.max_len < 2 or self.epochs <= 0:
-            raise ConfigError("data.beta must be > 0, data.max_len >= 2, data.epochs > 0")
+        if self.beta <= 0 or self.max_len < 2:
+            raise ConfigError("data.beta must be > 0 and data.max_len >= 2")
 
 
 # ---------------------------------------------------------------- batches
@@ -244,64 +235,45 @@ def run_dpo(recipe: FinetuneRecipe | str | Path, out: str | Path | None = None, 
     """DPO of ``recipe.init`` on ``recipe.data``; returns the summary (also OUT/summary.json).
 
     Under torchrun: DDP or FSDP2 (``parallel``), ``train.micro_batch`` pairs per rank."""
-    if not isinstance(recipe, FinetuneRecipe):
-        recipe = FinetuneRecipe.from_file(recipe, DPOData, overrides)
-    if init:
-        recipe.init = str(init)
+    s = finetune.begin(recipe, DPOData, out, init, overrides, device, parallel)
+    recipe, ctx, dev, mb, ga, pad = s.recipe, s.ctx, s.ctx.device, s.micro_batch, s.grad_accum, s.pad
     d: DPOData = recipe.data
-    out = Path(out or recipe.out)
-    model, tok, tok_dir, ctx = finetune.begin(recipe, device, parallel)
-    dev = ctx.device
-    train, val, stats = load_pairs(recipe, tok)
-    pad = tok.pad_id if tok.pad_id is not None else (tok.eos_id or 0)
-    mb = int(recipe.train.get("micro_batch", 8))
-    ga = int(recipe.train.get("grad_accum", 1))
+    train, val, stats = load_pairs(recipe, s.tok)
     steps = max(1, math.ceil(len(train) * d.epochs / (mb * ga * ctx.world)))
     tcfg = recipe.train_config(steps)
-    schedule = recipe.make_schedule(tcfg.steps)
     if ctx.is_main:
         print(f"dpo: {len(train)} pairs, {len(val)} held out; beta {d.beta}, reference {d.reference}; "
-              f"{tcfg.steps} updates of {mb}x{ga} pairs x {ctx.world} ranks ({ctx.mode}) on {dev}", flush=True)
-    model.to(dev)
+              f"{tcfg.steps} updates of {mb}x{ga} pairs x {ctx.world} ranks ({ctx.mode}, {s.head} blocks "
+              f"and head) on {dev}", flush=True)
     chunk = d.chunk or None
-    # the reference: a frozen copy with the same BitLinear forward (sharded like the policy under FSDP2)
-    ref = finetune.wrap(ctx, copy.deepcopy(model).eval().requires_grad_(False), "logps", chunk, tcfg.dtype,
-                        frozen=True)
+    # the reference: a frozen copy with the same forward (fused classes too; sharded like the policy
+    # under FSDP2), so the rewards are 0 at step 0
+    ref = s.head_loss("logps", chunk=chunk, dtype=tcfg.dtype, frozen=True,
+                      net=copy.deepcopy(s.model).eval().requires_grad_(False))
     ref_val = reference_table(ref, val, mb, pad, dev, tcfg.dtype, chunk, ctx) if val else None
     ref_train = None
     if d.reference == "precomputed":
         ref_train = reference_table(ref, train, mb, pad, dev, tcfg.dtype, chunk, ctx)
         del ref
         ref = None
-    net = model
-    call = finetune.wrap(ctx, net, "logps", chunk, tcfg.dtype)             # DDP / FSDP2 under torchrun
-    optimizer = make_optimizer(net, recipe, dev)
+    call = s.head_loss("logps", chunk=chunk, dtype=tcfg.dtype)             # DDP / FSDP2 under torchrun
     batches = DPOBatches(train, mb, pad, recipe.seed, dev, ctx.rank, ctx.world)
     eval_fn = make_eval_fn(val, ref_val, d.beta, mb, pad, dev, chunk, ctx) if val else None
-    trainer = Trainer(call, optimizer, schedule,
-                      make_loss_fn(d.beta, d.label_smoothing, tcfg.grad_accum, ref, ref_train, chunk, ctx.world),
-                      batches, tcfg, out, raw_model=net, ctx=ctx, eval_fn=eval_fn, config_dict=config_dict(net),
-                      extra_state={"recipe": recipe.to_dict(), "tokenizer": str(Path(tok_dir).resolve()),
-                                   "stage": "dpo"})
-    finetune.resume_or_start(trainer, out, resume, recipe)
+    loss_fn = make_loss_fn(d.beta, d.label_smoothing, tcfg.grad_accum, ref, ref_train, chunk, ctx.world)
+    trainer = finetune.make_trainer(s, "dpo", call, tcfg, loss_fn, batches, eval_fn, resume)
     start = trainer.evaluate() if eval_fn is not None and trainer.step == 0 else {}
     summary = trainer.fit()
     hist = [r for r in trainer.history if "margin" in r]
-    summary.update({"name": recipe.name, "stage": "dpo", "pairs": len(train), "val_pairs": len(val),
-                    "beta": d.beta, "reference": d.reference, "data_stats": stats, "device": str(dev),
-                    "start": start,
+    summary.update({"stage": "dpo", "pairs": len(train), "val_pairs": len(val), "beta": d.beta,
+                    "reference": d.reference, "data_stats": stats, "start": start,
                     "first_step": {k: hist[0][k] for k in ("loss", "margin", "rewards_chosen", "accuracy")}
                     if hist else {}})
-    return finetune.finish(ctx, net, out, tok_dir, recipe.export, summary)
+    return finetune.finish(s, summary)
 
 
 # ---------------------------------------------------------------- command line
 
-def add_arguments(p: argparse.ArgumentParser) -> None:
-    finetune.add_arguments(p, recipe_help="fine-tuning recipe (.toml or .json) with DPO data",
-                           init_help="starting model = reference (overrides the recipe's `init`)",
-                           set_example="data.beta=0.2")
-
-
-def main(args: argparse.Namespace) -> int:
-    return finetune.run_command(run_dpo, args)
+# the command table's `add_arguments(parser)` and `main(args)` (arguments shared with the other stage)
+add_arguments, main = finetune.command(run_dpo, recipe_help="fine-tuning recipe (.toml or .json) with DPO data",
+                                     init_help="starting model = reference (overrides the recipe's `init`)",
+                                     set_example="data.beta=0.2")

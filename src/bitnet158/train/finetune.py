@@ -1,13 +1,13 @@
 """What SFT and DPO share: the recipe file, the starting model, the optimizer, the trainer, the export.
 
-    recipe = FinetuneRecipe.from_file("recipes/sft-embedded.toml", SFTData, overrides=["train.steps=5"])
-    model, tok_dir = load_start(recipe.init)              # fp32 BitLinear latents, trainable
-    ...                                                   # sft.py / dpo.py build batches and a loss
-    export_model(model, out, tok_dir, recipe.export)      # OUT/hf (packed HF folder) [+ OUT/master]
+    s = begin("recipes/sft-embedded.toml", SFTData, overrides=["train.steps=5"], device="cpu")
+    call = s.head_loss("ce", reduction="sum", dtype="fp32")  # the model + its head loss (DDP / FSDP2)
+    trainer = make_trainer(s, "sft", call, tcfg, loss_fn, batches, eval_fn, resume=False)
+    finish(s, trainer.fit())                              # OUT/hf (packed HF folder) [+ OUT/master]
 
 A fine-tuning recipe is a TOML (or JSON) file in the pretraining recipes' format (``recipe.py``:
 same ``[schedule]``, ``[optim]`` and ``[train]`` tables, same ``--set section.key=value``
-overrides), with these top-level keys instead of ``[model]``:
+overrides), with these top-level keys instead of the pretraining ``[model]`` table:
 
     name = "sft-tiny"
     seed = 0
@@ -16,12 +16,14 @@ overrides), with these top-level keys instead of ``[model]``:
     tokenizer = "tok/"                # optional: default the init folder's tokenizer (or the run's)
     out = "runs/sft"
     export = ["packed"]               # OUT/hf packed 2-bit HF folder; add "master" for OUT/master (fp32)
+    [model]
+    fused = false                     # fused BitLinear blocks + fused head (--fused; docs/fused-training.md)
     [data] ...                        # SFT or DPO data table (see sft.py / dpo.py)
 
 ``train.steps`` may be left out: it is then computed from ``data.epochs``.
 
 Under ``torchrun`` (``--parallel ddp|fsdp``) every rank loads the starting model, the model and its
-head loss are wrapped together (:class:`HeadLoss`: DDP's gradient sync and FSDP2's all-gather of the
+head loss are wrapped together (:class:`head_loss.HeadLoss`: DDP's gradient sync and FSDP2's all-gather of the
 tied head only act around ``forward``), each rank takes its slice of the same global micro-batch
 (``micro_batch`` rows or pairs per rank), rank 0 alone prints and writes logs, checkpoints (gathered
 full state: they load in one process and the other way round) and the exported folders.
@@ -34,15 +36,15 @@ import copy
 import json
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, ClassVar
 
 import torch
 from torch import nn
 
 from ..errors import CheckpointError, ConfigError
-from .loop import TrainConfig
-from .losses import linear_cross_entropy, sequence_logprobs
-from .recipe import OptimSpec, _build, read_recipe_file
+from .head_loss import wrap_head_loss
+from .loop import Trainer, TrainConfig
+from .recipe import OptimSpec, RecipePaths, _build, read_recipe_file
 from .schedules import Schedule
 
 EXPORT_LAYOUTS = ("packed", "master")
@@ -50,7 +52,34 @@ DEFAULT_SCHEDULE = {"kind": "constant", "warmup_steps": 0, "lr_peak": 1e-4, "wd_
 
 
 @dataclass
-class FinetuneRecipe:
+class FinetuneData:
+    """The ``[data]`` fields SFT (``sft.SFTData``) and DPO (``dpo.DPOData``) share."""
+    files: list = field(default_factory=list)
+    val_files: list = field(default_factory=list)     # or hold out val_fraction of the records
+    val_fraction: float = 0.05
+    epochs: float = 1.0
+    max_records: int = 0                 # per file; 0: all
+    chunk: int = 0                       # head rows per chunk (0: automatic)
+    what: ClassVar[str] = "training"     # for the error messages
+
+    def __post_init__(self) -> None:
+        if isinstance(self.files, str):
+            self.files = [self.files]
+        if isinstance(self.val_files, str):
+            self.val_files = [self.val_files]
+        if not self.files:
+            raise ConfigError(f"[data] files names no {self.what} data file")
+        if self.epochs <= 0:
+            raise ConfigError(f"data.epochs={self.epochs} must be > 0")
+
+
+@dataclass
+class FinetuneModel:
+    fused: bool = False                  # fused BitLinear blocks + fused head loss (SFT) / row kernel (DPO)
+
+
+@dataclass
+class FinetuneRecipe(RecipePaths):
     name: str
     init: str
     data: Any
@@ -61,12 +90,14 @@ class FinetuneRecipe:
     out: str = "runs/finetune"
     tokenizer: str | None = None
     export: list = field(default_factory=lambda: ["packed"])
+    model: FinetuneModel = field(default_factory=FinetuneModel)
     source: str | None = None
 
     @classmethod
     def from_dict(cls, d: dict, data_cls, source: str = "recipe") -> "FinetuneRecipe":
         d = copy.deepcopy(d)
-        top = {"name", "init", "data", "schedule", "optim", "train", "seed", "out", "tokenizer", "export"}
+        top = {"name", "init", "model", "data", "schedule", "optim", "train", "seed", "out", "tokenizer",
+               "export"}
         unknown = sorted(set(d) - top)
         if unknown:
             raise ConfigError(f"{source}: unknown top-level field(s) {', '.join(unknown)}; known: "
@@ -89,7 +120,8 @@ class FinetuneRecipe:
                     schedule={**DEFAULT_SCHEDULE, **d.get("schedule", {})},
                     optim=_build(OptimSpec, d.get("optim", {}), "optim"), train=train,
                     seed=int(d.get("seed", 0)), out=d.get("out", "runs/finetune"),
-                    tokenizer=d.get("tokenizer") or None, export=export, source=source)
+                    tokenizer=d.get("tokenizer") or None, export=export,
+                    model=_build(FinetuneModel, d.get("model", {}), "model"), source=source)
         except ConfigError as e:
             raise ConfigError(f"{source}: {e}") from None
         Schedule.from_dict(r.schedule, total_steps=100, source=f"{source}: [schedule]")
@@ -99,14 +131,6 @@ class FinetuneRecipe:
     def from_file(cls, path: str | Path, data_cls, overrides: list[str] | None = None) -> "FinetuneRecipe":
         return cls.from_dict(read_recipe_file(path, overrides), data_cls, source=str(path))
 
-    def resolve(self, p: str | Path) -> Path:
-        """A recipe path: as given if it exists from the current directory, else from the recipe's folder."""
-        p = Path(p)
-        if p.is_absolute() or p.exists() or not self.source:
-            return p
-        alt = Path(self.source).resolve().parent / p
-        return alt if alt.exists() else p
-
     def train_config(self, steps: int) -> TrainConfig:
         return _build(TrainConfig, {**self.train, "steps": int(self.train.get("steps") or steps)}, "train")
 
@@ -115,7 +139,8 @@ class FinetuneRecipe:
 
     def to_dict(self) -> dict:
         return {"name": self.name, "seed": self.seed, "init": self.init, "out": self.out,
-                "tokenizer": self.tokenizer, "export": self.export, "data": asdict(self.data),
+                "tokenizer": self.tokenizer, "export": self.export, "model": asdict(self.model),
+                "data": asdict(self.data),
                 "schedule": self.schedule, "optim": asdict(self.optim), "train": self.train}
 
 
@@ -165,45 +190,6 @@ def make_optimizer(model, recipe: FinetuneRecipe, device: torch.device) -> torch
     return _make(model, recipe, device)
 
 
-class HeadLoss(nn.Module):
-    """The model and its head loss as one module: what DDP / FSDP2 wrap for fine-tuning.
-
-    ``kind="sft"``: ``forward(tokens, labels, segments)`` -> summed CE over target tokens (scalar);
-    ``kind="logps"``: ``forward(tokens, labels)`` -> summed target log-probs per row [B] (DPO).
-    The chunked head reads the tied head weight: under FSDP2 it is only unsharded inside the root's
-    forward, and DDP only syncs the gradients of what ran through ``forward``.
-    """
-
-    def __init__(self, net: nn.Module, kind: str, chunk: int | None = None):
-        super().__init__()
-        if kind not in ("sft", "logps"):
-            raise ValueError(f"HeadLoss kind {kind!r} is not 'sft' or 'logps'")
-        self.net, self.kind, self.chunk = net, kind, chunk
-
-    def forward(self, tokens: torch.Tensor, labels: torch.Tensor, segments: torch.Tensor | None = None):
-        h = self.net.hidden(tokens, segment_ids=segments)                  # [B, T, D]
-        if self.kind == "sft":
-            return linear_cross_entropy(h.flatten(0, 1), self.net.head_weight, labels.flatten(),
-                                        reduction="sum", chunk=self.chunk)
-        return sequence_logprobs(h, self.net.head_weight, labels, chunk=self.chunk)
-
-
-def unwrap(model):
-    """The module under torch.compile / DDP wrappers (FSDP2 modules are their own module)."""
-    m = getattr(model, "_orig_mod", model)
-    return getattr(m, "module", m)
-
-
-def wrap(ctx, net: nn.Module, kind: str, chunk: int | None, dtype: str, frozen: bool = False):
-    """``HeadLoss(net)`` wrapped for ``ctx``: DDP / FSDP2 (per block, then root) under torchrun, as is alone."""
-    mod = HeadLoss(net, kind, chunk)
-    if ctx.world == 1:
-        return mod
-    if frozen:
-        return ctx.wrap_frozen(mod, mixed_precision=dtype == "bf16", blocks=net.model.layers)
-    return ctx.wrap(mod, mixed_precision=dtype == "bf16", blocks=net.model.layers, methods=())
-
-
 def rank_slices(n: int, per_rank: int, rank: int, world: int):
     """(lo, hi) item ranges of this rank, one per global micro-batch of ``per_rank * world`` items.
 
@@ -245,12 +231,36 @@ def write_json(path: Path, obj: dict) -> None:
     path.write_text(json.dumps(obj, indent=1, default=str) + "\n")
 
 
-def begin(recipe: FinetuneRecipe, device: str, parallel: str = "ddp"):
-    """Seed every RNG, set up the process context, load the starting model and its tokenizer.
+@dataclass
+class Start:
+    """What an SFT or DPO run starts from (:func:`begin`): the model is on ``ctx.device``, fused if asked."""
+    recipe: FinetuneRecipe
+    out: Path
+    model: nn.Module                     # the trainable Transformer (fp32 latents), not wrapped
+    tok: Any
+    tok_dir: Path
+    ctx: Any                             # loop.LocalContext or distributed.DistContext
+    pad: int                             # padding token id
+    micro_batch: int                     # rows / pairs per rank
+    grad_accum: int
 
-    Returns (model, tokenizer, tokenizer folder, context); ``context.device`` is the device (under
-    torchrun: this rank's); the model is not moved yet.
-    """
+    @property
+    def head(self) -> str:
+        return "fused" if self.recipe.model.fused else "chunked"
+
+    def head_loss(self, kind: str, reduction: str = "sum", chunk: int | None = None, dtype: str = "fp32",
+                  net: nn.Module | None = None, frozen: bool = False) -> nn.Module:
+        """``net`` (default: the model) with its head loss (:class:`head_loss.HeadLoss`), wrapped for DDP /
+        FSDP2 under torchrun; the head is the fused one with ``model.fused``, else the chunked one."""
+        return wrap_head_loss(self.ctx, self.model if net is None else net, kind, self.head, reduction, chunk,
+                              dtype, frozen)
+
+
+def begin(recipe: FinetuneRecipe | str | Path, data_cls, out: str | Path | None = None, init: str | None = None,
+          overrides: list[str] | None = None, device: str = "auto", parallel: str = "ddp") -> Start:
+    """Read the recipe (``init`` overrides its starting model), seed every RNG, set up the process
+    context, load the starting model and its tokenizer, swap in the fused classes (``model.fused``) and
+    move the model to the context's device (under torchrun: this rank's)."""
     import random
 
     import numpy as np
@@ -258,6 +268,10 @@ def begin(recipe: FinetuneRecipe, device: str, parallel: str = "ddp"):
     from ..tokenizer import Tokenizer
     from .pretrain import setup_context
 
+    if not isinstance(recipe, FinetuneRecipe):
+        recipe = FinetuneRecipe.from_file(recipe, data_cls, overrides)
+    if init:
+        recipe.init = str(init)
     ctx = setup_context(device, parallel)
     random.seed(recipe.seed)
     np.random.seed(recipe.seed)
@@ -268,11 +282,42 @@ def begin(recipe: FinetuneRecipe, device: str, parallel: str = "ddp"):
     if tok.vocab_size > model.config.vocab_size:
         raise ConfigError(f"tokenizer {tok_dir} has {tok.vocab_size} tokens > the model's vocab_size "
                           f"{model.config.vocab_size}")
-    return model, tok, tok_dir, ctx
+    if recipe.model.fused:
+        from ..kernels.bitlinear_train import use_fused_bitlinear
+        if use_fused_bitlinear(model) == 0:      # class swap only: before DDP / FSDP2 and the reference copy
+            raise ConfigError(f"{recipe.source}: model.fused = true, but {recipe.init} has no BitLinear layer")
+    model.to(ctx.device)
+    pad = tok.pad_id if tok.pad_id is not None else (tok.eos_id or 0)
+    return Start(recipe, Path(out or recipe.out), model, tok, Path(tok_dir), ctx, pad,
+                 int(recipe.train.get("micro_batch", 8)), int(recipe.train.get("grad_accum", 1)))
 
 
-def finish(ctx, net: nn.Module, out: Path, tok_dir, layouts: list[str], summary: dict) -> dict:
+def make_trainer(s: Start, stage: str, call: nn.Module, tcfg: TrainConfig, loss_fn, batches, eval_fn,
+                 resume: bool) -> Trainer:
+    """The optimizer (after sharding: DTensor parameters) and the Trainer of ``call`` (the wrapped head
+    loss); resumed from OUT's latest checkpoint with ``resume``, else refusing to overwrite one; the
+    recipe is recorded in OUT/recipe.json."""
+    from .loop import find_latest
+
+    net, out = s.model, s.out
+    optimizer = make_optimizer(net, s.recipe, s.ctx.device)
+    trainer = Trainer(call, optimizer, s.recipe.make_schedule(tcfg.steps), loss_fn, batches, tcfg, out,
+                      raw_model=net, ctx=s.ctx, eval_fn=eval_fn, config_dict=config_dict(net),
+                      extra_state={"recipe": s.recipe.to_dict(), "tokenizer": str(s.tok_dir.resolve()),
+                                   "stage": stage})
+    if resume:
+        if not trainer.maybe_resume() and s.ctx.is_main:
+            print(f"--resume: no checkpoint in {out}, starting from step 0", flush=True)
+    elif find_latest(out) is not None:
+        raise ConfigError(f"{out} already holds checkpoints: pass --resume to continue, or choose another --out")
+    if s.ctx.is_main:
+        write_json(out / "recipe.json", s.recipe.to_dict())
+    return trainer
+
+
+def finish(s: Start, summary: dict) -> dict:
     """Export the final model and write OUT/summary.json (rank 0); close the process group."""
+    ctx, net, out, layouts = s.ctx, s.model, s.out, s.recipe.export
     paths: dict = {}
     if ctx.world > 1 and ctx.mode == "fsdp" and layouts:
         msd = ctx.full_model_state(net)                    # collective: every rank takes part
@@ -283,29 +328,16 @@ def finish(ctx, net: nn.Module, out: Path, tok_dir, layouts: list[str], summary:
             if unexpected or any(k in dict(full.named_parameters()) for k in missing):
                 raise CheckpointError(f"gathered state does not fit the model: missing {missing[:5]}, "
                                       f"unexpected {unexpected[:5]}")
-            paths = export_model(full, out, tok_dir, layouts)
+            paths = export_model(full, out, s.tok_dir, layouts)
     elif ctx.is_main:
-        paths = export_model(net, out, tok_dir, layouts)
-    summary["export"] = paths
-    summary["world"], summary["parallel"] = ctx.world, ctx.mode
+        paths = export_model(net, out, s.tok_dir, layouts)
+    summary.update({"name": s.recipe.name, "fused": s.recipe.model.fused, "device": str(ctx.device),
+                    "export": paths, "world": ctx.world, "parallel": ctx.mode})
     if ctx.is_main:
         write_json(out / "summary.json", summary)
     if ctx.world > 1:
         ctx.close()
     return summary
-
-
-def resume_or_start(trainer, out: Path, resume: bool, recipe: FinetuneRecipe) -> None:
-    """Resume from OUT's latest checkpoint, or refuse to overwrite one; then record the recipe."""
-    from .loop import find_latest
-
-    if resume:
-        if not trainer.maybe_resume() and trainer.ctx.is_main:
-            print(f"--resume: no checkpoint in {out}, starting from step 0", flush=True)
-    elif find_latest(out) is not None:
-        raise ConfigError(f"{out} already holds checkpoints: pass --resume to continue, or choose another --out")
-    if trainer.ctx.is_main:
-        write_json(out / "recipe.json", recipe.to_dict())
 
 
 # ---------------------------------------------------------------- command line (sft, dpo)
@@ -320,13 +352,22 @@ def add_arguments(p: argparse.ArgumentParser, recipe_help: str, init_help: str, 
     p.add_argument("--parallel", default="ddp", choices=["ddp", "fsdp"], help="mode under torchrun")
     p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
                    help=f"override a recipe value, e.g. --set {set_example} (repeatable)")
+    p.add_argument("--fused", action="store_true",
+                   help="fused BitLinear kernels and fused head (same as --set model.fused=true)")
 
 
-def run_command(run, args: argparse.Namespace) -> int:
-    """Run ``run_sft``/``run_dpo`` from parsed arguments; rank 0 prints the flat summary as one JSON line."""
-    import os
-    summary = run(args.recipe, out=args.out, init=args.init, resume=args.resume, device=args.device,
-                  overrides=args.set, parallel=args.parallel)
-    if int(os.environ.get("RANK", "0")) == 0:
-        print(json.dumps({k: v for k, v in summary.items() if not isinstance(v, dict)}))
-    return 0
+def command(run, recipe_help: str, init_help: str, set_example: str):
+    """``(add_arguments, main)`` of `bitnet158 sft` / `bitnet158 dpo` for ``run`` (``run_sft`` / ``run_dpo``):
+    ``main`` runs it from parsed arguments and rank 0 prints the flat summary as one JSON line."""
+    def add(p: argparse.ArgumentParser) -> None:
+        add_arguments(p, recipe_help, init_help, set_example)
+
+    def main(args: argparse.Namespace) -> int:
+        import os
+        summary = run(args.recipe, out=args.out, init=args.init, resume=args.resume, device=args.device,
+                      overrides=args.set + (["model.fused=true"] if args.fused else []), parallel=args.parallel)
+        if int(os.environ.get("RANK", "0")) == 0:
+            print(json.dumps({k: v for k, v in summary.items() if not isinstance(v, dict)}))
+        return 0
+
+    return add, main

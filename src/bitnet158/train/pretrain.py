@@ -8,9 +8,12 @@
 Builds the model of the recipe (``model.linear = "linear"`` swaps every BitLinear for a plain
 ``nn.Linear``: the full-precision baseline), AdamW with per-step LR / weight decay from the
 recipe's schedule (norms exempt from decay), a mixture sampler whose weights switch at the
-schedule's stage boundary, and runs :class:`bitnet158.train.loop.Trainer`. Under ``torchrun`` the
-parallel mode is DDP or FSDP2 (:mod:`bitnet158.train.distributed`); without it, one process on the
-chosen device. Output: ``OUT/log.jsonl``, ``OUT/loss.png``, ``OUT/checkpoints/``, ``OUT/summary.json``.
+schedule's stage boundary, and runs :class:`bitnet158.train.loop.Trainer`. ``model.fused = true``
+(``--fused``) swaps in the fused BitLinear blocks and the fused head loss (docs/fused-training.md);
+the loss is computed by the model and its head as one module (:class:`head_loss.HeadLoss`: full
+logits, or the fused head), which is what DDP or FSDP2 wrap under ``torchrun``
+(:mod:`bitnet158.train.distributed`); without it, one process on the chosen device.
+Output: ``OUT/log.jsonl``, ``OUT/loss.png``, ``OUT/checkpoints/``, ``OUT/summary.json``.
 """
 
 from __future__ import annotations
@@ -24,13 +27,13 @@ from pathlib import Path
 
 import numpy as np
 import torch
-import torch.nn.functional as F
 from torch import nn
 
 from ..config import ModelConfig
 from ..errors import ConfigError
 from ..model import RMSNorm, Transformer, init_weights
 from .data import MixtureSampler, TokenShards, val_rows
+from .head_loss import wrap_head_loss
 from .loop import LocalContext, Trainer, find_latest
 from .recipe import Recipe
 
@@ -105,21 +108,10 @@ class PretrainBatches:
 
 
 def lm_loss(model, batch: torch.Tensor):
-    """Next-token cross-entropy (mean over tokens) on rows [B, T+1]."""
+    """Next-token cross-entropy (mean over tokens) on rows [B, T+1] through the model's
+    :class:`head_loss.HeadLoss` (full logits, or the fused head with ``model.fused``)."""
     x, y = batch[:, :-1], batch[:, 1:]
-    logits = model(x)                                                    # [B, T, V]
-    loss = F.cross_entropy(logits.float().reshape(-1, logits.shape[-1]), y.reshape(-1))
-    return loss, {"tokens": y.numel()}
-
-
-def fused_lm_loss(model, batch: torch.Tensor):
-    """``lm_loss`` with the head and the loss fused: no [B, T, V] logits (losses.fused_linear_cross_entropy)."""
-    from .losses import fused_linear_cross_entropy
-    x, y = batch[:, :-1], batch[:, 1:]
-    h = model.hidden(x)                                                  # [B, T, D]
-    head = getattr(model, "_orig_mod", model).head_weight
-    loss = fused_linear_cross_entropy(h.flatten(0, 1), head, y.reshape(-1))
-    return loss, {"tokens": y.numel()}
+    return model(x, y), {"tokens": y.numel()}
 
 
 def make_eval_fn(rows: np.ndarray, micro_batch: int, ctx):
@@ -130,9 +122,7 @@ def make_eval_fn(rows: np.ndarray, micro_batch: int, ctx):
         tot = torch.zeros(2, dtype=torch.float64, device=ctx.device)
         for i in range(0, len(mine), micro_batch):
             b = torch.from_numpy(mine[i:i + micro_batch]).to(ctx.device)
-            logits = model(b[:, :-1])
-            ce = F.cross_entropy(logits.float().reshape(-1, logits.shape[-1]), b[:, 1:].reshape(-1),
-                                 reduction="sum")
+            ce = model(b[:, :-1], b[:, 1:], reduction="sum")               # through HeadLoss
             tot[0] += ce.double()
             tot[1] += b[:, 1:].numel()
         tot = ctx.all_reduce_sum(tot)
@@ -185,10 +175,12 @@ def run(recipe: Recipe, out: str | Path | None = None, resume: bool = False, dev
         enable_activation_checkpointing(model)
     model.to(ctx.device)
     raw = model
-    if ctx.world > 1:
-        model = ctx.wrap(model, mixed_precision=recipe.train.dtype == "bf16")
-        raw = model.module if hasattr(model, "module") else model
-    optimizer = make_optimizer(raw, recipe, ctx.device)
+    # the model with its head loss as one module (DDP / FSDP2 under torchrun): both the gradient sync
+    # and FSDP2's unsharding of the tied head act inside its forward
+    # (model.fused with model.linear = "linear": plain nn.Linear blocks, fused head loss)
+    head = "fused" if recipe.model.fused else "full"
+    model = wrap_head_loss(ctx, raw, "ce", head=head, reduction="mean", dtype=recipe.train.dtype)
+    optimizer = make_optimizer(raw, recipe, ctx.device)                  # after sharding: DTensor params
     batches = PretrainBatches(sampler, schedule.stage, recipe.train.micro_batch, ctx.rank, ctx.world, ctx.device)
     vrows = val_rows(TokenShards(recipe.resolve(recipe.data.sources[val_name]), "val"), recipe.data.seq_len,
                      recipe.data.val_rows)
@@ -196,10 +188,7 @@ def run(recipe: Recipe, out: str | Path | None = None, resume: bool = False, dev
     if config_dict is not None:
         config_dict["torch_dtype"] = "float32"
     tok_dir = recipe.tokenizer or str(recipe.resolve(recipe.data.sources[sorted(sources)[0]]) / "tokenizer")
-    # the fused head loss calls model.hidden: fine alone and under FSDP2 (a registered forward
-    # method), not through DDP's forward; there the fused blocks run with the full-logits loss
-    loss_fn = fused_lm_loss if recipe.model.fused and ctx.mode != "ddp" else lm_loss
-    trainer = Trainer(model, optimizer, schedule, loss_fn, batches, recipe.train, out, raw_model=raw,
+    trainer = Trainer(model, optimizer, schedule, lm_loss, batches, recipe.train, out, raw_model=raw,
                       eval_fn=make_eval_fn(vrows, recipe.train.micro_batch, ctx), ctx=ctx,
                       config_dict=config_dict,
                       extra_state={"recipe": recipe.to_dict(), "tokenizer": str(Path(tok_dir).resolve())})

@@ -105,8 +105,22 @@ class OptimSpec:
     fused: bool = False                  # torch's fused AdamW (CUDA)
 
 
+class RecipePaths:
+    """``resolve`` for recipes read from a file (``self.source``): pretraining and fine-tuning recipes."""
+
+    source: str | None
+
+    def resolve(self, p: str | Path) -> Path:
+        """A path of the recipe: as given if it exists from the current directory, else from the recipe's folder."""
+        p = Path(p)
+        if p.is_absolute() or p.exists() or not self.source:
+            return p
+        alt = Path(self.source).resolve().parent / p
+        return alt if alt.exists() else p
+
+
 @dataclass
-class Recipe:
+class Recipe(RecipePaths):
     name: str
     model: ModelSpec
     data: DataSpec
@@ -145,14 +159,6 @@ class Recipe:
 
     def make_schedule(self) -> Schedule:
         return Schedule.from_dict(self.schedule, total_steps=self.train.steps, source=f"{self.source}: [schedule]")
-
-    def resolve(self, p: str | Path) -> Path:
-        """A path of the recipe: as given if it exists from the current directory, else from the recipe's folder."""
-        p = Path(p)
-        if p.is_absolute() or p.exists() or not self.source:
-            return p
-        alt = Path(self.source).resolve().parent / p
-        return alt if alt.exists() else p
 
     def to_dict(self) -> dict:
         return {"name": self.name, "seed": self.seed, "out": self.out, "tokenizer": self.tokenizer,

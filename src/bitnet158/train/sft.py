@@ -42,9 +42,9 @@ global one. Validation rows are split over ranks and the sums reduced.
 
 from __future__ import annotations
 
-import argparse
 import math
-from dataclasses import dataclass, field
+from dataclasses import dataclass
+from typing import ClassVar
 from pathlib import Path
 
 import numpy as np
@@ -53,36 +53,27 @@ import torch
 from ..errors import ConfigError
 from ..tokenizer import Tokenizer
 from . import finetune
-from .finetune import FinetuneRecipe, HeadLoss, config_dict, make_optimizer, rank_slices, unwrap
-from .loop import Trainer
+from .finetune import FinetuneData, FinetuneRecipe, rank_slices
+from .head_loss import HeadLoss, unwrap
 from .losses import linear_cross_entropy
 from .sft_data import (IGNORE, ChatEncoder, Rows, encode_records, pack_examples, read_records, split_holdout)
 
 
 @dataclass
-class SFTData:
-    files: list = field(default_factory=list)
-    val_files: list = field(default_factory=list)
-    val_fraction: float = 0.05
+class SFTData(FinetuneData):
     seq_len: int = 1024
     epochs: float = 3.0
     loss: str = "sum"
     pack: bool = True
-    max_records: int = 0
     system: str = ""
-    chunk: int = 0                       # head-loss rows per chunk (0: automatic)
+    what: ClassVar[str] = "SFT"
 
     def __post_init__(self) -> None:
-        if isinstance(self.files, str):
-            self.files = [self.files]
-        if isinstance(self.val_files, str):
-            self.val_files = [self.val_files]
-        if not self.files:
-            raise ConfigError("[data] files names no SFT data file")
+        super().__post_init__()
         if self.loss not in ("sum", "mean"):
             raise ConfigError(f"data.loss={self.loss!r} is not 'sum' or 'mean'")
-        if self.seq_len < 2 or self.epochs <= 0:
-            raise ConfigError("data.seq_len must be >= 2 and data.epochs > 0")
+        if self.seq_len < 2:
+            raise ConfigError("data.seq_len must be >= 2")
 
 
 # ---------------------------------------------------------------- batches
@@ -133,9 +124,6 @@ class SFTBatches:
 
     def load_state_dict(self, s: dict) -> None:
         self.epoch, self.pos = int(s["epoch"]), int(s["pos"])
-
-
-_unwrap = unwrap
 
 
 def summed_ce(model, tokens, labels, segments=None, chunk=None) -> torch.Tensor:
@@ -219,57 +207,38 @@ def run_sft(recipe: FinetuneRecipe | str | Path, out: str | Path | None = None, 
     """Fine-tune ``recipe.init`` on ``recipe.data``; returns the summary (also OUT/summary.json).
 
     Under torchrun: DDP or FSDP2 (``parallel``), ``train.micro_batch`` rows per rank."""
-    if not isinstance(recipe, FinetuneRecipe):
-        recipe = FinetuneRecipe.from_file(recipe, SFTData, overrides)
-    if init:
-        recipe.init = str(init)
+    s = finetune.begin(recipe, SFTData, out, init, overrides, device, parallel)
+    recipe, ctx, dev, mb, ga = s.recipe, s.ctx, s.ctx.device, s.micro_batch, s.grad_accum
     d: SFTData = recipe.data
-    out = Path(out or recipe.out)
-    model, tok, tok_dir, ctx = finetune.begin(recipe, device, parallel)
-    dev = ctx.device
-    train, val, st, sv = load_sft_examples(recipe, tok)
-    pad = tok.pad_id if tok.pad_id is not None else (tok.eos_id or 0)
-    mb = int(recipe.train.get("micro_batch", 8))
-    ga = int(recipe.train.get("grad_accum", 1))
-    rows0 = pack_examples(train, d.seq_len, pad, recipe.seed, d.pack)
+    train, val, st, sv = load_sft_examples(recipe, s.tok)
+    rows0 = pack_examples(train, d.seq_len, s.pad, recipe.seed, d.pack)
     steps = max(1, math.ceil(len(rows0) * d.epochs / (mb * ga * ctx.world)))
     tcfg = recipe.train_config(steps)
     if d.loss == "sum" and "loss_scale" not in recipe.train:
         tcfg.loss_scale = "sum"
-    schedule = recipe.make_schedule(tcfg.steps)
     if ctx.is_main:
         print(f"sft: {len(train)} examples ({st['truncated']} truncated, {st['dropped']} without targets), "
               f"{len(rows0)} rows of {d.seq_len} per epoch, {sum(e.n_targets for e in train)} target tokens; "
               f"{len(val)} held out; {tcfg.steps} updates of {mb}x{ga} rows x {ctx.world} ranks "
-              f"({ctx.mode}) on {dev}", flush=True)
-    model.to(dev)
+              f"({ctx.mode}, {s.head} head) on {dev}", flush=True)
     chunk = d.chunk or None
-    net = model
-    call = finetune.wrap(ctx, net, "sft", chunk, tcfg.dtype)                 # DDP / FSDP2 under torchrun
-    optimizer = make_optimizer(net, recipe, dev)                           # after sharding: DTensor params
-    batches = SFTBatches(train, d.seq_len, mb, pad, recipe.seed, d.pack, dev, ctx.rank, ctx.world)
-    vrows = pack_examples(val, d.seq_len, pad, recipe.seed, d.pack) if val else None
-    trainer = Trainer(call, optimizer, schedule, make_loss_fn(d.loss, tcfg.grad_accum, chunk, ctx.world), batches,
-                      tcfg, out, raw_model=net, ctx=ctx,
-                      eval_fn=make_eval_fn(vrows, mb, d.pack, ctx, chunk) if vrows is not None else None,
-                      config_dict=config_dict(net),
-                      extra_state={"recipe": recipe.to_dict(), "tokenizer": str(Path(tok_dir).resolve()),
-                                   "stage": "sft"})
-    finetune.resume_or_start(trainer, out, resume, recipe)
+    # the model with its summed head loss (chunked, or fused): DDP / FSDP2 under torchrun
+    call = s.head_loss("ce", reduction="sum", chunk=chunk, dtype=tcfg.dtype)
+    batches = SFTBatches(train, d.seq_len, mb, s.pad, recipe.seed, d.pack, dev, ctx.rank, ctx.world)
+    vrows = pack_examples(val, d.seq_len, s.pad, recipe.seed, d.pack) if val else None
+    eval_fn = make_eval_fn(vrows, mb, d.pack, ctx, chunk) if vrows is not None else None
+    trainer = finetune.make_trainer(s, "sft", call, tcfg, make_loss_fn(d.loss, tcfg.grad_accum, chunk, ctx.world),
+                                    batches, eval_fn, resume)
     summary = trainer.fit()
-    summary.update({"name": recipe.name, "stage": "sft", "examples": len(train), "val_examples": len(val),
+    summary.update({"stage": "sft", "examples": len(train), "val_examples": len(val),
                     "rows_per_epoch": len(rows0), "epochs": d.epochs, "loss": d.loss,
-                    "data_stats": st, "val_data_stats": sv, "device": str(dev)})
-    return finetune.finish(ctx, net, out, tok_dir, recipe.export, summary)
+                    "data_stats": st, "val_data_stats": sv})
+    return finetune.finish(s, summary)
 
 
 # ---------------------------------------------------------------- command line
 
-def add_arguments(p: argparse.ArgumentParser) -> None:
-    finetune.add_arguments(p, recipe_help="fine-tuning recipe (.toml or .json)",
-                           init_help="starting model (overrides the recipe's `init`)",
-                           set_example="data.epochs=2")
-
-
-def main(args: argparse.Namespace) -> int:
-    return finetune.run_command(run_sft, args)
+# the command table's `add_arguments(parser)` and `main(args)` (arguments shared with the other stage)
+add_arguments, main = finetune.command(run_sft, recipe_help="fine-tuning recipe (.toml or .json)",
+                                     init_help="starting model (overrides the recipe's `init`)",
+                                     set_example="data.epochs=2")
