@@ -1,20 +1,25 @@
-"""Batch-1 GPU decode latency: fused (5 kernels a layer) vs unfused (9) W2A8 step vs the bf16 pipeline.
+"""Batch-1 GPU decode latency: the fused W2A8 decode steps vs the unfused one vs the bf16 pipeline.
 
     PYTHONPATH=src python3 bench/gpu_decode.py --out bench/results/gpu_decode-2026-11-25-h100.json
 
 One run on a random model with exact 2B4T shapes (bf16), all in CUDA graphs (median of repeats,
 CUDA events), measuring:
 
-- whole decode steps at batch 1, context 128 / 1024 / 4096: the unfused W2A8 step, the fused step
-  in each block-shape style of ``decode_layer.fused_config`` (and 4 vs 8 warps of the fused
-  attention), the int8 head (one-tile kernel and split-tile shapes), and the bf16 cuBLAS pipeline of ``bench/gpu.py`` (same graph, cache,
-  attention, norms; bf16 projections); batch 2 and 8 steps fused vs unfused;
+- whole decode steps at batch 1, context 128 / 1024 / 4096: the unfused step (9 kernels a layer)
+  and the "tail" step (5 kernels a layer, norm + quant in the last program of the kernel before:
+  ``TritonRunner(step="tail")``) in several block-shape styles of ``decode_layer.tail_config`` and
+  4 / 8 warps of the one-kernel attention; the int8 head (one-tile and split-tile kernels); the
+  bf16 cuBLAS pipeline of ``bench/gpu.py`` (same graph, cache, attention, norms; bf16
+  projections); batch 2 and 8 steps, tail vs unfused;
 - the bytes/bandwidth floor of a step (device-to-device copy bandwidth measured in the same run);
-- a chain of 152 empty PDL kernels in one graph (the latency of a kernel boundary alone);
-- each decode projection alone at M = 1 (32 back-to-back in a graph, 8 weight copies so L2 does
-  not serve them): norm_quant + W2A8 GEMV against the fused GEMV;
-- the fused step's logits against the unfused step's (same cache), relative L2 and argmax.
+- a chain of 152 empty kernels in one graph, with and without programmatic dependent launch (the
+  cost of a kernel boundary alone);
+- each decode projection alone at M = 1 with the norm + quant after it (32 back-to-back in a
+  graph, 8 weight copies so L2 does not serve them): GEMV + norm_quant against the tail GEMV;
+- every step's logits against the unfused step's (same cache), relative L2 and argmax.
 
+The "prologue" step (``step="prologue"``: every GEMV program recomputes the norm of its input
+row) is only checked here; it was measured slower than the unfused step (see docs/gpu-engine.md).
 Prints a table, then one JSON line. Needs CUDA and Triton.
 """
 
@@ -73,37 +78,41 @@ def empty_chain_us(n_kernels: int = 152) -> dict:
 
 
 def projection_table(res: dict):
-    """Each decode projection at M = 1: norm_quant + W2A8 GEMV (unfused) vs the fused GEMV."""
+    """Each decode projection at M = 1 with the norm + quant that follows it: W2A8 GEMV then a
+    norm_quant kernel (unfused) vs one tail GEMV (each tail style); qkv has no norm after it."""
+    from bitnet158 import quant
     from bitnet158.kernels.triton import decode_layer as dl
     from bitnet158.kernels.triton.norm_quant import norm_quant
     from bitnet158.kernels.triton.w2a8 import w2a8_linear
-    shapes = {"qkv": ((640, 160, 160), 2560, 1), "o": ((640,), 2560, 0), "gu": ((1728, 1728), 2560, 1),
-              "down": ((640,), 6912, 2)}
-    for name, (segs, K, mode) in shapes.items():
+    shapes = {"qkv": ((640, 160, 160), 2560, 0), "o": ((640,), 2560, 1), "gu": ((1728, 1728), 2560, 2),
+              "down": ((640,), 6912, 1)}
+    cnt = torch.zeros(1, dtype=torch.int32, device="cuda")
+    for name, (segs, K, tail) in shapes.items():
         R = sum(segs)
+        N = 4 * R if tail != 2 else 2 * R
         n_copies = 8
         ws = [torch.randint(0, 256, (R, K), dtype=torch.uint8, device="cuda") & 0x55 for _ in range(n_copies)]
         g = torch.rand(len(segs), device="cuda") + 0.5
-        a = torch.randn(1, 2 * K if mode == 2 else K, device="cuda").bfloat16()
-        d = torch.randn(1, K, device="cuda").bfloat16()
-        h = torch.empty(1, K, device="cuda", dtype=torch.bfloat16)
-        nw = torch.rand(K, device="cuda").bfloat16() + 0.5
-        out = torch.empty(1, 4 * R, dtype=torch.bfloat16, device="cuda")
+        xq, sx = quant.act_quant(torch.randn(1, K, device="cuda"))
+        res_row = torch.randn(1, N, device="cuda").bfloat16()
+        nw = torch.rand(N, device="cuda").bfloat16() + 0.5
         i = [0]
 
         def unfused():
             i[0] = (i[0] + 1) % n_copies
-            kw = dict(residual=d, h_out=h) if mode == 1 else dict(gated=mode == 2)
-            q, s = norm_quant(a, nw, 1e-5, **kw)
-            w2a8_linear(q, s, ws[i[0]], g, segs, out=out)
+            y = w2a8_linear(xq, sx, ws[i[0]], g, segs)
+            if tail == 1:
+                norm_quant(res_row, nw, 1e-5, residual=y, h_out=res_row)
+            elif tail == 2:
+                norm_quant(y, nw, 1e-5, gated=True)
 
         res[f"proj_{name}_unfused_us"] = round(graph_us(unfused, 4 * n_copies), 2)
-        for style in dl.STYLES:
+        for style in dl.TAIL_STYLES:
             def fused(style=style):
                 i[0] = (i[0] + 1) % n_copies
-                dl.fused_linear(a, nw, ws[i[0]], g, segs, 1e-5, mode=mode, d=d if mode == 1 else None,
-                                h_out=h if mode == 1 else None, out=out, style=style)
-            res[f"proj_{name}_fused_{style}_us"] = round(graph_us(fused, 4 * n_copies), 2)
+                dl.linear_tail(xq, sx, ws[i[0]], g, segs, cnt, tail=tail, res=res_row if tail == 1 else None,
+                               norm_w=nw, style=style)
+            res[f"proj_{name}_tail_{style}_us"] = round(graph_us(fused, 4 * n_copies), 2)
         res[f"proj_{name}_floor_us"] = round(R * K / (res["copy_bw_gb_s"] * 1e3), 2)
         ws.clear()
 
@@ -118,7 +127,7 @@ def main(argv=None) -> int:
         return 2
     import triton
 
-    from bitnet158.kernels.triton import decode_layer as dl, head as head_mod
+    from bitnet158.kernels.triton import decode_layer as dl, head as head_mod, runner as tail_mod
     from bitnet158.kernels.triton.runner import TritonRunner
     from bitnet158.random_model import random_packed_model
 
@@ -149,27 +158,30 @@ def main(argv=None) -> int:
 
     def runner(**kw):
         torch.cuda.empty_cache()
-        style, aw = kw.pop("style", "fat"), kw.pop("attn_warps", 8)
+        aw = kw.pop("attn_warps", None)
+        tail_styles = kw.pop("tail_styles", None)
         head_mod.HEAD_CONFIG = kw.pop("head_config", None)       # read when the graph is captured
         r = TritonRunner(model, batch=kw.pop("batch", 1), max_len=4096, **kw)
-        r.fused_style, r.attn_warps = style, aw
+        r.attn_warps = aw or r.attn_warps
+        r.tail_styles = tail_styles or r.tail_styles
         fill_cache(r)
         return r
 
-    # correctness: fused vs unfused logits on the same cache, one step at ctx 1024
+    # correctness: each step's logits against the unfused step's, same cache, one step at ctx 1024
     def check():
         tok = torch.randint(0, cfg.vocab_size, (1,), device="cuda")
         pos = torch.tensor([1023], device="cuda")
         outs = {}
-        for fused in (False, True):
-            r = runner(fused=fused)
-            outs[fused] = r.decode(tok, pos)
-            res[f"check_{'fused' if fused else 'unfused'}_uses_fused"] = r._use_fused(1)
+        for st in ("unfused", "tail", "prologue"):
+            r = runner(step=st)
+            res[f"check_{st}_kind"] = r._step_kind(1)
+            outs[st] = r.decode(tok, pos)
             del r
-        a, b = outs[False], outs[True]
-        res["check_fused_vs_unfused_rel_l2"] = float((b - a).norm() / a.norm())
-        res["check_fused_vs_unfused_argmax_equal"] = bool(torch.equal(a.argmax(-1), b.argmax(-1)))
-        print(f"fused vs unfused logits: rel L2 {res['check_fused_vs_unfused_rel_l2']:.3e}", flush=True)
+        a = outs["unfused"]
+        for st in ("tail", "prologue"):
+            res[f"check_{st}_vs_unfused_rel_l2"] = float((outs[st] - a).norm() / a.norm())
+            res[f"check_{st}_vs_unfused_argmax_equal"] = bool(torch.equal(a.argmax(-1), outs[st].argmax(-1)))
+        print("logits vs the unfused step:", {k: v for k, v in res.items() if k.startswith("check")}, flush=True)
     guard("check", check)
 
     wb = None
@@ -184,26 +196,30 @@ def main(argv=None) -> int:
             print(f"[{key}] decode b1 ctx {ctx}: {ms:.4f} ms", flush=True)
         del r
 
-    guard("unfused", lambda: step("unfused", ctxs, fused=False))
-    styles = ["fat"] if args.quick else list(dl.STYLES)
-    for st in styles:
-        guard(f"fused_{st}", lambda st=st: step(f"fused_{st}", [1024], style=st))
-    best = min(styles, key=lambda st: res.get(f"decode_b1_ctx1024_fused_{st}_ms", 1e9))
-    res["fused_best_style"] = best
-    guard("fused_attn4", lambda: step("fused_attn4", [1024], style=best, attn_warps=4))
-    aw = 4 if res.get("decode_b1_ctx1024_fused_attn4_ms", 1e9) < res.get(f"decode_b1_ctx1024_fused_{best}_ms", 1e9) else 8
-    res["fused_best_attn_warps"] = aw
-    guard("fused", lambda: step("fused", ctxs, style=best, attn_warps=aw))
+    guard("unfused", lambda: step("unfused", ctxs, step="unfused"))
+    variants = {"mixed": None, "base": dict.fromkeys(("qkv", "o", "gu", "down"), "base"),
+                "w8": dict.fromkeys(("qkv", "o", "gu", "down"), "w8"),
+                "fat": dict.fromkeys(("qkv", "o", "gu", "down"), "fat")}
+    if args.quick:
+        variants = {"mixed": None}
+    for vk, vs in variants.items():
+        guard(f"tail_{vk}", lambda vk=vk, vs=vs: step(f"tail_{vk}", [1024], step="tail", tail_styles=vs))
+    best = min(variants, key=lambda vk: res.get(f"decode_b1_ctx1024_tail_{vk}_ms", 1e9))
+    res["tail_best_styles"] = variants[best] or dict(tail_mod.TAIL_STYLES)
+    bs = variants[best]
+    guard("tail_attn8", lambda: step("tail_attn8", [1024], step="tail", tail_styles=bs, attn_warps=8))
+    aw = 8 if res.get("decode_b1_ctx1024_tail_attn8_ms", 1e9) < res.get(f"decode_b1_ctx1024_tail_{best}_ms", 1e9) else 4
+    res["tail_best_attn_warps"] = aw
+    guard("fused", lambda: step("fused", ctxs, step="tail", tail_styles=bs, attn_warps=aw))
     guard("bf16", lambda: step("bf16", ctxs, linear="bf16"))
-    head_cfgs = {"": None, "_split16": (16, 8), "_split32": (32, 8), "_split8": (8, 4)}
+    head_cfgs = {"": None, "_split16": (16, 8), "_split8": (8, 4)}
     for hk, hc in head_cfgs.items():
-        guard("fused_int8head" + hk, lambda hk=hk, hc=hc: step("fused_int8head" + hk, [1024], style=best,
-                                                                attn_warps=aw, int8_head=True, head_config=hc))
+        guard("fused_int8head" + hk, lambda hk=hk, hc=hc: step("fused_int8head" + hk, [1024], step="tail",
+                                                                tail_styles=bs, attn_warps=aw, int8_head=True,
+                                                                head_config=hc))
     hbest = min(head_cfgs, key=lambda hk: res.get(f"decode_b1_ctx1024_fused_int8head{hk}_ms", 1e9))
     res["int8_head_best_config"] = head_cfgs[hbest]
-    if hbest:
-        res["decode_b1_ctx1024_fused_int8head_best_ms"] = res[f"decode_b1_ctx1024_fused_int8head{hbest}_ms"]
-    guard("unfused_int8head", lambda: step("unfused_int8head", [1024], fused=False, int8_head=True))
+    res["decode_b1_ctx1024_fused_int8head_best_ms"] = res.get(f"decode_b1_ctx1024_fused_int8head{hbest}_ms")
     if wb is not None:
         for ctx in ctxs:
             nbytes = wb["linear"] + wb["head"] + kv_tok * ctx
@@ -214,8 +230,9 @@ def main(argv=None) -> int:
         for B in (2, 8):
             for fused in (False, True):
                 torch.cuda.empty_cache()
-                r = TritonRunner(model, batch=B, max_len=1280, fused=fused)
-                r.fused_style, r.attn_warps = best, aw
+                r = TritonRunner(model, batch=B, max_len=1280, step="tail" if fused else "unfused")
+                r.fused_max_rows, r.attn_warps = 8, aw
+                r.tail_styles = bs or r.tail_styles
                 fill_cache(r)
                 pos = [1023 - (37 * b) % 256 for b in range(B)]
                 ms = decode_ms(r, pos, iters=30)
@@ -245,16 +262,16 @@ def main(argv=None) -> int:
         print(f"{'':30s} {ctx:5d} {res.get(k + '_unfused_ms', 0):9.4f} {res.get(k + '_fused_ms', 0):9.4f} "
               f"{res.get(k + '_bf16_ms', 0):9.4f} {res.get(f'floor_b1_ctx{ctx}_ms', 0):7.4f} "
               f"{res.get(f'floor_b1_ctx{ctx}_int8_head_ms', 0):8.4f}")
-    for st in styles:
-        print(f"{'fused style ' + st + ', ctx 1024':30s} {res.get(f'decode_b1_ctx1024_fused_{st}_ms', 0):9.4f}")
-    for key in ["fused_attn4", "unfused_int8head"] + ["fused_int8head" + hk for hk in head_cfgs]:
+    for vk in variants:
+        print(f"{'tail styles ' + vk + ', ctx 1024':30s} {res.get(f'decode_b1_ctx1024_tail_{vk}_ms', 0):9.4f}")
+    for key in ["tail_attn8"] + ["fused_int8head" + hk for hk in head_cfgs]:
         print(f"{key + ', ctx 1024':30s} {res.get(f'decode_b1_ctx1024_{key}_ms', 0):9.4f}")
     for B in (2, 8):
         print(f"{'decode batch %d (ms/step)' % B:30s} {res.get(f'decode_b{B}_unfused_ms', 0):9.4f} "
               f"{res.get(f'decode_b{B}_fused_ms', 0):9.4f}")
     for name in ("qkv", "o", "gu", "down"):
         print(f"{'proj ' + name + ' (us)':30s} {res.get(f'proj_{name}_unfused_us', 0):9.2f} " +
-              " ".join(f"{res.get(f'proj_{name}_fused_{st}_us', 0):7.2f}" for st in dl.STYLES) +
+              " ".join(f"{res.get(f'proj_{name}_tail_{st}_us', 0):7.2f}" for st in dl.TAIL_STYLES) +
               f"  floor {res.get(f'proj_{name}_floor_us', 0):.2f}")
     print(json.dumps(res))
     return 0

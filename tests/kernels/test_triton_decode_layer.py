@@ -1,5 +1,6 @@
-"""Fused decode kernels (:mod:`bitnet158.kernels.triton.decode_layer`, ``_attn_fused``) and the
-fused decode step of the Triton runner, against the unfused kernels and the torch reference.
+"""Fused decode kernels (:mod:`bitnet158.kernels.triton.decode_layer`: GEMVs with a norm + quant
+tail or prologue; ``_attn_fused``) and the fused decode steps of the Triton runner, against the
+unfused kernels and the torch reference.
 
 Without a GPU the kernels run under ``TRITON_INTERPRET=1`` on small awkward shapes (odd row
 counts, 1-3 segments, every prologue mode, the embedding gather, fp32 and bf16); with CUDA the
@@ -126,6 +127,73 @@ def test_fused_attention(dtype, chunk, block_n):
         torch.testing.assert_close(o[b].cpu().float(), ref.float(), rtol=tol, atol=tol)
 
 
+TAIL_CASES = [  # (tail, M, segments, K)
+    (0, 1, (6,), 36),
+    (1, 3, (17,), 68),            # x += d, norm, quant
+    (1, 2, (4, 4, 8), 64),        # 3 segments
+    (2, 2, (5, 5), 40),           # relu^2 gate of [g | u]
+    (2, 1, (9, 9), 100),
+]
+
+
+@pytest.mark.parametrize("tail,M,segs,K", TAIL_CASES)
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32])
+def test_linear_tail_equals_w2a8_then_norm_quant(tail, M, segs, K, dtype):
+    gen = torch.Generator().manual_seed(tail * 100 + M * 10 + K)
+    w, g, _ = _weights(segs, K, gen)
+    R = sum(segs)
+    x_q, s = quant.act_quant(torch.randn(M, K, generator=gen) * 3)
+    x_q, s = x_q.to(DEV), s.to(DEV)
+    ref = w2a8.w2a8_linear(x_q, s, w.to(DEV), g.to(DEV), segs, out_dtype=dtype)
+    N = 4 * R if tail != 2 else 2 * R
+    res = torch.randn(M, N, generator=gen).to(dtype).to(DEV)
+    nw = (torch.rand(N, generator=gen) + 0.5).to(dtype).to(DEV)
+    cnt = torch.zeros(1, dtype=torch.int32, device=DEV)
+    r1 = res.clone()
+    got = dl.linear_tail(x_q, s, w.to(DEV), g.to(DEV), segs, cnt, tail=tail, res=r1 if tail == 1 else None,
+                         norm_w=nw, out_dtype=dtype)
+    assert int(cnt) == 0                                       # left at zero for the next kernel
+    if tail == 0:
+        assert torch.equal(got, ref)
+        return
+    out, q, sq = got
+    assert torch.equal(out, ref)
+    r2 = res.clone()
+    kw = dict(residual=ref, h_out=r2) if tail == 1 else dict(gated=True)
+    rq, rs = nq.norm_quant(r2 if tail == 1 else ref, nw, 1e-5, **kw)
+    if tail == 1:
+        assert torch.equal(r1, r2)                             # x + d stored back to the residual
+    diff = (q.cpu().int() - rq.cpu().int()).abs()              # the norm's fp32 sum order may differ
+    assert int(diff.max()) <= 1 and int((diff > 0).sum()) <= max(1, q.numel() // 200)
+    if common.INTERPRET:
+        assert torch.equal(q, rq) and torch.equal(sq, rs)
+    else:
+        torch.testing.assert_close(sq, rs, rtol=1e-5, atol=0)
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32])
+def test_fused_attention_sub_norm_quant(dtype):
+    """With a norm weight the one-kernel attention also returns the normed, quantized row."""
+    torch.manual_seed(4)
+    H, HKV, D, B, S = 4, 2, 16, 3, 40
+    cos_t, sin_t = (t.to(DEV) for t in rope_tables(D, S, 10000.0))
+    qkv = torch.randn(B, (H + 2 * HKV) * D).to(dtype).to(DEV)
+    kc = torch.randn(B, HKV, S, D).to(dtype).to(DEV)
+    vc = torch.randn(B, HKV, S, D).to(dtype).to(DEV)
+    pos = torch.tensor([0, 17, 39], dtype=torch.int32, device=DEV)
+    rows = torch.arange(B, dtype=torch.int32, device=DEV)
+    nw = (torch.rand(H * D) + 0.5).to(dtype).to(DEV)
+    att = DecodeAttention(H, HKV, D, B, S, DEV, chunk=16, block_n=16)
+    q_old, s_old = att(qkv, kc.clone(), vc.clone(), rows, pos, cos_t, sin_t, nw, 1e-5)
+    o, q, s = att.fused(qkv, kc.clone(), vc.clone(), rows, pos, cos_t, sin_t, norm_weight=nw, eps=1e-5)
+    assert int(att.cnt.abs().sum()) == 0 and int(att.gcnt.abs().sum()) == 0
+    diff = (q.cpu().int() - q_old.cpu().int()).abs()
+    assert int(diff.max()) <= 1 and int((diff > 0).sum()) <= 2
+    torch.testing.assert_close(s, s_old, rtol=1e-5, atol=0)
+    if common.INTERPRET:
+        assert torch.equal(q, q_old) and torch.equal(s, s_old)
+
+
 # ---------------------------------------------------------------- runner
 
 def _tiny(dtype, layers=1, device="cpu"):
@@ -145,6 +213,24 @@ def reference_kernels(monkeypatch):
     monkeypatch.setattr(kernels, "_BACKENDS", [])
 
 
+def test_interpreted_tail_step_two_layers_matches_reference(reference_kernels):
+    """The default 5-kernel step over 2 layers (the down projection's tail feeds layer 1)."""
+    if CUDA:
+        pytest.skip("the CUDA tests cover this")
+    from bitnet158.engine.runner import TorchRunner
+    from bitnet158.kernels.triton.runner import TritonRunner
+    m = _tiny(torch.bfloat16, layers=2)
+    ref = TorchRunner(m, batch=1, max_len=16)
+    tr = TritonRunner(m, batch=1, max_len=16, graphs=False, step="tail")
+    assert tr._step_kind(1) == "tail"
+    toks = torch.randint(0, m.config.vocab_size, (1, 3))
+    pos = torch.arange(3)[None]
+    ref.prefill(toks, pos)
+    tr.prefill(toks, pos)
+    nt, p = torch.tensor([5]), torch.tensor([3])
+    torch.testing.assert_close(tr.decode(nt, p), ref.decode(nt, p), rtol=1e-6, atol=1e-6)
+
+
 def test_interpreted_unfused_step_matches_reference(reference_kernels):
     """The 9-kernel step (``fused=False``) against the reference runner (1 layer, bf16); the fused
     default step is what ``test_triton_runner.py`` checks."""
@@ -154,8 +240,8 @@ def test_interpreted_unfused_step_matches_reference(reference_kernels):
     from bitnet158.kernels.triton.runner import TritonRunner
     m = _tiny(torch.bfloat16)
     ref = TorchRunner(m, batch=2, max_len=32)
-    runs = [TritonRunner(m, batch=2, max_len=32, graphs=False, fused=False)]
-    assert not runs[0]._use_fused(2) and TritonRunner(m, batch=2, max_len=32, graphs=False)._use_fused(2)
+    runs = [TritonRunner(m, batch=2, max_len=32, graphs=False, step="unfused")]
+    assert runs[0]._step_kind(1) == "unfused"
     toks = torch.randint(0, m.config.vocab_size, (2, 4))
     pos = torch.arange(4)[None].expand(2, 4)
     ref.prefill(toks, pos)
@@ -192,6 +278,15 @@ def test_fused_linear_2b4t_shapes(style, mode, segs, K):
 
 @pytest.mark.cuda
 @pytest.mark.skipif(not CUDA, reason="needs CUDA")
+@pytest.mark.parametrize("tail,segs,K", [(0, (640, 160, 160), 2560), (1, (640,), 2560), (2, (1728, 1728), 2560),
+                                         (1, (640,), 6912)])
+def test_linear_tail_2b4t_shapes(tail, segs, K):
+    for M in (1, 3):
+        test_linear_tail_equals_w2a8_then_norm_quant(tail, M, segs, K, torch.bfloat16)
+
+
+@pytest.mark.cuda
+@pytest.mark.skipif(not CUDA, reason="needs CUDA")
 @pytest.mark.parametrize("batch", [1, 3])
 def test_cuda_fused_greedy_tokens_identical(batch, reference_kernels):
     from bitnet158.engine.runner import TorchRunner
@@ -208,13 +303,11 @@ def test_cuda_fused_greedy_tokens_identical(batch, reference_kernels):
         return torch.stack(out, 1), logits
 
     ref_toks, ref_last = greedy(TorchRunner(m, batch=batch, max_len=128))
-    for fused in (True, False):
-        for style in ("fat", "wide"):
-            r = TritonRunner(m, batch=batch, max_len=128, fused=fused)
-            r.fused_style = style
-            assert r._use_fused(batch) == fused
-            toks, last = greedy(r)
-            assert torch.equal(toks, ref_toks), (fused, style)
-            torch.testing.assert_close(last, ref_last, rtol=1e-4, atol=1e-4)
-            if not fused:
-                break
+    for step, style in (("tail", None), ("prologue", "half"), ("prologue", "wide"), ("unfused", None)):
+        r = TritonRunner(m, batch=batch, max_len=128, step=step)
+        r.fused_max_rows = 8                                 # also the batched fused steps
+        r.fused_style = style or r.fused_style
+        assert r._step_kind(batch) == step
+        toks, last = greedy(r)
+        assert torch.equal(toks, ref_toks), (step, style)
+        torch.testing.assert_close(last, ref_last, rtol=1e-4, atol=1e-4)

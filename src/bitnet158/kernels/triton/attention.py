@@ -162,13 +162,16 @@ def _attn_combine(po_ptr, pml_ptr, pos_ptr, w_ptr, ob_ptr, cnt_ptr, y_ptr, q_ptr
 @triton.jit
 def _attn_fused(qkv_ptr, stride_qkv, kc_ptr, vc_ptr, sc_b, sc_h, sc_s, rows_ptr, pos_ptr,
                 cos_ptr, sin_ptr, po_ptr, pml_ptr, cnt_ptr, o_ptr, stride_o, scale,
+                w_ptr, rcnt_ptr, q_ptr, s_ptr, stride_q, eps,
                 H: tl.constexpr, HKV: tl.constexpr, D: tl.constexpr, GROUP: tl.constexpr,
                 GP: tl.constexpr, CHUNK: tl.constexpr, BLOCK_N: tl.constexpr, NCH: tl.constexpr,
-                NCHP: tl.constexpr, IEEE: tl.constexpr, PDL: tl.constexpr, INTERP: tl.constexpr):
+                NCHP: tl.constexpr, HP: tl.constexpr, QUANT: tl.constexpr, IEEE: tl.constexpr,
+                PDL: tl.constexpr, INTERP: tl.constexpr):
     """Partials and merge in one kernel: grid (B * Hkv, NCH) as ``_attn_partial``; the last chunk
     of a (row, KV head) to finish (a counter, left at zero) merges the group's heads and stores
-    the attention output ``o`` [B, H*D] in the model dtype (attn_sub_norm + quant happen in the
-    O projection's prologue). The first tile's cached keys/values (slots < pos, written by
+    the attention output ``o`` [B, H*D] in the model dtype. With ``QUANT`` the last KV head of a
+    row to finish (a second counter) applies attn_sub_norm to the row and quantizes it for
+    o_proj, as ``_attn_combine`` does. The first tile's cached keys/values (slots < pos, written by
     earlier steps) are loaded before the wait on the previous kernel."""
     pid = tl.program_id(0)
     c = tl.program_id(1)
@@ -248,6 +251,26 @@ def _attn_fused(qkv_ptr, stride_qkv, kc_ptr, vc_ptr, sc_b, sc_h, sc_s, rows_ptr,
                 tl.store(o_ptr + b * stride_o + (g * GROUP + j) * D + d,
                          cast(oj, o_ptr.dtype.element_ty, INTERP))                    # SDPA output
             tl.atomic_xchg(cnt_ptr + pid, 0)                    # ready for the next layer / replay
+            if QUANT:
+                tl.debug_barrier()
+                done2 = tl.atomic_add(rcnt_ptr + b, 1)          # acq_rel: our heads of o are visible
+                if done2 == HKV - 1:
+                    tl.debug_barrier()
+                    hs = tl.arange(0, HP)
+                    hm = hs < H
+                    idx = hs[:, None] * D + d[None, :]
+                    orow = tl.load(o_ptr + b * stride_o + idx, mask=hm[:, None], other=0.0,
+                                   cache_modifier=".cg").to(tl.float32)
+                    var = tl.sum(tl.sum(orow * orow, axis=1), axis=0) / (H * D)
+                    r = tl.math.div_rn(1.0, tl.sqrt_rn(var + eps))
+                    wn = tl.load(w_ptr + idx, mask=hm[:, None], other=0.0).to(tl.float32)
+                    yrow = rnd(wn * rnd(orow * r, dt, INTERP), dt, INTERP)
+                    amax = tl.max(tl.max(tl.abs(yrow), axis=1), axis=0)
+                    sq = 127.0 * tl.math.div_rn(1.0, tl.maximum(amax, 1e-5))
+                    qv = tl.minimum(tl.maximum(rint(yrow * sq, INTERP), -128.0), 127.0)
+                    tl.store(q_ptr + b * stride_q + idx, qv.to(tl.int8), mask=hm[:, None])
+                    tl.store(s_ptr + b, sq)
+                    tl.atomic_xchg(rcnt_ptr + b, 0)
 
 
 class DecodeAttention:
@@ -310,19 +333,28 @@ class DecodeAttention:
 
     def fused(self, qkv: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, rows: torch.Tensor,
               pos: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, out: torch.Tensor | None = None,
-              num_warps: int = 8):
+              num_warps: int = 8, norm_weight: torch.Tensor | None = None, eps: float = 1e-5):
         """One kernel: qkv [B, (H+2Hkv)D] -> attention output o [B, H*D] in the caches' dtype
-        (before attn_sub_norm). Same cache write and chunking as ``__call__``."""
+        (before attn_sub_norm); with ``norm_weight``: (o, q int8 [B, H*D], s fp32 [B]), the row
+        normed and quantized for o_proj. Same cache write and chunking as ``__call__``."""
         B = qkv.shape[0]
         if k_cache.stride(3) != 1 or k_cache.stride() != v_cache.stride():
             raise ValueError("decode attention: caches must share strides, unit stride on head_dim")
         out = out if out is not None else torch.empty((B, self.H * self.D), dtype=k_cache.dtype,
                                                       device=qkv.device)
+        quant = norm_weight is not None
+        if quant:
+            q = torch.empty((B, self.H * self.D), dtype=torch.int8, device=qkv.device)
+            s = torch.empty((B,), dtype=torch.float32, device=qkv.device)
+        else:
+            q, s = out, out
         _attn_fused[(B * self.HKV, self.nch)](
             qkv, qkv.stride(0), k_cache, v_cache, k_cache.stride(0), k_cache.stride(1),
             k_cache.stride(2), rows, pos, cos, sin, self.po, self.pml, self.gcnt, out, out.stride(0),
-            self.D ** -0.5, H=self.H, HKV=self.HKV, D=self.D, GROUP=self.group,
+            self.D ** -0.5, norm_weight if quant else out, self.cnt, q, s, q.stride(0), eps,
+            H=self.H, HKV=self.HKV, D=self.D, GROUP=self.group,
             GP=max(16, triton.next_power_of_2(self.group)), CHUNK=self.chunk, BLOCK_N=self.block_n,
-            NCH=self.nch, NCHP=triton.next_power_of_2(self.nch), IEEE=k_cache.dtype == torch.float32,
-            PDL=PDL, INTERP=INTERPRET, num_warps=num_warps, **_pdl)
-        return out
+            NCH=self.nch, NCHP=triton.next_power_of_2(self.nch), HP=triton.next_power_of_2(self.H),
+            QUANT=quant, IEEE=k_cache.dtype == torch.float32, PDL=PDL, INTERP=INTERPRET,
+            num_warps=num_warps, **_pdl)
+        return (out, q, s) if quant else out

@@ -83,11 +83,21 @@ def main() -> int:
     comp(w2a8._gemm_dot, dict(x_ptr=P(i8), sx_ptr=P(f32), w_ptr=P("u8"), g_ptr=P(f32), out_ptr=P(bf),
                               ws_ptr=P(i32), cnt_ptr=P(i32)),
          dict(BM=16, BR=32, BK=128, SPLIT_K=4, ITERS=5, GROUP_M=8, PDL=True, INTERP=False), num_warps=4)
-    comp(attention._attn_fused, dict(qkv_ptr=P(bf), kc_ptr=P(bf), vc_ptr=P(bf), rows_ptr=P(i32),
-                                     pos_ptr=P(i32), cos_ptr=P(f32), sin_ptr=P(f32), po_ptr=P(f32),
-                                     pml_ptr=P(f32), cnt_ptr=P(i32), o_ptr=P(bf), scale=f32),
-         dict(H=20, HKV=5, D=128, GROUP=4, GP=16, CHUNK=64, BLOCK_N=64, NCH=64, NCHP=64, IEEE=False,
-              PDL=True, INTERP=False), num_warps=4)
+    for quant in (True, False):
+        comp(attention._attn_fused, dict(qkv_ptr=P(bf), kc_ptr=P(bf), vc_ptr=P(bf), rows_ptr=P(i32),
+                                         pos_ptr=P(i32), cos_ptr=P(f32), sin_ptr=P(f32), po_ptr=P(f32),
+                                         pml_ptr=P(f32), cnt_ptr=P(i32), o_ptr=P(bf), scale=f32,
+                                         w_ptr=P(bf), rcnt_ptr=P(i32), q_ptr=P(i8), s_ptr=P(f32), eps=f32),
+             dict(H=20, HKV=5, D=128, GROUP=4, GP=16, CHUNK=64, BLOCK_N=64, NCH=64, NCHP=64, HP=32,
+                  QUANT=quant, IEEE=False, PDL=True, INTERP=False), num_warps=4)
+    for tail, K, R in ((0, 2560, 960), (1, 2560, 640), (2, 2560, 3456), (1, 6912, 640)):
+        cfg = decode_layer.tail_config(R, K)
+        nw = cfg.pop("num_warps")
+        N = 4 * R if tail != 2 else 2 * R
+        comp(decode_layer._gemv_tail, dict(x_ptr=P(i32), sx_ptr=P(f32), w_ptr=P(i32), g_ptr=P(f32),
+                                           out_ptr=P(bf), cnt_ptr=P(i32), res_ptr=P(bf), nw_ptr=P(bf),
+                                           q_ptr=P(i8), s_ptr=P(f32), eps=f32),
+             dict(TAIL=tail, MB=1, BT=triton.next_power_of_2(N), PDL=True, INTERP=False, **cfg), num_warps=nw)
     for mode, K, R, gather in ((1, 2560, 960, False), (0, 2560, 960, True), (0, 2560, 640, False),
                                (1, 2560, 3456, True), (2, 6912, 640, False)):
         cfg = decode_layer.fused_config(1, R, K)

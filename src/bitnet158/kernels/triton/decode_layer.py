@@ -133,6 +133,145 @@ def _gemv_nq(a_ptr, tok_ptr, d_ptr, h_ptr, nw_ptr, w_ptr, g_ptr, out_ptr,
                      mask=rmask & mvalid)
 
 
+@triton.jit
+def _norm_quant_row(h, nw, m, D, offs, mask, q_ptr, s_ptr, stride_q, eps, dt: tl.constexpr,
+                    INTERP: tl.constexpr):
+    """RMSNorm (weight nw) + absmax int8 quantization of one row h (model-dtype values in fp32)."""
+    var = tl.sum(h * h, axis=0) / D
+    r = tl.math.div_rn(1.0, tl.sqrt_rn(var + eps))
+    y = rnd(nw * rnd(h * r, dt, INTERP), dt, INTERP)
+    amax = tl.max(tl.abs(y), axis=0)
+    s = 127.0 * tl.math.div_rn(1.0, tl.maximum(amax, 1e-5))
+    q = tl.minimum(tl.maximum(rint(y * s, INTERP), -128.0), 127.0)
+    tl.store(q_ptr + m * stride_q + offs, q.to(tl.int8), mask=mask)
+    tl.store(s_ptr + m, s)
+
+
+@triton.jit
+def _gemv_tail(x_ptr, sx_ptr, w_ptr, g_ptr, out_ptr, M, K4, R_total, P1, P2, stride_xm, stride_om,
+               cnt_ptr, res_ptr, stride_res, nw_ptr, q_ptr, s_ptr, stride_q, N, eps,
+               TAIL: tl.constexpr, MB: tl.constexpr, BR: tl.constexpr, BK4: tl.constexpr, BT: tl.constexpr,
+               PDL: tl.constexpr, INTERP: tl.constexpr):
+    """``w2a8._gemv_dp4a`` (all M rows a program, K in one tile), then the last program to finish
+    (a counter, left at zero) computes the next projection's input from the whole output row:
+
+    - TAIL 1: ``h = res + out`` (model dtype, stored back to ``res``), RMSNorm, int8 quant;
+    - TAIL 2: ``h = relu(g)^2 * u`` of the output row ``[g | u]`` (N = width of g), RMSNorm, quant.
+
+    One kernel instead of GEMV + norm_quant: no kernel boundary, no second launch.
+    """
+    pid_r = tl.program_id(0)
+    rows = pid_r * BR + tl.arange(0, BR)
+    rmask = rows < R_total
+    k0 = tl.arange(0, BK4)
+    kmask = k0 < K4
+    w = tl.load(w_ptr + rows[:, None] * K4 + k0[None, :], mask=rmask[:, None] & kmask[None, :], other=0)
+    if PDL:
+        gdc_launch_dependents()
+        gdc_wait()
+    ones = tl.full((BK4,), 0x01010101, tl.int32)
+    for m in range(MB):                                         # MB == M
+        x = tl.load(x_ptr + m * stride_xm + k0, mask=kmask, other=0)                    # int8x4 [BK4]
+        sumx = tl.sum(_dp4a(ones, x, tl.zeros_like(x), INTERP), axis=0)
+        sx = tl.load(sx_ptr + m)
+        for k in tl.static_range(4):
+            if k == 3:
+                u = w & -1061109568                             # 0xC0C0C0C0 as an int32
+            else:
+                u = w & (0x03030303 << (2 * k))
+            acc = (tl.sum(_dp4a_u(u, x[None, :], tl.zeros_like(w), INTERP), axis=1) >> (2 * k)) - sumx
+            cols, seg = _out_cols(rows, k, P1, P2, R_total)
+            gamma = tl.load(g_ptr + seg)
+            y = acc.to(tl.float32) * tl.math.div_rn(gamma, sx)
+            tl.store(out_ptr + m * stride_om + cols, cast(y, out_ptr.dtype.element_ty, INTERP), mask=rmask)
+    if TAIL != 0:
+        tl.debug_barrier()
+        done = tl.atomic_add(cnt_ptr, 1)                        # acq_rel: our outputs are visible
+        if done == tl.num_programs(0) - 1:
+            tl.debug_barrier()
+            offs = tl.arange(0, BT)
+            mask = offs < N
+            nw = tl.load(nw_ptr + offs, mask=mask, other=0.0).to(tl.float32)
+            dt = out_ptr.dtype.element_ty
+            for m in range(MB):
+                if TAIL == 1:
+                    d = tl.load(out_ptr + m * stride_om + offs, mask=mask, other=0.0, cache_modifier=".cg")
+                    xr = tl.load(res_ptr + m * stride_res + offs, mask=mask, other=0.0, cache_modifier=".cg")
+                    h = cast(xr.to(tl.float32) + d.to(tl.float32), dt, INTERP)
+                    tl.store(res_ptr + m * stride_res + offs, h, mask=mask)
+                else:
+                    g = tl.load(out_ptr + m * stride_om + offs, mask=mask, other=0.0,
+                                cache_modifier=".cg").to(tl.float32)
+                    uu = tl.load(out_ptr + m * stride_om + N + offs, mask=mask, other=0.0,
+                                 cache_modifier=".cg").to(tl.float32)
+                    g = tl.maximum(g, 0.0)
+                    h = cast(rnd(g * g, dt, INTERP) * uu, dt, INTERP)
+                _norm_quant_row(h.to(tl.float32), nw, m, N, offs, mask, q_ptr, s_ptr, stride_q, eps, dt, INTERP)
+            tl.atomic_xchg(cnt_ptr, 0)                          # ready for the next kernel / replay
+
+
+TAIL_STYLES = ("base", "w8", "fat")
+
+
+def tail_config(R: int, K: int, style: str = "base", n_sm: int = 132) -> dict:
+    """Block shapes of the tail GEMV.
+
+    - ``base``: the unfused GEMV's (2-8 packed rows a program, 4 warps; 8 for K = 6912);
+    - ``w8``: the same rows, twice the warps (the tail's full-row tensors take fewer registers
+      a thread, so more programs stay resident);
+    - ``fat``: at most one program an SM, 16 warps.
+    """
+    bk4 = triton.next_power_of_2(max(triton.cdiv(K, 4), 1))
+    if style == "fat":
+        br = 1
+        while triton.cdiv(R, br) > n_sm and br < 64:
+            br *= 2
+        return dict(BR=br, BK4=bk4, num_warps=16)
+    if bk4 >= 2048:             # K = 6912 (down): 2 packed rows a program
+        br, nw = 2, 8
+    else:
+        br, nw = (4 if R <= 1024 else 8), 4
+    return dict(BR=br, BK4=bk4, num_warps=nw * (2 if style == "w8" else 1))
+
+
+def linear_tail(x_q: torch.Tensor, s_x: torch.Tensor, w: torch.Tensor, gammas: torch.Tensor,
+                seg_rows: tuple[int, ...], cnt: torch.Tensor, *, tail: int = 0,
+                res: torch.Tensor | None = None, norm_w: torch.Tensor | None = None, eps: float = 1e-5,
+                out_dtype: torch.dtype = torch.bfloat16, config: dict | None = None, style: str = "base"):
+    """W2A8 GEMV of int8 rows x_q [M, K] (M <= 8) with an optional tail (see ``_gemv_tail``).
+
+    Returns ``out`` [M, 4R] for ``tail=0``, else ``(out, q [M, N] int8, s [M] fp32)``: the next
+    projection's input. ``cnt``: an int32 counter (zero, and left at zero).
+    """
+    M, K = x_q.shape
+    R = w.shape[0]
+    if not supported(M, K) or w.shape[1] != K:
+        raise ValueError(f"linear_tail: M={M}, K={K}, weight {tuple(w.shape)} outside the decode GEMV")
+    if x_q.stride(1) != 1 or x_q.stride(0) % 4 or not w.is_contiguous():
+        raise ValueError("linear_tail: int8 rows need unit column stride and a row stride % 4 == 0")
+    if sum(seg_rows) != R or not 1 <= len(seg_rows) <= 3:
+        raise ValueError(f"linear_tail: segments {seg_rows} do not tile {R} packed rows")
+    P1 = min(seg_rows[0], R)
+    P2 = seg_rows[0] + seg_rows[1] if len(seg_rows) > 1 else R
+    out = torch.empty((M, 4 * R), dtype=out_dtype, device=x_q.device)
+    N = 4 * R if tail != 2 else 2 * R
+    if tail == 1 and (res is None or res.shape[1] != N):
+        raise ValueError("linear_tail: tail 1 needs the residual rows res [M, 4R]")
+    if tail:
+        q = torch.empty((M, N), dtype=torch.int8, device=x_q.device)
+        s = torch.empty((M,), dtype=torch.float32, device=x_q.device)
+    else:
+        q, s = x_q, s_x
+    r_ = res if res is not None else out
+    nw = norm_w if norm_w is not None else out
+    cfg = dict(config or tail_config(R, K, style))
+    _gemv_tail[(triton.cdiv(R, cfg["BR"]),)](
+        x_q.view(torch.int32), s_x.reshape(-1), w.view(torch.int32), gammas, out, M, K // 4, R, P1, P2,
+        x_q.stride(0) // 4, out.stride(0), cnt, r_, r_.stride(0), nw, q, s, q.stride(0), N, eps,
+        TAIL=tail, MB=M, BT=triton.next_power_of_2(N), PDL=PDL, INTERP=INTERPRET, **cfg, **_pdl)
+    return (out, q, s) if tail else out
+
+
 MAX_K = 8192        # the whole K of a row in one tile
 
 
@@ -207,4 +346,4 @@ def fused_linear(a: torch.Tensor, norm_w: torch.Tensor, w: torch.Tensor, gammas:
     return out
 
 
-__all__ = ["fused_linear", "fused_config", "supported", "MAX_K", "STYLES"]
+__all__ = ["fused_linear", "fused_config", "linear_tail", "tail_config", "TAIL_STYLES", "supported", "MAX_K", "STYLES"]

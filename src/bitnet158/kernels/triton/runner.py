@@ -73,13 +73,18 @@ class _Linear:
         return w2a8_linear(x_or_q, s, self.packed, self.gammas, self.segs, out_dtype=out_dtype, ws=ws)
 
 
+STEPS = ("tail", "prologue", "unfused")
+DEFAULT_STEP = "tail"
+TAIL_STYLES = {"qkv": "base", "o": "w8", "gu": "fat", "down": "fat"}
+
+
 class TritonRunner:
     """Runner protocol of :mod:`bitnet158.engine.runner` on CUDA (or CPU under TRITON_INTERPRET=1)."""
 
     name = "triton"
 
     def __init__(self, model, batch: int = 1, max_len: int | None = None, linear: str = "w2a8",
-                 graphs: bool | None = None, int8_head: bool = False, fused: bool | None = None):
+                 graphs: bool | None = None, int8_head: bool = False, step: str | None = None):
         if not model.packed:
             raise ConfigError("triton runner: the model must be packed (call model.pack() or load "
                               "with packed=True)")
@@ -96,11 +101,20 @@ class TritonRunner:
         self.mode = linear
         self.eps = cfg.rms_norm_eps
         self.graphs = self.device.type == "cuda" if graphs is None else graphs
-        # fused decode (5 kernels a layer, norm + quant in the GEMV prologues) up to 8 rows
-        self.fused = (linear == "w2a8") if fused is None else (bool(fused) and linear == "w2a8")
-        self.fused_style = "fat"         # block shapes of the fused GEMVs (decode_layer.fused_config)
-        self.attn_warps = 8              # warps of the fused attention kernel
-        self.fused_max_rows = 8          # decode steps of more rows take the unfused kernels
+        # decode step up to ``fused_max_rows`` rows (more rows: always "unfused"):
+        #   "tail":     5 kernels a layer, norm + quant in the last program of the previous kernel
+        #   "prologue": 5 kernels a layer, norm + quant recomputed by every GEMV program
+        #   "unfused":  9 kernels a layer (norm_quant kernels, attention partials + combine)
+        step = DEFAULT_STEP if step is None else step
+        if step not in STEPS:
+            raise ConfigError(f"triton runner: step={step!r} is not one of {STEPS}")
+        self.step = step if linear == "w2a8" else "unfused"
+        self.fused_style = "half"        # block shapes of the prologue GEMVs (decode_layer.fused_config)
+        self.attn_warps = 4              # warps of the one-kernel attention
+        self.fused_max_rows = 1          # measured on an H100: batch 2 and 8 are faster unfused
+        self.cnt = torch.zeros(1, dtype=torch.int32, device=self.device)   # tail counter, kept zero
+        # block shapes of the tail GEMVs per projection (decode_layer.tail_config styles)
+        self.tail_styles = dict(TAIL_STYLES)
         dev, dt = self.device, self.dtype
         self.layers = []
         for blk in model.model.layers:
@@ -178,8 +192,13 @@ class TritonRunner:
         return F.linear(y.to(self.head.dtype), self.head).float()
 
     # ------------------------------------------------------------------ decode
-    def _use_fused(self, n: int) -> bool:
-        return self.fused and n <= self.fused_max_rows and all(
+    def _step_kind(self, n: int) -> str:
+        if self.step == "unfused" or n > self.fused_max_rows or not self.layers:
+            return "unfused"
+        return self.step if self._fusable(n) else "unfused"
+
+    def _fusable(self, n: int) -> bool:
+        return all(
             decode_layer.supported(n, L[k].packed.shape[1]) for L in self.layers[:1]
                                   for k in ("qkv", "o", "gu", "down"))
 
@@ -220,11 +239,41 @@ class TritonRunner:
             d = self._fl(L["down"], gu, L["ffn_norm"], mode=2)
         return self._head(bufs[cur], d)
 
+    def _decode_step_tail(self, tok, pos, rows):
+        """5 kernels a layer: QKV -> attention (+ attn_sub_norm, quant) -> O (+ x += d, norm, quant)
+        -> gate|up (+ relu^2 gate, ffn_sub_norm, quant) -> down (+ x += d, next input_layernorm,
+        quant): each norm + quant runs in the last program of the kernel before it."""
+        n = tok.shape[0]
+        x = self.x_buf[:n]
+        x.copy_(F.embedding(tok, self.embed))
+        last = len(self.layers) - 1
+        q, s = norm_quant(x, self.layers[0]["in_norm"], self.eps)
+        st = self.tail_styles
+
+        def tail(q, s, lin, **kw):
+            return decode_layer.linear_tail(q, s, lin.packed, lin.gammas, lin.segs, self.cnt, eps=self.eps,
+                                            out_dtype=self.dtype, **kw)
+        for i, L in enumerate(self.layers):
+            qkv = tail(q, s, L["qkv"], style=st["qkv"])
+            _, q, s = self.attn.fused(qkv, self.k_cache[i], self.v_cache[i], rows, pos, self.cos, self.sin,
+                                      num_warps=self.attn_warps, norm_weight=L["attn_norm"], eps=self.eps)
+            _, q, s = tail(q, s, L["o"], tail=1, res=x, norm_w=L["post_norm"], style=st["o"])
+            _, q, s = tail(q, s, L["gu"], tail=2, norm_w=L["ffn_norm"], style=st["gu"])
+            if i < last:
+                _, q, s = tail(q, s, L["down"], tail=1, res=x, norm_w=self.layers[i + 1]["in_norm"],
+                               style=st["down"])
+            else:
+                d = tail(q, s, L["down"], style=st["down"])
+        return self._head(x, d)
+
     def _decode_step(self, tok, pos, rows):
         """tok long [n], pos int32 [n], rows int32 [n] (device buffers) -> float32 logits [n, V]."""
         n = tok.shape[0]
-        if self._use_fused(n) and self.layers:
+        kind = self._step_kind(n)
+        if kind == "prologue":
             return self._decode_step_fused(tok, pos, rows)
+        if kind == "tail":
+            return self._decode_step_tail(tok, pos, rows)
         x = self.x_buf[:n]
         x.copy_(F.embedding(tok, self.embed))
         delta = None
