@@ -10,7 +10,7 @@ CUDA events), measuring:
   ``TritonRunner(step="tail")``) in several block-shape styles of ``decode_layer.tail_config`` and
   4 / 8 warps of the one-kernel attention; the int8 head (one-tile and split-tile kernels); the
   bf16 cuBLAS pipeline of ``bench/gpu.py`` (same graph, cache, attention, norms; bf16
-  projections); batch 2 and 8 steps, tail vs unfused;
+  projections); with ``--batched`` batch 2 and 8 steps, tail vs unfused;
 - the bytes/bandwidth floor of a step (device-to-device copy bandwidth measured in the same run);
 - a chain of 152 empty kernels in one graph, with and without programmatic dependent launch (the
   cost of a kernel boundary alone);
@@ -121,6 +121,7 @@ def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--out", default=None, help="write the JSON result here")
     ap.add_argument("--quick", action="store_true", help="ctx 1024 only, fewer variants")
+    ap.add_argument("--batched", action="store_true", help="also batch 2 and 8 steps, tail vs unfused")
     args = ap.parse_args(argv)
     if not torch.cuda.is_available():
         print("bench/gpu_decode.py needs a CUDA device", file=sys.stderr)
@@ -197,8 +198,7 @@ def main(argv=None) -> int:
         del r
 
     guard("unfused", lambda: step("unfused", ctxs, step="unfused"))
-    variants = {"mixed": None, "base": dict.fromkeys(("qkv", "o", "gu", "down"), "base"),
-                "w8": dict.fromkeys(("qkv", "o", "gu", "down"), "w8"),
+    variants = {"mixed": None, "w8": dict.fromkeys(("qkv", "o", "gu", "down"), "w8"),
                 "fat": dict.fromkeys(("qkv", "o", "gu", "down"), "fat")}
     if args.quick:
         variants = {"mixed": None}
@@ -241,7 +241,7 @@ def main(argv=None) -> int:
                 res[key + "_tok_s"] = round(B / ms * 1e3, 1)
                 print(f"[{key}] {ms:.4f} ms/step", flush=True)
                 del r
-    if not args.quick:
+    if args.batched:
         guard("batched", batched)
     guard("proj", lambda: projection_table(res))
     guard("empty_chain", lambda: res.update(empty_chain_us()))
