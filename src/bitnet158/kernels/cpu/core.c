@@ -16,7 +16,7 @@
 
 const bn_ops *bn_cur = &bn_ops_scalar;
 int bn_cpu_vbmi, bn_cpu_bf16;
-int bn_pf = 1024;
+int bn_pf = 512;
 
 /* Prefetch distance of the decode kernels in bytes (multiple of 64; 0 turns prefetching into a
  * touch of the line being read). Returns the value in effect. */

@@ -108,9 +108,9 @@ static inline void FN(epilogue)(const bn_gemm *g, int t, int m, const int32_t *a
 
 #if defined(ISA_AVX512)
 /* Software prefetch distance on each weight stream while decoding: bn_pf bytes ahead (core.c,
- * default 1024, bn_set_prefetch). With 2 MB pages (runner.py) a T0 prefetch ~1 KB ahead lifted
- * the 2-thread read rate of this loop shape from ~18 to ~23 GB/s on the Xeon this was tuned on;
- * past the end of a buffer it is harmless (prefetches never fault). */
+ * default 512, bn_set_prefetch). On the 2-core Xeon this was tuned on (2 MB pages, runner.py),
+ * 512 bytes ahead gave the B3 decode ~10 % more than 1024 or 2048 and ~15 % more than none; past
+ * the end of a buffer it is harmless (prefetches never fault). */
 #define BN_PF ((size_t)bn_pf)
 
 INLINE void FN(store_tile)(const bn_gemm *g, int t, int m, __m512i acc) {
