@@ -50,7 +50,7 @@ CASES = [  # (mode, M, segments, K, style, gather)
 
 
 @pytest.mark.parametrize("mode,M,segs,K,style,gather,dtype",
-                         [c + (torch.bfloat16,) for c in CASES] + [c + (torch.float32,) for c in CASES[1::2]])
+                         [c + (torch.bfloat16,) for c in CASES] + [c + (torch.float32,) for c in CASES[2::3]])
 def test_fused_linear_equals_norm_quant_then_w2a8(mode, M, segs, K, style, gather, dtype):
     gen = torch.Generator().manual_seed(mode * 100 + M * 10 + K)
     w, g, w_ts = _weights(segs, K, gen)
@@ -231,29 +231,6 @@ def test_interpreted_tail_step_two_layers_matches_reference(reference_kernels):
     torch.testing.assert_close(tr.decode(nt, p), ref.decode(nt, p), rtol=1e-6, atol=1e-6)
 
 
-def test_interpreted_unfused_step_matches_reference(reference_kernels):
-    """The 9-kernel step (``fused=False``) against the reference runner (1 layer, bf16); the fused
-    default step is what ``test_triton_runner.py`` checks."""
-    if CUDA:
-        pytest.skip("the CUDA tests cover this")
-    from bitnet158.engine.runner import TorchRunner
-    from bitnet158.kernels.triton.runner import TritonRunner
-    m = _tiny(torch.bfloat16)
-    ref = TorchRunner(m, batch=2, max_len=32)
-    runs = [TritonRunner(m, batch=2, max_len=32, graphs=False, step="unfused")]
-    assert runs[0]._step_kind(1) == "unfused"
-    toks = torch.randint(0, m.config.vocab_size, (2, 4))
-    pos = torch.arange(4)[None].expand(2, 4)
-    ref.prefill(toks, pos)
-    for r in runs:
-        r.prefill(toks, pos)
-    for step in range(1):
-        nt, p = torch.tensor([3, 7]) + step, torch.tensor([4, 1]) + step
-        a = ref.decode(nt, p)
-        for r in runs:
-            torch.testing.assert_close(r.decode(nt, p), a, rtol=1e-6, atol=1e-6)
-
-
 @pytest.mark.cuda
 @pytest.mark.skipif(not CUDA, reason="needs CUDA")
 @pytest.mark.parametrize("style", ["fat", "wide"])
@@ -303,7 +280,7 @@ def test_cuda_fused_greedy_tokens_identical(batch, reference_kernels):
         return torch.stack(out, 1), logits
 
     ref_toks, ref_last = greedy(TorchRunner(m, batch=batch, max_len=128))
-    for step, style in (("tail", None), ("prologue", "half"), ("prologue", "wide"), ("unfused", None)):
+    for step, style in (("tail", None), ("prologue", "wide"), ("unfused", None)):
         r = TritonRunner(m, batch=batch, max_len=128, step=step)
         r.fused_max_rows = 8                                 # also the batched fused steps
         r.fused_style = style or r.fused_style

@@ -67,9 +67,10 @@ def _head_split(x_ptr, w_ptr, ws_ptr, out_ptr, V, D, stride_x, stride_o, M,
         tl.store(out_ptr + m * stride_o + rows, y * sc, mask=rmask & (m < M))
 
 
-# (rows a program, warps) of the split kernel; None: the one-tile kernel. Set from the H100
-# measurements in bench/gpu_decode.py.
-HEAD_CONFIG: tuple[int, int] | None = None
+# (rows a program, warps) of the split kernel; None: the one-tile kernel. On an H100 (2B4T head,
+# batch 1, bench/gpu_decode.py) the split kernel at (8, 4) took 0.07-0.11 ms less a step than the
+# one-tile kernel in two runs ((16, 8) as fast in one of them).
+HEAD_CONFIG: tuple[int, int] | None = (8, 4)
 
 
 def quantize_head(weight: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:

@@ -11,13 +11,16 @@ Decode step of a layer (9 kernels, batch rows at their own positions)::
     -> combine + attn_sub_norm + quant -> d = W2A8(o)  -> norm_quant(x + d) -> gu = W2A8(gate|up)
     -> relu(g)^2*u + ffn_sub_norm + quant -> d = W2A8(down)
 
-then the final norm and the bf16 head (cuBLAS). Up to 8 rows the default is the fused step of
-:mod:`.decode_layer`, 5 kernels a layer (``fused=False`` keeps the 9-kernel step)::
+then the final norm and the bf16 head (cuBLAS). Two fused steps of 5 kernels a layer are
+selectable for batch 1 (``step="tail"`` / ``"prologue"``, :mod:`.decode_layer`)::
 
-    QKV(norm(x + d)) -> attention (partials + merge) -> O(attn_sub_norm) -> gate|up(norm(x + d))
-    -> down(ffn_sub_norm(relu(g)^2 * u))
+    QKV -> attention (partials + merge + attn_sub_norm + quant in one kernel) -> O (+ x += d, norm,
+    quant) -> gate|up (+ relu^2 gate, ffn_sub_norm, quant) -> down (+ x += d, next norm, quant)
 
-each GEMV recomputing its norm + int8 quantization in its prologue. The whole step is captured in a CUDA graph per
+with each norm + quant in the last program of the kernel before it ("tail"), or recomputed by
+every program of the GEMV after it ("prologue"). Both measured slower than the 9-kernel step on
+an H100 (a kernel boundary with PDL costs ~0.8 us; the fused kernels lose more than that inside),
+so ``"unfused"`` is the default. The whole step is captured in a CUDA graph per
 number of rows, with tokens, positions and cache rows in device buffers, so any prompt and output
 length replays the same graph. Prefill runs the same kernels eagerly (tensor-core W2A8 GEMM) with
 SDPA attention. q/k/v and gate/up weights are concatenated once at load and the model's own
@@ -73,9 +76,11 @@ class _Linear:
         return w2a8_linear(x_or_q, s, self.packed, self.gammas, self.segs, out_dtype=out_dtype, ws=ws)
 
 
-STEPS = ("tail", "prologue", "unfused")
-DEFAULT_STEP = "tail"
-TAIL_STYLES = {"qkv": "base", "o": "w8", "gu": "fat", "down": "fat"}
+STEPS = ("unfused", "tail", "prologue")
+# Measured on an H100 (bench/gpu_decode.py, batch 1, ctx 1024): unfused 1.35-1.38 ms, tail
+# 1.74 ms, prologue 1.64 ms; the fused steps stay selectable (docs/gpu-engine.md says why).
+DEFAULT_STEP = "unfused"
+TAIL_STYLES = {"qkv": "w8", "o": "w8", "gu": "w8", "down": "w8"}      # the best whole step of those tried
 
 
 class TritonRunner:
@@ -101,17 +106,17 @@ class TritonRunner:
         self.mode = linear
         self.eps = cfg.rms_norm_eps
         self.graphs = self.device.type == "cuda" if graphs is None else graphs
-        # decode step up to ``fused_max_rows`` rows (more rows: always "unfused"):
+        # decode step (the fused ones up to ``fused_max_rows`` rows, more rows run "unfused"):
+        #   "unfused":  9 kernels a layer (norm_quant kernels, attention partials + combine)
         #   "tail":     5 kernels a layer, norm + quant in the last program of the previous kernel
         #   "prologue": 5 kernels a layer, norm + quant recomputed by every GEMV program
-        #   "unfused":  9 kernels a layer (norm_quant kernels, attention partials + combine)
         step = DEFAULT_STEP if step is None else step
         if step not in STEPS:
             raise ConfigError(f"triton runner: step={step!r} is not one of {STEPS}")
         self.step = step if linear == "w2a8" else "unfused"
         self.fused_style = "half"        # block shapes of the prologue GEMVs (decode_layer.fused_config)
-        self.attn_warps = 4              # warps of the one-kernel attention
-        self.fused_max_rows = 1          # measured on an H100: batch 2 and 8 are faster unfused
+        self.attn_warps = 8              # warps of the one-kernel attention
+        self.fused_max_rows = 1          # the prologue step at batch 2 and 8: 1.6-1.7x slower (H100)
         self.cnt = torch.zeros(1, dtype=torch.int32, device=self.device)   # tail counter, kept zero
         # block shapes of the tail GEMVs per projection (decode_layer.tail_config styles)
         self.tail_styles = dict(TAIL_STYLES)
