@@ -117,11 +117,40 @@ def projection_table(res: dict):
         ws.clear()
 
 
+def unfused_only(res, step, save, ctxs, bw, kv_tok, wbf) -> int:
+    """The default (unfused) step: w2a8 vs masked-field GEMVs, bf16 vs int8 head kernels."""
+    def guard(name, fn):
+        try:
+            fn()
+        except Exception as e:
+            res[f"{name}_error"] = repr(e)[:300]
+            print(f"{name} failed: {e!r}"[:400], flush=True)
+        save()
+    for g in ("w2a8", "masked"):
+        guard(f"unfused_{g}", lambda g=g: step(f"unfused_{g}", ctxs, step="unfused", gemv=g))
+    best = min(("w2a8", "masked"), key=lambda g: res.get(f"decode_b1_ctx1024_unfused_{g}_ms", 1e9))
+    res["unfused_best_gemv"] = best
+    for hk, hc in {"": None, "_split8": (8, 4)}.items():
+        guard("unfused_int8head" + hk, lambda hk=hk, hc=hc: step(
+            "unfused_int8head" + hk, [1024], step="unfused", gemv=best, int8_head=True, head_config=hc))
+    wb = wbf()
+    if wb is not None:
+        for ctx in ctxs:
+            nbytes = wb["linear"] + wb["head"] + kv_tok * ctx
+            res[f"floor_b1_ctx{ctx}_ms"] = round(nbytes / (bw * 1e9) * 1e3, 4)
+            res[f"floor_b1_ctx{ctx}_int8_head_ms"] = round((nbytes - wb["head"] / 2) / (bw * 1e9) * 1e3, 4)
+    save()
+    print(json.dumps(res))
+    return 0
+
+
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--out", default=None, help="write the JSON result here")
     ap.add_argument("--quick", action="store_true", help="ctx 1024 only, fewer variants")
     ap.add_argument("--batched", action="store_true", help="also batch 2 and 8 steps, tail vs unfused")
+    ap.add_argument("--unfused-only", action="store_true", help="only the unfused step: its two GEMV "
+                    "kernels and the int8 head kernels, ctx 128 / 1024 / 4096")
     args = ap.parse_args(argv)
     if not torch.cuda.is_available():
         print("bench/gpu_decode.py needs a CUDA device", file=sys.stderr)
@@ -160,10 +189,12 @@ def main(argv=None) -> int:
     def runner(**kw):
         torch.cuda.empty_cache()
         aw = kw.pop("attn_warps", None)
+        kw_gemv = kw.pop("gemv", None)
         tail_styles = kw.pop("tail_styles", None)
         head_mod.HEAD_CONFIG = kw.pop("head_config", None)       # read when the graph is captured
         r = TritonRunner(model, batch=kw.pop("batch", 1), max_len=4096, **kw)
         r.attn_warps = aw or r.attn_warps
+        r.gemv = kw_gemv or r.gemv
         r.tail_styles = tail_styles or r.tail_styles
         fill_cache(r)
         return r
@@ -183,7 +214,8 @@ def main(argv=None) -> int:
             res[f"check_{st}_vs_unfused_rel_l2"] = float((outs[st] - a).norm() / a.norm())
             res[f"check_{st}_vs_unfused_argmax_equal"] = bool(torch.equal(a.argmax(-1), outs[st].argmax(-1)))
         print("logits vs the unfused step:", {k: v for k, v in res.items() if k.startswith("check")}, flush=True)
-    guard("check", check)
+    if not args.unfused_only:
+        guard("check", check)
 
     wb = None
 
@@ -197,6 +229,8 @@ def main(argv=None) -> int:
             print(f"[{key}] decode b1 ctx {ctx}: {ms:.4f} ms", flush=True)
         del r
 
+    if args.unfused_only:
+        return unfused_only(res, step, save, ctxs, bw, kv_tok, lambda: wb)
     guard("unfused", lambda: step("unfused", ctxs, step="unfused"))
     variants = {"mixed": None, "w8": dict.fromkeys(("qkv", "o", "gu", "down"), "w8"),
                 "fat": dict.fromkeys(("qkv", "o", "gu", "down"), "fat")}

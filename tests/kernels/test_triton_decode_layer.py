@@ -231,6 +231,23 @@ def test_interpreted_tail_step_two_layers_matches_reference(reference_kernels):
     torch.testing.assert_close(tr.decode(nt, p), ref.decode(nt, p), rtol=1e-6, atol=1e-6)
 
 
+def test_interpreted_unfused_step_with_masked_gemvs_matches_reference(reference_kernels):
+    """``runner.gemv = "masked"``: the unfused step's GEMVs on the tail kernel (no tail)."""
+    if CUDA:
+        pytest.skip("the CUDA tests cover this")
+    from bitnet158.engine.runner import TorchRunner
+    from bitnet158.kernels.triton.runner import TritonRunner
+    m = _tiny(torch.bfloat16)
+    ref = TorchRunner(m, batch=1, max_len=16)
+    tr = TritonRunner(m, batch=1, max_len=16, graphs=False)
+    tr.gemv = "masked"
+    toks = torch.randint(0, m.config.vocab_size, (1, 3))
+    pos = torch.arange(3)[None]
+    torch.testing.assert_close(tr.prefill(toks, pos), ref.prefill(toks, pos), rtol=1e-6, atol=1e-6)
+    nt, p = torch.tensor([5]), torch.tensor([3])
+    torch.testing.assert_close(tr.decode(nt, p), ref.decode(nt, p), rtol=1e-6, atol=1e-6)
+
+
 @pytest.mark.cuda
 @pytest.mark.skipif(not CUDA, reason="needs CUDA")
 @pytest.mark.parametrize("style", ["fat", "wide"])
@@ -280,8 +297,10 @@ def test_cuda_fused_greedy_tokens_identical(batch, reference_kernels):
         return torch.stack(out, 1), logits
 
     ref_toks, ref_last = greedy(TorchRunner(m, batch=batch, max_len=128))
-    for step, style in (("tail", None), ("prologue", "wide"), ("unfused", None)):
-        r = TritonRunner(m, batch=batch, max_len=128, step=step)
+    for step, style in (("tail", None), ("prologue", "wide"), ("unfused", None), ("masked", None)):
+        r = TritonRunner(m, batch=batch, max_len=128, step="unfused" if step == "masked" else step)
+        if step == "masked":
+            r.gemv, step = "masked", "unfused"
         r.fused_max_rows = 8                                 # also the batched fused steps
         r.fused_style = style or r.fused_style
         assert r._step_kind(batch) == step

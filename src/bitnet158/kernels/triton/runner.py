@@ -81,6 +81,7 @@ STEPS = ("unfused", "tail", "prologue")
 # 1.74 ms, prologue 1.64 ms; the fused steps stay selectable (docs/gpu-engine.md says why).
 DEFAULT_STEP = "unfused"
 TAIL_STYLES = {"qkv": "w8", "o": "w8", "gu": "w8", "down": "w8"}      # the best whole step of those tried
+DEFAULT_GEMV = "w2a8"
 
 
 class TritonRunner:
@@ -120,6 +121,9 @@ class TritonRunner:
         self.cnt = torch.zeros(1, dtype=torch.int32, device=self.device)   # tail counter, kept zero
         # block shapes of the tail GEMVs per projection (decode_layer.tail_config styles)
         self.tail_styles = dict(TAIL_STYLES)
+        # decode GEMVs (M <= 8) of the unfused step: "w2a8" (w2a8._gemv_dp4a) or "masked" (the
+        # tail kernel without its tail: each 2-bit field masked in place, 2 integer ops a field)
+        self.gemv = DEFAULT_GEMV
         dev, dt = self.device, self.dtype
         self.layers = []
         for blk in model.model.layers:
@@ -182,6 +186,10 @@ class TritonRunner:
                              f"KV cache (max_len={self.max_len})")
 
     def _lin(self, lin: _Linear, q, s):
+        if (self.gemv == "masked" and lin.packed is not None and q.shape[0] <= 8
+                and decode_layer.supported(q.shape[0], q.shape[1]) and q.stride(0) % 4 == 0):
+            return decode_layer.linear_tail(q, s, lin.packed, lin.gammas, lin.segs, self.cnt,
+                                            out_dtype=self.dtype)
         return lin(q, s, ws=self.ws, out_dtype=self.dtype)
 
     def _nq(self, x, w, **kw):
