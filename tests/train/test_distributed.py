@@ -1,6 +1,7 @@
 """DDP and FSDP2 on the CPU (gloo, 2 processes through torchrun) give the losses of one process with the
-same global batch; FSDP2's BitLinear sees the full weight (absmean over the whole tensor), and its
-checkpoints (gathered full state) load in one process."""
+same global batch, on the reference path (full logits) and on the fused one (``--fused``: fused blocks
+and the fused head loss inside the wrapped module's forward); FSDP2's BitLinear sees the full weight
+(absmean over the whole tensor), and its checkpoints (gathered full state) load in one process."""
 
 import os
 import subprocess
@@ -22,30 +23,38 @@ def _losses(out):
 
 @pytest.fixture(scope="module")
 def single(tmp_path_factory, shards_dir):
+    """One process, micro_batch 4: the reference run and the fused run."""
     d = tmp_path_factory.mktemp("single")
     recipe = write_recipe(d / "r.toml", shards_dir, steps=STEPS, eval_every=3, ckpt_every=3)
-    run(Recipe.from_file(recipe), out=d / "run", device="cpu")     # micro_batch 4, one process
-    return recipe, d / "run"
+    run(Recipe.from_file(recipe), out=d / "run", device="cpu")
+    run(Recipe.from_file(recipe, overrides=["model.fused=true"]), out=d / "fused", device="cpu")
+    return recipe, {False: d / "run", True: d / "fused"}
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("mode", ["ddp", "fsdp"])
-def test_two_processes_match_one(mode, single, tmp_path):
-    recipe, ref = single
+@pytest.mark.parametrize("mode,fused", [("ddp", False), ("fsdp", False), ("ddp", True), ("fsdp", True)])
+def test_two_processes_match_one(mode, fused, single, tmp_path):
+    recipe, refs = single
+    ref = refs[fused]
     out = tmp_path / mode
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
     cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
            "-m", "bitnet158.cli", "pretrain", str(recipe), "--out", str(out), "--device", "cpu",
            "--parallel", mode, "--set", "train.micro_batch=2"]          # 2 x 2 rows = the same global batch
+    if fused:
+        cmd.append("--fused")
     r = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=300)
     assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-3000:]
-    if mode == "fsdp":
+    if mode == "fsdp" and not fused:
         # sharded resume: drop the last checkpoint, resume from step 3 on 2 ranks, same losses
         import shutil
         shutil.rmtree(out / "checkpoints" / f"step-{STEPS:08d}")
         (out / "checkpoints" / "latest").write_text("step-00000003\n")
         r = subprocess.run(cmd + ["--resume"], env=env, capture_output=True, text=True, timeout=300)
         assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-3000:]
+    import json
+    summary = json.loads((out / "summary.json").read_text())
+    assert summary["world"] == 2 and summary["head"] == ("fused" if fused else "full")
     want, got = _losses(ref), _losses(out)
     assert len(got) == len(want) == STEPS
     for a, b in zip(got, want):

@@ -1,6 +1,7 @@
 """SFT and DPO under torchrun on the CPU (gloo, 2 processes): DDP and FSDP2 give the losses of one process with
-the same global batch (summed and mean SFT loss, DPO with the reference on the fly or precomputed); FSDP2
-checkpoints (gathered full state) resume on 2 ranks; rank 0 exports the final model."""
+the same global batch (summed and mean SFT loss, the fused summed loss under DDP, DPO with the reference
+on the fly or precomputed); FSDP2 checkpoints (gathered full state) resume on 2 ranks; rank 0 exports the
+final model."""
 
 import json
 import os
@@ -45,6 +46,8 @@ def single(setup):
     for loss in ("sum", "mean"):
         runs[f"sft-{loss}"] = d / f"sft-{loss}-1"
         run_sft(str(sft), out=runs[f"sft-{loss}"], device="cpu", overrides=OVER + [f'data.loss="{loss}"'])
+    runs["sft-sum-fused"] = d / "sft-sum-fused-1"
+    run_sft(str(sft), out=runs["sft-sum-fused"], device="cpu", overrides=OVER + ["model.fused=true"])
     for ref in ("model", "precomputed"):
         runs[f"dpo-{ref}"] = d / f"dpo-{ref}-1"
         run_dpo(str(dpo), out=runs[f"dpo-{ref}"], device="cpu", overrides=OVER + [f'data.reference="{ref}"'])
@@ -74,12 +77,13 @@ def _assert_same(got_out, want_out, keys):
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("mode,loss", [("ddp", "mean"), ("fsdp", "sum")])
+@pytest.mark.parametrize("mode,loss", [("ddp", "mean"), ("fsdp", "sum"), ("ddp", "sum-fused")])
 def test_sft_two_processes_match_one(setup, single, tmp_path, mode, loss):
+    """(``sum-fused``: ``--fused``, the fused blocks and the fused summed head loss under DDP)"""
     d, sft, _ = setup
     want = single[f"sft-{loss}"]
     out = tmp_path / mode
-    extra = ("--set", f'data.loss="{loss}"')
+    extra = ("--set", 'data.loss="sum"', "--fused") if loss == "sum-fused" else ("--set", f'data.loss="{loss}"')
     stdout = _torchrun("sft", sft, out, mode, extra)
     assert stdout.count('"stage": "sft"') == 1                     # rank 0 alone prints the summary
     if mode == "fsdp":   # resume from the gathered checkpoint of step 2 on 2 ranks: the same losses
@@ -89,6 +93,7 @@ def test_sft_two_processes_match_one(setup, single, tmp_path, mode, loss):
     _assert_same(out, want, ("loss", "nll_per_token", "tokens", "val_loss"))
     summary = json.loads((out / "summary.json").read_text())
     assert summary["world"] == 2 and summary["parallel"] == mode and summary["steps"] == STEPS
+    assert summary["head"] == ("fused" if loss == "sum-fused" else "chunked")
     # the exported model is the one-process model (same weights up to float rounding)
     from bitnet158 import checkpoint
     tokens = torch.randint(0, 300, (2, 16), generator=torch.Generator().manual_seed(0))

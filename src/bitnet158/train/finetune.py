@@ -331,8 +331,8 @@ def finish(s: Start, summary: dict) -> dict:
             paths = export_model(full, out, s.tok_dir, layouts)
     elif ctx.is_main:
         paths = export_model(net, out, s.tok_dir, layouts)
-    summary.update({"name": s.recipe.name, "fused": s.recipe.model.fused, "device": str(ctx.device),
-                    "export": paths, "world": ctx.world, "parallel": ctx.mode})
+    summary.update({"name": s.recipe.name, "fused": s.recipe.model.fused, "head": s.head,
+                    "device": str(ctx.device), "export": paths, "world": ctx.world, "parallel": ctx.mode})
     if ctx.is_main:
         write_json(out / "summary.json", summary)
     if ctx.world > 1:

@@ -41,9 +41,17 @@ KINDS = ("ce", "logps")
 HEADS = ("full", "chunked", "fused")
 
 
-@torch.compiler.disable
+_DISABLED = None
+
+
 def _eager(fn, *args, **kwargs):
-    return fn(*args, **kwargs)
+    """``fn(*args, **kwargs)`` outside any torch.compile graph. ``torch.compiler.disable`` is applied on
+    the first call, not at import: it imports torch._dynamo (and Triton), which importing this module
+    must not do (``TRITON_INTERPRET`` may be set after the package is imported)."""
+    global _DISABLED
+    if _DISABLED is None:
+        _DISABLED = torch.compiler.disable(lambda f, *a, **k: f(*a, **k))
+    return _DISABLED(fn, *args, **kwargs)
 
 
 class HeadLoss(nn.Module):

@@ -33,7 +33,7 @@ from ..config import ModelConfig
 from ..errors import ConfigError
 from ..model import RMSNorm, Transformer, init_weights
 from .data import MixtureSampler, TokenShards, val_rows
-from .head_loss import wrap_head_loss
+from .head_loss import unwrap, wrap_head_loss
 from .loop import LocalContext, Trainer, find_latest
 from .recipe import Recipe
 
@@ -204,6 +204,7 @@ def run(recipe: Recipe, out: str | Path | None = None, resume: bool = False, dev
     t0 = time.time()
     summary = trainer.fit()
     summary.update({"name": recipe.name, "linear": recipe.model.linear, "schedule": schedule.kind,
+                    "fused": recipe.model.fused, "head": unwrap(model).head,
                     "non_embedding_params": cfg.num_params(embedding=False), "params": cfg.num_params(),
                     "world": ctx.world, "device": str(ctx.device), "wall_s": time.time() - t0,
                     "peak_mem_gb": max((r.get("mem_gb", 0) for r in trainer.history), default=0.0),
