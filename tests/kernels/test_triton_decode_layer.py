@@ -194,6 +194,20 @@ def test_fused_attention_sub_norm_quant(dtype):
         assert torch.equal(q, q_old) and torch.equal(s, s_old)
 
 
+@pytest.mark.parametrize("V,D", [(37, 48), (33, 64), (50, 40)])
+def test_int8_head_kernels_agree(V, D):
+    """The split-tile int8 head (the default) and the one-tile kernel: the same int8 model."""
+    from bitnet158.kernels.triton.head import int8_head, quantize_head
+    torch.manual_seed(V)
+    w = torch.randn(V, D).bfloat16().to(DEV)
+    x = torch.randn(3, D).bfloat16().to(DEV)
+    w_q, sc = quantize_head(w)
+    ref = x.float() @ (w_q.float() * sc[:, None]).t()
+    for cfg in (None, (8, 4), (16, 8)):
+        y = int8_head(x, w_q, sc, config=cfg) if cfg else int8_head(x, w_q, sc, config=())
+        torch.testing.assert_close(y, ref, rtol=1e-5, atol=1e-4)
+
+
 # ---------------------------------------------------------------- runner
 
 def _tiny(dtype, layers=1, device="cpu"):

@@ -6,7 +6,7 @@ approximation of the model (weights rounded to 8 bits, ~0.4 % relative error per
 is off by default: ``TritonRunner(model, int8_head=True)``.
 
     w_q, w_s = quantize_head(weight)            # int8 [V, D], fp32 [V]
-    logits = int8_head(x, w_q, w_s)             # x [M, D] -> fp32 [M, V]
+    logits = int8_head(x, w_q, w_s)             # x [M, D] -> fp32 [M, V] (split-tile kernel)
 """
 
 from __future__ import annotations
@@ -68,8 +68,8 @@ def _head_split(x_ptr, w_ptr, ws_ptr, out_ptr, V, D, stride_x, stride_o, M,
 
 
 # (rows a program, warps) of the split kernel; None: the one-tile kernel. On an H100 (2B4T head,
-# batch 1, bench/gpu_decode.py) the split kernel at (8, 4) took 0.07-0.11 ms less a step than the
-# one-tile kernel in two runs ((16, 8) as fast in one of them).
+# batch 1, bench/gpu_decode.py) the split kernel at (8, 4) took 0.065-0.11 ms less a step than the
+# one-tile kernel in three runs ((16, 8) as fast in one of them): 1.286 ms against 1.351 (ctx 1024).
 HEAD_CONFIG: tuple[int, int] | None = (8, 4)
 
 
@@ -87,7 +87,11 @@ def quantize_head(weight: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
 
 def int8_head(x: torch.Tensor, w_q: torch.Tensor, scale: torch.Tensor, out: torch.Tensor | None = None,
               config: tuple[int, int] | None = None):
-    """x [M, D] (any float dtype) -> fp32 logits [M, V] = (x . w_q[v]) * scale[v]."""
+    """x [M, D] (any float dtype) -> fp32 logits [M, V] = (x . w_q[v]) * scale[v].
+
+    ``config``: (rows a program, warps) of ``_head_split``; ``()`` the one-tile ``_head_kernel``;
+    None: ``HEAD_CONFIG``.
+    """
     M, D = x.shape
     V = w_q.shape[0]
     if w_q.shape[1] != D:
