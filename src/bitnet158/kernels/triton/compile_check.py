@@ -107,6 +107,8 @@ def main() -> int:
              dict(MODE=mode, GATHER=gather, STORE_H=mode == 1, PDL=True, INTERP=False, **cfg), num_warps=nw)
     comp(head._head_kernel, dict(x_ptr=P(bf), w_ptr=P(i8), ws_ptr=P(f32), out_ptr=P(f32)),
          dict(MB=1, BV=4, BD=4096, PDL=True), num_warps=8)
+    comp(head._head_split, dict(x_ptr=P(bf), w_ptr=P(i8), ws_ptr=P(f32), out_ptr=P(f32)),
+         dict(MB=1, BV=8, BD1=2048, BD2=512, PDL=True), num_warps=4)
     comp(w2a8._unpack_int8, dict(w_ptr=P("u8"), out_ptr=P(i8)), dict(BR=32, BK=256), num_warps=4)
     comp(w2a8._scale_rows, dict(acc_ptr=P(i32), sx_ptr=P(f32), g_ptr=P(f32), out_ptr=P(bf)),
          dict(BM=16, BN=256, INTERP=False), num_warps=4)
