@@ -2,7 +2,7 @@
 head loss (SFT, summed or mean, assistant-only labels of multi-turn conversations) and the chunked
 log-probs through the row kernel (DPO), against the reference classes with the chunked head and
 against full logits: values and every gradient within 1e-5 (fp32); DPO rewards exactly 0 at step 0;
-``bitnet158 sft/dpo --fused`` runs give the reference runs' losses.
+``bitnet158 sft/dpo --fused`` runs give the reference runs' losses (with activation checkpointing too).
 
     python3 -m pytest -q tests/train/test_fused_finetune.py
 """
@@ -212,11 +212,13 @@ def test_fused_command_matches_reference_run(start_run, tmp_path, stage):
     recipe = sft_r if stage == "sft" else dpo_r
     log_ref, s_ref = _cli(stage, recipe, tmp_path / "ref")
     log_fused, s_fused = _cli(stage, recipe, tmp_path / "fused", "--fused")
+    log_ckpt, _ = _cli(stage, recipe, tmp_path / "ckpt", "--fused", "--set", "train.activation_checkpointing=true")
     assert s_fused["fused"] is True and s_ref["fused"] is False
     assert (s_fused["head"], s_ref["head"]) == ("fused", "chunked")
     for key in ("loss", "val_loss"):
         a, b = [r[key] for r in log_fused if key in r], [r[key] for r in log_ref if key in r]
         assert len(a) == len(b) > 0
+        assert [r[key] for r in log_ckpt if key in r] == pytest.approx(a, rel=1e-6)   # recomputed blocks
         for x, y in zip(a, b):
             assert abs(x - y) <= 1e-4 * max(abs(y), 1e-3), (stage, key, a, b)
     if stage == "dpo":   # the frozen reference runs the same fused forward: rewards exactly 0 at step 0

@@ -59,7 +59,8 @@ class DistContext(LocalContext):
 
         ``methods``: methods of the root besides ``forward`` that run the model under FSDP (they get
         its all-gather / reshard hooks). Under DDP only ``forward`` syncs gradients: a loss that
-        needs the head (fine-tuning) lives in the wrapped module's ``forward`` (``finetune.HeadLoss``).
+        needs the head lives in the wrapped module's ``forward`` (``head_loss.HeadLoss``: what pretraining,
+        SFT and DPO wrap).
         """
         if self.mode == "ddp":
             from torch.nn.parallel import DistributedDataParallel as DDP

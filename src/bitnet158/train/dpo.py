@@ -13,6 +13,10 @@ quantized (BitLinear) forward, frozen: ``dpo.reference = "model"`` keeps a copy 
 runs it on every batch (rewards are exactly 0 at step 0), ``"precomputed"`` runs it once over all
 pairs before training and frees it (0 at step 0 up to float rounding; no second model in memory).
 Log-probs come from the chunked head (:mod:`.losses`): the [B, T, V] logits never exist at once.
+``[model] fused = true`` (``--fused``) runs the policy and the reference copy on the fused BitLinear
+blocks (docs/fused-training.md); the log-probs stay chunked (their gradient needs the whole batch's
+DPO loss, so each logits chunk is made in the forward and again in the backward), through the same
+row kernel as the fused cross-entropy.
 
 Logged per update: loss, ``rewards_chosen`` / ``rewards_rejected`` (beta * log-ratio), ``margin``,
 ``accuracy`` (share of pairs with the chosen reward higher). Held-out pairs (``data.val_fraction``
@@ -56,6 +60,7 @@ from ..tokenizer import Tokenizer
 from . import finetune
 from .finetune import FinetuneData, FinetuneRecipe, rank_slices
 from .head_loss import HeadLoss, unwrap
+from .pretrain import enable_activation_checkpointing
 from .losses import dpo_loss, sequence_logprobs
 from .dpo_data import Pair, encode_pairs, pad_pairs
 from .sft_data import ChatEncoder, read_records, split_holdout
@@ -256,6 +261,8 @@ def run_dpo(recipe: FinetuneRecipe | str | Path, out: str | Path | None = None, 
         ref_train = reference_table(ref, train, mb, pad, dev, tcfg.dtype, chunk, ctx)
         del ref
         ref = None
+    if tcfg.activation_checkpointing:
+        enable_activation_checkpointing(s.model)     # the policy only, before DDP / FSDP2
     call = s.head_loss("logps", chunk=chunk, dtype=tcfg.dtype)             # DDP / FSDP2 under torchrun
     batches = DPOBatches(train, mb, pad, recipe.seed, dev, ctx.rank, ctx.world)
     eval_fn = make_eval_fn(val, ref_val, d.beta, mb, pad, dev, chunk, ctx) if val else None

@@ -10,7 +10,10 @@
 Conversations (``sft_data`` formats: OpenAI messages, ShareGPT, Alpaca, prompt/response) are
 rendered with the tokenizer's chat template turn by turn; only assistant content and its
 ``<|eot_id|>`` are targets. The loss is the **sum** over target tokens (SPEC §5; ``data.loss =
-"mean"`` averages instead), through the chunked head (:mod:`.losses`: no [B, T, V] logits).
+"mean"`` averages instead), through the chunked head (:mod:`.losses`: no [B, T, V] logits), or with
+``[model] fused = true`` (``--fused``) the fused BitLinear blocks and the fused head loss (each logits
+chunk made once, its gradient made in the forward; docs/fused-training.md). The model and its head
+loss are one module (:class:`head_loss.HeadLoss`), what DDP / FSDP2 wrap.
 Examples are packed into rows of ``data.seq_len`` tokens, each example its own attention segment
 (positions restart, nothing attends across examples); ``data.pack = false`` gives one per row.
 Each epoch re-shuffles and re-packs. Held-out conversations (``data.val_fraction`` or
@@ -55,6 +58,7 @@ from ..tokenizer import Tokenizer
 from . import finetune
 from .finetune import FinetuneData, FinetuneRecipe, rank_slices
 from .head_loss import HeadLoss, unwrap
+from .pretrain import enable_activation_checkpointing
 from .losses import linear_cross_entropy
 from .sft_data import (IGNORE, ChatEncoder, Rows, encode_records, pack_examples, read_records, split_holdout)
 
@@ -222,6 +226,8 @@ def run_sft(recipe: FinetuneRecipe | str | Path, out: str | Path | None = None, 
               f"{len(val)} held out; {tcfg.steps} updates of {mb}x{ga} rows x {ctx.world} ranks "
               f"({ctx.mode}, {s.head} head) on {dev}", flush=True)
     chunk = d.chunk or None
+    if tcfg.activation_checkpointing:
+        enable_activation_checkpointing(s.model)                         # before DDP / FSDP2
     # the model with its summed head loss (chunked, or fused): DDP / FSDP2 under torchrun
     call = s.head_loss("ce", reduction="sum", chunk=chunk, dtype=tcfg.dtype)
     batches = SFTBatches(train, d.seq_len, mb, s.pad, recipe.seed, d.pack, dev, ctx.rank, ctx.world)
