@@ -70,6 +70,36 @@ def write_recipe(path: Path, shards: Path, steps: int = 12, eval_every: int = 6,
     return path
 
 
+TOK_DIR = REPO / "tests" / "assets" / "tokenizer-tiny"          # a tiny BPE with the Llama-3 chat template
+
+
+@pytest.fixture(scope="session")
+def tok():
+    from bitnet158.tokenizer import Tokenizer
+    return Tokenizer.from_pretrained(TOK_DIR)
+
+
+@pytest.fixture(scope="session")
+def enc(tok):
+    """The chat encoder of ``tok`` (assistant-only label masks)."""
+    from bitnet158.train.sft_data import ChatEncoder
+    return ChatEncoder(tok)
+
+
+def assert_transformers_logits(folder: Path, tokens, want, tol: float = 1e-4) -> None:
+    """transformers' BitNetForCausalLM loads ``folder`` and gives the logits ``want`` on ``tokens`` [B, T]
+    (skips without transformers or its BitNet model)."""
+    import torch
+    transformers = pytest.importorskip("transformers")
+    if not hasattr(transformers, "BitNetForCausalLM"):
+        pytest.skip("transformers without BitNetForCausalLM")
+    hf = transformers.BitNetForCausalLM.from_pretrained(folder, dtype=torch.float32,
+                                                        attn_implementation="eager").to(torch.float32).eval()
+    with torch.no_grad():
+        got = hf(tokens).logits.float()
+    assert (want - got).abs().max().item() <= tol
+
+
 @pytest.fixture(autouse=True)
 def _one_thread():
     """Tiny models run fastest (and reproducibly) on one thread; restore the setting afterwards."""

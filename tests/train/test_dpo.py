@@ -10,28 +10,17 @@ import torch.nn.functional as F
 
 from bitnet158.config import ModelConfig
 from bitnet158.model import Transformer, init_weights
-from bitnet158.tokenizer import Tokenizer
 from bitnet158.train.dpo import DPOBatches, make_batch, make_loss_fn, reference_table
 from bitnet158.train.dpo_data import encode_pairs, pad_pairs, parse_hh, to_pair_messages
 from bitnet158.train.losses import LAST_CHUNKS
-from bitnet158.train.sft_data import IGNORE, ChatEncoder, DataError, read_records
+from bitnet158.train.sft_data import IGNORE, DataError, read_records
 
 REPO = Path(__file__).resolve().parents[2]
-TOK_DIR = REPO / "tests" / "assets" / "tokenizer-tiny"
 PREF = REPO / ".." / "shared" / "data" / "preference"
 
 HH = {"chosen": "\n\nHuman: hi\n\nAssistant: hello\n\nHuman: how to bake bread?\n\nAssistant: Mix flour and water.",
       "rejected": "\n\nHuman: hi\n\nAssistant: hello\n\nHuman: how to bake bread?\n\nAssistant: No."}
 
-
-@pytest.fixture(scope="module")
-def tok():
-    return Tokenizer.from_pretrained(TOK_DIR)
-
-
-@pytest.fixture(scope="module")
-def enc(tok):
-    return ChatEncoder(tok)
 
 
 def _targets(tok, ex):

@@ -7,7 +7,7 @@ import sys
 
 import pytest
 import torch
-from conftest import write_recipe
+from conftest import assert_transformers_logits, write_recipe
 
 from bitnet158.train.loop import read_log
 from bitnet158.train.pretrain import run
@@ -124,14 +124,7 @@ def test_exported_folder_loads_in_bitnet158_and_transformers(pipeline, stage):
     with torch.no_grad():
         m = master(tokens).float()
     assert (a - m).abs().max() < 0.1 * m.abs().max()
-    transformers = pytest.importorskip("transformers")
-    if not hasattr(transformers, "BitNetForCausalLM"):
-        pytest.skip("transformers without BitNetForCausalLM")
-    hf = transformers.BitNetForCausalLM.from_pretrained(out, dtype=torch.float32,
-                                                        attn_implementation="eager").to(torch.float32).eval()
-    with torch.no_grad():
-        b = hf(tokens).logits.float()
-    assert (a - b).abs().max().item() <= 1e-4
+    assert_transformers_logits(out, tokens, a)
 
 
 def test_sft_resume_repeats_the_same_losses(pipeline, tmp_path):

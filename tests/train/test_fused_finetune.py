@@ -11,7 +11,6 @@ import copy
 import json
 import math
 import os
-from pathlib import Path
 
 import pytest
 import torch
@@ -24,14 +23,11 @@ from bitnet158.config import ModelConfig  # noqa: E402
 from bitnet158.kernels.bitlinear_train import use_fused_bitlinear  # noqa: E402
 from bitnet158.kernels.norm_bitlinear import FusedBlock  # noqa: E402
 from bitnet158.model import Transformer, init_weights  # noqa: E402
-from bitnet158.tokenizer import Tokenizer  # noqa: E402
 from bitnet158.train import dpo, losses, sft  # noqa: E402
 from bitnet158.train.dpo_data import encode_pairs  # noqa: E402
 from bitnet158.train.head_loss import HeadLoss  # noqa: E402
-from bitnet158.train.sft_data import IGNORE, ChatEncoder, encode_records, pack_examples  # noqa: E402
+from bitnet158.train.sft_data import IGNORE, encode_records, pack_examples  # noqa: E402
 
-REPO = Path(__file__).resolve().parents[2]
-TOK_DIR = REPO / "tests" / "assets" / "tokenizer-tiny"
 WORDS = "bread flour water salt yeast oven warm dough rise bake slice butter".split()
 
 
@@ -41,11 +37,6 @@ def _triton_ok() -> bool:
         return torch.cuda.is_available() or common.INTERPRET
     except ImportError:
         return False
-
-
-@pytest.fixture(scope="module")
-def enc():
-    return ChatEncoder(Tokenizer.from_pretrained(TOK_DIR))
 
 
 def _model(seed=0):

@@ -6,7 +6,7 @@ import sys
 
 import pytest
 import torch
-from conftest import write_recipe
+from conftest import assert_transformers_logits, write_recipe
 
 from bitnet158.train.loop import read_log
 from bitnet158.train.pretrain import run
@@ -66,11 +66,4 @@ def test_export_loads_in_bitnet158_and_transformers(pretrained, tmp_path):
         c = latent(tokens).float()
     assert (a - c).abs().max() < 0.1 * c.abs().max()
 
-    transformers = pytest.importorskip("transformers")
-    if not hasattr(transformers, "BitNetForCausalLM"):
-        pytest.skip("transformers without BitNetForCausalLM")
-    hf = transformers.BitNetForCausalLM.from_pretrained(out, dtype=torch.float32,
-                                                        attn_implementation="eager").to(torch.float32).eval()
-    with torch.no_grad():
-        b = hf(tokens).logits.float()
-    assert (a - b).abs().max().item() <= 1e-4
+    assert_transformers_logits(out, tokens, a)

@@ -11,13 +11,11 @@ import torch.nn.functional as F
 
 from bitnet158.config import ModelConfig
 from bitnet158.model import Transformer, init_weights
-from bitnet158.tokenizer import Tokenizer
 from bitnet158.train.sft import SFTBatches, make_loss_fn
-from bitnet158.train.sft_data import (IGNORE, ChatEncoder, DataError, encode_records, make_example,
-                                      pack_examples, read_records, to_messages)
+from bitnet158.train.sft_data import (IGNORE, DataError, encode_records, make_example, pack_examples,
+                                      read_records, to_messages)
 
 REPO = Path(__file__).resolve().parents[2]
-TOK_DIR = REPO / "tests" / "assets" / "tokenizer-tiny"
 SFT_DATA = REPO / ".." / "shared" / "data" / "sft"
 
 CONV = [{"role": "system", "content": "Be brief."},
@@ -26,15 +24,6 @@ CONV = [{"role": "system", "content": "Be brief."},
         {"role": "user", "content": "Bye"},
         {"role": "assistant", "content": "  Bye now.  "}]
 
-
-@pytest.fixture(scope="module")
-def tok():
-    return Tokenizer.from_pretrained(TOK_DIR)
-
-
-@pytest.fixture(scope="module")
-def enc(tok):
-    return ChatEncoder(tok)
 
 
 def _spans(mask):
