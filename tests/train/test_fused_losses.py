@@ -129,3 +129,20 @@ def test_dpo_sequence_logprobs_reuse_the_row_kernel(path):
     (got * torch.tensor([0.3, -1.2])).sum().backward()
     assert torch.allclose(got, want, atol=1e-5)
     assert torch.allclose(h2.grad, h1.grad, atol=1e-5) and torch.allclose(w2.grad, w1.grad, atol=1e-5)
+
+
+def test_no_gradients_made_under_no_grad(monkeypatch):
+    """Evaluation (no_grad, parameters that require grad): the logits are not turned into gradients."""
+    h, w, y = _data(12, 8, 30, seed=5)
+    h.requires_grad_()
+    w.requires_grad_()
+    seen = []
+    ce = losses.ce_rows
+    monkeypatch.setattr(losses, "ce_rows", lambda *a, **k: seen.append(k["write_grad"]) or ce(*a, **k))
+    with torch.no_grad():
+        v = losses.fused_linear_cross_entropy(h, w, y, reduction="sum", chunk=5)
+    assert seen == [False] * 3
+    assert abs(float(v) - float(F.cross_entropy(h @ w.t(), y, reduction="sum"))) <= 1e-5 * abs(float(v))
+    seen.clear()
+    losses.fused_linear_cross_entropy(h, w, y, chunk=5).backward()
+    assert seen == [True] * 3 and h.grad is not None and w.grad is not None

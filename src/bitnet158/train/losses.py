@@ -214,9 +214,12 @@ class _FusedLinearCE(torch.autograd.Function):
     """
 
     @staticmethod
-    def forward(ctx, hidden, weight, labels, scale, chunk: int, dtype: torch.dtype, ignore_index: int):
+    def forward(ctx, hidden, weight, labels, scale, chunk: int, dtype: torch.dtype, ignore_index: int,
+                grad_enabled: bool):
         M = hidden.shape[0]
-        need_h, need_w = ctx.needs_input_grad[0], ctx.needs_input_grad[1]
+        # (needs_input_grad follows requires_grad even under no_grad: evaluation makes no gradients)
+        need_h = ctx.needs_input_grad[0] and grad_enabled
+        need_w = ctx.needs_input_grad[1] and grad_enabled
         grad = need_h or need_w
         w = weight.to(dtype)                                             # [V, D]
         nll = torch.empty(M, dtype=torch.float32, device=hidden.device)
@@ -242,7 +245,7 @@ class _FusedLinearCE(torch.autograd.Function):
         go = grad_out.float()
         gh = (grad_h * go).to(grad_h.dtype) if grad_h is not None else None
         gw = (grad_w * go).to(ctx.w_dtype) if grad_w is not None else None
-        return gh, gw, None, None, None, None, None
+        return gh, gw, None, None, None, None, None, None
 
 
 def fused_linear_cross_entropy(hidden: torch.Tensor, weight: torch.Tensor, labels: torch.Tensor,
@@ -279,7 +282,7 @@ def fused_linear_cross_entropy(hidden: torch.Tensor, weight: torch.Tensor, label
     else:
         scale = torch.ones((), dtype=torch.float32, device=hidden.device)
     return _FusedLinearCE.apply(hidden, weight, labels, scale, c, _compute_dtype(hidden, weight),
-                                ignore_index)
+                                ignore_index, torch.is_grad_enabled())
 
 
 def sequence_logprobs(hidden: torch.Tensor, weight: torch.Tensor, labels: torch.Tensor,
