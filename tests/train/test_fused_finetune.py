@@ -97,6 +97,8 @@ def test_fused_sft_loss_and_grads_equal_reference(enc, backend, reduction, monke
     want, wm = loss_fn(HeadLoss(ref, "ce", head="chunked", reduction="sum", chunk=16), batch)
     got, gm = loss_fn(HeadLoss(fused, "ce", head="fused", reduction="sum", chunk=16), batch)
     assert losses.LAST_CHUNKS.backward == [] and losses.LAST_CHUNKS.chunk_tokens == 16   # made once
+    V, n_tok = ref.config.vocab_size, batch[0].numel()
+    assert losses.LAST_CHUNKS.max_elems <= 16 * V < n_tok * V                            # never [B, T, V]
     # full logits, the assistant-only mask applied by hand
     t, lab, seg, n = batch
     nll = F.cross_entropy(full(t, segment_ids=seg).flatten(0, 1), lab.clamp(min=0).flatten(), reduction="none")
