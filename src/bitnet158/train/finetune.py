@@ -23,8 +23,8 @@ overrides), with these top-level keys instead of the pretraining ``[model]`` tab
 ``train.steps`` may be left out: it is then computed from ``data.epochs``.
 
 Under ``torchrun`` (``--parallel ddp|fsdp``) every rank loads the starting model, the model and its
-head loss are wrapped together (:class:`head_loss.HeadLoss`: DDP's gradient sync and FSDP2's all-gather of the
-tied head only act around ``forward``), each rank takes its slice of the same global micro-batch
+head loss are wrapped together (:class:`head_loss.HeadLoss`: DDP's gradient sync and FSDP2's
+all-gather of the tied head only act around ``forward``), each rank takes its slice of the same global micro-batch
 (``micro_batch`` rows or pairs per rank), rank 0 alone prints and writes logs, checkpoints (gathered
 full state: they load in one process and the other way round) and the exported folders.
 """
@@ -140,8 +140,8 @@ class FinetuneRecipe(RecipePaths):
     def to_dict(self) -> dict:
         return {"name": self.name, "seed": self.seed, "init": self.init, "out": self.out,
                 "tokenizer": self.tokenizer, "export": self.export, "model": asdict(self.model),
-                "data": asdict(self.data),
-                "schedule": self.schedule, "optim": asdict(self.optim), "train": self.train}
+                "data": asdict(self.data), "schedule": self.schedule, "optim": asdict(self.optim),
+                "train": self.train}
 
 
 # ---------------------------------------------------------------- the starting model
