@@ -270,8 +270,9 @@ def _intmm_linear(x_q, s_x, w, gammas, P1, P2, out):
 # From this many activation rows on, cuBLAS int8 GEMM on transiently unpacked weights. Off by
 # default: on an H100 a 2048-token prefill took 52 ms this way against 40 ms with the Triton kernel.
 INTMM_MIN_M = 1 << 62
-GEMV_MAX_M = 8      # up to this many rows the dp4a GEMV (weights read once, rows looped):
-                    # batch-8 decode took 4.5 ms/step this way, 9.0 ms with tl.dot tiles
+GEMV_MAX_M = 4      # up to this many rows the dp4a GEMV (weights read once, rows looped); from 5
+                    # rows on the tensor-core kernel: batch-8 decode on an H100 took 2.26 ms/step
+                    # that way against 4.67 ms with the GEMV (bench/gpu.py, decode_b8_w2a8_tc_ms)
 
 
 # ---------------------------------------------------------------- host side
