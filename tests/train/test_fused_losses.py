@@ -146,3 +146,22 @@ def test_no_gradients_made_under_no_grad(monkeypatch):
     seen.clear()
     losses.fused_linear_cross_entropy(h, w, y, chunk=5).backward()
     assert seen == [True] * 3 and h.grad is not None and w.grad is not None
+
+
+@pytest.mark.parametrize("per_row", [False, True])
+def test_torch_row_fallback_in_blocks_of_rows(monkeypatch, per_row):
+    """The torch fallback works a few rows at a time (small temporaries): same NLL and gradient."""
+    g = torch.Generator().manual_seed(6)
+    z = torch.randn(10, 70, generator=g) * 3
+    lab = torch.randint(0, 70, (10,), generator=g)
+    lab[[1, 7]] = -100
+    sc = torch.rand(10, generator=g) if per_row else torch.tensor(0.7)
+    whole = z.clone()
+    want = losses.ce_rows(whole, lab, sc)
+    monkeypatch.setattr(losses, "TORCH_ROWS_ELEMS", 3 * 70)              # blocks of 3 rows: 3+3+3+1
+    blocks = z.clone()
+    got = losses.ce_rows(blocks, lab, sc)
+    assert torch.equal(got, want) and torch.equal(blocks, whole)
+    bf = z.to(torch.bfloat16)
+    got = losses.ce_rows(bf, lab, sc)                                      # bf16 logits: written back cast
+    assert torch.allclose(got, want, atol=0.05) and torch.allclose(bf.float(), whole, atol=1e-2)

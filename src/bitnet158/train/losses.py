@@ -70,6 +70,7 @@ def _compute_dtype(h: torch.Tensor, w: torch.Tensor) -> torch.dtype:
 
 # Triton's row kernel runs on CUDA tensors; tests set this to also run it under the interpreter.
 FORCE_TRITON = False
+TORCH_ROWS_ELEMS = 1 << 24               # rows of logits per block of the torch row fallback (x V)
 
 
 def _triton_rows():
@@ -91,6 +92,16 @@ def ce_rows(logits: torch.Tensor, labels: torch.Tensor, scale: torch.Tensor | No
         k = _triton_rows()
         if k is not None:
             return k.ce_rows(logits, labels, scale, ignore_index, write_grad)
+    # torch ops, a block of rows at a time: the fp32 temporaries (logsumexp, softmax) stay ~64 MB
+    # whatever the chunk (the fused loss's chunks are 128 M logits)
+    rows = max(1, TORCH_ROWS_ELEMS // max(logits.shape[1], 1))
+    per_row = scale is not None and scale.dim() > 0
+    out = [_ce_rows_torch(logits[s:s + rows], labels[s:s + rows], scale[s:s + rows] if per_row else scale,
+                          ignore_index, write_grad) for s in range(0, logits.shape[0], rows)]
+    return out[0] if len(out) == 1 else torch.cat(out)
+
+
+def _ce_rows_torch(logits, labels, scale, ignore_index: int, write_grad: bool) -> torch.Tensor:
     valid = labels != ignore_index
     lab = torch.where(valid, labels, torch.zeros_like(labels))
     z = logits.float()                                                   # [c, V]
@@ -99,11 +110,12 @@ def ce_rows(logits: torch.Tensor, labels: torch.Tensor, scale: torch.Tensor | No
     if write_grad:
         sc = torch.ones((), device=z.device) if scale is None else scale.float()
         sc = torch.where(valid, sc.expand(valid.shape), torch.zeros_like(lse))
-        g = torch.softmax(z, dim=-1)
+        g = z.sub_(lse[:, None]).exp_() if z is logits else torch.softmax(z, dim=-1)   # fp32 logits: in place
         del z
         g.scatter_add_(1, lab[:, None], -torch.ones_like(g[:, :1]))
         g.mul_(sc[:, None])
-        logits.copy_(g)
+        if g is not logits:
+            logits.copy_(g)
     return nll
 
 
