@@ -88,12 +88,12 @@ def _fused(mods, layout: str, out: torch.Tensor) -> tuple[torch.Tensor, list[int
 
 
 def default_layout() -> str:
-    """B3 (1.6 bits/weight) where the current ISA path decodes it natively, else T16 (2 bits);
-    ``BITNET158_CPU_LAYOUT=t16|b3`` overrides."""
+    """B3 (1.6 bits/weight) where a vector path decodes it (AVX-512 VBMI), else T16 (2 bits, every
+    path; the scalar path runs both); ``BITNET158_CPU_LAYOUT=t16|b3`` overrides."""
     env = os.environ.get("BITNET158_CPU_LAYOUT")
     if env:
         return env
-    return "b3" if layout_native("b3") else "t16"
+    return "b3" if binding.lib().bn_get_isa() != b"scalar" and layout_native("b3") else "t16"
 
 
 def supports(model) -> bool:
