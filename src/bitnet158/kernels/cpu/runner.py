@@ -8,9 +8,11 @@
 
 Importing this module registers it with ``bitnet158.engine`` as "cpu" (priority 10), so
 ``make_runner(model)`` / ``generate`` / ``chat`` / ``serve`` use it on CPU whenever the C library
-loads (``BITNET158_CPU_HEAD=int8`` selects the int8 head there). At construction the runner converts every projection to the kernel layout (q|k|v and
-gate|up fused), copies the norms to fp32 and keeps a reference to the embedding table, which the
-bf16 head reads in place (tied weights: one copy). ``head="int8"`` quantizes the head per row
+loads (``BITNET158_CPU_HEAD=int8`` selects the int8 head there). At construction the runner
+converts every projection to the kernel layout (B3, 1.6 bits/weight, where AVX-512 VBMI decodes it,
+else T16, 2 bits; ``layout=`` overrides) into one arena on huge pages (q|k|v and gate|up fused),
+copies the norms to fp32 and keeps a reference to the embedding table, which the bf16 head reads
+in place (tied weights: one copy; moved onto huge pages in place). ``head="int8"`` quantizes the head per row
 (absmax, fp32 row scales) and, when tied, serves the embedding lookup from that table too, so the
 bf16 table can be freed. Compute is fp32; the KV cache is bf16 for bf16/fp16 models (as the
 reference keeps it), fp32 for fp32 models. Nothing is allocated per token in C; buffers are sized
