@@ -1,7 +1,7 @@
 """SFT and DPO under torchrun on the CPU (gloo, 2 processes): DDP and FSDP2 give the losses of one process with
 the same global batch (summed and mean SFT loss, the fused summed loss under DDP, DPO with the reference
-on the fly or precomputed); FSDP2 checkpoints (gathered full state) resume on 2 ranks; rank 0 exports the
-final model."""
+on the fly or precomputed, fused DPO under FSDP2); FSDP2 checkpoints (gathered full state) resume on 2
+ranks; rank 0 exports the final model."""
 
 import json
 import os
@@ -51,6 +51,8 @@ def single(setup):
     for ref in ("model", "precomputed"):
         runs[f"dpo-{ref}"] = d / f"dpo-{ref}-1"
         run_dpo(str(dpo), out=runs[f"dpo-{ref}"], device="cpu", overrides=OVER + [f'data.reference="{ref}"'])
+    runs["dpo-model-fused"] = d / "dpo-model-fused-1"
+    run_dpo(str(dpo), out=runs["dpo-model-fused"], device="cpu", overrides=OVER + ["model.fused=true"])
     return runs
 
 
@@ -105,11 +107,13 @@ def test_sft_two_processes_match_one(setup, single, tmp_path, mode, loss):
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("mode,reference", [("ddp", "precomputed"), ("fsdp", "model")])
+@pytest.mark.parametrize("mode,reference", [("ddp", "precomputed"), ("fsdp", "model"), ("fsdp", "model-fused")])
 def test_dpo_two_processes_match_one(setup, single, tmp_path, mode, reference):
+    """(``model-fused``: ``--fused``, policy and sharded reference on the fused blocks under FSDP2)"""
     _, _, dpo = setup
     out = tmp_path / mode
-    _torchrun("dpo", dpo, out, mode, ("--set", f'data.reference="{reference}"'))
+    extra = ("--fused",) if reference == "model-fused" else ("--set", f'data.reference="{reference}"')
+    _torchrun("dpo", dpo, out, mode, extra)
     want_out = single[f"dpo-{reference}"]
     _assert_same(out, want_out, ("loss", "val_loss", "val_reward_margin"))
     got, want = _records(out, "margin"), _records(want_out, "margin")
@@ -117,3 +121,4 @@ def test_dpo_two_processes_match_one(setup, single, tmp_path, mode, reference):
     s = json.loads((out / "summary.json").read_text())
     assert s["start"]["val_reward_margin"] == pytest.approx(0.0, abs=1e-5)
     assert s["world"] == 2 and (out / "hf" / "config.json").is_file()
+    assert s["head"] == ("fused" if reference == "model-fused" else "chunked")
