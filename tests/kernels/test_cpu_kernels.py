@@ -184,6 +184,19 @@ def test_head_gemv(isa, dtype, m, x_bf16):
     torch.testing.assert_close(out.double(), ref, rtol=tol, atol=10 * tol)
 
 
+def test_head_int8_extreme_sum(isa):
+    """Every int8 weight at +-127 against a constant input: the row sum passes 2^31 in the int16
+    products of the vector path (2560 x 127 x 32767), so it must be summed wider."""
+    w = torch.full((9, 2560), 127, dtype=torch.int8)
+    w[1] = -127
+    w[2, ::2] = -127
+    sc = torch.full((9,), 0.5)
+    x = torch.full((2, 2560), 3.0)
+    out = cpu.head_gemv(w, x, sc)
+    ref = (x.double() @ w.double().t()) * 0.5
+    torch.testing.assert_close(out.double(), ref, rtol=1e-5, atol=1e-3)
+
+
 def test_fallback_when_library_missing(monkeypatch):
     """No library: one warning, PackedLinear falls back to the torch reference."""
     monkeypatch.setenv("BITNET158_CPU_KERNELS", "1")
