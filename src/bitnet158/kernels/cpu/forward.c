@@ -206,7 +206,7 @@ int bn_forward(const bn_model *M, int m, const int32_t *tok, const int32_t *pos,
         PROF(P_FFNACT, run_tokens(&c, ST_FFN_ACT));
         PROF(P_DOWN, gemm(M, L->wdown, L->gdown, M->d, M->kp_f, m, M->x, M->d, BN_OUT_F32_ADD));
     }
-    if (n_out <= 0) return 0;
+    if (n_out <= 0) { bn_pool_park(); return 0; }
     for (int j = 0; j < n_out; j++) {
         float *h = M->hout + (size_t)j * M->d;
         bn_cur->rmsnorm(M->x + (size_t)out_idx[j] * M->d, M->ln_final, M->d, M->eps, h);
@@ -216,6 +216,7 @@ int bn_forward(const bn_model *M, int m, const int32_t *tok, const int32_t *pos,
     bn_head hd = {.w = M->head, .kind = M->head_kind, .row_scale = M->head_scale, .d = M->d, .x = M->hout,
                   .m = n_out, .ldx = M->d, .out = logits, .ldo = M->vocab};
     PROF(P_HEAD, bn_head_run(&hd, M->vocab));
+    bn_pool_park();
     return 0;
 }
 

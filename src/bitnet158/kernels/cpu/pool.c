@@ -2,8 +2,9 @@
  *
  * bn_pool_run(fn, ctx, items) splits [0, items) into 2 contiguous chunks per thread, claimed
  * dynamically (the caller works too), and returns when every chunk is done. Spinning first keeps the ~300 hand-offs of a
- * decode step at well under a microsecond each; sleeping after ~2 ms keeps idle workers off the CPU
- * (and out of torch's way) between calls. BITNET158_CPU_PIN=1 pins worker i to the i-th allowed CPU
+ * decode step at well under a microsecond each; sleeping after ~2 ms, or at once after
+ * bn_pool_park (the end of a forward), keeps idle workers off the CPU (and out of torch's way)
+ * between calls. BITNET158_CPU_PIN=1 pins worker i to the i-th allowed CPU
  * (off by default: on a shared machine a pinned worker cannot move away from a busy CPU, while the
  * dynamic chunks below already keep the caller busy when a worker is descheduled).
  */
@@ -32,6 +33,7 @@ static struct {
     _Atomic int done;              /* chunks finished in the current job */
     _Atomic int sleeping;
     _Atomic int stop;
+    _Atomic int park;              /* set by bn_pool_park: sleep now instead of spinning */
     bn_task fn;
     void *ctx;
     int items, nchunks;
@@ -95,10 +97,10 @@ static void *worker(void *arg) {
         int spins = 0;
         while (atomic_load_explicit(&P.gen, memory_order_acquire) == seen) {
             BN_PAUSE();
-            if (++spins == 256) {
+            if (++spins == 256 || atomic_load_explicit(&P.park, memory_order_relaxed)) {
                 spins = 0;
-                if (t0 == 0.0) t0 = now_s();
-                else if (now_s() - t0 > 2e-3) {
+                if (t0 == 0.0 && !atomic_load_explicit(&P.park, memory_order_relaxed)) t0 = now_s();
+                else if (atomic_load_explicit(&P.park, memory_order_relaxed) || now_s() - t0 > 2e-3) {
                     pthread_mutex_lock(&P.mu);
                     atomic_fetch_add(&P.sleeping, 1);
                     while (atomic_load(&P.gen) == seen) pthread_cond_wait(&P.cv, &P.mu);
@@ -127,6 +129,11 @@ static void pool_stop(void) {
 
 int bn_pool_threads(void) { return P.n; }
 
+/* Let the workers sleep right away rather than spin for ~2 ms: called when a whole forward returns
+ * to Python, whose own work between tokens (sampling, argmax: torch's threads) then gets the cores.
+ * The next bn_pool_run wakes them (the caller starts on its chunks meanwhile). */
+void bn_pool_park(void) { atomic_store_explicit(&P.park, 1, memory_order_relaxed); }
+
 int bn_pool_set_threads(int n) {
     if (n < 1) n = 1;
     if (n > BN_MAX_THREADS) n = BN_MAX_THREADS;
@@ -148,6 +155,7 @@ void bn_pool_run(bn_task fn, void *ctx, int items) {
     /* Chunks are claimed dynamically: when a worker is descheduled (a busy machine) the caller
      * does its share instead of spinning. Two chunks per thread keep each one's memory stream long. */
     const int nch = items < 2 * P.n ? items : 2 * P.n;
+    atomic_store_explicit(&P.park, 0, memory_order_relaxed);
     P.fn = fn;
     P.ctx = ctx;
     P.items = items;

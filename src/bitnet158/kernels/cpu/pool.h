@@ -8,5 +8,6 @@ typedef void (*bn_task)(void *ctx, int i0, int i1, int tid);
 
 int bn_pool_set_threads(int n);
 int bn_pool_threads(void);
+void bn_pool_park(void);
 void bn_pool_run(bn_task fn, void *ctx, int items);
 #endif
