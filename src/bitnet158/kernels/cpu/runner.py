@@ -15,8 +15,8 @@ copies the norms to fp32 and keeps a reference to the embedding table, which the
 in place (tied weights: one copy; moved onto huge pages in place). ``head="int8"`` quantizes the head per row
 (absmax, fp32 row scales) and, when tied, serves the embedding lookup from that table too, so the
 bf16 table can be freed. Compute is fp32; the KV cache is bf16 for bf16/fp16 models (as the
-reference keeps it), fp32 for fp32 models. Nothing is allocated per token in C; buffers are sized
-once for ``max(batch, prefill_chunk)`` tokens.
+reference keeps it), fp32 for fp32 models. Nothing is allocated per token; decode buffers are sized
+once for ``batch`` tokens, prefill buffers (up to ``prefill_chunk`` tokens per call) per prefill.
 """
 
 from __future__ import annotations
@@ -212,27 +212,39 @@ class CpuRunner:
             M.layers = layers
             self.head_bytes = (hq.numel() + 4 * hs.numel()) if head == "int8" else hw.numel() * hw.element_size()
             self._keep, self._layers, self._M = keep, layers, M
-            self._buffers(max(self.batch, self.prefill_chunk))
+            self._buffers(self.batch)
         if lib.bn_model_sizeof() != ctypes.sizeof(_Model) or lib.bn_layer_sizeof() != ctypes.sizeof(_Layer):
             raise RuntimeError("CpuRunner: C struct layout mismatch (rebuild the extension)")
 
     def _buffers(self, max_m: int) -> None:
-        """Activation buffers for up to max_m tokens per call (allocated once)."""
+        """The decode activation buffers (``batch`` tokens per call, kept), the attention scratch, and
+        the sizes the prefill buffers use (allocated per prefill call and freed after it, so ~17 MB
+        of 2B4T prefill activations are not resident while decoding)."""
+        c, M = self.config, self._M
+        self._ldt = max(M.kp_d, M.kp_q, M.kp_f, pad16(c.intermediate_size))
+        threads = self._lib.bn_get_threads()
+        self._scratch = torch.empty(max(threads, 64), 4 * M.max_len)
+        M.scratch, M.ldt = self._scratch.data_ptr(), self._ldt
+        self._dec = self._alloc(max(1, self.batch))
+        self._point(self._dec)
+        self._out_ids = torch.arange(max(1, self.batch), dtype=torch.int32)   # decode: every token's logits
+        self._row_ids: dict[tuple, torch.Tensor] = {}
+
+    def _alloc(self, max_m: int) -> tuple[dict, int]:
+        """Activation buffers for up to max_m tokens per call."""
         c, M = self.config, self._M
         nq = c.num_attention_heads * c.head_dim
-        ldt = max(M.kp_d, M.kp_q, M.kp_f, pad16(c.intermediate_size))
         kp = max(M.kp_d, M.kp_q, M.kp_f)
-        threads = self._lib.bn_get_threads()
-        self._bufs = dict(
-            x=torch.empty(max_m, c.hidden_size), t=torch.empty(max_m, ldt), qkv=torch.empty(max_m, M.nqkv),
+        bufs = dict(
+            x=torch.empty(max_m, c.hidden_size), t=torch.empty(max_m, self._ldt), qkv=torch.empty(max_m, M.nqkv),
             att=torch.empty(max_m, nq), gu=torch.empty(max_m, 2 * M.f_pad), hout=torch.empty(max_m, c.hidden_size),
-            scratch=torch.empty(max(threads, 64), 4 * M.max_len), xq=torch.empty(max_m, kp, dtype=torch.int8),
-            sx=torch.empty(max_m), sa=torch.empty(max_m, dtype=torch.int32))
-        for k, v in self._bufs.items():
-            setattr(M, k, v.data_ptr())
-        M.max_m, M.ldt = max_m, ldt
-        self._out_ids = torch.arange(max_m, dtype=torch.int32)   # decode: logits of every token
-        self._row_ids: dict[tuple, torch.Tensor] = {}
+            xq=torch.empty(max_m, kp, dtype=torch.int8), sx=torch.empty(max_m), sa=torch.empty(max_m, dtype=torch.int32))
+        return bufs, max_m
+
+    def _point(self, bufs: tuple[dict, int]) -> None:
+        for k, v in bufs[0].items():
+            setattr(self._M, k, v.data_ptr())
+        self._M.max_m = bufs[1]
 
     # ------------------------------------------------------------------ Runner protocol
     def reset(self) -> None:
@@ -270,18 +282,23 @@ class CpuRunner:
         tok32 = tokens.to(torch.int32).contiguous()
         pos32 = pos.to(torch.int32).contiguous()
         row32 = torch.tensor(r, dtype=torch.int32)[:, None].expand(B, T).contiguous()
-        cols = max(1, self._M.max_m // B)
-        logits = torch.empty(B, self.vocab_size, dtype=torch.float32)
-        for c0 in range(0, T, cols):
-            c1 = min(T, c0 + cols)
-            last = c1 == T
-            tk, ps, rw = (a[:, c0:c1].contiguous() for a in (tok32, pos32, row32))
-            n = c1 - c0
-            out_idx = torch.arange(B, dtype=torch.int32) * n + (n - 1)
-            rc = self._lib.bn_forward(ctypes.byref(self._M), B * n, tk.data_ptr(), ps.data_ptr(), rw.data_ptr(),
-                                      B if last else 0, out_idx.data_ptr(), logits.data_ptr())
-            if rc:
-                raise RuntimeError(f"CpuRunner: bn_forward failed ({rc})")
+        bufs = self._dec if B * T <= self._dec[1] else self._alloc(max(B, min(B * T, self.prefill_chunk)))
+        self._point(bufs)
+        try:
+            cols = max(1, self._M.max_m // B)
+            logits = torch.empty(B, self.vocab_size, dtype=torch.float32)
+            for c0 in range(0, T, cols):
+                c1 = min(T, c0 + cols)
+                last = c1 == T
+                tk, ps, rw = (a[:, c0:c1].contiguous() for a in (tok32, pos32, row32))
+                n = c1 - c0
+                out_idx = torch.arange(B, dtype=torch.int32) * n + (n - 1)
+                rc = self._lib.bn_forward(ctypes.byref(self._M), B * n, tk.data_ptr(), ps.data_ptr(), rw.data_ptr(),
+                                          B if last else 0, out_idx.data_ptr(), logits.data_ptr())
+                if rc:
+                    raise RuntimeError(f"CpuRunner: bn_forward failed ({rc})")
+        finally:
+            self._point(self._dec)           # the prefill buffers (if any) are freed on return
         return logits
 
     @torch.inference_mode()
