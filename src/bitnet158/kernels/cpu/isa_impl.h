@@ -774,6 +774,8 @@ INLINE void FN(attn_grp)(const bn_attn *a, int m, int h0, const int HB, float *s
         for (int d = 0; d < hd; d += 2) {
             __m512 klo, khi;
             if (a->kv_bf16) {
+                /* the KV cache comes from memory each token: fetch the next block while this one runs */
+                _mm_prefetch((const char *)((const uint16_t *)a->kc + kb + (size_t)hd * 16 + d * 16), _MM_HINT_T0);
                 const __m512i k2 = _mm512_loadu_si512((const uint16_t *)a->kc + kb + d * 16);   /* rows d, d+1 */
                 klo = _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32(_mm512_castsi512_si256(k2)), 16));
                 khi = _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32(_mm512_extracti64x4_epi64(k2, 1)), 16));
@@ -821,6 +823,9 @@ INLINE void FN(attn_grp)(const bn_attn *a, int m, int h0, const int HB, float *s
             for (int v = 0; v < NV; v++) o[b][v] = _mm512_setzero_ps();
         for (int j = 0; j <= p; j++) {
             __m512 pj[4];
+            if (a->kv_bf16 && d0 == 0)                 /* V row j + 8, ahead (2 KB for hd = 128) */
+                for (int l = 0; l < hd * 2; l += 64)
+                    _mm_prefetch((const char *)((const uint16_t *)a->vc + base + (size_t)(j + 8) * hd) + l, _MM_HINT_T0);
 #pragma GCC unroll 4
             for (int b = 0; b < HB; b++) pj[b] = _mm512_set1_ps(sc[(size_t)b * S + j]);
             if (nv == NV) {
