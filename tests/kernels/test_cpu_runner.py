@@ -82,10 +82,11 @@ def test_logits_and_greedy_match_reference_fp32(isa, layout):
         assert torch.equal(nxt_a, nxt_b)
 
 
-@pytest.mark.parametrize("threads", [1, 2])
+@pytest.mark.parametrize("threads", [1, 3, 5])
 def test_grouped_attention_gqa4(threads):
     """4 query heads per KV group, head_dim 32: prefill runs whole groups per item, batch-1 decode
-    splits them (halves / single heads, depending on the thread count); both layouts."""
+    splits them while there are fewer items than threads (whole groups, halves, single heads for
+    1, 3, 5 threads); both layouts."""
     model = _model(seed=8, hidden_size=256, num_attention_heads=8, num_key_value_heads=2)
     for layout in ("t16", "b3"):
         run = CpuRunner(model, batch=1, max_len=48, layout=layout, threads=threads)

@@ -185,10 +185,11 @@ int bn_forward(const bn_model *M, int m, const int32_t *tok, const int32_t *pos,
     run_tokens(&c, ST_EMBED);
     const int nq = M->h * M->hd;
     /* attention items: the heads of a KV group together (they share K/V reads), split in halves
-     * while there are fewer than 4 items per thread (decode) */
+     * only while there are fewer items than threads: 2B4T decode (5 groups of 4 heads, 2 threads)
+     * ran attention ~20 % faster as 5 whole groups than as 10 half groups, imbalance included */
     const int rep = M->h / M->hkv;
     int hb = rep % 4 == 0 ? 4 : rep % 2 == 0 ? 2 : 1;
-    while (hb > 1 && m * M->hkv * (rep / hb) < 4 * bn_pool_threads()) hb /= 2;
+    while (hb > 1 && m * M->hkv * (rep / hb) < bn_pool_threads()) hb /= 2;
     for (int l = 0; l < M->n_layers; l++) {
         const bn_layer *L = &M->layers[l];
         c.L = L;
