@@ -31,6 +31,8 @@ from __future__ import annotations
 
 import numpy as np
 
+from .tq import ternary_codes
+
 GGML_TYPE_I2_S = 36
 LLAMA_FTYPE_MOSTLY_I2_S = 40
 QK_I2_S = 128
@@ -44,15 +46,7 @@ def nbytes(rows: int, k: int) -> int:
 
 def pack_i2s(w_t: np.ndarray, gamma: float, what: str = "tensor") -> np.ndarray:
     """Ternary int8 [rows, K] (K % 128 == 0) and the multiplier -> uint8 [rows*K/4 + 32]."""
-    w_t = np.asarray(w_t)
-    if w_t.ndim != 2:
-        raise ValueError(f"{what}: expected a 2-D ternary weight, got shape {w_t.shape}")
-    if w_t.shape[1] % QK_I2_S:
-        raise ValueError(f"{what}: row length {w_t.shape[1]} is not a multiple of {QK_I2_S} "
-                         "(I2_S blocks); use --type f16 for this shape")
-    u = (w_t.astype(np.int8) + np.int8(1)).view(np.uint8)
-    if u.size and u.max() > 2:
-        raise ValueError(f"{what}: weights are not ternary (-1, 0, +1)")
+    u = ternary_codes(w_t, what, QK_I2_S, "I2_S", "f16")
     g = u.reshape(-1, 4, 32)                                              # [block, group, byte]
     packed = (g[:, 0] << 6) | (g[:, 1] << 4) | (g[:, 2] << 2) | g[:, 3]   # [block, 32]
     trailer = np.zeros(TRAILER, dtype=np.uint8)

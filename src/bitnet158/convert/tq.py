@@ -34,14 +34,15 @@ TQ1_0_BYTES = 54
 _POW3 = np.array([81, 27, 9, 3, 1], dtype=np.uint16)
 
 
-def _codes(w_t: np.ndarray, what: str) -> np.ndarray:
-    """int8 [rows, K] ternary -> uint8 trits u = w + 1, checked."""
+def ternary_codes(w_t: np.ndarray, what: str, block: int = QK_K,
+                  types: str = "TQ1_0/TQ2_0", other: str = "i2_s or f16") -> np.ndarray:
+    """int8 [rows, K] ternary -> uint8 trits u = w + 1, checked (K a multiple of ``block``)."""
     w_t = np.asarray(w_t)
     if w_t.ndim != 2:
         raise ValueError(f"{what}: expected a 2-D ternary weight, got shape {w_t.shape}")
-    if w_t.shape[1] % QK_K:
-        raise ValueError(f"{what}: row length {w_t.shape[1]} is not a multiple of {QK_K} "
-                         "(TQ1_0/TQ2_0 blocks); use --type i2_s or f16 for this shape")
+    if w_t.shape[1] % block:
+        raise ValueError(f"{what}: row length {w_t.shape[1]} is not a multiple of {block} "
+                         f"({types} blocks); use --type {other} for this shape")
     u = (w_t.astype(np.int8) + np.int8(1)).view(np.uint8)
     if u.size and u.max() > 2:
         raise ValueError(f"{what}: weights are not ternary (-1, 0, +1)")
@@ -62,7 +63,7 @@ def _block_scales(d_bytes: np.ndarray, rows: int, k: int) -> np.ndarray:
 
 def pack_tq2_0(w_t: np.ndarray, gamma: float, what: str = "tensor") -> np.ndarray:
     """Ternary int8 [rows, K] and one scale -> uint8 [rows, K/256 * 66] (TQ2_0 rows)."""
-    u = _codes(w_t, what)
+    u = ternary_codes(w_t, what)
     rows, k = u.shape
     nb = rows * k // QK_K
     g = u.reshape(nb, 2, 4, 32)                                   # [block, half j, shift l, m]
@@ -92,7 +93,7 @@ def _base3_bytes(u: np.ndarray, width: int, trits: int) -> np.ndarray:
 
 def pack_tq1_0(w_t: np.ndarray, gamma: float, what: str = "tensor") -> np.ndarray:
     """Ternary int8 [rows, K] and one scale -> uint8 [rows, K/256 * 54] (TQ1_0 rows)."""
-    u = _codes(w_t, what)
+    u = ternary_codes(w_t, what)
     rows, k = u.shape
     nb = rows * k // QK_K
     u = u.reshape(nb, QK_K)
