@@ -212,11 +212,11 @@ class CpuRunner:
             M.layers = layers
             self.head_bytes = (hq.numel() + 4 * hs.numel()) if head == "int8" else hw.numel() * hw.element_size()
             self._keep, self._layers, self._M = keep, layers, M
-            self._buffers(self.batch)
+            self._buffers()
         if lib.bn_model_sizeof() != ctypes.sizeof(_Model) or lib.bn_layer_sizeof() != ctypes.sizeof(_Layer):
             raise RuntimeError("CpuRunner: C struct layout mismatch (rebuild the extension)")
 
-    def _buffers(self, max_m: int) -> None:
+    def _buffers(self) -> None:
         """The decode activation buffers (``batch`` tokens per call, kept), the attention scratch, and
         the sizes the prefill buffers use (allocated per prefill call and freed after it, so ~17 MB
         of 2B4T prefill activations are not resident while decoding)."""
