@@ -28,7 +28,8 @@ from ctypes import POINTER, Structure, c_float, c_int, c_void_p
 
 import torch
 
-from . import (HEAD_KINDS, binding, collapse_huge, convert, huge_empty, kpad, layout_bytes, layout_native,
+from ...errors import ConfigError
+from . import (HEAD_KINDS, LAYOUTS, binding, collapse_huge, convert, huge_empty, kpad, layout_bytes, layout_native,
                pad16, quantize_rows_int8)
 
 PREFILL_CHUNK = 128   # tokens per forward call during prefill (bounds the activation buffers)
@@ -94,6 +95,8 @@ def default_layout() -> str:
     path; the scalar path runs both); ``BITNET158_CPU_LAYOUT=t16|b3`` overrides."""
     env = os.environ.get("BITNET158_CPU_LAYOUT")
     if env:
+        if env not in LAYOUTS:
+            raise ConfigError(f"BITNET158_CPU_LAYOUT={env!r}: expected one of {', '.join(LAYOUTS)}")
         return env
     return "b3" if binding.lib().bn_get_isa() != b"scalar" and layout_native("b3") else "t16"
 
@@ -119,7 +122,7 @@ class CpuRunner:
         if head not in ("bf16", "int8"):
             raise ValueError(f"CpuRunner: head={head!r} (expected 'bf16' or 'int8')")
         layout = layout or default_layout()
-        if layout not in ("t16", "b3"):
+        if layout not in LAYOUTS:
             raise ValueError(f"CpuRunner: layout={layout!r} (expected 't16' or 'b3')")
         self.layout = layout
         self._lib = lib
