@@ -46,6 +46,23 @@ def _warn(msg: str) -> None:
                       stacklevel=3)
 
 
+def _set_prefetch(handle: ctypes.CDLL) -> None:
+    """``BITNET158_CPU_PREFETCH``: bytes ahead on the decode weight streams. A bad value is reported
+    and the default kept (it must not turn the kernels off)."""
+    env = os.environ.get("BITNET158_CPU_PREFETCH")
+    if not env:
+        return
+    try:
+        n = int(env)
+    except ValueError:
+        n = -1
+    if not 0 <= n <= 1 << 16:
+        warnings.warn(f"bitnet158: BITNET158_CPU_PREFETCH={env!r} is not a byte count in 0..65536; "
+                      f"keeping {handle.bn_set_prefetch(-1)}", RuntimeWarning, stacklevel=4)
+        return
+    handle.bn_set_prefetch(n)
+
+
 def _built() -> Path | None:
     override = os.environ.get("BITNET158_CPU_LIB")      # a library built elsewhere (development)
     if override:
@@ -132,8 +149,7 @@ def lib() -> ctypes.CDLL | None:
             _declare(handle)
             import torch
             handle.bn_init(max(1, torch.get_num_threads()))
-            if os.environ.get("BITNET158_CPU_PREFETCH"):       # bytes ahead on decode weight streams
-                handle.bn_set_prefetch(int(os.environ["BITNET158_CPU_PREFETCH"]))
+            _set_prefetch(handle)
             _lib = handle
         except Exception as e:  # noqa: BLE001 - any failure means: use the reference
             _error = str(e)
