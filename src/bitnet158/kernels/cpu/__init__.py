@@ -78,15 +78,20 @@ def _layout(layout: str) -> int:
     return LAYOUTS[layout]
 
 
+def _kstep(layout: str) -> int:
+    """Columns of K per 64-byte step of a 16-row tile: 16 (T16) or 20 (B3: 5 digits x 4 bytes per lane)."""
+    return 20 if _layout(layout) else 16
+
+
 def kpad(k: int, layout: str = "t16") -> int:
-    """K padded for a layout: to 16 (T16) or 20 (B3: 5 digits x 4 bytes per lane)."""
-    q = 20 if _layout(layout) else 16
+    """K padded for a layout: to 16 (T16) or 20 (B3)."""
+    q = _kstep(layout)
     return (k + q - 1) // q * q
 
 
 def layout_bytes(n: int, k: int, layout: str = "t16") -> int:
-    """Bytes of an [n, k] ternary matrix in a kernel layout."""
-    return pad16(n) // 16 * (kpad(k, layout) // (20 if _layout(layout) else 16)) * 64
+    """Bytes of an [n, k] ternary matrix in a kernel layout: 64 per (16-row tile, K step)."""
+    return pad16(n) // 16 * (kpad(k, layout) // _kstep(layout)) * 64
 
 
 def layout_native(layout: str) -> bool:
