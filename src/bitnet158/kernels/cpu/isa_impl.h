@@ -672,90 +672,96 @@ static inline __m512 FN(exp16)(__m512 x) {
  * FMAs against a broadcast q[d] (no horizontal sums); V is [S][hd], accumulated 16-wide over d. */
 static void FN(attn_head)(const bn_attn *a, int m, int h, float *sc) {
     const int hd = a->hd, rep = a->H / a->Hkv;
-    {
-        const int g = h / rep;
-        const int p = a->pos[m];
-        const size_t base = ((size_t)a->row[m] * a->Hkv + g) * (size_t)a->S * hd;
-        const float *q = a->q + (size_t)m * a->ldq + (size_t)h * hd;
-        const int nblk = p / 16 + 1;
-        for (int blk = 0; blk < nblk; blk++) {
-            const size_t kb = base + (size_t)blk * hd * 16;
+    const int g = h / rep;
+    const int p = a->pos[m];
+    const size_t base = ((size_t)a->row[m] * a->Hkv + g) * (size_t)a->S * hd;
+    const float *q = a->q + (size_t)m * a->ldq + (size_t)h * hd;
+    const int nblk = p / 16 + 1;
+    for (int blk = 0; blk < nblk; blk++) {
+        const size_t kb = base + (size_t)blk * hd * 16;
 #if defined(ISA_AVX512)
-            __m512 acc0 = _mm512_setzero_ps(), acc1 = _mm512_setzero_ps();
-            if (a->kv_bf16) {
-                const uint16_t *k = (const uint16_t *)a->kc + kb;
-                for (int d = 0; d < hd; d += 2) {
-                    const __m512i k2 = _mm512_loadu_si512(k + d * 16);       /* rows d, d+1 */
-                    const __m512 klo = _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32(_mm512_castsi512_si256(k2)), 16));
-                    const __m512 khi = _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32(_mm512_extracti64x4_epi64(k2, 1)), 16));
-                    acc0 = _mm512_add_ps(acc0, _mm512_mul_ps(_mm512_set1_ps(q[d]), klo));
-                    acc1 = _mm512_add_ps(acc1, _mm512_mul_ps(_mm512_set1_ps(q[d + 1]), khi));
-                }
-            } else {
-                const float *k = (const float *)a->kc + kb;
-                for (int d = 0; d < hd; d += 2) {
-                    acc0 = _mm512_add_ps(acc0, _mm512_mul_ps(_mm512_set1_ps(q[d]), _mm512_loadu_ps(k + d * 16)));
-                    acc1 = _mm512_add_ps(acc1, _mm512_mul_ps(_mm512_set1_ps(q[d + 1]), _mm512_loadu_ps(k + d * 16 + 16)));
-                }
+        __m512 acc0 = _mm512_setzero_ps(), acc1 = _mm512_setzero_ps();
+        if (a->kv_bf16) {
+            const uint16_t *k = (const uint16_t *)a->kc + kb;
+            for (int d = 0; d < hd; d += 2) {
+                const __m512i k2 = _mm512_loadu_si512(k + d * 16);       /* rows d, d+1 */
+                const __m512 klo = _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32(_mm512_castsi512_si256(k2)), 16));
+                const __m512 khi = _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32(_mm512_extracti64x4_epi64(k2, 1)), 16));
+                acc0 = _mm512_add_ps(acc0, _mm512_mul_ps(_mm512_set1_ps(q[d]), klo));
+                acc1 = _mm512_add_ps(acc1, _mm512_mul_ps(_mm512_set1_ps(q[d + 1]), khi));
             }
-            _mm512_storeu_ps(sc + blk * 16, _mm512_mul_ps(_mm512_add_ps(acc0, acc1), _mm512_set1_ps(a->scale)));
+        } else {
+            const float *k = (const float *)a->kc + kb;
+            for (int d = 0; d < hd; d += 2) {
+                acc0 = _mm512_add_ps(acc0, _mm512_mul_ps(_mm512_set1_ps(q[d]), _mm512_loadu_ps(k + d * 16)));
+                acc1 = _mm512_add_ps(acc1, _mm512_mul_ps(_mm512_set1_ps(q[d + 1]), _mm512_loadu_ps(k + d * 16 + 16)));
+            }
+        }
+        _mm512_storeu_ps(sc + blk * 16, _mm512_mul_ps(_mm512_add_ps(acc0, acc1), _mm512_set1_ps(a->scale)));
 #else
-            float acc[16];
-            for (int l = 0; l < 16; l++) acc[l] = 0.0f;
-            if (a->kv_bf16) {
-                const uint16_t *k = (const uint16_t *)a->kc + kb;
-                for (int d = 0; d < hd; d++) {
-                    const float qd = q[d];
+        float acc[16];
+        for (int l = 0; l < 16; l++) acc[l] = 0.0f;
+        if (a->kv_bf16) {
+            const uint16_t *k = (const uint16_t *)a->kc + kb;
+            for (int d = 0; d < hd; d++) {
+                const float qd = q[d];
 #pragma omp simd
-                    for (int l = 0; l < 16; l++) acc[l] += qd * bn_bf16_to_f32(k[d * 16 + l]);
-                }
-            } else {
-                const float *k = (const float *)a->kc + kb;
-                for (int d = 0; d < hd; d++) {
-                    const float qd = q[d];
-#pragma omp simd
-                    for (int l = 0; l < 16; l++) acc[l] += qd * k[d * 16 + l];
-                }
+                for (int l = 0; l < 16; l++) acc[l] += qd * bn_bf16_to_f32(k[d * 16 + l]);
             }
-            for (int l = 0; l < 16; l++) sc[blk * 16 + l] = acc[l] * a->scale;
-#endif
+        } else {
+            const float *k = (const float *)a->kc + kb;
+            for (int d = 0; d < hd; d++) {
+                const float qd = q[d];
+#pragma omp simd
+                for (int l = 0; l < 16; l++) acc[l] += qd * k[d * 16 + l];
+            }
         }
-        float mx = -INFINITY;
-        for (int j = 0; j <= p; j++) mx = sc[j] > mx ? sc[j] : mx;
-        float sum = 0.0f;
-        int j0 = 0;
+        for (int l = 0; l < 16; l++) sc[blk * 16 + l] = acc[l] * a->scale;
+#endif
+    }
+    float mx = -INFINITY;
+    for (int j = 0; j <= p; j++) mx = sc[j] > mx ? sc[j] : mx;
+    float sum = 0.0f;
+    int j0 = 0;
 #if defined(ISA_AVX512)
-        {
-            __m512 vs = _mm512_setzero_ps();
-            const __m512 vmx = _mm512_set1_ps(mx);
-            for (; j0 + 16 <= p + 1; j0 += 16) {
-                const __m512 e = FN(exp16)(_mm512_sub_ps(_mm512_loadu_ps(sc + j0), vmx));
-                _mm512_storeu_ps(sc + j0, e);
-                vs = _mm512_add_ps(vs, e);
-            }
-            sum = _mm512_reduce_add_ps(vs);
+    {
+        __m512 vs = _mm512_setzero_ps();
+        const __m512 vmx = _mm512_set1_ps(mx);
+        for (; j0 + 16 <= p + 1; j0 += 16) {
+            const __m512 e = FN(exp16)(_mm512_sub_ps(_mm512_loadu_ps(sc + j0), vmx));
+            _mm512_storeu_ps(sc + j0, e);
+            vs = _mm512_add_ps(vs, e);
         }
+        sum = _mm512_reduce_add_ps(vs);
+    }
 #endif
-        for (int j = j0; j <= p; j++) { sc[j] = expf(sc[j] - mx); sum += sc[j]; }
-        const float inv = 1.0f / sum;
-        float *o = a->out + (size_t)m * a->ldo + (size_t)h * hd;
-        for (int d = 0; d < hd; d++) o[d] = 0.0f;
-        for (int j = 0; j <= p; j++) {
-            const float pj = sc[j] * inv;
-            if (a->kv_bf16) {
-                const uint16_t *v = (const uint16_t *)a->vc + base + (size_t)j * hd;
+    for (int j = j0; j <= p; j++) { sc[j] = expf(sc[j] - mx); sum += sc[j]; }
+    const float inv = 1.0f / sum;
+    float *o = a->out + (size_t)m * a->ldo + (size_t)h * hd;
+    for (int d = 0; d < hd; d++) o[d] = 0.0f;
+    for (int j = 0; j <= p; j++) {
+        const float pj = sc[j] * inv;
+        if (a->kv_bf16) {
+            const uint16_t *v = (const uint16_t *)a->vc + base + (size_t)j * hd;
 #pragma omp simd
-                for (int d = 0; d < hd; d++) o[d] += pj * bn_bf16_to_f32(v[d]);
-            } else {
-                const float *v = (const float *)a->vc + base + (size_t)j * hd;
+            for (int d = 0; d < hd; d++) o[d] += pj * bn_bf16_to_f32(v[d]);
+        } else {
+            const float *v = (const float *)a->vc + base + (size_t)j * hd;
 #pragma omp simd
-                for (int d = 0; d < hd; d++) o[d] += pj * v[d];
-            }
+            for (int d = 0; d < hd; d++) o[d] += pj * v[d];
         }
     }
 }
 
 #if defined(ISA_AVX512)
+/* 16 fp32 values of the V cache from element offset off (bf16 cache: widened exactly). */
+INLINE __m512 FN(vrow16)(const bn_attn *a, size_t off) {
+    if (a->kv_bf16)
+        return _mm512_castsi512_ps(_mm512_slli_epi32(
+            _mm512_cvtepu16_epi32(_mm256_loadu_si256((const __m256i *)((const uint16_t *)a->vc + off))), 16));
+    return _mm512_loadu_ps((const float *)a->vc + off);
+}
+
 /* HB heads of one KV group at once (GQA): each K block and V row is loaded and widened once for
  * all of them. Scores, softmax and the V sum as attn_head, with FMAs; hd a multiple of 16. */
 INLINE void FN(attn_grp)(const bn_attn *a, int m, int h0, const int HB, float *sc) {
@@ -831,25 +837,13 @@ INLINE void FN(attn_grp)(const bn_attn *a, int m, int h0, const int HB, float *s
             if (nv == NV) {
 #pragma GCC unroll 8
                 for (int v = 0; v < NV; v++) {
-                    __m512 vv;
-                    if (a->kv_bf16) {
-                        const uint16_t *vr = (const uint16_t *)a->vc + base + (size_t)j * hd + d0 + 16 * v;
-                        vv = _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32(_mm256_loadu_si256((const __m256i *)vr)), 16));
-                    } else {
-                        vv = _mm512_loadu_ps((const float *)a->vc + base + (size_t)j * hd + d0 + 16 * v);
-                    }
+                    const __m512 vv = FN(vrow16)(a, base + (size_t)j * hd + d0 + 16 * v);
 #pragma GCC unroll 4
                     for (int b = 0; b < HB; b++) o[b][v] = _mm512_fmadd_ps(pj[b], vv, o[b][v]);
                 }
             } else {
                 for (int v = 0; v < nv; v++) {
-                    __m512 vv;
-                    if (a->kv_bf16) {
-                        const uint16_t *vr = (const uint16_t *)a->vc + base + (size_t)j * hd + d0 + 16 * v;
-                        vv = _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32(_mm256_loadu_si256((const __m256i *)vr)), 16));
-                    } else {
-                        vv = _mm512_loadu_ps((const float *)a->vc + base + (size_t)j * hd + d0 + 16 * v);
-                    }
+                    const __m512 vv = FN(vrow16)(a, base + (size_t)j * hd + d0 + 16 * v);
                     for (int b = 0; b < HB; b++) o[b][v] = _mm512_fmadd_ps(pj[b], vv, o[b][v]);
                 }
             }
