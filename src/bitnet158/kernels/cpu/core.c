@@ -105,15 +105,21 @@ int bn_get_threads(void) { return bn_pool_threads(); }
  * out must hold (Np/16) * (Kp/16) * 64 bytes; padding rows/columns get u = 1 (w = 0).           */
 typedef struct { const uint8_t *P; int N, K; uint8_t *out; } cv_ctx;
 
+/* Row n of W in P: the packed row that holds it and the shift of its 2-bit field; NULL past N
+ * (padding rows). */
+static const uint8_t *hf_row(const cv_ctx *c, int n, int *sh) {
+    *sh = n < c->N ? 2 * (n / (c->N / 4)) : 0;
+    return n < c->N ? c->P + (size_t)(n % (c->N / 4)) * c->K : NULL;
+}
+
 static void convert_task(void *c_, int t0, int t1, int tid) {
     (void)tid;
     const cv_ctx *c = c_;
-    const int N = c->N, K = c->K, R = N / 4, kp = (K + 15) / 16 * 16, ks = kp / 16, kfull = K / 16;
+    const int K = c->K, kp = (K + 15) / 16 * 16, ks = kp / 16, kfull = K / 16;
     for (int t = t0; t < t1; t++) {
         for (int r = 0; r < 16; r++) {
-            const int n = 16 * t + r;
-            const uint8_t *src = n < N ? c->P + (size_t)(n % R) * K : NULL;
-            const int sh = n < N ? 2 * (n / R) : 0;
+            int sh;
+            const uint8_t *src = hf_row(c, 16 * t + r, &sh);
             uint8_t *dst = c->out + (size_t)t * ks * 64 + r * 4;
             for (int s = 0; s < ks; s++, dst += 64) {
                 const uint8_t *x = src ? src + 16 * s : NULL;
@@ -146,12 +152,11 @@ int bn_convert_hf(const uint8_t *P, int N, int K, uint8_t *out) {
 static void convert_b3_task(void *c_, int t0, int t1, int tid) {
     (void)tid;
     const cv_ctx *c = c_;
-    const int N = c->N, K = c->K, R = N / 4, ks = (K + 19) / 20;
+    const int K = c->K, ks = (K + 19) / 20;
     for (int t = t0; t < t1; t++) {
         for (int r = 0; r < 16; r++) {
-            const int n = 16 * t + r;
-            const uint8_t *src = n < N ? c->P + (size_t)(n % R) * K : NULL;
-            const int sh = n < N ? 2 * (n / R) : 0;
+            int sh;
+            const uint8_t *src = hf_row(c, 16 * t + r, &sh);
             uint8_t *dst = c->out + (size_t)t * ks * 64 + r * 4;
             for (int s = 0; s < ks; s++, dst += 64)
                 for (int j = 0; j < 4; j++) {
