@@ -97,10 +97,11 @@ static void *worker(void *arg) {
         int spins = 0;
         while (atomic_load_explicit(&P.gen, memory_order_acquire) == seen) {
             BN_PAUSE();
-            if (++spins == 256 || atomic_load_explicit(&P.park, memory_order_relaxed)) {
+            const int park = atomic_load_explicit(&P.park, memory_order_relaxed);
+            if (++spins == 256 || park) {
                 spins = 0;
-                if (t0 == 0.0 && !atomic_load_explicit(&P.park, memory_order_relaxed)) t0 = now_s();
-                else if (atomic_load_explicit(&P.park, memory_order_relaxed) || now_s() - t0 > 2e-3) {
+                if (t0 == 0.0 && !park) t0 = now_s();
+                else if (park || now_s() - t0 > 2e-3) {
                     pthread_mutex_lock(&P.mu);
                     atomic_fetch_add(&P.sleeping, 1);
                     while (atomic_load(&P.gen) == seen) pthread_cond_wait(&P.cv, &P.mu);
