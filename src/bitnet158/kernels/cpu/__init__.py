@@ -176,7 +176,7 @@ def linear(x: torch.Tensor, w16: torch.Tensor, n: int, gamma: float) -> torch.Te
     s = torch.empty(m, dtype=torch.float32)
     sa = torch.empty(m, dtype=torch.int32)
     _lib().bn_linear(xf.data_ptr(), m, k, w16.data_ptr(), n, kp, tg.data_ptr(), y.data_ptr(),
-                     q.data_ptr(), s.data_ptr(), sa.data_ptr(), 0)
+                     q.data_ptr(), s.data_ptr(), sa.data_ptr(), LAYOUTS["t16"])
     return y
 
 

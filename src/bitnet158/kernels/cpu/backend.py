@@ -12,7 +12,7 @@ from __future__ import annotations
 
 import torch
 
-from . import binding, pad16
+from . import LAYOUTS, binding, pad16
 
 name = "cpu-c"
 
@@ -49,7 +49,7 @@ def forward(x: torch.Tensor, layer, state) -> torch.Tensor:
         s = torch.empty(m, dtype=torch.float32)
         sa = torch.empty(m, dtype=torch.int32)
         lib.bn_linear(xf.data_ptr(), m, k, w16.data_ptr(), n, kp, tg.data_ptr(), y.data_ptr(),
-                      q.data_ptr(), s.data_ptr(), sa.data_ptr(), 0)
+                      q.data_ptr(), s.data_ptr(), sa.data_ptr(), LAYOUTS["t16"])
     return y.reshape(*lead, n).to(x.dtype)
 
 
