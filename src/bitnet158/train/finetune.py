@@ -77,6 +77,10 @@ class FinetuneData:
 class FinetuneModel:
     fused: bool = False                  # fused BitLinear blocks + fused head loss (SFT) / row kernel (DPO)
 
+    def __post_init__(self) -> None:
+        if not isinstance(self.fused, bool):   # `--set model.fused=no` arrives as the string "no"
+            raise ConfigError(f"model.fused={self.fused!r} is not true or false")
+
 
 @dataclass
 class FinetuneRecipe(RecipePaths):
@@ -199,14 +203,6 @@ def rank_slices(n: int, per_rank: int, rank: int, world: int):
     for s in range(0, n, per_rank * world):
         lo = min(n, s + rank * per_rank)
         yield lo, min(n, lo + per_rank)
-
-
-def pick_device(device: str) -> torch.device:
-    if device == "auto":
-        device = "cuda" if torch.cuda.is_available() else "cpu"
-    if device == "cuda" and not torch.cuda.is_available():
-        raise ConfigError("--device cuda: no CUDA device is available")
-    return torch.device(device)
 
 
 def export_model(model, out: str | Path, tok_dir: str | Path, layouts: list[str]) -> dict[str, str]:
