@@ -81,6 +81,8 @@ class ModelSpec:
     def __post_init__(self) -> None:
         if self.linear not in ("bitlinear", "linear"):
             raise ConfigError(f"recipe model.linear={self.linear!r} is not 'bitlinear' or 'linear'")
+        if not isinstance(self.fused, bool):   # `--set model.fused=no` arrives as the string "no"
+            raise ConfigError(f"recipe model.fused={self.fused!r} is not true or false")
 
 
 @dataclass
