@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import random
 from pathlib import Path
 
@@ -68,6 +69,64 @@ def write_recipe(path: Path, shards: Path, steps: int = 12, eval_every: int = 6,
     text = 'name = "test"\nseed = 0\n' + "".join(f"[{k}]\n{v}\n" for k, v in sections.items())
     path.write_text(text)
     return path
+
+
+# ---------------------------------------------------------------- fine-tuning data and recipes
+
+_FT_WORDS = "the cat dog bird sat ran flew over under near big small red green house tree river".split()
+
+
+def chat_data(path, n, seed):
+    """``n`` chat records in the three accepted layouts (Alpaca, ShareGPT, messages) as JSONL."""
+    rng = random.Random(seed)
+    with open(path, "w") as f:
+        for i in range(n):
+            q = " ".join(rng.choice(_FT_WORDS) for _ in range(rng.randint(2, 5)))
+            a = " ".join(rng.choice(_FT_WORDS) for _ in range(rng.randint(3, 8))) + "."
+            if i % 3 == 0:
+                rec = {"instruction": q.capitalize() + "?", "input": "", "output": a.capitalize()}
+            elif i % 3 == 1:
+                rec = {"conversations": [{"from": "human", "value": q}, {"from": "gpt", "value": a},
+                                         {"from": "human", "value": "and then"}, {"from": "gpt", "value": "the end."}]}
+            else:
+                rec = {"messages": [{"role": "user", "content": q}, {"role": "assistant", "content": a}]}
+            f.write(json.dumps(rec) + "\n")
+
+
+def pref_data(path, n, seed):
+    """Chosen: a calm answer about a cat; rejected: a shouted answer about a dog (learnable, held out too)."""
+    rng = random.Random(seed)
+    with open(path, "w") as f:
+        for i in range(n):
+            q = " ".join(rng.choice(_FT_WORDS) for _ in range(rng.randint(2, 5)))
+            calm = "the cat sat near the " + rng.choice(_FT_WORDS) + "."
+            loud = "The dog ran over the " + rng.choice(_FT_WORDS) + "!"
+            if i % 2:
+                rec = {"chosen": f"\n\nHuman: {q}\n\nAssistant: {calm}",
+                       "rejected": f"\n\nHuman: {q}\n\nAssistant: {loud}"}
+            else:
+                rec = {"prompt": q, "chosen": calm, "rejected": loud}
+            f.write(json.dumps(rec) + "\n")
+
+
+def ft_recipe(path, init, files, data_extra, steps, lr):
+    """A tiny SFT / DPO recipe at ``path`` starting from ``init``; ``data_extra``: raw [data] TOML lines."""
+    files_s = ", ".join(f'"{f}"' for f in files)
+    path.write_text(f'name = "{path.stem}"\ninit = "{init}"\nexport = ["packed", "master"]\n'
+                    f'[data]\nfiles = [{files_s}]\n{data_extra}'
+                    f'[schedule]\nkind = "constant"\nlr_peak = {lr}\n'
+                    f'[train]\nsteps = {steps}\nmicro_batch = 4\ndtype = "fp32"\nplot = false\nquiet = true\n'
+                    f'eval_every = {steps}\n')
+    return path
+
+
+def pretrain_start(d: Path, shards: Path, steps: int) -> Path:
+    """A tiny model pretrained for ``steps`` at ``d``/pre: the start of the fine-tuning tests."""
+    from bitnet158.train.pretrain import run
+    from bitnet158.train.recipe import Recipe
+    pre = write_recipe(d / "pre.toml", shards, steps=steps, eval_every=steps, ckpt_every=steps)
+    run(Recipe.from_file(pre), out=d / "pre", device="cpu")
+    return d / "pre"
 
 
 TOK_DIR = REPO / "tests" / "assets" / "tokenizer-tiny"          # a tiny BPE with the Llama-3 chat template

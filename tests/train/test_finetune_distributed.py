@@ -11,13 +11,10 @@ import sys
 
 import pytest
 import torch
-from conftest import write_recipe
-from test_finetune_e2e import _chat_data, _ft_recipe, _pref_data
+from conftest import chat_data, ft_recipe, pref_data, pretrain_start
 
 from bitnet158.train.dpo import run_dpo
 from bitnet158.train.loop import read_log
-from bitnet158.train.pretrain import run
-from bitnet158.train.recipe import Recipe
 from bitnet158.train.sft import run_sft
 
 STEPS = 4
@@ -27,13 +24,12 @@ OVER = [f"train.ckpt_every={STEPS // 2}", "train.keep_checkpoints=5", f"train.ev
 @pytest.fixture(scope="module")
 def setup(tmp_path_factory, shards_dir):
     d = tmp_path_factory.mktemp("ftdist")
-    pre = write_recipe(d / "pre.toml", shards_dir, steps=6, eval_every=6, ckpt_every=6)
-    run(Recipe.from_file(pre), out=d / "pre", device="cpu")
-    _chat_data(d / "chat.jsonl", 40, 0)
-    _pref_data(d / "pref.jsonl", 40, 1)
-    sft = _ft_recipe(d / "sft.toml", d / "pre", [d / "chat.jsonl"],
+    pretrain_start(d, shards_dir, steps=6)
+    chat_data(d / "chat.jsonl", 40, 0)
+    pref_data(d / "pref.jsonl", 40, 1)
+    sft = ft_recipe(d / "sft.toml", d / "pre", [d / "chat.jsonl"],
                      "seq_len = 64\nepochs = 1\nval_fraction = 0.1\n", STEPS, 3e-3)
-    dpo = _ft_recipe(d / "dpo.toml", d / "pre", [d / "pref.jsonl"],
+    dpo = ft_recipe(d / "dpo.toml", d / "pre", [d / "pref.jsonl"],
                      "max_len = 64\nepochs = 1\nval_fraction = 0.2\nbeta = 0.1\n", STEPS, 2e-3)
     return d, sft, dpo
 

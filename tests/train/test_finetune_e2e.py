@@ -2,71 +2,22 @@
 and in transformers' BitNetForCausalLM with the same logits."""
 
 import json
-import random
 import sys
 
 import pytest
 import torch
-from conftest import assert_transformers_logits, write_recipe
+from conftest import assert_transformers_logits, chat_data, ft_recipe, pref_data, pretrain_start
 
 from bitnet158.train.loop import read_log
-from bitnet158.train.pretrain import run
-from bitnet158.train.recipe import Recipe
-
-_WORDS = "the cat dog bird sat ran flew over under near big small red green house tree river".split()
-
-
-def _chat_data(path, n, seed):
-    rng = random.Random(seed)
-    with open(path, "w") as f:
-        for i in range(n):
-            q = " ".join(rng.choice(_WORDS) for _ in range(rng.randint(2, 5)))
-            a = " ".join(rng.choice(_WORDS) for _ in range(rng.randint(3, 8))) + "."
-            if i % 3 == 0:
-                rec = {"instruction": q.capitalize() + "?", "input": "", "output": a.capitalize()}
-            elif i % 3 == 1:
-                rec = {"conversations": [{"from": "human", "value": q}, {"from": "gpt", "value": a},
-                                         {"from": "human", "value": "and then"}, {"from": "gpt", "value": "the end."}]}
-            else:
-                rec = {"messages": [{"role": "user", "content": q}, {"role": "assistant", "content": a}]}
-            f.write(json.dumps(rec) + "\n")
-
-
-def _pref_data(path, n, seed):
-    """Chosen: a calm answer about a cat; rejected: a shouted answer about a dog (learnable, held out too)."""
-    rng = random.Random(seed)
-    with open(path, "w") as f:
-        for i in range(n):
-            q = " ".join(rng.choice(_WORDS) for _ in range(rng.randint(2, 5)))
-            calm = "the cat sat near the " + rng.choice(_WORDS) + "."
-            loud = "The dog ran over the " + rng.choice(_WORDS) + "!"
-            if i % 2:
-                rec = {"chosen": f"\n\nHuman: {q}\n\nAssistant: {calm}",
-                       "rejected": f"\n\nHuman: {q}\n\nAssistant: {loud}"}
-            else:
-                rec = {"prompt": q, "chosen": calm, "rejected": loud}
-            f.write(json.dumps(rec) + "\n")
-
-
-def _ft_recipe(path, init, files, data_extra, steps, lr):
-    files_s = ", ".join(f'"{f}"' for f in files)
-    path.write_text(f'name = "{path.stem}"\ninit = "{init}"\nexport = ["packed", "master"]\n'
-                    f'[data]\nfiles = [{files_s}]\n{data_extra}'
-                    f'[schedule]\nkind = "constant"\nlr_peak = {lr}\n'
-                    f'[train]\nsteps = {steps}\nmicro_batch = 4\ndtype = "fp32"\nplot = false\nquiet = true\n'
-                    f'eval_every = {steps}\n')
-    return path
-
 
 @pytest.fixture(scope="module")
 def pipeline(tmp_path_factory, shards_dir):
     from bitnet158 import cli
     d = tmp_path_factory.mktemp("ft")
-    pre = write_recipe(d / "pre.toml", shards_dir, steps=8, eval_every=8, ckpt_every=8)
-    run(Recipe.from_file(pre), out=d / "pre", device="cpu")
-    _chat_data(d / "chat.jsonl", 40, 0)
-    _pref_data(d / "pref.jsonl", 60, 1)
-    sft = _ft_recipe(d / "sft.toml", d / "pre", [d / "chat.jsonl"],
+    pretrain_start(d, shards_dir, steps=8)
+    chat_data(d / "chat.jsonl", 40, 0)
+    pref_data(d / "pref.jsonl", 60, 1)
+    sft = ft_recipe(d / "sft.toml", d / "pre", [d / "chat.jsonl"],
                      "seq_len = 64\nepochs = 1\nval_fraction = 0.1\nloss = \"sum\"\n", 6, 3e-3)
     argv = sys.argv[:]
     try:   # through the command line, as a user runs it
@@ -74,7 +25,7 @@ def pipeline(tmp_path_factory, shards_dir):
     finally:
         sys.argv = argv
     from bitnet158.train.dpo import run_dpo
-    dpo = _ft_recipe(d / "dpo.toml", d / "sft", [d / "pref.jsonl"],
+    dpo = ft_recipe(d / "dpo.toml", d / "sft", [d / "pref.jsonl"],
                      "max_len = 64\nepochs = 1\nval_fraction = 0.2\nbeta = 0.1\n", 12, 1e-2)
     summary = run_dpo(str(dpo), out=d / "dpo", device="cpu")
     return d, summary
@@ -132,7 +83,7 @@ def test_sft_resume_repeats_the_same_losses(pipeline, tmp_path):
 
     from bitnet158.train.sft import run_sft
     d, _ = pipeline
-    rec = _ft_recipe(tmp_path / "r.toml", d / "pre", [d / "chat.jsonl"],
+    rec = ft_recipe(tmp_path / "r.toml", d / "pre", [d / "chat.jsonl"],
                      "seq_len = 64\nepochs = 1\nval_fraction = 0.1\n", 4, 3e-3)
     over = ["train.ckpt_every=2", "train.keep_checkpoints=5", 'export=[]']
     run_sft(str(rec), out=tmp_path / "a", device="cpu", overrides=over)

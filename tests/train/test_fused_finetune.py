@@ -175,19 +175,14 @@ def test_fused_dpo_equals_reference_and_rewards_zero_at_step_zero(enc, backend, 
 
 @pytest.fixture(scope="module")
 def start_run(tmp_path_factory, shards_dir):
-    from conftest import write_recipe
-    from test_finetune_e2e import _chat_data, _ft_recipe, _pref_data
-
-    from bitnet158.train.pretrain import run
-    from bitnet158.train.recipe import Recipe
+    from conftest import chat_data, ft_recipe, pref_data, pretrain_start
     d = tmp_path_factory.mktemp("fusedft")
-    run(Recipe.from_file(write_recipe(d / "pre.toml", shards_dir, steps=6, eval_every=6, ckpt_every=6)),
-        out=d / "pre", device="cpu")
-    _chat_data(d / "chat.jsonl", 24, 0)
-    _pref_data(d / "pref.jsonl", 24, 1)
-    sft_r = _ft_recipe(d / "sft.toml", d / "pre", [d / "chat.jsonl"],
+    pretrain_start(d, shards_dir, steps=6)
+    chat_data(d / "chat.jsonl", 24, 0)
+    pref_data(d / "pref.jsonl", 24, 1)
+    sft_r = ft_recipe(d / "sft.toml", d / "pre", [d / "chat.jsonl"],
                        'seq_len = 64\nepochs = 1\nval_fraction = 0.15\nloss = "sum"\n', 3, 3e-3)
-    dpo_r = _ft_recipe(d / "dpo.toml", d / "pre", [d / "pref.jsonl"],
+    dpo_r = ft_recipe(d / "dpo.toml", d / "pre", [d / "pref.jsonl"],
                        "max_len = 64\nepochs = 1\nval_fraction = 0.2\nbeta = 0.1\n", 3, 2e-3)
     return d, sft_r, dpo_r
 
