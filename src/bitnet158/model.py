@@ -56,6 +56,22 @@ def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.T
     return x * cos + rotate_half(x) * sin
 
 
+def attend(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask, impl: str) -> torch.Tensor:
+    """Attention of q [B, H, T, D] over k, v [B, Hkv, L, D] (KV heads repeated to H): ``"eager"``
+    (fp32 softmax) or ``"sdpa"``; ``mask`` [.., T, L] bool or None (causal when T > 1) -> [B, H, T, D]."""
+    rep, T = q.shape[1] // k.shape[1], q.shape[2]
+    if impl == "eager":
+        k, v = k.repeat_interleave(rep, dim=1), v.repeat_interleave(rep, dim=1)
+        s = torch.matmul(q, k.transpose(2, 3)) * q.shape[-1] ** -0.5                 # [B, H, T, L]
+        if mask is not None:
+            s = s.masked_fill(~mask, float("-inf"))
+        p = torch.softmax(s, dim=-1, dtype=torch.float32).to(q.dtype)
+        return torch.matmul(p, v)
+    if rep > 1:
+        k, v = k.repeat_interleave(rep, dim=1), v.repeat_interleave(rep, dim=1)
+    return F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=mask is None and T > 1)
+
+
 class KVCache(nn.Module):
     """Static per-layer cache: k, v [B, Hkv, S, D]. Rows may sit at different positions."""
 
@@ -92,18 +108,7 @@ class Attention(nn.Module):
         q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
         if cache is not None:
             k, v = cache.update(pos, k, v, length)                                    # [B, Hkv, L, D]
-        rep = self.n_heads // self.n_kv
-        if impl == "eager":
-            k, v = k.repeat_interleave(rep, dim=1), v.repeat_interleave(rep, dim=1)
-            s = torch.matmul(q, k.transpose(2, 3)) * self.head_dim ** -0.5           # [B, H, T, L]
-            if mask is not None:
-                s = s.masked_fill(~mask, float("-inf"))
-            p = torch.softmax(s, dim=-1, dtype=torch.float32).to(q.dtype)
-            o = torch.matmul(p, v)
-        else:
-            if rep > 1:
-                k, v = k.repeat_interleave(rep, dim=1), v.repeat_interleave(rep, dim=1)
-            o = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=mask is None and T > 1)
+        o = attend(q, k, v, mask, impl)                                               # [B, H, T, D]
         o = o.transpose(1, 2).reshape(B, T, self.n_heads * self.head_dim)
         return self.o_proj(self.attn_sub_norm(o))
 

@@ -29,7 +29,7 @@ import torch
 import torch.nn.functional as F
 
 from .. import quant
-from ..model import Block, apply_rope
+from ..model import Block, apply_rope, attend
 from . import bitlinear_train as bt
 
 try:
@@ -167,17 +167,7 @@ class FusedBlock(Block):
         k = k.reshape(B, T, a.n_kv, hd).transpose(1, 2)                           # [B, Hkv, T, hd]
         v = v.reshape(B, T, a.n_kv, hd).transpose(1, 2)
         q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
-        rep = a.n_heads // a.n_kv
-        if rep > 1:
-            k, v = k.repeat_interleave(rep, dim=1), v.repeat_interleave(rep, dim=1)
-        if impl == "eager":
-            sc = torch.matmul(q, k.transpose(2, 3)) * hd ** -0.5
-            if mask is not None:
-                sc = sc.masked_fill(~mask, float("-inf"))
-            o = torch.matmul(torch.softmax(sc, dim=-1, dtype=torch.float32).to(q.dtype), v)
-        else:
-            o = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=mask is None and T > 1)
-        o = o.transpose(1, 2).reshape(B, T, nq)
+        o = attend(q, k, v, mask, impl).transpose(1, 2).reshape(B, T, nq)        # the reference attention
         h = x + norm_bitlinear(o, a.attn_sub_norm, (a.o_proj.weight,), be)
         gu = norm_bitlinear(h, self.post_attention_layernorm, (f.gate_proj.weight, f.up_proj.weight), be)
         g, u = gu.split([f.gate_proj.out_features, f.up_proj.out_features], dim=-1)
