@@ -35,7 +35,7 @@ import triton
 import triton.language as tl
 
 from .common import INTERPRET, PDL, cast, gdc_launch_dependents, gdc_wait, rint, rnd
-from .w2a8 import _dp4a, _out_cols
+from .w2a8 import _dp4a, _out_cols, seg_bounds
 
 _pdl = dict(launch_pdl=True) if PDL else {}
 
@@ -249,10 +249,7 @@ def linear_tail(x_q: torch.Tensor, s_x: torch.Tensor, w: torch.Tensor, gammas: t
         raise ValueError(f"linear_tail: M={M}, K={K}, weight {tuple(w.shape)} outside the decode GEMV")
     if x_q.stride(1) != 1 or x_q.stride(0) % 4 or not w.is_contiguous():
         raise ValueError("linear_tail: int8 rows need unit column stride and a row stride % 4 == 0")
-    if sum(seg_rows) != R or not 1 <= len(seg_rows) <= 3:
-        raise ValueError(f"linear_tail: segments {seg_rows} do not tile {R} packed rows")
-    P1 = min(seg_rows[0], R)
-    P2 = seg_rows[0] + seg_rows[1] if len(seg_rows) > 1 else R
+    P1, P2 = seg_bounds(seg_rows, R, "linear_tail")
     out = torch.empty((M, 4 * R), dtype=out_dtype, device=x_q.device)
     N = 4 * R if tail != 2 else 2 * R
     if tail == 1 and (res is None or res.shape[1] != N):
@@ -325,12 +322,11 @@ def fused_linear(a: torch.Tensor, norm_w: torch.Tensor, w: torch.Tensor, gammas:
     width = 2 * K if mode == 2 else K
     if a.shape[-1] != width or a.stride(-1) != 1:
         raise ValueError(f"fused_linear: activations have {a.shape[-1]} columns, mode {mode} needs {width}")
-    if sum(seg_rows) != R or not 1 <= len(seg_rows) <= 3 or not w.is_contiguous():
-        raise ValueError(f"fused_linear: segments {seg_rows} do not tile {R} contiguous packed rows")
+    P1, P2 = seg_bounds(seg_rows, R, "fused_linear")
+    if not w.is_contiguous():
+        raise ValueError("fused_linear: packed weights must be contiguous")
     if mode == 1 and d is None:
         raise ValueError("fused_linear: mode 1 needs the residual d")
-    P1 = min(seg_rows[0], R)
-    P2 = seg_rows[0] + seg_rows[1] if len(seg_rows) > 1 else R
     if out is None:
         out = torch.empty((M, 4 * R), dtype=a.dtype, device=a.device)
     cfg = dict(config or fused_config(M, R, K, style))

@@ -320,6 +320,16 @@ def _tc(x_q, s_x, w, gammas, P1, P2, out, cfg, ws):
     return tc_linear(x_q, s_x, w, gammas, P1, P2, out, cfg, ws.cnt)
 
 
+def seg_bounds(seg_rows: tuple[int, ...], R: int, who: str) -> tuple[int, int]:
+    """Packed-row bounds (P1, P2) of the 2nd and 3rd segment (R where there is none); ``who``
+    names the caller in the error raised when 1-3 segments do not tile R packed rows."""
+    if sum(seg_rows) != R or not 1 <= len(seg_rows) <= 3:
+        raise ValueError(f"{who}: segments {seg_rows} do not tile {R} packed rows")
+    P1 = min(seg_rows[0], R)
+    P2 = seg_rows[0] + seg_rows[1] if len(seg_rows) > 1 else R
+    return P1, P2
+
+
 def w2a8_linear(x_q: torch.Tensor, s_x: torch.Tensor, w: torch.Tensor, gammas: torch.Tensor,
                 seg_rows: tuple[int, ...], out: torch.Tensor | None = None,
                 out_dtype: torch.dtype = torch.bfloat16, config: dict | None = None,
@@ -333,13 +343,9 @@ def w2a8_linear(x_q: torch.Tensor, s_x: torch.Tensor, w: torch.Tensor, gammas: t
     R, Kw = w.shape
     if Kw != K:
         raise ValueError(f"w2a8_linear: weight has in_features={Kw}, activations have {K}")
-    if sum(seg_rows) != R or not 1 <= len(seg_rows) <= 3:
-        raise ValueError(f"w2a8_linear: segments {seg_rows} do not tile {R} packed rows")
+    P1, P2 = seg_bounds(seg_rows, R, "w2a8_linear")
     if x_q.stride(1) != 1 or not w.is_contiguous():
         raise ValueError("w2a8_linear: activations need unit column stride and weights contiguity")
-    P1 = seg_rows[0]
-    P2 = seg_rows[0] + seg_rows[1] if len(seg_rows) > 1 else R
-    P1 = min(P1, R)
     if out is None:
         out = torch.empty((M, 4 * R), dtype=out_dtype, device=x_q.device)
     s_x = s_x.reshape(-1)
