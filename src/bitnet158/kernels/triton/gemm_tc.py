@@ -1,6 +1,9 @@
 """Tensor-core W2A8 GEMM for batched decode and prefill: the 2-bit weights are the register operand.
 
-    y [M, 4R] = tc_linear(x_q int8 [M, K], s_x fp32 [M], w uint8 [R, K], gammas, seg_rows)
+    cfg = tc_config(M, R, K)
+    tc_linear(x_q int8 [M, K], s_x fp32 [M], w uint8 [R, K], gammas, P1, P2, out [M, 4R], cfg, cnt)
+
+(``w2a8.w2a8_linear`` calls it above ``GEMV_MAX_M`` rows and for odd K, segments and counters set up.)
 
 Weights stay in the released Hugging Face layout (uint8 ``[R, K]``, field ``j`` of packed row ``r``
 is output row ``j*R + r``, stored ``w + 1``; see :mod:`.w2a8` for the segments of fused q|k|v and
