@@ -27,12 +27,9 @@ import triton
 import triton.language as tl
 
 from .common import INTERPRET, cast, rint, rnd
+from .norm_quant import _warps
 
 _TL = {torch.float32: tl.float32, torch.bfloat16: tl.bfloat16, torch.float16: tl.float16}
-
-
-def _warps(block: int) -> int:
-    return 4 if block <= 2048 else (8 if block <= 8192 else 16)
 
 
 @triton.jit
