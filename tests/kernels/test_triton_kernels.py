@@ -21,21 +21,11 @@ from bitnet158 import quant  # noqa: E402
 from bitnet158.model import RMSNorm  # noqa: E402
 from bitnet158.kernels.triton import common, norm_quant as nq, w2a8  # noqa: E402
 from bitnet158.kernels.triton.attention import DecodeAttention  # noqa: E402
+from w2a8_cases import segmented as _segmented  # noqa: E402
 
 DEV = "cuda" if torch.cuda.is_available() else "cpu"
 if DEV == "cpu" and not common.INTERPRET:
     pytest.skip("Triton kernels were imported before TRITON_INTERPRET=1 was set", allow_module_level=True)
-
-
-def _segmented(segs, K, gen):
-    """Random ternary weights of several segments -> (packed [R, K], gammas, reference int8 [N, K] list)."""
-    parts, gam, w_ts = [], [], []
-    for r in segs:
-        w_t = torch.randint(-1, 2, (4 * r, K), generator=gen, dtype=torch.int8)
-        w_ts.append(w_t)
-        parts.append(quant.pack_hf(w_t))
-        gam.append(float(torch.rand((), generator=gen)) + 0.05)
-    return torch.cat(parts), torch.tensor(gam, dtype=torch.float32), w_ts
 
 
 def _reference(x_q, s, w_ts, gammas, dtype):
