@@ -315,7 +315,7 @@ def finish(s: Start, summary: dict) -> dict:
     """Export the final model and write OUT/summary.json (rank 0); close the process group."""
     ctx, net, out, layouts = s.ctx, s.model, s.out, s.recipe.export
     paths: dict = {}
-    if ctx.world > 1 and ctx.mode == "fsdp" and layouts:
+    if ctx.mode == "fsdp" and layouts:                  # also one torchrun process: DTensor params
         msd = ctx.full_model_state(net)                    # collective: every rank takes part
         if ctx.is_main:
             from ..model import Transformer
@@ -331,7 +331,7 @@ def finish(s: Start, summary: dict) -> dict:
                     "device": str(ctx.device), "export": paths, "world": ctx.world, "parallel": ctx.mode})
     if ctx.is_main:
         write_json(out / "summary.json", summary)
-    if ctx.world > 1:
+    if ctx.mode != "single":
         ctx.close()
     return summary
 

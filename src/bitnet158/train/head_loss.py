@@ -96,9 +96,10 @@ def wrap_head_loss(ctx, net: nn.Module, kind: str = "ce", head: str = "chunked",
     """``HeadLoss(net)`` for ``ctx``: as is in one process; under torchrun DDP, or FSDP2 (``fully_shard``
     per block of ``net``, then the HeadLoss as the root; bf16 parameters when ``dtype == "bf16"`` on
     GPUs). ``frozen`` (a model that is only run, the DPO reference): as is under DDP, sharded like the
-    trained model under FSDP2 (the same forward)."""
+    trained model under FSDP2 (the same forward). Under torchrun it is wrapped even with one process
+    (``--nproc_per_node=1``): the context's gradient-sync switch needs the DDP / FSDP2 module."""
     mod = HeadLoss(net, kind, head, reduction, chunk)
-    if ctx.world == 1:
+    if ctx.mode == "single":
         return mod
     mp = dtype == "bf16"
     if frozen:

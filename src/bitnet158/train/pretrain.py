@@ -213,7 +213,7 @@ def run(recipe: Recipe, out: str | Path | None = None, resume: bool = False, dev
                     "data_epochs": sampler.epochs()})
     if ctx.is_main:
         (out / "summary.json").write_text(json.dumps(summary, indent=1) + "\n")
-    if ctx.world > 1:
+    if ctx.mode != "single":            # torchrun, also with one process
         ctx.close()
     return summary
 
