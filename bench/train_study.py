@@ -1,7 +1,8 @@
 """Training study on one GPU: ternary two-stage vs one-stage vs full precision, several seeds, same tokens.
 
-    PYTHONPATH=src python bench/train_study.py --data data/gutenberg --work /tmp/study --out results/ \\
-        --steps 700 --seeds 0,1,2 --arms ternary_two_stage,ternary_one_stage,fp_two_stage_lr1.5e-3
+    PYTHONPATH=src python bench/train_study.py --data .carry/gutenberg --work /tmp/study --out out \\
+        --arms ternary_two_stage,ternary_one_stage,fp_two_stage_lr1.5e-3 --seeds 0,1,2,3,4 \\
+        --set train.micro_batch=8 --set train.grad_accum=2 --set data.val_rows=512 --deadline-s 455
 
 Arms (recipes/, with the per-arm overrides of ``ARMS`` below); every arm runs every seed, and a seed
 fixes both the initial weights and the data order, so seed ``s`` of every arm sees the same tokens in
@@ -17,17 +18,18 @@ the same order from the same start (per-seed pairs):
 
 Phases, all within ``--deadline-s``:
 
-Size ``--steps`` to the deadline (or leave it 0): a run still going at the deadline is killed and has no
-final loss. Seen on an H100 (2026-11-25): the first two compiles together took 78 s with a cold
-inductor cache, the other runs ~30 s more to start, and 9 runs together trained at ~0.84M tokens/s in all
-(~93k each); ternary runs get fewer tokens/s than full-precision ones under the same share of the GPU.
-
-1. main: one run of each model kind starts first (it compiles and fills the inductor cache); once it
-   trains, all other runs start; all run at once as separate processes sharing the GPU;
-2. probes: each model kind alone on the GPU for ``--probe-steps`` updates (warm compile cache): tokens/s
-   and peak memory of a process that has the GPU to itself;
+1. main: one run of each model kind starts first (it compiles with a cold inductor cache, ~80 s on an
+   H100); once both train, every other run starts at once (warm cache) and all share the GPU as
+   separate processes. ``--steps 0`` sizes the runs from the per-kind tokens/s of one process alone
+   (``--tok-s-ternary`` / ``--tok-s-fp``: the GPU is time-sliced, so the fleet needs the sum of the
+   runs' GPU-seconds) times ``--margin``. A monitor projects the end from the measured progress; if the
+   runs would overrun the deadline it stops every run of the highest seed still going (one seed fewer,
+   reported as dropped) instead of letting every run be cut before its cooldown;
+2. probes: each model kind alone on the GPU for ``--probe-steps`` updates (warm compile cache) if the
+   time is left: tokens/s and peak memory of a process that has the GPU to itself;
 3. report: final validation loss after the cooldown of every run; mean ± std per arm, per-seed pairs
-   and paired differences; a plot, a results JSON, and a tarball of every run's log and summary.
+   and paired differences with a t-based 95 % interval; a plot, a results JSON, and a tarball of every
+   run's log and summary.
 
 Prints a table, then one JSON line.
 """
@@ -55,7 +57,8 @@ ARMS = {
     "fp_one_stage_lr1.5e-3": ("recipes/study-fp-one-stage-lr1.5e-3.toml", []),
 }
 DEFAULT_ARMS = "ternary_two_stage,ternary_one_stage,fp_two_stage_lr3e-3,fp_two_stage_lr1.5e-3"
-T_CRIT_95 = {2: 12.706, 3: 4.303, 4: 3.182, 5: 2.776, 6: 2.571, 8: 2.365, 10: 2.262}   # two-sided t, df = n-1
+T_CRIT_95 = {2: 12.706, 3: 4.303, 4: 3.182, 5: 2.776, 6: 2.571, 7: 2.447, 8: 2.365, 9: 2.306,
+             10: 2.262}   # two-sided t, df = n-1
 
 
 def kind(arm: str) -> str:
@@ -158,22 +161,80 @@ def plot(work: Path, arms: list[str], seeds: list[int], final: dict, common: dic
     fig.savefig(png, dpi=110)
 
 
+def progress(work: Path, names) -> dict:
+    """Last logged update of each run in ``names`` (0 before its first)."""
+    out = {}
+    for n in names:
+        tr = [r for r in read_log(work / n / "log.jsonl") if "loss" in r]
+        out[n] = tr[-1]["step"] if tr else 0
+    return out
+
+
+def run_fleet(procs: dict, runs: dict, work: Path, steps: int, gpu_s_per_step: dict, run_deadline: float,
+              t0: float) -> tuple[dict, list]:
+    """Wait for every run; every ~15 s project the end from the measured progress (GPU-seconds of work done
+    per second, from the per-kind cost) and, if the runs would end past ``run_deadline``, stop all runs of
+    the highest seed still going. Returns (exit codes, dropped seeds)."""
+    codes: dict = {}
+    dropped: list = []
+    last_t, last_p = None, None
+    while len(codes) < len(procs):
+        for k, p in procs.items():
+            if k not in codes and p.poll() is not None:
+                codes[k] = p.returncode
+        now = time.time()
+        if now > run_deadline:
+            for k, p in procs.items():
+                if k not in codes:
+                    p.kill()
+                    codes[k] = "killed at deadline"
+            break
+        live = [k for k in procs if k not in codes]
+        if live and (last_t is None or now - last_t >= 15):
+            prog = progress(work, procs)
+            if all(prog[k] >= 5 for k in live):          # every live run trains: its compile is done
+                if last_p is not None:
+                    done = sum((prog[k] - last_p[k]) * gpu_s_per_step[kind(runs[k][0])] for k in procs)
+                    rate = done / (now - last_t)          # GPU-seconds of planned work per second (~1)
+                    left = sum((steps - prog[k]) * gpu_s_per_step[kind(runs[k][0])] for k in live)
+                    end = now + left / max(rate, 1e-3) + 5
+                    print(f"t={now - t0:.0f}s: work rate {rate:.2f}, projected end t={end - t0:.0f}s "
+                          f"(runs stop at t={run_deadline - t0:.0f}s)", flush=True)
+                    seeds_live = sorted({runs[k][1] for k in live})
+                    if end > run_deadline - 5 and len(seeds_live) > 1:
+                        s = seeds_live[-1]
+                        print(f"projected overrun: stopping every run of seed {s}", flush=True)
+                        for k in live:
+                            if runs[k][1] == s:
+                                procs[k].kill()
+                                codes[k] = f"dropped (seed {s}) to let the other seeds finish"
+                        dropped.append(s)
+                last_t, last_p = now, prog
+            else:
+                last_t, last_p = None, None
+        time.sleep(1)
+    return codes, dropped
+
+
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--data", required=True, help="shard folder of the corpus (bitnet158 data)")
     ap.add_argument("--work", default="/tmp/study", help="run folders (checkpoints are large)")
     ap.add_argument("--out", required=True, help="results JSON, plot, logs tarball")
     ap.add_argument("--steps", type=int, default=0, help="updates per run (all runs alike); 0: sized to end "
-                    "inside --deadline-s from --agg-tok-s and --startup-s")
-    ap.add_argument("--agg-tok-s", type=float, default=8e5, help="all runs' tokens/s together on the GPU "
-                    "(H100, 9 runs of the 35M model at 16 x 1024 rows: ~0.84M)")
-    ap.add_argument("--startup-s", type=float, default=130, help="first compile (cold cache, ~80 s) plus the "
-                    "start of the other runs (~30 s) and slack")
+                    "inside --deadline-s from --tok-s-ternary / --tok-s-fp, --startup-s and --margin")
+    ap.add_argument("--tok-s-ternary", type=float, default=6.0e5, help="tokens/s of one ternary process alone "
+                    "at the study's micro-batch (H100: 674k at 32 x 1024; less at 8 x 1024)")
+    ap.add_argument("--tok-s-fp", type=float, default=1.05e6, help="the same for a full-precision process "
+                    "(H100: ~1.2M at 16 x 1024, from a 2-way share)")
+    ap.add_argument("--startup-s", type=float, default=90, help="first compile with a cold cache (~80 s)")
+    ap.add_argument("--margin", type=float, default=0.8, help="fraction of the free GPU time planned for")
     ap.add_argument("--arms", default=DEFAULT_ARMS, help="comma-separated subset of " + ",".join(ARMS))
     ap.add_argument("--seeds", default="0,1,2")
-    ap.add_argument("--probe-steps", type=int, default=30, help="0: no alone probes")
+    ap.add_argument("--probe-steps", type=int, default=40, help="0: no alone probes (run only if time is left)")
     ap.add_argument("--deadline-s", type=float, default=450, help="kill runs still going after this")
-    ap.add_argument("--name", default="train_study-2026-11-25-h100-seeds", help="results file stem")
+    ap.add_argument("--report-s", type=float, default=25, help="time kept after the runs for the report")
+    ap.add_argument("--name", default="train_study-2026-11-25-h100-v3", help="results file stem")
     ap.add_argument("--device", default="cuda", help="cpu: a smoke test of this script")
     ap.add_argument("--set", action="append", default=[], help="extra recipe override for every run")
     ap.add_argument("--report-only", action="store_true", help="no runs: report the run folders under --work "
@@ -200,24 +261,31 @@ def main() -> int:
     accum = int(over.get("train.grad_accum", rec["train"]["grad_accum"]))
     seq = int(over.get("data.seq_len", rec["data"]["seq_len"]))
     tokens_per_step = mb * accum * seq
+    # GPU-seconds one update of each kind costs (the GPU is time-sliced between processes: the fleet's
+    # wall time is the sum of its runs' GPU time)
+    gpu_s_per_step = {"ternary": tokens_per_step / args.tok_s_ternary, "fp": tokens_per_step / args.tok_s_fp}
+    run_deadline = args.deadline_s - args.report_s
     steps = args.steps
-    if not steps:   # sized so that the slowest run still ends before the deadline (a killed run has no result)
-        window = args.deadline_s - args.startup_s - (60 if args.probe_steps else 0)
-        steps = max(10, int(0.85 * window * args.agg_tok_s / (len(arms) * len(seeds) * tokens_per_step)) // 10 * 10)
+    if not steps:   # every run of every seed ends before the deadline, with a margin
+        per_step = sum(gpu_s_per_step[kind(a)] for a in arms) * len(seeds)
+        steps = max(10, int(args.margin * (run_deadline - args.startup_s) / per_step) // 10 * 10)
     warmup = max(1, round(0.04 * steps))
     common = data + [f"train.steps={steps}", f"schedule.warmup_steps={warmup}",
                      f"train.eval_every={max(steps // 6, 1)}", "train.log_every=50", "train.plot=false"]
-    runs = {f"{a}_s{s}": (a, s) for a in arms for s in seeds}
+    runs = {f"{a}_s{s}": (a, s) for s in seeds for a in arms}      # seed-major: seed s of every arm together
     if args.report_only:
         old = read_json(out / f"{args.name}.json")
-        res = {k: old[k] for k in ("device", "torch", "main_phase_s", "start_s", "command") if k in old}
+        res = {k: old[k] for k in ("device", "torch", "main_phase_s", "start_s", "command", "dropped_seeds")
+               if k in old}
         codes = {r: 0 if (work / r / "summary.json").is_file() else "stopped before the end" for r in runs}
         res.update(report(work, out, args.name, runs, codes, {}, steps, warmup, tokens_per_step, mb, accum))
         (out / f"{args.name}.json").write_text(json.dumps(res, indent=1) + "\n")
         print(json.dumps({k: v for k, v in res.items() if not k.endswith("_val_curve")}))
         return 0
+    plan = sum(gpu_s_per_step[kind(a)] for a in arms) * len(seeds) * steps
     print(f"{len(runs)} runs ({len(arms)} arms x seeds {seeds}) x {steps} updates x {tokens_per_step} tokens "
-          f"(warmup {warmup}) on {dev}", flush=True)
+          f"(warmup {warmup}) on {dev}; planned GPU work {plan:.0f}s + startup {args.startup_s:.0f}s, "
+          f"runs stop at {run_deadline:.0f}s", flush=True)
 
     # 1) main: the first run of each model kind compiles alone, then everything else starts
     procs: dict = {}
@@ -240,17 +308,16 @@ def main() -> int:
     for name in runs:
         if name not in procs:
             start(name)
-    probe_reserve = 60 if args.probe_steps else 0
-    codes = wait_all(procs, t0 + args.deadline_s - probe_reserve)
+    codes, dropped = run_fleet(procs, runs, work, steps, gpu_s_per_step, t0 + run_deadline, t0)
     main_s = time.time() - t0
     for n, c in codes.items():
         if c != 0:
-            print(f"{n}: exit {c}\n" + (work / f"{n}.log").read_text()[-2000:], flush=True)
+            print(f"{n}: exit {c}\n" + (work / f"{n}.log").read_text()[-1500:], flush=True)
 
-    # 2) probes: each model kind alone (compile cache warm)
+    # 2) probes: each model kind alone (compile cache warm), if the time is left
     probe: dict = {}
     for k, name in first.items() if args.probe_steps else []:
-        if time.time() - t0 > args.deadline_s - 25:
+        if time.time() - t0 > run_deadline - 40:
             print(f"probe {k}: skipped (deadline)", flush=True)
             continue
         arm, _ = runs[name]
@@ -260,14 +327,16 @@ def main() -> int:
                                              "train.eval_every=0", "data.val_rows=8", "train.log_every=10",
                                              "train.plot=false", "train.keep_checkpoints=1"],
                    work / f"probe_{k}.log", args.device)
-        wait_all({k: p}, t0 + args.deadline_s - 3)
+        wait_all({k: p}, t0 + run_deadline)
         probe[k] = read_json(d / "summary.json")
         print(f"probe {k}: {probe[k].get('tok_s_median', 0):.0f} tok/s alone, "
               f"{probe[k].get('peak_mem_gb', 0):.2f} GB", flush=True)
 
     # 3) report
     res: dict = {"device": dev, "torch": torch.__version__, "main_phase_s": round(main_s, 1),
-                 "start_s": {n: round(v, 1) for n, v in start_at.items()}}
+                 "start_s": {n: round(v, 1) for n, v in start_at.items()}, "dropped_seeds": dropped,
+                 "planned_gpu_work_s": round(plan, 1),
+                 "assumed_tok_s_alone": {"ternary": args.tok_s_ternary, "fp": args.tok_s_fp}}
     res.update(report(work, out, args.name, runs, codes, probe, steps, warmup, tokens_per_step, mb, accum))
     res["total_s"] = round(time.time() - t0, 1)
     (out / f"{args.name}.json").write_text(json.dumps(res, indent=1) + "\n")
@@ -306,11 +375,17 @@ def compare(vals: dict, arms: list[str], seeds: list[int], prefix: str) -> dict:
     for a in fp_arms:
         if a != best_fp and "ternary_two_stage" in arms:
             paired("ternary_two_stage", a, f"ternary_minus_{a.replace('.', '_').replace('-', '_')}")
-    n = len(seeds)
-    if res.get(f"{prefix}ternary_minus_fp_tuned_nats_n") == n:
-        res[f"{prefix}target_ternary_minus_fp_le_0_08_met"] = res[f"{prefix}ternary_minus_fp_tuned_nats_mean"] <= 0.08
-    if res.get(f"{prefix}two_stage_minus_one_stage_nats_n") == n:
-        res[f"{prefix}target_two_stage_better_met"] = res[f"{prefix}two_stage_minus_one_stage_nats_mean"] < 0
+    # the targets, over the complete seed pairs (>= 3): on the mean, and with 95 % confidence (the whole
+    # t interval of the mean paired difference on the right side)
+    for key, target, name in (("ternary_minus_fp_tuned", 0.08, "target_ternary_minus_fp_le_0_08"),
+                              ("two_stage_minus_one_stage", 0.0, "target_two_stage_better")):
+        if res.get(f"{prefix}{key}_nats_n", 0) >= 3:
+            m, h = res[f"{prefix}{key}_nats_mean"], res[f"{prefix}{key}_nats_ci95"]
+            res[f"{prefix}{key}_nats_ci95_low"] = round(m - h, 4)
+            res[f"{prefix}{key}_nats_ci95_high"] = round(m + h, 4)
+            res[f"{prefix}{name}_met"] = m <= target if target else m < 0
+            res[f"{prefix}{name}_met_at_95"] = m + h <= target if target else m + h < 0
+            res[f"{prefix}{name}_refuted_at_95"] = m - h > target if target else m - h > 0
     return res
 
 
