@@ -8,10 +8,11 @@ own weight layout, cached on ``layer.kernel_state``) and ``forward(x, layer, sta
 
 from __future__ import annotations
 
-import torch
+import importlib
+from typing import TYPE_CHECKING
 
-from .. import quant
-from . import reference
+if TYPE_CHECKING:
+    import torch
 
 _BACKENDS: list = []  # fast backends, most preferred first; the reference is always last
 
@@ -22,6 +23,7 @@ def register(backend) -> None:
 
 
 def backends() -> list:
+    from . import reference
     return [*_BACKENDS, reference]
 
 
@@ -30,6 +32,7 @@ _gpu_loaded = False
 
 def select(x: torch.Tensor):
     global _gpu_loaded
+    from . import reference
     if x.is_cuda and not _gpu_loaded:  # the Triton backend registers itself on first CUDA use
         _gpu_loaded = True
         try:
@@ -58,6 +61,14 @@ def _load_builtin() -> None:
         from .cpu import backend as _cpu_backend  # noqa: F401  (registers itself)
     except ImportError:
         pass
+
+
+def __getattr__(name: str):
+    """``quant`` and ``reference`` on first use: importing this package loads no torch (the
+    torch-free CPU engine, ``kernels.cpu.lite``, lives below it)."""
+    if name in ("quant", "reference"):
+        return importlib.import_module(".reference" if name == "reference" else "..quant", __name__)
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
 
 
 _load_builtin()

@@ -1,6 +1,7 @@
 """The C kernels as a :mod:`bitnet158.kernels` backend for single ``PackedLinear`` calls on CPU.
 
-Registered when this module is imported (``bitnet158.kernels`` imports it); ``available(x)`` is
+Registered when this module is imported (``bitnet158.kernels`` imports it; torch is imported on
+first use, so that import stays torch-free); ``available(x)`` is
 False when the library could not be loaded (one warning), for non-CPU tensors and under autograd,
 so the torch reference serves those. Results are bitwise those of ``quant.bitlinear_ref`` in fp32
 (same integer product, same ``acc * (gamma / s_x)`` epilogue), then cast to ``x``'s dtype.
@@ -10,14 +11,18 @@ generation.
 
 from __future__ import annotations
 
-import torch
+from typing import TYPE_CHECKING
 
 from . import LAYOUTS, binding, pad16
+
+if TYPE_CHECKING:
+    import torch
 
 name = "cpu-c"
 
 
-def available(x: torch.Tensor) -> bool:
+def available(x) -> bool:
+    import torch
     if x.device.type != "cpu" or (x.requires_grad and torch.is_grad_enabled()):
         return False
     return binding.lib() is not None
@@ -26,6 +31,7 @@ def available(x: torch.Tensor) -> bool:
 def prepare(layer) -> tuple[torch.Tensor, torch.Tensor]:
     """(T16 weights, gamma per 16-row tile) built once from the HF layout (one layer at a time:
     the 2-bit layout, which every ISA path runs natively)."""
+    import torch
     from . import convert
     n = layer.out_features
     w16 = convert(layer.weight)
@@ -33,7 +39,8 @@ def prepare(layer) -> tuple[torch.Tensor, torch.Tensor]:
     return w16, tg
 
 
-def forward(x: torch.Tensor, layer, state) -> torch.Tensor:
+def forward(x, layer, state):
+    import torch
     w16, tg = state
     lib = binding.lib()
     k, n = layer.in_features, layer.out_features
@@ -57,7 +64,7 @@ def _register() -> None:
     import sys
 
     from ... import kernels
-    if not any(getattr(b, "name", None) == name for b in kernels.backends()):
+    if not any(getattr(b, "name", None) == name for b in kernels._BACKENDS):   # (backends() loads torch)
         kernels.register(sys.modules[__name__])
 
 

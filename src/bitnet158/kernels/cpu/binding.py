@@ -18,6 +18,7 @@ import hashlib
 import importlib.machinery
 import os
 import subprocess
+import sys
 import tempfile
 import threading
 import warnings
@@ -127,8 +128,28 @@ def _declare(lib: ctypes.CDLL) -> None:
         f.restype, f.argtypes = res, args
 
 
+def default_threads() -> int:
+    """The worker count the library starts with: ``torch.get_num_threads()`` when torch is loaded
+    (the torch engines set it); else ``OMP_NUM_THREADS``, else the physical cores this process may
+    run on (one per core, as torch's default; hyper-threads add nothing to a memory-bound decode)."""
+    torch = sys.modules.get("torch")
+    if torch is not None and hasattr(torch, "get_num_threads"):
+        return max(1, torch.get_num_threads())
+    env = os.environ.get("OMP_NUM_THREADS", "").split(",")[0].strip()
+    if env.isdigit() and int(env) > 0:
+        return int(env)
+    cpus = sorted(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else range(os.cpu_count() or 1)
+    cores = set()
+    for c in cpus:
+        try:
+            cores.add(Path(f"/sys/devices/system/cpu/cpu{c}/topology/thread_siblings_list").read_text().strip())
+        except OSError:
+            cores.add(str(c))
+    return max(1, len(cores))
+
+
 def lib() -> ctypes.CDLL | None:
-    """The loaded library (initialised with torch's thread count), or None after one warning."""
+    """The loaded library (initialised with :func:`default_threads`), or None after one warning."""
     global _lib, _tried, _error
     if _lib is not None or _tried:
         return _lib
@@ -147,8 +168,7 @@ def lib() -> ctypes.CDLL | None:
                 path = _jit()
             handle = ctypes.CDLL(str(path))
             _declare(handle)
-            import torch
-            handle.bn_init(max(1, torch.get_num_threads()))
+            handle.bn_init(default_threads())
             _set_prefetch(handle)
             _lib = handle
         except Exception as e:  # noqa: BLE001 - any failure means: use the reference
@@ -173,4 +193,4 @@ def ptr(t) -> int:
     return t.data_ptr()
 
 
-__all__ = ["lib", "error", "ptr", "ISAS", "POINTER", "c_float"]
+__all__ = ["lib", "error", "default_threads", "ptr", "ISAS", "POINTER", "c_float"]
