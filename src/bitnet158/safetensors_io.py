@@ -18,13 +18,14 @@ import os
 import shutil
 import tempfile
 from pathlib import Path
-from typing import Iterator
+from typing import TYPE_CHECKING, Iterator
 
-import torch
 from safetensors import SafetensorError, safe_open
-from safetensors.torch import save_file
 
 from .errors import CheckpointError
+
+if TYPE_CHECKING:
+    import torch
 
 SINGLE = "model.safetensors"
 INDEX = "model.safetensors.index.json"
@@ -106,15 +107,66 @@ def read_weights(folder: Path) -> tuple[dict[str, torch.Tensor], dict[str, Path]
         except (SafetensorError, OSError, RuntimeError, ValueError) as e:
             raise CheckpointError(f"{f}: cannot read safetensors file, it is truncated or corrupt "
                                   f"({type(e).__name__}: {e})") from None
+    _check_index(folder, sources)
+    return tensors, sources
+
+
+def _check_index(folder: Path, sources: dict[str, Path]) -> None:
+    """With a shard index: every tensor it lists is in the shard it names."""
     index = folder / INDEX
     if index.is_file():
         for name, shard in read_index(index).items():
-            if name not in tensors:
+            if name not in sources:
                 raise CheckpointError(f"{index}: lists tensor {name!r} in {shard}, which does not hold it")
             if sources[name].name != shard:
                 raise CheckpointError(f"{index}: places tensor {name!r} in {shard}, but it is in "
                                       f"{sources[name].name}")
-    return tensors, sources
+
+
+# safetensors dtype -> (torch's name for it, numpy dtype of the stored bits; bf16 as its uint16 bits)
+_NUMPY = {"F64": ("float64", "<f8"), "F32": ("float32", "<f4"), "F16": ("float16", "<f2"),
+          "BF16": ("bfloat16", "<u2"), "I64": ("int64", "<i8"), "I32": ("int32", "<i4"),
+          "I16": ("int16", "<i2"), "I8": ("int8", "i1"), "U8": ("uint8", "u1"), "BOOL": ("bool", "?")}
+
+
+def read_arrays(folder: Path) -> tuple[dict, dict[str, str], dict[str, Path]]:
+    """Every tensor of the folder's weight files as a read-only numpy view of the mapped file, without
+    torch: ({name: array}, {name: dtype as torch names it}, {name: file}). bf16 arrays hold the bit
+    patterns (uint16). The views keep the files mapped; copy what must outlive them.
+
+    The safetensors library checks each file (header, offsets, size: a truncated or corrupt file raises
+    CheckpointError naming it); its numpy view has no bfloat16, so the arrays are cut from a memory map
+    at the offsets of the file's JSON header (8-byte little-endian length, then the header).
+    """
+    import numpy as np
+
+    arrays: dict = {}
+    dtypes: dict[str, str] = {}
+    sources: dict[str, Path] = {}
+    for f in weight_files(folder):
+        try:
+            with safe_open(str(f), framework="numpy") as fh:     # the library's own validation
+                names = list(fh.keys())
+            with open(f, "rb") as fh:
+                n = int.from_bytes(fh.read(8), "little")
+                header = json.loads(fh.read(n))
+            mm = np.memmap(f, dtype=np.uint8, mode="r")
+        except (SafetensorError, OSError, RuntimeError, ValueError) as e:
+            raise CheckpointError(f"{f}: cannot read safetensors file, it is truncated or corrupt "
+                                  f"({type(e).__name__}: {e})") from None
+        for name in names:
+            if name in arrays:
+                raise CheckpointError(f"{f}: tensor {name!r} also appears in {sources[name]}")
+            info = header[name]
+            if info["dtype"] not in _NUMPY:
+                raise CheckpointError(f"{f}: tensor {name!r} has dtype {info['dtype']}, which bitnet158 "
+                                      f"does not read")
+            torch_name, np_dtype = _NUMPY[info["dtype"]]
+            b0, b1 = info["data_offsets"]
+            arrays[name] = mm[8 + n + b0:8 + n + b1].view(np_dtype).reshape(info["shape"])
+            dtypes[name], sources[name] = torch_name, f
+    _check_index(folder, sources)
+    return arrays, dtypes, sources
 
 
 def _nbytes(t: torch.Tensor) -> int:
@@ -128,6 +180,8 @@ def write_weights(folder: Path, tensors: dict[str, torch.Tensor],
     Tensors are kept in the given order and never split; a tensor larger than the limit gets a
     shard of its own. Returns the file names written.
     """
+    from safetensors.torch import save_file   # (torch only where weights are written: the
+                                              # torch-free CPU engine reads folders with this module)
     meta = {"format": "pt"}  # transformers expects it
     tensors = {k: v.detach().to("cpu").contiguous() for k, v in tensors.items()}
     total = sum(_nbytes(t) for t in tensors.values())

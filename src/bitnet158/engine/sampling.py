@@ -12,80 +12,11 @@ and a seeded request is reproducible whatever else runs.
 
 from __future__ import annotations
 
-import math
-from dataclasses import dataclass, replace
 from typing import Iterable
 
 import torch
 
-from ..errors import BitNetError
-
-
-class GenerationError(BitNetError, ValueError):
-    """A bad generation request: a sampling parameter out of range, an empty prompt, a bad token id."""
-
-
-SamplingError = GenerationError
-
-
-@dataclass(frozen=True)
-class SamplingParams:
-    """How to pick tokens and when to stop.
-
-    temperature: 0 = greedy; > 0 divides the logits.   top_k: keep the k most likely (0 = all).
-    top_p: nucleus mass to keep, in (0, 1] (1 = all).    repetition_penalty: >= 1 discourages tokens
-    already in the prompt or output (HF semantics: positive logits divided, negative multiplied).
-    seed: makes sampling reproducible (None = fresh randomness).   max_new_tokens: upper bound on
-    generated tokens (>= 1). stop_ids: token ids that end generation (not yielded); None = the
-    model config's eos ids (text helpers default to ``tokenizer.stop_ids`` instead).
-    """
-
-    temperature: float = 0.0
-    top_k: int = 0
-    top_p: float = 1.0
-    repetition_penalty: float = 1.0
-    seed: int | None = None
-    max_new_tokens: int = 128
-    stop_ids: frozenset[int] | None = None
-
-    def __post_init__(self) -> None:
-        def bad(name: str, want: str):
-            raise GenerationError(f"SamplingParams.{name}={getattr(self, name)!r}: {want}")
-
-        for name in ("temperature", "top_p", "repetition_penalty"):
-            v = getattr(self, name)
-            if isinstance(v, bool) or not isinstance(v, (int, float)) or not math.isfinite(v):
-                bad(name, "must be a finite number")
-        for name in ("top_k", "max_new_tokens"):
-            v = getattr(self, name)
-            if isinstance(v, bool) or not isinstance(v, int):
-                bad(name, "must be an integer")
-        if self.temperature < 0:
-            bad("temperature", "must be >= 0 (0 = greedy)")
-        if self.top_k < 0:
-            bad("top_k", "must be >= 0 (0 = disabled)")
-        if not 0.0 < self.top_p <= 1.0:
-            bad("top_p", "must be in (0, 1] (1 = disabled)")
-        if self.repetition_penalty <= 0:
-            bad("repetition_penalty", "must be > 0 (1 = disabled)")
-        if self.max_new_tokens < 1:
-            bad("max_new_tokens", "must be >= 1")
-        if self.seed is not None and (isinstance(self.seed, bool) or not isinstance(self.seed, int)):
-            bad("seed", "must be an integer or None")
-        if self.stop_ids is not None:
-            if isinstance(self.stop_ids, (str, bytes)) or not isinstance(self.stop_ids, Iterable):
-                bad("stop_ids", "must be a collection of token ids")
-            ids = frozenset(self.stop_ids)
-            if any(isinstance(i, bool) or not isinstance(i, int) or i < 0 for i in ids):
-                bad("stop_ids", "must contain non-negative integer token ids")
-            object.__setattr__(self, "stop_ids", ids)
-
-    @property
-    def greedy(self) -> bool:
-        return self.temperature == 0.0
-
-    def replace(self, **changes) -> "SamplingParams":
-        return replace(self, **changes)
+from ..sampling_params import GenerationError, SamplingError, SamplingParams  # noqa: F401 (re-exported)
 
 
 # ---------------------------------------------------------------- logit transforms (pure functions)
