@@ -10,10 +10,9 @@ MODEL is a Hugging Face folder (or hub id); left out, the model embedded in the 
 from __future__ import annotations
 
 import argparse
+import os
 import sys
 from pathlib import Path
-
-import torch
 
 from ..errors import CheckpointError, ConfigError
 
@@ -30,8 +29,12 @@ def add_model_arguments(p: argparse.ArgumentParser) -> None:
                    help="dtype of embeddings/activations (default: the checkpoint's)")
     g.add_argument("--device", default="auto", help="cpu, cuda, cuda:1 ... (default: cuda if available)")
     g.add_argument("--backend", default="auto",
-                   help="generation engine: auto (best available), torch, or a registered one")
-    g.add_argument("--threads", type=int, default=None, help="CPU threads (default: torch's)")
+                   help="generation engine: auto (best available: on a CPU the C engine without torch, "
+                        "'lite', for packed folders), lite, cpu, torch, or a registered one")
+    g.add_argument("--head", choices=("bf16", "int8"), default="bf16",
+                   help="head precision of the CPU engines: int8 (per-row) reads half the head bytes per "
+                        "token, at a small perplexity cost (docs/cpu-engine.md)")
+    g.add_argument("--threads", type=int, default=None, help="CPU threads (default: one per core)")
     g.add_argument("--tokenizer", default=None, metavar="DIR",
                    help="tokenizer folder (default: the model folder)")
     g.add_argument("--context", type=int, default=None, metavar="N",
@@ -65,7 +68,9 @@ def model_path(args) -> str:
                           "e.g. `bitnet158 generate path/to/bitnet-b1.58-2B-4T \"Hello\"`")
 
 
-def pick_device(name: str) -> torch.device:
+def pick_device(name: str):
+    """torch.device for ``--device`` (auto: cuda when available)."""
+    import torch
     if name == "auto":
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
     try:
@@ -77,21 +82,53 @@ def pick_device(name: str) -> torch.device:
     return dev
 
 
+def _no_gpu() -> bool:
+    """No NVIDIA device node: ``--device auto`` means the CPU, known without importing torch."""
+    return not os.path.exists("/dev/nvidiactl") or os.environ.get("CUDA_VISIBLE_DEVICES", None) in ("", "-1")
+
+
+def _lite(args, folder: Path) -> bool:
+    """Whether to run the torch-free C engine: ``--backend lite``, or ``auto`` on a CPU for a packed folder."""
+    from ..kernels.cpu import lite
+    if args.backend == "lite":
+        if args.device not in ("auto", "cpu"):
+            raise ConfigError(f"--backend lite runs on the CPU, not --device {args.device}")
+        if not lite.supported(folder):
+            from ..kernels.cpu import binding
+            why = (f"the C kernels are unavailable ({binding.error()})" if binding.lib() is None else
+                   "the folder holds float master weights (quantization_mode 'online')")
+            raise ConfigError(f"--backend lite: {why}; use --backend cpu or torch")
+        return True
+    return (args.backend == "auto" and (args.device == "cpu" or (args.device == "auto" and _no_gpu()))
+            and lite.supported(folder))
+
+
 def load_model(args):
-    """(model, tokenizer) from the parsed model arguments. Sets the thread count first."""
-    from .. import checkpoint
+    """(model, tokenizer) from the parsed model arguments. On a CPU with a packed folder the model is
+    a :class:`~bitnet158.kernels.cpu.lite.LiteRunner` (the C engine, torch never imported); else a
+    torch Transformer. Sets the thread count first."""
+    from .. import folder as hf
     from ..tokenizer import Tokenizer
 
-    if args.threads is not None:
-        if args.threads < 1:
-            raise ConfigError(f"--threads {args.threads}: must be >= 1")
-        torch.set_num_threads(args.threads)
+    if args.threads is not None and args.threads < 1:
+        raise ConfigError(f"--threads {args.threads}: must be >= 1")
     if args.context is not None and args.context < 2:
         raise ConfigError(f"--context {args.context}: must be >= 2")
-    folder = checkpoint.resolve(model_path(args))
+    folder = hf.resolve(model_path(args))
     args.model_folder = folder
     dtype = None if args.dtype == "auto" else args.dtype
-    model = checkpoint.load(folder, dtype=dtype, device=pick_device(args.device))
+    if _lite(args, folder):
+        from ..kernels.cpu.lite import LiteRunner
+        model = LiteRunner(folder, max_len=args.context, head=getattr(args, "head", "bf16"), dtype=dtype,
+                           threads=args.threads)
+    else:
+        import torch
+
+        from .. import checkpoint
+        if args.threads is not None:
+            torch.set_num_threads(args.threads)
+        os.environ["BITNET158_CPU_HEAD"] = getattr(args, "head", "bf16")   # the torch-side C runner's head
+        model = checkpoint.load(folder, dtype=dtype, device=pick_device(args.device))
     tok = Tokenizer.from_pretrained(args.tokenizer or folder)
     if tok.vocab_size > model.config.vocab_size:
         print(f"warning: the tokenizer has {tok.vocab_size} tokens but the model only "
@@ -99,11 +136,20 @@ def load_model(args):
     return model, tok
 
 
+def engine_runner(model, max_len: int, backend: str = "auto"):
+    """A batch-1 runner of ``max_len`` positions for a model from :func:`load_model` (a LiteRunner
+    is its own runner)."""
+    if getattr(model, "arrays", None) == "numpy":
+        return model
+    from ..engine import make_runner
+    return make_runner(model, batch=1, max_len=max_len, backend=backend)
+
+
 def sampling_params(args, tokenizer):
     """SamplingParams from the sampling arguments; stops at the tokenizer's eot/eos ids."""
     from ..engine import GenerationError, SamplingParams
 
-    from ..checkpoint import generation_defaults
+    from ..sampling_params import generation_defaults
 
     folder = getattr(args, "model_folder", None)
     chosen = {**getattr(args, "sampling_defaults", {}),

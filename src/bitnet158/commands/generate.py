@@ -13,8 +13,8 @@ from __future__ import annotations
 import argparse
 import sys
 
-from .common import (add_model_arguments, add_sampling_arguments, load_model, sampling_params,
-                     stats_line, utf8_stdout)
+from .common import (add_model_arguments, add_sampling_arguments, engine_runner, load_model,
+                     sampling_params, stats_line, utf8_stdout)
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
@@ -29,7 +29,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
 
 
 def main(args) -> int:
-    from ..engine import generate, make_runner
+    from ..engine import generate
     from ..engine.generate import TextStream
     from ..errors import ContextLengthError
 
@@ -46,8 +46,7 @@ def main(args) -> int:
     if len(ids) >= ctx:
         raise ContextLengthError(f"the prompt has {len(ids)} tokens but the context holds {ctx} "
                                  f"(it must leave room for at least one new token)")
-    runner = make_runner(model, batch=1, max_len=min(ctx, len(ids) + params.max_new_tokens),
-                         backend=args.backend)
+    runner = engine_runner(model, max_len=min(ctx, len(ids) + params.max_new_tokens), backend=args.backend)
     stream = TextStream(generate(runner, ids, params), tok)
     out = sys.stdout
     if args.echo:

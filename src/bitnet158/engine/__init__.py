@@ -8,10 +8,22 @@ Fast engines (CPU C, GPU Triton) plug in with :func:`register_runner`; ``make_ru
 picks the best available one. Chat templates and text live above, in :mod:`bitnet158.tokenizer`.
 """
 
+from ..sampling_params import GenerationError, SamplingError, SamplingParams
 from .generate import (Generation, Session, TextStream, encode_prompt, generate, generate_text,
                        stream_text)
-from .runner import Runner, RunnerSpec, TorchRunner, make_runner, register_runner, runners
-from .sampling import GenerationError, Sampler, SamplingError, SamplingParams
+
+# torch-bound names load on first use: the generation loop itself runs without torch for numpy
+# runners (the torch-free CPU engine, bitnet158.kernels.cpu.lite)
+_LAZY = {"Runner": ".runner", "RunnerSpec": ".runner", "TorchRunner": ".runner", "make_runner": ".runner",
+         "register_runner": ".runner", "runners": ".runner", "Sampler": ".sampling"}
+
+
+def __getattr__(name: str):
+    if name in _LAZY:
+        import importlib
+        return getattr(importlib.import_module(_LAZY[name], __name__), name)
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+
 
 __all__ = ["SamplingParams", "Sampler", "GenerationError", "SamplingError", "Runner", "RunnerSpec",
            "TorchRunner", "make_runner", "register_runner", "runners", "Generation", "generate",

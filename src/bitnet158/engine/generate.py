@@ -22,15 +22,17 @@ Stop ids default to the model config's eos ids; the text helpers default to ``to
 
 from __future__ import annotations
 
+import contextlib
+import sys
 import threading
 import time
-from typing import Callable, Iterable, Iterator, Sequence
-
-import torch
+from typing import TYPE_CHECKING, Callable, Iterable, Iterator, Sequence
 
 from ..errors import ContextLengthError
-from .runner import Runner, make_runner
-from .sampling import GenerationError, Sampler, SamplingParams
+from ..sampling_params import GenerationError, SamplingParams
+
+if TYPE_CHECKING:
+    from .runner import Runner
 
 
 def _is_runner(obj) -> bool:
@@ -42,8 +44,30 @@ def _params(params: SamplingParams | None, kw: dict) -> SamplingParams:
     return params.replace(**kw) if kw else params
 
 
+def _numpy_runner(runner) -> bool:
+    """A runner whose calls take and return numpy arrays (the torch-free CPU engine)."""
+    return getattr(runner, "arrays", None) == "numpy"
+
+
+def _sampler(params: SamplingParams, runner, prompt: list[int]) -> Callable:
+    """logits [V] -> next id. Numpy runners sample greedily with numpy (no torch in the process);
+    anything else goes through the engine's torch :class:`~.sampling.Sampler` (same draws per seed)."""
+    if _numpy_runner(runner):
+        if params.greedy and params.repetition_penalty == 1.0:
+            import numpy as np
+            return lambda logits: int(np.argmax(logits))
+        import torch
+
+        from .sampling import Sampler
+        s = Sampler(params, runner.vocab_size, prompt)
+        return lambda logits: s(torch.from_numpy(logits))
+    from .sampling import Sampler
+    return Sampler(params, runner.vocab_size, prompt, device=runner.device)
+
+
 def _prompt_list(prompt_ids) -> list[int]:
-    if isinstance(prompt_ids, torch.Tensor):
+    torch = sys.modules.get("torch")        # a tensor prompt means torch is loaded already
+    if torch is not None and isinstance(prompt_ids, torch.Tensor):
         if prompt_ids.dim() != 1:
             raise GenerationError(f"prompt_ids: expected a 1-D sequence of token ids, got shape "
                                   f"{tuple(prompt_ids.shape)}")
@@ -85,7 +109,13 @@ class Generation:
         self.params = params
         self.prompt = prompt
         self.row = row
-        self.rows = None if runner.batch == 1 and row == 0 else torch.tensor([row], device=runner.device)
+        if runner.batch == 1 and row == 0:
+            self.rows = None
+        elif _numpy_runner(runner):
+            self.rows = [row]
+        else:
+            import torch
+            self.rows = torch.tensor([row], device=runner.device)
         self.max_new_tokens = min(params.max_new_tokens, ctx - P)
         self.clamped = self.max_new_tokens < params.max_new_tokens
         stop = params.stop_ids
@@ -138,17 +168,28 @@ class Generation:
             self._done()
 
     def _steps(self) -> Iterator[int]:
-        r, dev, P, start = self.runner, self.runner.device, self.prompt_tokens, self.cached_tokens
-        sampler = Sampler(self.params, r.vocab_size, self.prompt, device=dev)
-        with torch.inference_mode():
+        r, P, start = self.runner, self.prompt_tokens, self.cached_tokens
+        sample = _sampler(self.params, r, self.prompt)
+        if _numpy_runner(r):
+            import numpy as np
+            no_grad = contextlib.nullcontext
+            toks = np.array([self.prompt[start:]], dtype=np.int32)                        # [1, T]
+            pos = np.arange(start, P, dtype=np.int32)[None]                                # [1, T]
+            tok_buf, pos_buf = np.empty(1, dtype=np.int32), np.empty(1, dtype=np.int32)  # [1]
+            fill = np.ndarray.fill
+        else:
+            import torch
+            no_grad, dev = torch.inference_mode, r.device
+            toks = torch.tensor([self.prompt[start:]], dtype=torch.long, device=dev)      # [1, T]
+            pos = torch.arange(start, P, dtype=torch.long, device=dev)[None]             # [1, T]
+            tok_buf = torch.empty(1, dtype=torch.long, device=dev)                       # [1]
+            pos_buf = torch.empty(1, dtype=torch.long, device=dev)
+            fill = torch.Tensor.fill_
+        with no_grad():
             t0 = time.perf_counter()
-            toks = torch.tensor([self.prompt[start:]], dtype=torch.long, device=dev)        # [1, T]
-            pos = torch.arange(start, P, dtype=torch.long, device=dev)[None]               # [1, T]
             logits = r.prefill(toks, pos, self.rows)[0]                                    # [V]
             self.cache_tokens = list(self.prompt)
-            tok_buf = torch.empty(1, dtype=torch.long, device=dev)                         # [1]
-            pos_buf = torch.empty(1, dtype=torch.long, device=dev)
-            tok = sampler(logits)
+            tok = sample(logits)
             self.prefill_s = time.perf_counter() - t0
         while True:
             if tok in self.stop_ids:
@@ -162,12 +203,12 @@ class Generation:
                 return
             yield tok
             t0 = time.perf_counter()
-            with torch.inference_mode():
-                tok_buf.fill_(tok)
-                pos_buf.fill_(P + self.completion_tokens - 1)   # position of the token just sampled
+            with no_grad():
+                fill(tok_buf, tok)
+                fill(pos_buf, P + self.completion_tokens - 1)   # position of the token just sampled
                 logits = r.decode(tok_buf, pos_buf, self.rows)[0]
                 self.cache_tokens.append(tok)
-                tok = sampler(logits)
+                tok = sample(logits)
             self.decode_s += time.perf_counter() - t0
             self.decode_steps += 1
 
@@ -211,6 +252,7 @@ def _runner_for(model_or_runner, needed: int, backend: str = "auto") -> tuple[Ru
     model = model_or_runner
     ctx = model.config.max_position_embeddings
     need = min(max(needed, 1), ctx)
+    from .runner import make_runner
     if not getattr(model, "packed", False):      # training weights change: no runner copy kept
         return make_runner(model, batch=1, max_len=need), None
     key = (backend, str(model.device), model.dtype)
@@ -271,6 +313,7 @@ class Session:
         if _is_runner(model_or_runner):
             self.runner = model_or_runner
         else:
+            from .runner import make_runner
             self.runner = make_runner(model_or_runner, batch=1, max_len=max_len, backend=backend)
         self._last: Generation | None = None
         self._tokens: list[int] = []
