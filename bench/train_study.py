@@ -1,20 +1,28 @@
 """Training study on one GPU: ternary two-stage vs one-stage vs full precision, several seeds, same tokens.
 
     PYTHONPATH=src python bench/train_study.py --data .carry/gutenberg --work /tmp/study --out out \\
-        --arms ternary_two_stage,ternary_one_stage,fp_two_stage_lr1.5e-3 --seeds 0,1,2,3,4 \\
-        --set train.micro_batch=8 --set train.grad_accum=2 --set data.val_rows=512 --deadline-s 455
+        --arms ternary_two_stage,ternary_one_stage,fp_two_stage_lr1.5e-3 --seeds 0,1,2 --steps 900 \\
+        --set train.micro_batch=16 --set train.grad_accum=2 --deadline-s 520 --name train_study-DATE-h100
 
 Arms (recipes/, with the per-arm overrides of ``ARMS`` below); every arm runs every seed, and a seed
 fixes both the initial weights and the data order, so seed ``s`` of every arm sees the same tokens in
 the same order from the same start (per-seed pairs):
 
-- ``ternary_two_stage``: ``embedded-pretrain.toml`` — SPEC §5: peak 3e-3, cosine planned to 10 % of it,
-  abrupt drop at half the tokens into a cosine from 1e-3 to 0; weight decay a cosine from 0.1, exactly 0
-  in stage 2;
+- ``ternary_two_stage``: ``embedded-pretrain.toml`` with the stage-1 cosine planned to 0
+  (``schedule.lr_min_ratio=0``) — SPEC §5: peak 3e-3, abrupt drop at half the updates (from ~1.5e-3) into
+  a cosine from 1e-3 to 0; weight decay a cosine from 0.1, exactly 0 in stage 2;
 - ``ternary_one_stage``: ``study-ternary-one-stage.toml`` — the same peak (3e-3), one cosine to the same
   final LR (0), and the same weight-decay cosine from 0.1 without the stage-2 zero;
 - ``fp_two_stage_lr*``: ``study-fp-two-stage.toml`` — nn.Linear projections, everything else as the
   ternary two-stage run, at its own peak LR (a small scan: the best mean is "the" FP baseline).
+
+Stage 1 of the two-stage runs is exactly the first half of the one-stage run (same LR and weight decay at
+every update), as in the published ablation, where the two-stage run departs from the plain schedule only
+at the midpoint (the LR drop and weight decay 0). Seed ``s`` of both ternary arms is then the same run up
+to the boundary, and the paired difference after the cooldown measures the stage-2 change alone; the
+validation loss at the boundary (``at_boundary_*`` keys) shows how far the two copies had drifted apart
+(GPU non-determinism) before it. ``--steps`` is a multiple of 12: validation every ``steps / 12`` updates,
+one of them at the boundary.
 
 Phases, all within ``--deadline-s``:
 
@@ -47,13 +55,18 @@ import time
 from pathlib import Path
 
 REPO = Path(__file__).resolve().parents[1]
-# arm -> (recipe, overrides). LR pairs keep the ternary stage-2/stage-1 peak ratio (1/3).
+# arm -> (recipe, overrides). LR pairs keep the ternary stage-2/stage-1 peak ratio (1/3). Two-stage arms plan
+# their stage-1 cosine to 0, so that stage 1 is the first half of the one-stage cosine (STAGE1).
+STAGE1 = ["schedule.lr_min_ratio=0.0"]
 ARMS = {
-    "ternary_two_stage": ("recipes/embedded-pretrain.toml", []),
+    "ternary_two_stage": ("recipes/embedded-pretrain.toml", STAGE1),
     "ternary_one_stage": ("recipes/study-ternary-one-stage.toml", []),
-    "fp_two_stage_lr3e-3": ("recipes/study-fp-two-stage.toml", ["schedule.lr_peak=3e-3", "schedule.lr_peak2=1e-3"]),
-    "fp_two_stage_lr1.5e-3": ("recipes/study-fp-two-stage.toml", ["schedule.lr_peak=1.5e-3", "schedule.lr_peak2=5e-4"]),
-    "fp_two_stage_lr5e-4": ("recipes/study-fp-two-stage.toml", ["schedule.lr_peak=5e-4", "schedule.lr_peak2=1.667e-4"]),
+    "fp_two_stage_lr3e-3": ("recipes/study-fp-two-stage.toml",
+                            STAGE1 + ["schedule.lr_peak=3e-3", "schedule.lr_peak2=1e-3"]),
+    "fp_two_stage_lr1.5e-3": ("recipes/study-fp-two-stage.toml",
+                              STAGE1 + ["schedule.lr_peak=1.5e-3", "schedule.lr_peak2=5e-4"]),
+    "fp_two_stage_lr5e-4": ("recipes/study-fp-two-stage.toml",
+                            STAGE1 + ["schedule.lr_peak=5e-4", "schedule.lr_peak2=1.667e-4"]),
     "fp_one_stage_lr1.5e-3": ("recipes/study-fp-one-stage-lr1.5e-3.toml", []),
 }
 DEFAULT_ARMS = "ternary_two_stage,ternary_one_stage,fp_two_stage_lr3e-3,fp_two_stage_lr1.5e-3"
@@ -173,11 +186,12 @@ def progress(work: Path, names) -> dict:
 def run_fleet(procs: dict, runs: dict, work: Path, steps: int, gpu_s_per_step: dict, run_deadline: float,
               t0: float) -> tuple[dict, list]:
     """Wait for every run; every ~15 s project the end from the measured progress (GPU-seconds of work done
-    per second, from the per-kind cost) and, if the runs would end past ``run_deadline``, stop all runs of
-    the highest seed still going. Returns (exit codes, dropped seeds)."""
+    per second, from the per-kind cost) and, if two projections in a row end past ``run_deadline``, stop
+    all runs of the highest seed still going. Returns (exit codes, dropped seeds)."""
     codes: dict = {}
     dropped: list = []
     last_t, last_p = None, None
+    overruns = 0                                          # consecutive projections past the deadline
     while len(codes) < len(procs):
         for k, p in procs.items():
             if k not in codes and p.poll() is not None:
@@ -201,7 +215,9 @@ def run_fleet(procs: dict, runs: dict, work: Path, steps: int, gpu_s_per_step: d
                     print(f"t={now - t0:.0f}s: work rate {rate:.2f}, projected end t={end - t0:.0f}s "
                           f"(runs stop at t={run_deadline - t0:.0f}s)", flush=True)
                     seeds_live = sorted({runs[k][1] for k in live})
-                    if end > run_deadline - 5 and len(seeds_live) > 1:
+                    overruns = overruns + 1 if end > run_deadline - 5 else 0
+                    if overruns >= 2 and len(seeds_live) > 1:     # two in a row: not an eval's dip
+                        overruns = 0
                         s = seeds_live[-1]
                         print(f"projected overrun: stopping every run of seed {s}", flush=True)
                         for k in live:
@@ -234,7 +250,7 @@ def main() -> int:
     ap.add_argument("--probe-steps", type=int, default=40, help="0: no alone probes (run only if time is left)")
     ap.add_argument("--deadline-s", type=float, default=450, help="kill runs still going after this")
     ap.add_argument("--report-s", type=float, default=25, help="time kept after the runs for the report")
-    ap.add_argument("--name", default="train_study-2026-11-25-h100-v3", help="results file stem")
+    ap.add_argument("--name", default="train_study", help="results file stem (dated, the card named)")
     ap.add_argument("--device", default="cuda", help="cpu: a smoke test of this script")
     ap.add_argument("--set", action="append", default=[], help="extra recipe override for every run")
     ap.add_argument("--report-only", action="store_true", help="no runs: report the run folders under --work "
@@ -268,10 +284,12 @@ def main() -> int:
     steps = args.steps
     if not steps:   # every run of every seed ends before the deadline, with a margin
         per_step = sum(gpu_s_per_step[kind(a)] for a in arms) * len(seeds)
-        steps = max(10, int(args.margin * (run_deadline - args.startup_s) / per_step) // 10 * 10)
+        steps = max(12, int(args.margin * (run_deadline - args.startup_s) / per_step) // 12 * 12)
+    if steps % 12:
+        ap.error(f"--steps {steps}: use a multiple of 12 (a validation at the stage boundary)")
     warmup = max(1, round(0.04 * steps))
     common = data + [f"train.steps={steps}", f"schedule.warmup_steps={warmup}",
-                     f"train.eval_every={max(steps // 6, 1)}", "train.log_every=50", "train.plot=false"]
+                     f"train.eval_every={steps // 12}", "train.log_every=50", "train.plot=false"]
     runs = {f"{a}_s{s}": (a, s) for s in seeds for a in arms}      # seed-major: seed s of every arm together
     if args.report_only:
         old = read_json(out / f"{args.name}.json")
@@ -379,6 +397,8 @@ def compare(vals: dict, arms: list[str], seeds: list[int], prefix: str) -> dict:
     # t interval of the mean paired difference on the right side)
     for key, target, name in (("ternary_minus_fp_tuned", 0.08, "target_ternary_minus_fp_le_0_08"),
                               ("two_stage_minus_one_stage", 0.0, "target_two_stage_better")):
+        if prefix == "at_boundary_":                      # before the cooldown: no target applies
+            break
         if res.get(f"{prefix}{key}_nats_n", 0) >= 3:
             m, h = res[f"{prefix}{key}_nats_mean"], res[f"{prefix}{key}_nats_ci95"]
             res[f"{prefix}{key}_nats_ci95_low"] = round(m - h, 4)
@@ -437,6 +457,11 @@ def report(work: Path, out: Path, name: str, runs: dict, codes: dict, probe: dic
                            f"at_step_{k}_"))
     for run in runs:
         res[f"{run.replace('.', '_').replace('-', '_')}_val_curve"] = [[st, round(v, 4)] for st, v in curves[run].items()]
+    b = steps // 2                                        # the stage boundary (validation before update b)
+    if all(b in c for c in curves.values()):
+        res["boundary_step"] = b
+        res.update(compare({a: {s: curves[f"{a}_s{s}"][b] for s in seeds} for a in arms}, arms, seeds,
+                           "at_boundary_"))
     k = res.get("common_eval_step")
     at = {a: {s: curves[f"{a}_s{s}"][k] for s in seeds} for a in arms} if k else {}
     plot(work, arms, seeds, final, at, k, out / f"{name}.png")

@@ -38,3 +38,25 @@ def test_one_stage_same_peak_final_and_wd_cosine():
 def test_one_stage_wd_constant_by_default():
     s = Schedule(total_steps=100, warmup_steps=5, kind="one_stage", lr_peak=1e-3, wd_peak=0.1)
     assert {s.wd(i) for i in range(100)} == {0.1}
+
+
+def _arm(name: str, steps: int = 1000) -> Schedule:
+    import importlib.util
+    spec = importlib.util.spec_from_file_location("train_study", REPO / "bench" / "train_study.py")
+    mod = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(mod)
+    recipe, sets = mod.ARMS[name]
+    r = Recipe.from_file(REPO / recipe, overrides=sets + [f"train.steps={steps}", "schedule.warmup_steps=40"])
+    return r.make_schedule()
+
+
+def test_study_arms_share_stage1_then_drop():
+    """In the study the two-stage run is the one-stage run up to the boundary (same LR and WD at every
+    update), then drops to the stage-2 peak with weight decay 0."""
+    two, one = _arm("ternary_two_stage"), _arm("ternary_one_stage")
+    assert two.boundary == 500
+    assert all(two.lr(i) == one.lr(i) and two.wd(i) == one.wd(i) for i in range(500))
+    assert two.lr(499) > 1.4e-3 and two.lr(500) == pytest.approx(1e-3) and two.lr(999) == 0.0
+    assert all(two.wd(i) == 0.0 for i in range(500, 1000)) and one.wd(700) > 0.0
+    fp = _arm("fp_two_stage_lr1.5e-3")
+    assert fp.lr(39) == pytest.approx(1.5e-3) and fp.lr(500) == pytest.approx(5e-4) and fp.lr(500) < fp.lr(499)
