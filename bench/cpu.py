@@ -7,10 +7,14 @@
 Each engine runs in its own subprocess (so resident memory is its own), with the same thread count
 (default 2), after a one-token warm-up (``--repeat N``: N interleaved runs, best of each kept): pp = prompt tokens / prefill seconds, tg = generated tokens
 / decode seconds (greedy, one token per step, the logits of every step computed). Engines:
-  ours-bf16 / ours-int8   the C runner (bitnet158.kernels.cpu.runner), the torch model dropped after
-                          conversion (only the kernel copy and the head/embedding stay resident),
+  ours-bf16 / ours-int8   the C engine as ``bitnet158 generate`` runs it on a CPU: the torch-free
+                          LiteRunner (bitnet158.kernels.cpu.lite) on a packed HF folder of the random
+                          model written once under --gguf-dir (torch is never imported in that process),
                           default weight layout (B3, 1.6 bits, where AVX-512 VBMI decodes it);
                           ours-bf16-t16 / ours-int8-t16 (not run by default): the 2-bit T16 layout
+  torchc-bf16 / -int8     (not run by default) the same C engine in a torch process (CpuRunner over
+                          the torch model, dropped after conversion): what the Python API and the
+                          server run; the same kernels, plus torch's ~0.23 GB resident
   torch                   the reference TorchRunner, pure torch (C kernels disabled), fewer tokens
   llamacpp-f16 / -q8_0    llama-cpp-python on a TQ2_0 GGUF of the same shapes from
                           bitnet158.convert.write_random_gguf (F16 / Q8_0 token_embd = tied head)
@@ -47,43 +51,84 @@ def cpu_name() -> str:
     return platform.processor() or "unknown"
 
 
-def _time_runner(runner, V: int, prompt: int, gen: int) -> dict:
+def _converters(runner):
+    """(numpy -> runner input, runner output -> numpy): identity for the torch-free engine."""
+    if getattr(runner, "arrays", None) == "numpy":
+        return (lambda a: a), (lambda x: x)
     import torch
-    g = torch.Generator().manual_seed(0)
-    toks = torch.randint(0, V, (1, prompt), generator=g)
-    runner.prefill(toks[:, :1], torch.zeros(1, 1, dtype=torch.long))         # warm-up
+    return torch.from_numpy, (lambda x: x.numpy())
+
+
+def _time_runner(runner, V: int, prompt: int, gen: int) -> dict:
+    """pp / tg of a runner; numpy inputs for the torch-free engine, torch tensors otherwise. Greedy
+    with numpy's argmax in every engine, as the llama.cpp loop below (torch's takes ~0.2 ms over
+    128k logits)."""
+    import numpy as np
+    arr, to_np = _converters(runner)
+    from_np = arr
+    toks = np.random.default_rng(0).integers(0, V, (1, prompt))
+    runner.prefill(arr(toks[:, :1]), arr(np.zeros((1, 1), dtype=np.int64)))         # warm-up
     t0 = time.perf_counter()
-    logits = runner.prefill(toks, torch.arange(prompt)[None])
+    logits = runner.prefill(arr(toks), arr(np.arange(prompt)[None]))
     t_pp = time.perf_counter() - t0
-    nxt = logits.argmax(-1)
+    nxt = from_np(to_np(logits).argmax(-1))
     t0 = time.perf_counter()
-    for i in range(gen):           # greedy with numpy's argmax, as the llama.cpp loop below (torch's
-        lg = runner.decode(nxt, torch.tensor([prompt + i]))   # takes ~0.2 ms over 128k logits)
-        nxt = torch.from_numpy(lg.numpy().argmax(-1))
+    for i in range(gen):
+        lg = runner.decode(nxt, arr(np.array([prompt + i])))
+        nxt = from_np(to_np(lg).argmax(-1))
     t_tg = time.perf_counter() - t0
     return {"pp_tok_s": prompt / t_pp, "tg_tok_s": gen / t_tg, "pp_tokens": prompt, "tg_tokens": gen}
 
 
-def run_ours(head: str, layout: str | None, threads: int, prompt: int, gen: int) -> dict:
-    import torch
-    torch.set_num_threads(threads)
+def model_folder(work: Path) -> Path:
+    """The random 2B4T-shaped model as a packed HF folder (written once, in a torch subprocess)."""
+    folder = work / "2b4t-random-packed"
+    if not (folder / "config.json").is_file():
+        code = ("import sys; from bitnet158.random_model import random_packed_model; "
+                "from bitnet158.checkpoint import save; save(random_packed_model('2b4t', seed=0), sys.argv[1])")
+        subprocess.run([sys.executable, "-c", code, str(folder)], check=True, cwd=ROOT)
+    return folder
+
+
+def bandwidth(nbytes: int, reps: int, huge: bool = True) -> float:
+    """Streaming-read GB/s of the C loop (prefetch, current threads) over numpy memory."""
+    import numpy as np
+    from bitnet158.kernels.cpu import binding
+    from bitnet158.kernels.cpu.cmodel import huge_array, ptr
+    buf = huge_array(nbytes) if huge else np.empty(nbytes, dtype=np.uint8)
+    buf.fill(1)
+    return float(binding.lib().bn_bandwidth(ptr(buf), nbytes, reps))
+
+
+def run_ours(head: str, layout: str | None, threads: int, prompt: int, gen: int, work: Path,
+             lite: bool = True) -> dict:
     from bitnet158.kernels import cpu
-    from bitnet158.kernels.cpu.runner import CpuRunner, release_memory
-    from bitnet158.random_model import random_packed_model
-    base_rss = rss_gb()[0]                   # python + torch + bitnet158 imported, no model yet
-    t0 = time.perf_counter()
-    model = random_packed_model("2b4t", seed=0)
-    runner = CpuRunner(model, batch=1, max_len=prompt + gen + 24, head=head, threads=threads, layout=layout)
-    V = model.config.vocab_size
-    del model
+    from bitnet158.kernels.cpu.cmodel import release_memory
+    if lite:                                 # as `bitnet158 generate` on a CPU: torch never imported
+        from bitnet158.kernels.cpu.lite import LiteRunner
+        folder = model_folder(work)
+        base_rss = rss_gb()[0]               # python + numpy + bitnet158 imported, no model yet
+        t0 = time.perf_counter()
+        runner = LiteRunner(folder, max_len=prompt + gen + 24, head=head, threads=threads, layout=layout)
+    else:
+        import torch
+        torch.set_num_threads(threads)
+        from bitnet158.kernels.cpu.runner import CpuRunner
+        from bitnet158.random_model import random_packed_model
+        base_rss = rss_gb()[0]               # python + torch + bitnet158 imported, no model yet
+        t0 = time.perf_counter()
+        model = random_packed_model("2b4t", seed=0)
+        runner = CpuRunner(model, batch=1, max_len=prompt + gen + 24, head=head, threads=threads, layout=layout)
+        del model
     release_memory()
     load_s = time.perf_counter() - t0
-    r = _time_runner(runner, V, prompt, gen)
+    r = _time_runner(runner, runner.vocab_size, prompt, gen)
     rss, hwm = rss_gb()
     r["baseline_rss_gb"] = base_rss
+    r["torch_imported"] = "torch" in sys.modules
     stages = profile_decode(runner, prompt + gen, steps=16)
-    bw = cpu.bandwidth(1 << 30, reps=5)                  # huge pages + prefetch: what the machine reaches
-    bw4k = cpu.bandwidth(1 << 30, reps=3, huge=False)    # the same loop on default 4 KB pages
+    bw = bandwidth(1 << 30, reps=5)                      # huge pages + prefetch: what the machine reaches
+    bw4k = bandwidth(1 << 30, reps=3, huge=False)        # the same loop on default 4 KB pages
     return {**r, "rss_gb": rss, "peak_rss_gb": hwm, "load_s": load_s, "isa": cpu.isa(), "layout": runner.layout,
             "ternary_gb": runner.ternary_bytes / 1e9, "head_gb": runner.head_bytes / 1e9,
             "bandwidth_gb_s": bw, "bandwidth_4k_pages_gb_s": bw4k,
@@ -97,12 +142,13 @@ def profile_decode(runner, pos: int, steps: int) -> dict:
     """Wall-clock ms per decode token of each stage of the C forward (its own profiler)."""
     import ctypes
 
-    import torch
+    import numpy as np
+    arr = _converters(runner)[0]
     lib = runner._lib
     lib.bn_prof_enable(1)
-    tok = torch.tensor([1])
+    tok = arr(np.array([1]))
     for i in range(steps):
-        runner.decode(tok, torch.tensor([pos + i]))
+        runner.decode(tok, arr(np.array([pos + i])))
     out = (ctypes.c_double * 16)()
     n = lib.bn_prof_get(ctypes.addressof(out))
     lib.bn_prof_enable(0)
@@ -156,9 +202,10 @@ def run_llamacpp(head: str, threads: int, prompt: int, gen: int, gguf_dir: Path)
 
 def child(args) -> dict:
     e = args.only
-    if e.startswith("ours-"):                       # ours-<head>[-<layout>]
+    if e.startswith(("ours-", "torchc-")):           # ours|torchc-<head>[-<layout>]
         parts = e.split("-")
-        return run_ours(parts[1], parts[2] if len(parts) > 2 else None, args.threads, args.prompt, args.gen)
+        return run_ours(parts[1], parts[2] if len(parts) > 2 else None, args.threads, args.prompt, args.gen,
+                        Path(args.gguf_dir), lite=parts[0] == "ours")
     if e == "torch":
         return run_torch(args.threads, args.torch_prompt, args.torch_gen)
     if e.startswith("llamacpp-"):
@@ -175,7 +222,8 @@ def main() -> int:
     ap.add_argument("--torch-gen", type=int, default=8, help="generated tokens for the torch reference")
     ap.add_argument("--engines", default=",".join(ENGINES))
     ap.add_argument("--only", help="run one engine in this process and print its JSON (used internally)")
-    ap.add_argument("--gguf-dir", default=os.path.join(tempfile.gettempdir(), "bitnet158-bench"))
+    ap.add_argument("--gguf-dir", default=os.path.join(tempfile.gettempdir(), "bitnet158-bench"),
+                    help="where the random model's GGUF files and HF folder are written (once)")
     ap.add_argument("--repeat", type=int, default=1,
                     help="run every engine N times, interleaved, and keep each one's best (a shared machine)")
     ap.add_argument("--save", action="store_true")
@@ -185,6 +233,8 @@ def main() -> int:
         print(json.dumps(child(args)))
         return 0
     Path(args.gguf_dir).mkdir(parents=True, exist_ok=True)
+    if any(e.startswith("ours-") for e in args.engines.split(",")):
+        model_folder(Path(args.gguf_dir))       # written once, before any timed run
     load0 = os.getloadavg()[0]                 # other work on the machine skews every number
     res: dict[str, dict] = {}
     runs: dict[str, list] = {}
@@ -224,9 +274,10 @@ def main() -> int:
             note += (f", {r['isa']}/{r['layout']}, {r['token_bytes_gb']:.3f} GB/token, read BW "
                      f"{r['bandwidth_gb_s']:.1f} GB/s -> floor {floor:.1f} tok/s")
         if "baseline_rss_gb" in r:
-            note += f", RSS {r['rss_gb'] - r['baseline_rss_gb']:.2f} GB over the python+torch baseline"
+            base = "python+torch" if r.get("torch_imported") else "python+numpy (no torch)"
+            note += f", RSS {r['rss_gb'] - r['baseline_rss_gb']:.2f} GB over the {base} baseline"
         print(f"{e:<16}{r['pp_tok_s']:>10.1f}{r['tg_tok_s']:>10.2f}{r['rss_gb']:>9.2f}{r['peak_rss_gb']:>9.2f}  {note}")
-    flat = {"cpu": cpu_name(), "threads": args.threads, "date": "2026-11-25",
+    flat = {"cpu": cpu_name(), "threads": args.threads, "date": time.strftime("%Y-%m-%d"),
             "command": "python3 bench/cpu.py " + " ".join(sys.argv[1:]),
             "loadavg_start": load0, "loadavg_end": os.getloadavg()[0]}
     for e, r in res.items():
@@ -237,7 +288,8 @@ def main() -> int:
             flat[f"{key}_rss_gb"] = round(r["rss_gb"], 3)
             flat[f"{key}_peak_rss_gb"] = round(r["peak_rss_gb"], 3)
             if "baseline_rss_gb" in r:
-                flat[f"{key}_rss_over_torch_baseline_gb"] = round(r["rss_gb"] - r["baseline_rss_gb"], 3)
+                flat[f"{key}_rss_over_baseline_gb"] = round(r["rss_gb"] - r["baseline_rss_gb"], 3)
+                flat[f"{key}_torch_imported"] = r.get("torch_imported", True)
     ours = res.get("ours-bf16", {})
     if "bandwidth_gb_s" in ours:
         flat["read_bandwidth_gb_s"] = round(ours["bandwidth_gb_s"], 2)
@@ -255,7 +307,7 @@ def main() -> int:
         tag = "".join(c if c.isalnum() else "-" for c in cpu_name().lower()).strip("-")
         while "--" in tag:
             tag = tag.replace("--", "-")
-        out = ROOT / "bench" / "results" / f"cpu-2026-11-25-{tag}{args.suffix}.json"
+        out = ROOT / "bench" / "results" / f"cpu-{time.strftime('%Y-%m-%d')}-{tag}{args.suffix}.json"
         out.write_text(json.dumps({**flat, "engines": res}, indent=1) + "\n")
     print(line)
     return 0
