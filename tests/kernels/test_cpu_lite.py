@@ -188,3 +188,12 @@ def test_cli_greedy_never_imports_torch(tiny_folder, tmp_path):
         runs[backend] = r.stdout.splitlines()
     assert runs["auto"][-1] == "NO-TORCH 0" and runs["cpu"][-1] == "TORCH 0"
     assert runs["auto"][:-1] == runs["cpu"][:-1]
+
+
+def test_cpu_runner_from_pretrained_reads_the_folder_directly(tiny_folder):
+    """CpuRunner.from_pretrained on a packed folder skips the torch model: the same logits."""
+    folder = tiny_folder("tiny", seed=8, dtype="bfloat16")
+    direct = CpuRunner.from_pretrained(folder, batch=2, max_len=48, head="int8")
+    via_model = CpuRunner(checkpoint.load(folder), batch=2, max_len=48, head="int8")
+    tok, pos = (torch.from_numpy(a) for a in _inputs(direct.vocab_size))
+    assert torch.equal(direct.prefill(tok, pos), via_model.prefill(tok, pos))

@@ -101,11 +101,13 @@ class CpuRunner:
         if binding.lib() is None:
             raise RuntimeError(f"CpuRunner: C kernels unavailable ({binding.error()})")
         with torch.no_grad():
-            self._core = CModel(_TorchSource(model), batch=batch, max_len=max_len, head=head,
-                                kv_bf16=None if kv_dtype is None else kv_dtype == torch.bfloat16,
-                                prefill_chunk=prefill_chunk, threads=threads or torch.get_num_threads(),
-                                layout=layout or default_layout(), name="CpuRunner")
-        c = self._core
+            self._wrap(CModel(_TorchSource(model), batch=batch, max_len=max_len, head=head,
+                              kv_bf16=None if kv_dtype is None else kv_dtype == torch.bfloat16,
+                              prefill_chunk=prefill_chunk, threads=threads or torch.get_num_threads(),
+                              layout=layout or default_layout(), name="CpuRunner"))
+
+    def _wrap(self, core: CModel) -> None:
+        c = self._core = core
         self.config, self.batch, self.max_len, self.vocab_size = c.config, c.batch, c.max_len, c.vocab_size
         self.layout, self.head_kind, self.prefill_chunk = c.layout, c.head_kind, c.prefill_chunk
         self.ternary_bytes, self.head_bytes = c.ternary_bytes, c.head_bytes
@@ -136,7 +138,20 @@ class CpuRunner:
     @classmethod
     def from_pretrained(cls, path, batch: int = 1, max_len: int | None = None, head: str = "bf16",
                         **kw) -> "CpuRunner":
-        """Load a checkpoint, convert it and drop the torch model: only the kernel copy stays resident."""
+        """The runner of a checkpoint folder, only the kernel copy resident. A packed folder is read
+        straight into the C model (no torch model is built: lower peak memory); a master-weight
+        folder is loaded (ternarized) with the torch loader first."""
+        from . import lite
+        if lite.supported(path):
+            kv = kw.get("kv_dtype")
+            source, self = lite.FolderSource(path), cls.__new__(cls)
+            self._wrap(CModel(source, batch=batch, max_len=max_len, head=head,
+                              kv_bf16=None if kv is None else kv == torch.bfloat16,
+                              threads=kw.get("threads") or torch.get_num_threads(), layout=kw.get("layout"),
+                              prefill_chunk=kw.get("prefill_chunk", PREFILL_CHUNK), name="CpuRunner"))
+            source.close()
+            release_memory()
+            return self
         from ... import checkpoint
         model = checkpoint.load(path)
         runner = cls(model, batch=batch, max_len=max_len, head=head, **kw)
