@@ -11,7 +11,9 @@ gate|up); the W2A8 pipeline reads the 2-bit weights. Measured (median of repeats
   (packed weights + head + KV bytes at that context) / bandwidth, with a bf16 and an int8 head;
 - batch-1 decode ms/token at context 128 / 1024 / 4096 (graph replays, back to back);
 - batch 8 and 64 decode throughput (rows at staggered positions around 1024);
-- a 2048-token prefill (head on the last position only, as the runner returns);
+- a 2048-token prefill (head on the last position only, as the runner returns): eager, the host's
+  time to enqueue it, and the same work replayed from a CUDA graph (the GPU's time alone);
+- the decode attention alone at batch 64 per chunk length, beside its KV bytes' floor;
 - resident weight + head bytes and peak memory of each pipeline;
 - per-projection decode GEMV time at M=1 beside bf16 ``F.linear``.
 
@@ -70,11 +72,75 @@ def decode_ms(runner, pos_list, iters=50) -> float:
     return events_ms(lambda: runner.decode(tok, pos), iters)
 
 
-def prefill_ms(runner, T=2048) -> float:
+def prefill_ms(runner, T=2048) -> tuple[float, float, float]:
+    """A T-token prefill: (eager ms by CUDA events, host ms to enqueue it, ms of the same work
+    replayed from a CUDA graph). Eager time near the host time and above the graph's: the
+    prefill waits on Python and launches, not on the GPU."""
     tok = torch.randint(0, runner.vocab_size, (1, T), device="cuda")
     pos = torch.arange(T, device="cuda")[None]
     runner.prefill(tok, pos)
-    return events_ms(lambda: runner.prefill(tok, pos), 1, repeats=5)
+    eager = events_ms(lambda: runner.prefill(tok, pos), 1, repeats=5)
+    host = []
+    for _ in range(5):
+        torch.cuda.synchronize()
+        t0 = time.perf_counter()
+        runner.prefill(tok, pos)
+        host.append((time.perf_counter() - t0) * 1e3)
+        torch.cuda.synchronize()
+    rows = torch.arange(1, device="cuda")
+    args = (tok, pos, rows, True, T)
+    s = torch.cuda.Stream()
+    s.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(s):
+        runner._prefill(*args)
+    torch.cuda.current_stream().wait_stream(s)
+    g = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(g):
+        runner._prefill(*args)
+    graph = events_ms(g.replay, 1, repeats=5)
+    del g
+    return eager, statistics.median(host), graph
+
+
+def attention_table(res: dict, model, bw: float):
+    """Decode attention alone at batch 64, rows at ~1024 (partials + combine + sub-norm + quant),
+    per chunk length: us a layer (30 calls on the 30 layers' caches in one graph) and GB/s of the
+    KV bytes read (positions 0..pos of 5 KV heads, keys and values)."""
+    from bitnet158.kernels.triton.attention import DecodeAttention
+    from bitnet158.kernels.triton.runner import TritonRunner
+    B, S = 64, 1280
+    r = TritonRunner(model, batch=B, max_len=S)
+    fill_cache(r)
+    cfg = model.config
+    H, HKV, D = cfg.num_attention_heads, cfg.num_key_value_heads, cfg.head_dim
+    pos = torch.tensor([1023 - (37 * b) % 256 for b in range(B)], device="cuda", dtype=torch.int32)
+    rows = torch.arange(B, device="cuda", dtype=torch.int32)
+    qkv = torch.randn(B, (H + 2 * HKV) * D, device="cuda", dtype=torch.bfloat16)
+    w = r.layers[0]["attn_norm"]
+    kv_bytes = int((pos.long() + 1).sum()) * HKV * D * 2 * 2
+    res["attn_b64_kv_floor_us"] = round(kv_bytes / (bw * 1e9) * 1e6, 1)
+    for chunk in (64, 128, 256):
+        for cap in (True, False):          # the register caps of DecodeAttention, or none
+            att = DecodeAttention(H, HKV, D, B, S, "cuda", chunk=chunk)
+            if not cap:
+                att.partial_maxnreg = att.combine_maxnreg = None
+
+            def calls(att=att):
+                for i in range(len(r.layers)):
+                    att(qkv, r.k_cache[i], r.v_cache[i], rows, pos, r.cos, r.sin, w, r.eps)
+            calls()
+            g = torch.cuda.CUDAGraph()
+            with torch.cuda.graph(g):
+                calls()
+            us = events_ms(g.replay, 5) * 1e3 / len(r.layers)
+            key = f"attn_b64_chunk{chunk}" + ("" if cap else "_nocap")
+            res[key + "_us"] = round(us, 1)
+            res[key + "_gb_s"] = round(kv_bytes / (us * 1e-6) / 1e9, 1)
+            print(f"attention b64 chunk {chunk}{'' if cap else ', no register caps'}: {us:.1f} us a layer "
+                  f"({kv_bytes / us / 1e3:.0f} GB/s)", flush=True)
+            del g, att
+    res["attn_b64_default_chunk"] = r.attn.chunk
+    del r
 
 
 def gemv_table(res: dict, sweep: dict | None = None):
@@ -216,6 +282,9 @@ def main(argv=None) -> int:
     ap.add_argument("--batched-only", action="store_true", help="only prefill and batch 8 / 64 decode")
     ap.add_argument("--batches", default="8,64", help="batched decode sizes")
     ap.add_argument("--modes", default="w2a8,bf16", help="pipelines to time (w2a8, bf16)")
+    ap.add_argument("--b8-other", action="store_true", help="batch 8 also on the other kernel (dp4a GEMV)")
+    ap.add_argument("--no-gemv", action="store_true", help="skip the per-projection M=1 table")
+    ap.add_argument("--no-attention", action="store_true", help="skip the batch-64 attention table")
     args = ap.parse_args(argv)
     if not torch.cuda.is_available():
         print("bench/gpu.py needs a CUDA device", file=sys.stderr)
@@ -288,8 +357,12 @@ def main(argv=None) -> int:
             print(f"[w2a8 int8 head] decode b1 ctx 1024: {res['decode_b1_ctx1024_w2a8_int8head_ms']:.3f} ms")
             del r
             r = TritonRunner(model, batch=1, max_len=4096, linear=mode)
-        res[f"prefill2048_{mode}_ms"] = round(prefill_ms(r), 2)
-        print(f"[{mode}] prefill 2048: {res[f'prefill2048_{mode}_ms']} ms", flush=True)
+        eager, host, graph = prefill_ms(r)
+        res[f"prefill2048_{mode}_ms"] = round(eager, 2)
+        res[f"prefill2048_{mode}_host_ms"] = round(host, 2)
+        res[f"prefill2048_{mode}_graph_ms"] = round(graph, 2)
+        print(f"[{mode}] prefill 2048: {eager:.2f} ms (host {host:.2f} ms to enqueue; "
+              f"graph replay {graph:.2f} ms)", flush=True)
         res[f"peak_mem_b1_{mode}_gb"] = round(torch.cuda.max_memory_allocated() / 1e9, 3)
         del r
         save()
@@ -300,7 +373,15 @@ def main(argv=None) -> int:
             pos = [1023 - (37 * b) % 256 for b in range(B)]              # staggered positions
             ms = decode_ms(r, pos, iters=30)
             res[f"decode_b{B}_{mode}_ms"] = round(ms, 4)
-            if mode == "w2a8" and B == 8:          # the other kernel at 8 rows: dp4a GEMV or tensor cores
+            if mode == "w2a8" and B == 64:     # the attention without its register caps (as before)
+                r2 = TritonRunner(model, batch=B, max_len=1280, linear=mode)
+                r2.attn.partial_maxnreg = r2.attn.combine_maxnreg = None
+                fill_cache(r2)
+                res["decode_b64_w2a8_nocap_ms"] = round(decode_ms(r2, pos, iters=30), 4)
+                print(f"[w2a8] decode b64, attention without register caps: "
+                      f"{res['decode_b64_w2a8_nocap_ms']:.3f} ms/step", flush=True)
+                del r2
+            if mode == "w2a8" and B == 8 and args.b8_other:    # the other kernel at 8 rows: dp4a GEMV or tensor cores
                 from bitnet158.kernels.triton import w2a8 as _w
                 other = "tc" if _w.GEMV_MAX_M >= 8 else "gemv"
                 keep, _w.GEMV_MAX_M = _w.GEMV_MAX_M, (4 if other == "tc" else 8)
@@ -323,6 +404,8 @@ def main(argv=None) -> int:
     for k in ["decode_b1_ctx128", "decode_b1_ctx1024", "decode_b1_ctx4096", "prefill2048"]:
         if f"{k}_w2a8_ms" in res and f"{k}_bf16_ms" in res:
             res[f"{k}_speedup"] = round(res[f"{k}_bf16_ms"] / res[f"{k}_w2a8_ms"], 2)
+    if "prefill2048_w2a8_graph_ms" in res and "prefill2048_bf16_graph_ms" in res:
+        res["prefill2048_graph_speedup"] = round(res["prefill2048_bf16_graph_ms"] / res["prefill2048_w2a8_graph_ms"], 2)
     if "decode_b64_ctx128_w2a8_ms" in res and "decode_b64_ctx128_bf16_ms" in res:
         res["decode_b64_ctx128_speedup"] = round(res["decode_b64_ctx128_bf16_ms"] / res["decode_b64_ctx128_w2a8_ms"], 2)
     for B in (8, 64):
@@ -337,8 +420,11 @@ def main(argv=None) -> int:
             dot_sweep(sweep)
         except Exception as e:
             sweep["dot_error"] = repr(e)[:200]
+    if not args.no_attention:
+        attention_table(res, model, bw)
+        save()
     try:
-        if not args.batched_only:
+        if not args.batched_only and not args.no_gemv:
             gemv_table(res, sweep)
     except Exception as e:  # the table is extra; keep the main numbers
         res["gemv_error"] = repr(e)[:200]
@@ -359,6 +445,14 @@ def main(argv=None) -> int:
                   f"{res.get(k + '_speedup', 0):8.2f}")
     print(f"{'prefill2048 (ms)':34s} {res.get('prefill2048_w2a8_ms', 0):10.2f} "
           f"{res.get('prefill2048_bf16_ms', 0):10.2f} {res.get('prefill2048_speedup', 0):8.2f}")
+    for k in ("host", "graph"):
+        print(f"{'prefill2048, ' + k + ' (ms)':34s} {res.get(f'prefill2048_w2a8_{k}_ms', 0):10.2f} "
+              f"{res.get(f'prefill2048_bf16_{k}_ms', 0):10.2f} {res.get(f'prefill2048_{k}_speedup', 0):8.2f}")
+    for c in (64, 128, 256):
+        if f"attn_b64_chunk{c}_us" in res:
+            print(f"{f'attention b64, chunk {c} (us/layer)':34s} {res[f'attn_b64_chunk{c}_us']:10.1f} "
+                  f"{res[f'attn_b64_chunk{c}_nocap_us']:10.1f} {'':8s} {res['attn_b64_kv_floor_us']:8.1f}"
+                  f"   (capped / not)")
     print(f"{'weights+head resident (GB)':34s} {res.get('w2a8_weights_head_gb', 0):10.3f} "
           f"{res.get('bf16_weights_head_gb', 0):10.3f}")
     if "decode_b1_ctx1024_w2a8_int8head_ms" in res:

@@ -20,7 +20,7 @@ pytest.importorskip("triton")
 from bitnet158 import quant  # noqa: E402
 from bitnet158.model import RMSNorm  # noqa: E402
 from bitnet158.kernels.triton import common, norm_quant as nq, w2a8  # noqa: E402
-from bitnet158.kernels.triton.attention import DecodeAttention  # noqa: E402
+from bitnet158.kernels.triton.attention import DecodeAttention, rope_cache_write  # noqa: E402
 from w2a8_cases import segmented as _segmented  # noqa: E402
 
 DEV = "cuda" if torch.cuda.is_available() else "cpu"
@@ -146,7 +146,8 @@ def _attn_reference(qkv, kc, vc, pos, cos_t, sin_t, H, HKV, D, norm):
 
 
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32])
-def test_decode_attention(dtype):
+@pytest.mark.parametrize("chunk", [16, 32])           # 32: two tiles a chunk (a run-time loop compiled)
+def test_decode_attention(dtype, chunk):
     from bitnet158.model import rope_tables
     torch.manual_seed(2)
     H, HKV, D, B, S = 4, 2, 16, 3, 40
@@ -158,7 +159,7 @@ def test_decode_attention(dtype):
     norm = RMSNorm(H * D, 1e-5).to(dtype)
     norm.weight.data = (torch.rand(H * D) + 0.5).to(dtype)
     ref = _attn_reference(qkv, kc.clone(), vc.clone(), pos, cos_t, sin_t, H, HKV, D, norm)
-    att = DecodeAttention(H, HKV, D, B, S, DEV, chunk=16, block_n=16)
+    att = DecodeAttention(H, HKV, D, B, S, DEV, chunk=chunk, block_n=16)
     kd, vd = kc.clone().to(DEV), vc.clone().to(DEV)
     rows = torch.arange(B, dtype=torch.int32, device=DEV)
     y = att(qkv.to(DEV), kd, vd, rows, pos.to(DEV), cos_t.to(DEV), sin_t.to(DEV), norm.weight.to(DEV),
@@ -178,6 +179,39 @@ def test_decode_attention(dtype):
                norm.weight.to(DEV), 1e-5)
     rq, _ = quant.act_quant(ref)
     assert int((q.cpu().int() - rq.int()).abs().max()) <= 2
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32])
+def test_prefill_rope_cache_write(dtype):
+    """RoPE of q and k and the cache write of a prefill against model.apply_rope + index_put: two
+    rows (cache rows 2 and 0) of 5 tokens, one from position 0 and one continuing at 3."""
+    from bitnet158.model import apply_rope, rope_tables
+    torch.manual_seed(3)
+    H, HKV, D, B, T, S = 6, 3, 16, 2, 5, 12
+    cos_t, sin_t = rope_tables(D, S, 10000.0)
+    qkv = torch.randn(B * T, (H + 2 * HKV) * D).to(dtype)
+    rows = torch.tensor([2, 0])
+    pos = torch.stack([torch.arange(T), torch.arange(3, 3 + T)])                      # [B, T]
+    kc, vc = torch.randn(3, HKV, S, D).to(dtype), torch.randn(3, HKV, S, D).to(dtype)
+    x = qkv.view(B, T, -1)
+    cos, sin = cos_t[pos].to(dtype)[:, None], sin_t[pos].to(dtype)[:, None]              # [B, 1, T, D]
+    rq = apply_rope(x[..., :H * D].view(B, T, H, D).transpose(1, 2), cos, sin)
+    rk = apply_rope(x[..., H * D:(H + HKV) * D].view(B, T, HKV, D).transpose(1, 2), cos, sin)
+    rkc, rvc = kc.clone(), vc.clone()
+    rkc[rows[:, None], :, pos] = rk.transpose(1, 2)
+    rvc[rows[:, None], :, pos] = x[..., (H + HKV) * D:].view(B, T, HKV, D)
+    kd, vd = kc.to(DEV), vc.to(DEV)
+    q, k = rope_cache_write(qkv.to(DEV), kd, vd, rows.to(DEV, torch.int32), pos.reshape(-1).to(DEV, torch.int32),
+                            cos_t.to(DEV), sin_t.to(DEV), H, HKV, D)
+    q = q.cpu().view(B, T, H, D).transpose(1, 2)
+    k = k.cpu().view(B, T, HKV, D).transpose(1, 2)
+    assert torch.equal(vd.cpu(), rvc)
+    if common.INTERPRET:
+        assert torch.equal(q, rq) and torch.equal(k, rk) and torch.equal(kd.cpu(), rkc)
+    else:   # compiled RoPE: within 2 bf16 ulps (see test_decode_attention)
+        tol = 1.6e-2 if dtype == torch.bfloat16 else 1e-6
+        for a, b in ((q, rq), (k, rk), (kd.cpu(), rkc)):
+            torch.testing.assert_close(a, b, rtol=tol, atol=1e-6)
 
 
 @pytest.mark.cuda

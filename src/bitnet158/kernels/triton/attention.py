@@ -23,7 +23,7 @@ import torch
 import triton
 import triton.language as tl
 
-from .common import INTERPRET, PDL, cast, gdc_launch_dependents, gdc_wait, rint, rnd
+from .common import INTERPRET, PDL, cast, cdiv, gdc_launch_dependents, gdc_wait, next_pow2, rint, rnd
 
 _pdl = dict(launch_pdl=True) if PDL else {}
 
@@ -56,7 +56,7 @@ def _attn_partial(qkv_ptr, stride_qkv, kc_ptr, vc_ptr, sc_b, sc_h, sc_s, rows_pt
                   cos_ptr, sin_ptr, po_ptr, pml_ptr, scale,
                   H: tl.constexpr, HKV: tl.constexpr, D: tl.constexpr, GROUP: tl.constexpr,
                   GP: tl.constexpr, CHUNK: tl.constexpr, BLOCK_N: tl.constexpr, NCH: tl.constexpr,
-                  IEEE: tl.constexpr, PDL: tl.constexpr, INTERP: tl.constexpr):
+                  IEEE: tl.constexpr, DYN: tl.constexpr, PDL: tl.constexpr, INTERP: tl.constexpr):
     if PDL:
         gdc_launch_dependents()
         gdc_wait()
@@ -89,26 +89,40 @@ def _attn_partial(qkv_ptr, stride_qkv, kc_ptr, vc_ptr, sc_b, sc_h, sc_s, rows_pt
         m_i = tl.full((GP,), -float("inf"), tl.float32)
         l_i = tl.zeros((GP,), tl.float32)
         acc = tl.zeros((GP, D), tl.float32)
-        for it in range(0, CHUNK // BLOCK_N):
-            if start + it * BLOCK_N <= pos:                     # only the tiles up to pos
-                n = start + it * BLOCK_N + tl.arange(0, BLOCK_N)
-                valid = n <= pos
-                k = tl.load(kbase + n[:, None] * sc_s + d[None, :], mask=valid[:, None], other=0.0)
-                v = tl.load(vbase + n[:, None] * sc_s + d[None, :], mask=valid[:, None], other=0.0)
-                s = _mm(qd, tl.trans(k), IEEE or INTERP)
-                s = tl.where(valid[None, :], s * scale, -float("inf"))              # [GP, BLOCK_N]
-                m_new = tl.maximum(m_i, tl.max(s, axis=1))
-                alpha = tl.exp(m_i - m_new)
-                p = tl.exp(s - m_new[:, None])
-                l_i = l_i * alpha + tl.sum(p, axis=1)
-                pv = _mm(cast(p, dt, INTERP), v, IEEE or INTERP)
-                acc = acc * alpha[:, None] + pv
-                m_i = m_new
+        if DYN:     # run-time trip count: the compiler pipelines the tile loads of a long chunk
+            for it in range(0, tl.minimum(CHUNK // BLOCK_N, (pos - start) // BLOCK_N + 1)):
+                m_i, l_i, acc = _attn_tile(qd, kbase, vbase, start + it * BLOCK_N, pos, sc_s, d, scale,
+                                           m_i, l_i, acc, BLOCK_N, IEEE, INTERP)
+        else:
+            for it in range(0, CHUNK // BLOCK_N):
+                if start + it * BLOCK_N <= pos:                 # only the tiles up to pos
+                    m_i, l_i, acc = _attn_tile(qd, kbase, vbase, start + it * BLOCK_N, pos, sc_s, d, scale,
+                                               m_i, l_i, acc, BLOCK_N, IEEE, INTERP)
         o = acc / l_i[:, None]
         hb = (b * H + heads) * NCH + c                                                # [GP]
         tl.store(po_ptr + hb[:, None] * D + d[None, :], o, mask=hmask[:, None])
         tl.store(pml_ptr + hb * 2, m_i, mask=hmask)
         tl.store(pml_ptr + hb * 2 + 1, l_i, mask=hmask)
+
+
+@triton.jit
+def _attn_tile(qd, kbase, vbase, n0, pos, sc_s, d, scale, m_i, l_i, acc, BLOCK_N: tl.constexpr,
+               IEEE: tl.constexpr, INTERP: tl.constexpr):
+    """Online softmax over cache slots n0 .. n0+BLOCK_N-1 (those <= pos) for the queries qd [GP, D]."""
+    dt = qd.dtype
+    n = n0 + tl.arange(0, BLOCK_N)
+    valid = n <= pos
+    k = tl.load(kbase + n[:, None] * sc_s + d[None, :], mask=valid[:, None], other=0.0)
+    v = tl.load(vbase + n[:, None] * sc_s + d[None, :], mask=valid[:, None], other=0.0)
+    s = _mm(qd, tl.trans(k), IEEE or INTERP)
+    s = tl.where(valid[None, :], s * scale, -float("inf"))                          # [GP, BLOCK_N]
+    m_new = tl.maximum(m_i, tl.max(s, axis=1))
+    alpha = tl.exp(m_i - m_new)
+    p = tl.exp(s - m_new[:, None])
+    l_i = l_i * alpha + tl.sum(p, axis=1)
+    pv = _mm(cast(p, dt, INTERP), v, IEEE or INTERP)
+    acc = acc * alpha[:, None] + pv
+    return m_new, l_i, acc
 
 
 @triton.jit
@@ -273,12 +287,74 @@ def _attn_fused(qkv_ptr, stride_qkv, kc_ptr, vc_ptr, sc_b, sc_h, sc_s, rows_ptr,
                     tl.atomic_xchg(rcnt_ptr + b, 0)
 
 
+@triton.jit
+def _rope_cache(qkv_ptr, stride_qkv, q_ptr, k_ptr, kc_ptr, vc_ptr, sc_b, sc_h, sc_s, rows_ptr, pos_ptr,
+                cos_ptr, sin_ptr, T, H: tl.constexpr, HKV: tl.constexpr, D: tl.constexpr, HP: tl.constexpr,
+                HKVP: tl.constexpr, PDL: tl.constexpr, INTERP: tl.constexpr):
+    """Prefill: one program per token ``i`` (row ``i // T``): RoPE of its H query and HKV key heads
+    (bf16 rounding after each op, as ``model.apply_rope``) into q [N, H*D] and k [N, HKV*D], and
+    its roped key and value written into the caches at (rows[i // T], pos[i])."""
+    if PDL:
+        gdc_launch_dependents()
+        gdc_wait()
+    i = tl.program_id(0)
+    pos = tl.load(pos_ptr + i)
+    row = tl.load(rows_ptr + i // T)
+    dt = kc_ptr.dtype.element_ty
+    d = tl.arange(0, D)
+    qbase = qkv_ptr + i * stride_qkv
+    hs = tl.arange(0, HP)
+    hm = (hs < H)[:, None]
+    q = _rope(qbase, hs[:, None] * D, d, pos, cos_ptr, sin_ptr, hm, D, dt, INTERP)         # [HP, D]
+    tl.store(q_ptr + i * H * D + hs[:, None] * D + d[None, :], cast(q, dt, INTERP), mask=hm)
+    gs = tl.arange(0, HKVP)
+    gm = (gs < HKV)[:, None]
+    k = cast(_rope(qbase, (H + gs)[:, None] * D, d, pos, cos_ptr, sin_ptr, gm, D, dt, INTERP), dt, INTERP)
+    v = tl.load(qbase + (H + HKV + gs)[:, None] * D + d[None, :], mask=gm, other=0.0)   # [HKVP, D]
+    tl.store(k_ptr + i * HKV * D + gs[:, None] * D + d[None, :], k, mask=gm)
+    slot = row * sc_b + gs[:, None] * sc_h + pos * sc_s + d[None, :]
+    tl.store(kc_ptr + slot, k, mask=gm)
+    tl.store(vc_ptr + slot, v.to(dt), mask=gm)
+
+
+def rope_cache_write(qkv: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, rows: torch.Tensor,
+                     pos: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, n_heads: int, n_kv: int,
+                     head_dim: int):
+    """Prefill RoPE and cache write in one kernel (instead of ~12 torch ops a layer).
+
+    qkv [B*T, (H+2Hkv)D] (unit column stride), caches [rows, Hkv, S, D], rows int32 [B], pos int32
+    [B*T] (row-major over [B, T]), cos/sin fp32 [P, D] -> (q [B*T, H*D], k [B*T, Hkv*D]) roped, in
+    the caches' dtype; the roped keys and the values are also written at cache[rows[b], :, pos].
+    """
+    N = qkv.shape[0]
+    T = N // rows.shape[0]
+    if k_cache.stride(3) != 1 or k_cache.stride() != v_cache.stride() or qkv.stride(1) != 1:
+        raise ValueError("rope_cache_write: caches must share strides; unit stride on the last dim")
+    q = torch.empty((N, n_heads * head_dim), dtype=k_cache.dtype, device=qkv.device)
+    k = torch.empty((N, n_kv * head_dim), dtype=k_cache.dtype, device=qkv.device)
+    _rope_cache[(N,)](qkv, qkv.stride(0), q, k, k_cache, v_cache, k_cache.stride(0), k_cache.stride(1),
+                      k_cache.stride(2), rows, pos, cos, sin, T, H=n_heads, HKV=n_kv, D=head_dim,
+                      HP=next_pow2(n_heads), HKVP=next_pow2(n_kv), PDL=PDL, INTERP=INTERPRET, num_warps=4,
+                      **_pdl)
+    return q, k
+
+
 class DecodeAttention:
     """Buffers and launch parameters for one model shape, batch and cache length.
 
     ``CHUNK`` cache slots per program (64..256, up to 64 chunks per cache): Hkv * ceil((pos+1)/CHUNK)
-    programs per row, each reading only the tiles up to ``pos``.
+    programs per row, each reading only the tiles up to ``pos``, ``BLOCK_N`` slots at a time.
+
+    Register caps (ptxas ``maxnreg``; None: the compiler's choice). Left alone, ptxas gives the
+    partials kernel 208 registers a thread (bf16 cache, 64-slot tiles, sm_90) and the combine 88
+    (up to 32 chunks): 2 programs an SM each. With many rows (batch 64: ~4800 partial and 1280
+    combine programs a layer) every program is a short chain of dependent loads (positions, then
+    its cache tile or partials), so the programs resident per SM set how many bytes are in
+    flight. Capped at 128 and 64 registers (32 and 4 bytes of spills) 4 programs fit an SM.
     """
+
+    PARTIAL_MAXNREG = 128       # 16-bit caches only (the fp32 cache path is not capped)
+    COMBINE_MAXNREG = 64        # up to 32 chunks (more spill)
 
     def __init__(self, n_heads: int, n_kv: int, head_dim: int, batch: int, max_len: int, device,
                  chunk: int | None = None, block_n: int = 64):
@@ -287,15 +363,21 @@ class DecodeAttention:
         self.H, self.HKV, self.D = n_heads, n_kv, head_dim
         self.group = n_heads // n_kv
         if chunk is None:   # 64..256 slots a chunk, up to 64 chunks (one 64-slot tile up to 4096)
-            chunk = min(256, max(64, triton.next_power_of_2(triton.cdiv(max_len, 64))))
-        self.chunk = max(16, min(chunk, triton.next_power_of_2(max_len)))
+            chunk = min(256, max(64, next_pow2(cdiv(max_len, 64))))
+        self.chunk = max(16, min(chunk, next_pow2(max_len)))
         self.block_n = max(16, min(block_n, self.chunk))      # tl.dot needs K >= 16
-        self.nch = triton.cdiv(max_len, self.chunk)
+        self.nch = cdiv(max_len, self.chunk)
         self.po = torch.empty((batch, n_heads, self.nch, head_dim), dtype=torch.float32, device=device)
         self.pml = torch.empty((batch, n_heads, self.nch, 2), dtype=torch.float32, device=device)
         self.ob = torch.empty((batch, n_heads * head_dim), dtype=torch.float32, device=device)
         self.cnt = torch.zeros(batch, dtype=torch.int32, device=device)   # left zeroed by each call
         self.gcnt = torch.zeros(batch * n_kv, dtype=torch.int32, device=device)   # fused kernel's
+        self.partial_maxnreg = self.PARTIAL_MAXNREG
+        self.combine_maxnreg = self.COMBINE_MAXNREG
+
+    @staticmethod
+    def _cap(n: int | None) -> dict:
+        return dict(maxnreg=n) if n is not None and not INTERPRET else {}
 
     def __call__(self, qkv: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor,
                  rows: torch.Tensor, pos: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor,
@@ -313,9 +395,10 @@ class DecodeAttention:
         _attn_partial[(B * self.HKV, self.nch)](
             qkv, qkv.stride(0), k_cache, v_cache, k_cache.stride(0), k_cache.stride(1),
             k_cache.stride(2), rows, pos, cos, sin, self.po, self.pml, self.D ** -0.5,
-            H=self.H, HKV=self.HKV, D=self.D, GROUP=self.group, GP=max(16, triton.next_power_of_2(self.group)),
-            CHUNK=self.chunk, BLOCK_N=self.block_n, NCH=self.nch, IEEE=ieee, PDL=PDL, INTERP=INTERPRET,
-            num_warps=4, **_pdl)
+            H=self.H, HKV=self.HKV, D=self.D, GROUP=self.group, GP=max(16, next_pow2(self.group)),
+            CHUNK=self.chunk, BLOCK_N=self.block_n, NCH=self.nch, IEEE=ieee,
+            DYN=self.chunk > self.block_n and not INTERPRET, PDL=PDL, INTERP=INTERPRET, num_warps=4,
+            **self._cap(None if ieee else self.partial_maxnreg), **_pdl)
         if quant:
             q_out = q_out if q_out is not None else torch.empty((B, HD), dtype=torch.int8, device=qkv.device)
             s_out = s_out if s_out is not None else torch.empty((B,), dtype=torch.float32, device=qkv.device)
@@ -326,9 +409,9 @@ class DecodeAttention:
         _attn_combine[(B, self.H)](
             self.po, self.pml, pos, norm_weight, self.ob, self.cnt, y_out, q_out, s_out, y_out.stride(0),
             q_out.stride(0), eps,
-            H=self.H, HP=triton.next_power_of_2(self.H), D=self.D, CHUNK=self.chunk, NCH=self.nch,
-            NCHP=triton.next_power_of_2(self.nch), QUANT=quant, PDL=PDL, INTERP=INTERPRET, num_warps=8,
-            **_pdl)
+            H=self.H, HP=next_pow2(self.H), D=self.D, CHUNK=self.chunk, NCH=self.nch,
+            NCHP=next_pow2(self.nch), QUANT=quant, PDL=PDL, INTERP=INTERPRET, num_warps=8,
+            **self._cap(self.combine_maxnreg if self.nch <= 32 else None), **_pdl)
         return (q_out, s_out) if quant else y_out
 
     def fused(self, qkv: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, rows: torch.Tensor,
@@ -353,8 +436,8 @@ class DecodeAttention:
             k_cache.stride(2), rows, pos, cos, sin, self.po, self.pml, self.gcnt, out, out.stride(0),
             self.D ** -0.5, norm_weight if quant else out, self.cnt, q, s, q.stride(0), eps,
             H=self.H, HKV=self.HKV, D=self.D, GROUP=self.group,
-            GP=max(16, triton.next_power_of_2(self.group)), CHUNK=self.chunk, BLOCK_N=self.block_n,
-            NCH=self.nch, NCHP=triton.next_power_of_2(self.nch), HP=triton.next_power_of_2(self.H),
+            GP=max(16, next_pow2(self.group)), CHUNK=self.chunk, BLOCK_N=self.block_n,
+            NCH=self.nch, NCHP=next_pow2(self.nch), HP=next_pow2(self.H),
             QUANT=quant, IEEE=k_cache.dtype == torch.float32, PDL=PDL, INTERP=INTERPRET,
             num_warps=num_warps, **_pdl)
         return (out, q, s) if quant else out

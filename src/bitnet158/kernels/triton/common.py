@@ -53,6 +53,17 @@ except ImportError:  # pragma: no cover - very old Triton
     libdevice = None
 
 
+def cdiv(a: int, b: int) -> int:
+    """Host-side ceil(a / b). ``triton.cdiv`` is a constexpr function whose call costs microseconds
+    on the host, which adds up over the launches of an eager prefill."""
+    return -(-a // b)
+
+
+def next_pow2(n: int) -> int:
+    """Host-side smallest power of two >= n (``triton.next_power_of_2`` without its call overhead)."""
+    return 1 << max(n - 1, 0).bit_length()
+
+
 @triton.jit
 def cast(x, dt: tl.constexpr, INTERP: tl.constexpr):
     """fp32 x -> dtype dt with round-to-nearest-even on every backend."""

@@ -42,7 +42,7 @@ import torch
 import triton
 import triton.language as tl
 
-from .common import INTERPRET, PDL, cast, gdc_launch_dependents, gdc_wait
+from .common import INTERPRET, PDL, cast, cdiv, gdc_launch_dependents, gdc_wait
 
 
 @triton.jit
@@ -316,13 +316,13 @@ def tc_config(M: int, R: int, K: int, n_sm: int = 132) -> dict:
         return dict(kind="tc", BM=bm, BR=br, BK=bk, F=f, SPLIT_K=split, num_warps=nw, num_stages=ns)
     bm = 16 if M <= 16 else (32 if M <= 32 else 64)
     bk = 128
-    tiles = triton.cdiv(R, 64) * triton.cdiv(M, bm)
+    tiles = cdiv(R, 64) * cdiv(M, bm)
     f = 4
     while f > 1 and tiles * (4 // f) < n_sm:
         f //= 2
     progs = tiles * (4 // f)
     split = 1
-    while progs * split < n_sm and triton.cdiv(K, bk) // (split * 2) >= 2:
+    while progs * split < n_sm and cdiv(K, bk) // (split * 2) >= 2:
         split *= 2
     return dict(kind="tc", BM=bm, BR=64, BK=bk, F=f, SPLIT_K=split, num_warps=4,
                 num_stages=3 if f == 4 else 4)
@@ -355,10 +355,10 @@ def tc_linear(x_q, s_x, w, gammas, P1: int, P2: int, out, cfg: dict, cnt, pdl: b
     br, bm, bk, f, split = cfg["BR"], cfg["BM"], cfg["BK"], cfg["F"], cfg["SPLIT_K"]
     if f not in (1, 2, 4):
         raise ValueError(f"w2a8_linear: F={f} fields a program is not 1, 2 or 4")
-    per = triton.cdiv(triton.cdiv(K, split), bk) * bk
-    split = triton.cdiv(K, per)                 # no empty K ranges
+    per = cdiv(cdiv(K, split), bk) * bk
+    split = cdiv(K, per)                 # no empty K ranges
     cfg["SPLIT_K"] = min(split, 2)              # the kernel only tells 1 from "several"
-    n_tiles = triton.cdiv(R, br) * (4 // f) * triton.cdiv(M, bm)
+    n_tiles = cdiv(R, br) * (4 // f) * cdiv(M, bm)
     ws = cnt
     if split > 1:
         if n_tiles > cnt.numel():

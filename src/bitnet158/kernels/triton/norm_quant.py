@@ -21,7 +21,7 @@ import torch
 import triton
 import triton.language as tl
 
-from .common import INTERPRET, PDL, cast, gdc_launch_dependents, gdc_wait, rint, rnd
+from .common import INTERPRET, PDL, cast, gdc_launch_dependents, gdc_wait, next_pow2, rint, rnd
 
 
 @triton.jit
@@ -108,7 +108,7 @@ def norm_quant(x: torch.Tensor, weight: torch.Tensor | None, eps: float = 1e-5, 
     q = q_out if q_out is not None else x
     s = s_out if s_out is not None else x
     w = weight if weight is not None else x
-    block = triton.next_power_of_2(D)
+    block = next_pow2(D)
     _norm_quant_kernel[(M,)](x, d, h, w, y, q, s, D, x.stride(0), d.stride(0), h.stride(0),
                              y.stride(0), q.stride(0), eps, MODE=mode, BLOCK=block,
                              NORM=weight is not None, STORE_Y=not quant, QUANT=quant, PDL=PDL,

@@ -23,8 +23,9 @@ an H100 (a kernel boundary with PDL costs ~0.8 us; the fused kernels lose more t
 so ``"unfused"`` is the default. The whole step is captured in a CUDA graph per
 number of rows, with tokens, positions and cache rows in device buffers, so any prompt and output
 length replays the same graph. Prefill runs the same kernels eagerly (tensor-core W2A8 GEMM) with
-SDPA attention. q/k/v and gate/up weights are concatenated once at load and the model's own
-buffers become views of them: the packed weights exist once.
+SDPA attention, RoPE and the cache write in one kernel (``attention.rope_cache_write``). q/k/v and
+gate/up weights are concatenated once at load and the model's own buffers become views of them:
+the packed weights exist once.
 
 ``int8_head=True`` reads an int8 copy of the head with per-row scales (half the head's bytes,
 an approximation of the model). ``linear="bf16"`` builds the comparison pipeline of the
@@ -40,9 +41,8 @@ import torch.nn.functional as F
 from ... import quant
 from ...engine.runner import register_runner
 from ...errors import ConfigError
-from ...model import apply_rope
 from . import decode_layer
-from .attention import DecodeAttention
+from .attention import DecodeAttention, rope_cache_write
 from .head import int8_head, quantize_head
 from .norm_quant import norm_quant
 from .w2a8 import Workspace, w2a8_linear
@@ -346,30 +346,35 @@ class TritonRunner:
         if pos.dim() == 1:
             pos = pos[None].expand(B, T)
         self._check_pos(pos)
-        H, HKV, D, dt = self.H, self.HKV, self.D, self.dtype
-        x = F.embedding(tokens.to(self.device), self.embed).reshape(B * T, -1).contiguous()
-        cos = self.cos[pos].to(dt)[:, None]                                            # [B, 1, T, D]
-        sin = self.sin[pos].to(dt)[:, None]
         fresh = bool((pos == torch.arange(T, device=self.device)).all())               # causal from 0
-        L_ = int(pos.max()) + 1
+        return self._prefill(tokens.to(self.device), pos, r, fresh, int(pos.max()) + 1)
+
+    @torch.inference_mode()
+    def _prefill(self, tokens, pos, r, fresh: bool, L_: int) -> torch.Tensor:
+        """The prefill's device work, without host synchronization (a CUDA graph can capture it):
+        tokens, pos long [B, T], r long [B] cache rows, L_ = max(pos) + 1."""
+        B, T = tokens.shape
+        H, HKV, D = self.H, self.HKV, self.D
+        x = F.embedding(tokens, self.embed).reshape(B * T, -1).contiguous()
+        pos32 = pos.to(torch.int32).reshape(-1).contiguous()                        # [B*T]
+        r32 = r.to(torch.int32)
         if not fresh:
             keys = torch.arange(L_, device=self.device)
             mask = (keys[None, None, :] <= pos[:, :, None])[:, None]                   # [B, 1, T, L]
-        rr = r[:, None]
         delta = None
         for i, Ly in enumerate(self.layers):
             if delta is not None:
                 q, s = self._nq(x, Ly["in_norm"], residual=delta, h_out=x)
             else:
                 q, s = self._nq(x, Ly["in_norm"])
-            qkv = self._lin(Ly["qkv"], q, s).view(B, T, -1)
-            qh = qkv[..., :H * D].view(B, T, H, D).transpose(1, 2)
-            kh = qkv[..., H * D:(H + HKV) * D].view(B, T, HKV, D).transpose(1, 2)
-            vh = qkv[..., (H + HKV) * D:].view(B, T, HKV, D).transpose(1, 2)
-            qh, kh = apply_rope(qh, cos, sin), apply_rope(kh, cos, sin)
-            self.k_cache[i][rr, :, pos] = kh.transpose(1, 2)                           # [B, T, Hkv, D]
-            self.v_cache[i][rr, :, pos] = vh.transpose(1, 2)
+            qkv = self._lin(Ly["qkv"], q, s)                                            # [B*T, (H+2Hkv)D]
+            # RoPE of q and k, k and v written into the cache: one kernel
+            qr, kr = rope_cache_write(qkv, self.k_cache[i], self.v_cache[i], r32, pos32, self.cos,
+                                      self.sin, H, HKV, D)
+            qh = qr.view(B, T, H, D).transpose(1, 2)                                    # [B, H, T, D]
             if fresh:
+                kh = kr.view(B, T, HKV, D).transpose(1, 2)
+                vh = qkv.view(B, T, -1)[..., (H + HKV) * D:].view(B, T, HKV, D).transpose(1, 2)
                 o = F.scaled_dot_product_attention(qh, kh, vh, is_causal=T > 1, enable_gqa=True)
             else:
                 kc, vc = self.k_cache[i][r, :, :L_], self.v_cache[i][r, :, :L_]

@@ -31,7 +31,7 @@ import torch
 import triton
 import triton.language as tl
 
-from .common import INTERPRET, PDL, cast, gdc_launch_dependents, gdc_wait
+from .common import INTERPRET, PDL, cast, cdiv, gdc_launch_dependents, gdc_wait, next_pow2
 from .gemm_tc import tc_config, tc_linear
 
 
@@ -259,9 +259,9 @@ def _intmm_linear(x_q, s_x, w, gammas, P1, P2, out):
     R = w.shape[0]
     N = 4 * R
     w8 = torch.empty((N, K), dtype=torch.int8, device=w.device)
-    _unpack_int8[(triton.cdiv(R, 32), triton.cdiv(K, 256))](w, w8, K, R, P1, P2, BR=32, BK=256, num_warps=4)
+    _unpack_int8[(cdiv(R, 32), cdiv(K, 256))](w, w8, K, R, P1, P2, BR=32, BK=256, num_warps=4)
     acc = torch._int_mm(x_q, w8.t())                                                  # int32 [M, N]
-    _scale_rows[(triton.cdiv(M, 16), triton.cdiv(N, 256))](acc, s_x, gammas, out, M, N, 4 * P1, 4 * P2,
+    _scale_rows[(cdiv(M, 16), cdiv(N, 256))](acc, s_x, gammas, out, M, N, 4 * P1, 4 * P2,
                                                            out.stride(0), BM=16, BN=256, INTERP=INTERPRET,
                                                            num_warps=4)
     return out
@@ -306,7 +306,7 @@ def pick_config(M: int, R: int, K: int, n_sm: int = 132) -> dict:
     Larger M: :mod:`.gemm_tc` (weights as the register operand of int8 tensor-core MMAs).
     """
     if M <= GEMV_MAX_M:
-        bk4 = min(triton.next_power_of_2(max(K // 4, 1)), 2048)
+        bk4 = min(next_pow2(max(K // 4, 1)), 2048)
         if bk4 >= 2048:          # K = 6912 (down): 2 rows a program, 8 warps (3.0 us on an H100)
             br, nw = 2, 8
         else:                    # K = 2560: 4 rows while that still fills the SMs, else 8
@@ -362,10 +362,10 @@ def w2a8_linear(x_q: torch.Tensor, s_x: torch.Tensor, w: torch.Tensor, gammas: t
     if kind == "gemv" and K % 4 == 0 and x_q.stride(0) % 4 == 0 and x_q.data_ptr() % 4 == 0:
         K4 = K // 4
         mb = cfg.pop("MB", 1)
-        grid = (triton.cdiv(R, cfg["BR"]), triton.cdiv(M, mb))
+        grid = (cdiv(R, cfg["BR"]), cdiv(M, mb))
         _gemv_dp4a[grid](x_q.view(torch.int32), s_x, w.view(torch.int32), gammas, out,
                          M, K4, R, P1, P2, x_q.stride(0) // 4, out.stride(0),
-                         ITERS=triton.cdiv(K4, cfg["BK4"]), MB=mb, PDL=PDL, INTERP=INTERPRET, **cfg, **pdl)
+                         ITERS=cdiv(K4, cfg["BK4"]), MB=mb, PDL=PDL, INTERP=INTERPRET, **cfg, **pdl)
         return out
     if kind == "gemv":  # odd K: fall back to the tensor-core kernel
         return _tc(x_q, s_x, w, gammas, P1, P2, out, tc_config(M, R, K), ws)
@@ -373,8 +373,8 @@ def w2a8_linear(x_q: torch.Tensor, s_x: torch.Tensor, w: torch.Tensor, gammas: t
     ws = ws or workspace(x_q.device)
     if split > 1 and M * 4 * R > ws.ws.numel():
         raise ValueError(f"w2a8_linear: split-K workspace too small for {M}x{4 * R}")
-    per = triton.cdiv(triton.cdiv(K, split), cfg["BK"]) * cfg["BK"]
-    n_tiles = triton.cdiv(M, cfg["BM"]) * triton.cdiv(R, cfg["BR"])
+    per = cdiv(cdiv(K, split), cfg["BK"]) * cfg["BK"]
+    n_tiles = cdiv(M, cfg["BM"]) * cdiv(R, cfg["BR"])
     if split > 1 and n_tiles > ws.cnt.numel():
         raise ValueError("w2a8_linear: too many tiles for the split-K counters")
     grid = (n_tiles, split)
