@@ -13,6 +13,7 @@ gate|up); the W2A8 pipeline reads the 2-bit weights. Measured (median of repeats
 - batch 8 and 64 decode throughput (rows at staggered positions around 1024);
 - a 2048-token prefill (head on the last position only, as the runner returns): eager, the host's
   time to enqueue it, and the same work replayed from a CUDA graph (the GPU's time alone);
+- the host time of each op of a prefill layer (what the eager prefill waits on);
 - the decode attention alone at batch 64 per chunk length, beside its KV bytes' floor;
 - resident weight + head bytes and peak memory of each pipeline;
 - per-projection decode GEMV time at M=1 beside bf16 ``F.linear``.
@@ -90,6 +91,47 @@ def prefill_ms(runner, T=2048) -> tuple[float, float]:
     return eager, statistics.median(host)
 
 
+def prefill_host_us(runner, res: dict, mode: str, T=2048, n=20):
+    """Host time (us) to enqueue each op of a prefill layer at T tokens, n calls back to back
+    without synchronizing (the GPU runs behind): where the eager prefill's host time goes."""
+    import torch.nn.functional as F
+
+    from bitnet158.kernels.triton.attention import rope_cache_write
+    L = runner.layers[0]
+    H, HKV, D = runner.H, runner.HKV, runner.D
+    x = torch.randn(T, runner.cfg.hidden_size, device="cuda", dtype=runner.dtype)
+    d = torch.randn_like(x)
+    q, s = runner._nq(x, L["in_norm"])
+    qkv = runner._lin(L["qkv"], q, s)
+    pos = torch.arange(T, device="cuda", dtype=torch.int32)
+    rows = torch.zeros(1, device="cuda", dtype=torch.int32)
+    qr, kr = rope_cache_write(qkv, runner.k_cache[0], runner.v_cache[0], rows, pos, runner.cos, runner.sin,
+                              H, HKV, D)
+    qh = qr.view(1, T, H, D).transpose(1, 2)
+    kh = kr.view(1, T, HKV, D).transpose(1, 2)
+    vh = qkv.view(1, T, -1)[..., (H + HKV) * D:].view(1, T, HKV, D).transpose(1, 2)
+    ops = {
+        "norm_quant": lambda: runner._nq(x, L["post_norm"], residual=d, h_out=d),
+        "linear_qkv": lambda: runner._lin(L["qkv"], q, s),
+        "rope_cache": lambda: rope_cache_write(qkv, runner.k_cache[0], runner.v_cache[0], rows, pos, runner.cos,
+                                               runner.sin, H, HKV, D),
+        "sdpa": lambda: F.scaled_dot_product_attention(qh, kh, vh, is_causal=True, enable_gqa=True),
+        "views": lambda: qkv.view(1, T, -1)[..., (H + HKV) * D:].view(1, T, HKV, D).transpose(1, 2),
+    }
+    for name, fn in ops.items():
+        for _ in range(3):
+            fn()
+        torch.cuda.synchronize()
+        t0 = time.perf_counter()
+        for _ in range(n):
+            fn()
+        us = (time.perf_counter() - t0) / n * 1e6
+        torch.cuda.synchronize()
+        res[f"prefill_host_{name}_{mode}_us"] = round(us, 1)
+    print(f"[{mode}] prefill host us a call: " + ", ".join(
+        f"{k} {res[f'prefill_host_{k}_{mode}_us']}" for k in ops), flush=True)
+
+
 def prefill_graph_ms(runner, T=2048) -> float:
     """The same prefill's device work replayed from a CUDA graph: the GPU's time alone."""
     tok = torch.randint(0, runner.vocab_size, (1, T), device="cuda")
@@ -109,7 +151,7 @@ def prefill_graph_ms(runner, T=2048) -> float:
     return graph
 
 
-def attention_table(res: dict, model, bw: float):
+def attention_table(res: dict, model, bw: float, variants="64:1,64:0,128:1,128:0,256:1,256:0"):
     """Decode attention alone at batch 64, rows at ~1024 (partials + combine + sub-norm + quant),
     per chunk length: us a layer (30 calls on the 30 layers' caches in one graph) and GB/s of the
     KV bytes read (positions 0..pos of 5 KV heads, keys and values)."""
@@ -126,26 +168,26 @@ def attention_table(res: dict, model, bw: float):
     w = r.layers[0]["attn_norm"]
     kv_bytes = int((pos.long() + 1).sum()) * HKV * D * 2 * 2
     res["attn_b64_kv_floor_us"] = round(kv_bytes / (bw * 1e9) * 1e6, 1)
-    for chunk in (64, 128, 256):
-        for cap in (True, False):          # the register caps of DecodeAttention, or none
-            att = DecodeAttention(H, HKV, D, B, S, "cuda", chunk=chunk)
-            if not cap:
-                att.partial_maxnreg = att.combine_maxnreg = None
+    for v in variants.split(","):       # chunk:cap, cap 1 = DecodeAttention's register caps, 0 = none
+        chunk, cap = (int(t) for t in v.split(":"))
+        att = DecodeAttention(H, HKV, D, B, S, "cuda", chunk=chunk)
+        if not cap:
+            att.partial_maxnreg = att.combine_maxnreg = None
 
-            def calls(att=att):
-                for i in range(len(r.layers)):
-                    att(qkv, r.k_cache[i], r.v_cache[i], rows, pos, r.cos, r.sin, w, r.eps)
+        def calls(att=att):
+            for i in range(len(r.layers)):
+                att(qkv, r.k_cache[i], r.v_cache[i], rows, pos, r.cos, r.sin, w, r.eps)
+        calls()
+        g = torch.cuda.CUDAGraph()
+        with torch.cuda.graph(g):
             calls()
-            g = torch.cuda.CUDAGraph()
-            with torch.cuda.graph(g):
-                calls()
-            us = events_ms(g.replay, 5) * 1e3 / len(r.layers)
-            key = f"attn_b64_chunk{chunk}" + ("" if cap else "_nocap")
-            res[key + "_us"] = round(us, 1)
-            res[key + "_gb_s"] = round(kv_bytes / (us * 1e-6) / 1e9, 1)
-            print(f"attention b64 chunk {chunk}{'' if cap else ', no register caps'}: {us:.1f} us a layer "
-                  f"({kv_bytes / us / 1e3:.0f} GB/s)", flush=True)
-            del g, att
+        us = events_ms(g.replay, 5) * 1e3 / len(r.layers)
+        key = f"attn_b64_chunk{chunk}" + ("" if cap else "_nocap")
+        res[key + "_us"] = round(us, 1)
+        res[key + "_gb_s"] = round(kv_bytes / (us * 1e-6) / 1e9, 1)
+        print(f"attention b64 chunk {chunk}{'' if cap else ', no register caps'}: {us:.1f} us a layer "
+              f"({kv_bytes / us / 1e3:.0f} GB/s)", flush=True)
+        del g, att
     res["attn_b64_default_chunk"] = r.attn.chunk
     del r
 
@@ -292,6 +334,10 @@ def main(argv=None) -> int:
     ap.add_argument("--b8-other", action="store_true", help="batch 8 also on the other kernel (dp4a GEMV)")
     ap.add_argument("--no-gemv", action="store_true", help="skip the per-projection M=1 table")
     ap.add_argument("--no-attention", action="store_true", help="skip the batch-64 attention table")
+    ap.add_argument("--attention-only", action="store_true", help="only the batch-64 attention table "
+                    "(e.g. under ncu)")
+    ap.add_argument("--attention-variants", default="64:1,64:0,128:1,128:0,256:1,256:0",
+                    help="chunk:cap pairs of the attention table (cap 1: register caps, 0: none)")
     args = ap.parse_args(argv)
     if not torch.cuda.is_available():
         print("bench/gpu.py needs a CUDA device", file=sys.stderr)
@@ -332,6 +378,11 @@ def main(argv=None) -> int:
                     print("profile failed:", repr(e)[:300])
         if args.profile_only:
             return 0
+    if args.attention_only:
+        attention_table(res, model, bw, args.attention_variants)
+        save()
+        print(json.dumps(res))
+        return 0
     kv_tok = 2 * cfg.num_hidden_layers * cfg.num_key_value_heads * cfg.head_dim * 2    # bytes / position
     ctxs = [128, 1024, 4096] if not args.quick else [1024]
     if args.batched_only:
@@ -367,6 +418,7 @@ def main(argv=None) -> int:
         eager, host = prefill_ms(r)
         res[f"peak_mem_b1_{mode}_gb"] = round(torch.cuda.max_memory_allocated() / 1e9, 3)
         graph = prefill_graph_ms(r)
+        prefill_host_us(r, res, mode)
         res[f"prefill2048_{mode}_ms"] = round(eager, 2)
         res[f"prefill2048_{mode}_host_ms"] = round(host, 2)
         res[f"prefill2048_{mode}_graph_ms"] = round(graph, 2)
@@ -430,7 +482,7 @@ def main(argv=None) -> int:
             sweep["dot_error"] = repr(e)[:200]
     if not args.no_attention:
         try:
-            attention_table(res, model, bw)
+            attention_table(res, model, bw, args.attention_variants)
         except Exception as e:  # extra; keep the main numbers
             res["attention_error"] = repr(e)[:200]
         save()

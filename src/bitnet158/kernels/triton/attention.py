@@ -23,7 +23,7 @@ import torch
 import triton
 import triton.language as tl
 
-from .common import INTERPRET, PDL, cast, cdiv, gdc_launch_dependents, gdc_wait, next_pow2, rint, rnd
+from .common import INTERPRET, PDL, cast, cdiv, gdc_launch_dependents, gdc_wait, next_pow2, rint, rnd, rnd_add
 
 _pdl = dict(launch_pdl=True) if PDL else {}
 
@@ -38,7 +38,8 @@ def _rope(x_ptr, offs_row, d, pos, cos_ptr, sin_ptr, mask, D: tl.constexpr, dt: 
     sgn = tl.where(d < half, -1.0, 1.0)
     c = rnd(tl.load(cos_ptr + pos * D + d), dt, INTERP)
     s = rnd(tl.load(sin_ptr + pos * D + d), dt, INTERP)
-    return rnd(rnd(x * c[None, :], dt, INTERP) + rnd(xr * sgn[None, :] * s[None, :], dt, INTERP), dt, INTERP)
+    return rnd(rnd_add(x * c[None, :], dt, INTERP) + rnd_add(xr * sgn[None, :] * s[None, :], dt, INTERP), dt,
+               INTERP)
 
 
 @triton.jit

@@ -82,6 +82,21 @@ def rnd(x, dt: tl.constexpr, INTERP: tl.constexpr):
 
 
 @triton.jit
+def rnd_add(x, dt: tl.constexpr, INTERP: tl.constexpr):
+    """``rnd`` for a product that an add consumes next. For bf16 the rounding is integer ops (as
+    ``cast`` does under the interpreter), which the compiler cannot drop: compiled for sm_90
+    (Triton 3.6), a bf16 round trip between a multiply and an add was optimized away and the
+    pair became an fma, so ``rnd(a * b) + rnd(c * e)`` came out 1-2 bf16 ulps off torch's
+    separately rounded ops (and nonzero where they cancel)."""
+    if dt == tl.bfloat16:
+        u = x.to(tl.uint32, bitcast=True)
+        u = (u + 0x7FFF + ((u >> 16) & 1)) & 0xFFFF0000
+        return u.to(tl.float32, bitcast=True)
+    else:
+        return rnd(x, dt, INTERP)
+
+
+@triton.jit
 def rint(y, INTERP: tl.constexpr):
     if INTERP:
         return (y + 12582912.0) - 12582912.0
