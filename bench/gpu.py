@@ -151,7 +151,7 @@ def prefill_graph_ms(runner, T=2048) -> float:
     return graph
 
 
-def attention_table(res: dict, model, bw: float, variants="64:1,64:0,128:1,128:0,256:1,256:0"):
+def attention_table(res: dict, model, bw: float, chunks="64,128,256"):
     """Decode attention alone at batch 64, rows at ~1024 (partials + combine + sub-norm + quant),
     per chunk length: us a layer (30 calls on the 30 layers' caches in one graph) and GB/s of the
     KV bytes read (positions 0..pos of 5 KV heads, keys and values)."""
@@ -168,11 +168,8 @@ def attention_table(res: dict, model, bw: float, variants="64:1,64:0,128:1,128:0
     w = r.layers[0]["attn_norm"]
     kv_bytes = int((pos.long() + 1).sum()) * HKV * D * 2 * 2
     res["attn_b64_kv_floor_us"] = round(kv_bytes / (bw * 1e9) * 1e6, 1)
-    for v in variants.split(","):       # chunk:cap, cap 1 = DecodeAttention's register caps, 0 = none
-        chunk, cap = (int(t) for t in v.split(":"))
+    for chunk in (int(c) for c in chunks.split(",")):
         att = DecodeAttention(H, HKV, D, B, S, "cuda", chunk=chunk)
-        if not cap:
-            att.partial_maxnreg = att.combine_maxnreg = None
 
         def calls(att=att):
             for i in range(len(r.layers)):
@@ -182,11 +179,9 @@ def attention_table(res: dict, model, bw: float, variants="64:1,64:0,128:1,128:0
         with torch.cuda.graph(g):
             calls()
         us = events_ms(g.replay, 5) * 1e3 / len(r.layers)
-        key = f"attn_b64_chunk{chunk}" + ("" if cap else "_nocap")
-        res[key + "_us"] = round(us, 1)
-        res[key + "_gb_s"] = round(kv_bytes / (us * 1e-6) / 1e9, 1)
-        print(f"attention b64 chunk {chunk}{'' if cap else ', no register caps'}: {us:.1f} us a layer "
-              f"({kv_bytes / us / 1e3:.0f} GB/s)", flush=True)
+        res[f"attn_b64_chunk{chunk}_us"] = round(us, 1)
+        res[f"attn_b64_chunk{chunk}_gb_s"] = round(kv_bytes / (us * 1e-6) / 1e9, 1)
+        print(f"attention b64 chunk {chunk}: {us:.1f} us a layer ({kv_bytes / us / 1e3:.0f} GB/s)", flush=True)
         del g, att
     res["attn_b64_default_chunk"] = r.attn.chunk
     del r
@@ -336,8 +331,7 @@ def main(argv=None) -> int:
     ap.add_argument("--no-attention", action="store_true", help="skip the batch-64 attention table")
     ap.add_argument("--attention-only", action="store_true", help="only the batch-64 attention table "
                     "(e.g. under ncu)")
-    ap.add_argument("--attention-variants", default="64:1,64:0,128:1,128:0,256:1,256:0",
-                    help="chunk:cap pairs of the attention table (cap 1: register caps, 0: none)")
+    ap.add_argument("--attention-chunks", default="64,128,256", help="chunk lengths of the attention table")
     args = ap.parse_args(argv)
     if not torch.cuda.is_available():
         print("bench/gpu.py needs a CUDA device", file=sys.stderr)
@@ -379,7 +373,7 @@ def main(argv=None) -> int:
         if args.profile_only:
             return 0
     if args.attention_only:
-        attention_table(res, model, bw, args.attention_variants)
+        attention_table(res, model, bw, args.attention_chunks)
         save()
         print(json.dumps(res))
         return 0
@@ -433,14 +427,6 @@ def main(argv=None) -> int:
             pos = [1023 - (37 * b) % 256 for b in range(B)]              # staggered positions
             ms = decode_ms(r, pos, iters=30)
             res[f"decode_b{B}_{mode}_ms"] = round(ms, 4)
-            if mode == "w2a8" and B == 64:     # the attention without its register caps (as before)
-                r2 = TritonRunner(model, batch=B, max_len=1280, linear=mode)
-                r2.attn.partial_maxnreg = r2.attn.combine_maxnreg = None
-                fill_cache(r2)
-                res["decode_b64_w2a8_nocap_ms"] = round(decode_ms(r2, pos, iters=30), 4)
-                print(f"[w2a8] decode b64, attention without register caps: "
-                      f"{res['decode_b64_w2a8_nocap_ms']:.3f} ms/step", flush=True)
-                del r2
             if mode == "w2a8" and B == 8 and args.b8_other:    # the other kernel at 8 rows: dp4a GEMV or tensor cores
                 from bitnet158.kernels.triton import w2a8 as _w
                 other = "tc" if _w.GEMV_MAX_M >= 8 else "gemv"
@@ -482,7 +468,7 @@ def main(argv=None) -> int:
             sweep["dot_error"] = repr(e)[:200]
     if not args.no_attention:
         try:
-            attention_table(res, model, bw, args.attention_variants)
+            attention_table(res, model, bw, args.attention_chunks)
         except Exception as e:  # extra; keep the main numbers
             res["attention_error"] = repr(e)[:200]
         save()
@@ -512,10 +498,9 @@ def main(argv=None) -> int:
         print(f"{'prefill2048, ' + k + ' (ms)':34s} {res.get(f'prefill2048_w2a8_{k}_ms', 0):10.2f} "
               f"{res.get(f'prefill2048_bf16_{k}_ms', 0):10.2f} {res.get(f'prefill2048_{k}_speedup', 0):8.2f}")
     for c in (64, 128, 256):
-        if f"attn_b64_chunk{c}_nocap_us" in res:
+        if f"attn_b64_chunk{c}_us" in res:
             print(f"{f'attention b64, chunk {c} (us/layer)':34s} {res[f'attn_b64_chunk{c}_us']:10.1f} "
-                  f"{res[f'attn_b64_chunk{c}_nocap_us']:10.1f} {'':8s} {res['attn_b64_kv_floor_us']:8.1f}"
-                  f"   (capped / not)")
+                  f"{'':10s} {'':8s} {res['attn_b64_kv_floor_us']:8.1f}")
     print(f"{'weights+head resident (GB)':34s} {res.get('w2a8_weights_head_gb', 0):10.3f} "
           f"{res.get('bf16_weights_head_gb', 0):10.3f}")
     if "decode_b1_ctx1024_w2a8_int8head_ms" in res:

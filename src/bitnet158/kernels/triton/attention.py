@@ -90,7 +90,7 @@ def _attn_partial(qkv_ptr, stride_qkv, kc_ptr, vc_ptr, sc_b, sc_h, sc_s, rows_pt
         m_i = tl.full((GP,), -float("inf"), tl.float32)
         l_i = tl.zeros((GP,), tl.float32)
         acc = tl.zeros((GP, D), tl.float32)
-        if DYN:     # run-time trip count: the compiler pipelines the tile loads of a long chunk
+        if DYN:     # chunks of several tiles: a run-time trip count instead of a branch per tile
             for it in range(0, tl.minimum(CHUNK // BLOCK_N, (pos - start) // BLOCK_N + 1)):
                 m_i, l_i, acc = _attn_tile(qd, kbase, vbase, start + it * BLOCK_N, pos, sc_s, d, scale,
                                            m_i, l_i, acc, BLOCK_N, IEEE, INTERP)
@@ -345,17 +345,7 @@ class DecodeAttention:
 
     ``CHUNK`` cache slots per program (64..256, up to 64 chunks per cache): Hkv * ceil((pos+1)/CHUNK)
     programs per row, each reading only the tiles up to ``pos``, ``BLOCK_N`` slots at a time.
-
-    Register caps (ptxas ``maxnreg``; None: the compiler's choice). Left alone, ptxas gives the
-    partials kernel 208 registers a thread (bf16 cache, 64-slot tiles, sm_90) and the combine 88
-    (up to 32 chunks): 2 programs an SM each. With many rows (batch 64: ~4800 partial and 1280
-    combine programs a layer) every program is a short chain of dependent loads (positions, then
-    its cache tile or partials), so the programs resident per SM set how many bytes are in
-    flight. Capped at 128 and 64 registers (32 and 4 bytes of spills) 4 programs fit an SM.
     """
-
-    PARTIAL_MAXNREG = 128       # 16-bit caches only (the fp32 cache path is not capped)
-    COMBINE_MAXNREG = 64        # up to 32 chunks (more spill)
 
     def __init__(self, n_heads: int, n_kv: int, head_dim: int, batch: int, max_len: int, device,
                  chunk: int | None = None, block_n: int = 64):
@@ -373,12 +363,6 @@ class DecodeAttention:
         self.ob = torch.empty((batch, n_heads * head_dim), dtype=torch.float32, device=device)
         self.cnt = torch.zeros(batch, dtype=torch.int32, device=device)   # left zeroed by each call
         self.gcnt = torch.zeros(batch * n_kv, dtype=torch.int32, device=device)   # fused kernel's
-        self.partial_maxnreg = self.PARTIAL_MAXNREG
-        self.combine_maxnreg = self.COMBINE_MAXNREG
-
-    @staticmethod
-    def _cap(n: int | None) -> dict:
-        return dict(maxnreg=n) if n is not None and not INTERPRET else {}
 
     def __call__(self, qkv: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor,
                  rows: torch.Tensor, pos: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor,
@@ -398,8 +382,7 @@ class DecodeAttention:
             k_cache.stride(2), rows, pos, cos, sin, self.po, self.pml, self.D ** -0.5,
             H=self.H, HKV=self.HKV, D=self.D, GROUP=self.group, GP=max(16, next_pow2(self.group)),
             CHUNK=self.chunk, BLOCK_N=self.block_n, NCH=self.nch, IEEE=ieee,
-            DYN=self.chunk > self.block_n and not INTERPRET, PDL=PDL, INTERP=INTERPRET, num_warps=4,
-            **self._cap(None if ieee else self.partial_maxnreg), **_pdl)
+            DYN=self.chunk > self.block_n and not INTERPRET, PDL=PDL, INTERP=INTERPRET, num_warps=4, **_pdl)
         if quant:
             q_out = q_out if q_out is not None else torch.empty((B, HD), dtype=torch.int8, device=qkv.device)
             s_out = s_out if s_out is not None else torch.empty((B,), dtype=torch.float32, device=qkv.device)
@@ -412,7 +395,7 @@ class DecodeAttention:
             q_out.stride(0), eps,
             H=self.H, HP=next_pow2(self.H), D=self.D, CHUNK=self.chunk, NCH=self.nch,
             NCHP=next_pow2(self.nch), QUANT=quant, PDL=PDL, INTERP=INTERPRET, num_warps=8,
-            **self._cap(self.combine_maxnreg if self.nch <= 32 else None), **_pdl)
+            **_pdl)
         return (q_out, s_out) if quant else y_out
 
     def fused(self, qkv: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, rows: torch.Tensor,

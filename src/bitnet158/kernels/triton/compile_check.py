@@ -45,18 +45,12 @@ def main() -> int:
                                            s_ptr=P(f32), eps=f32),
              dict(H=20, HP=32, D=128, CHUNK=64, NCH=64, NCHP=64, QUANT=quant, PDL=True, INTERP=False),
              num_warps=8)
-    comp(attention._attn_combine, dict(po_ptr=P(f32), pml_ptr=P(f32), pos_ptr=P(i32), w_ptr=P(bf),
-                                       ob_ptr=P(f32), cnt_ptr=P(i32), y_ptr=P(bf), q_ptr=P(i8), s_ptr=P(f32),
-                                       eps=f32),
-         dict(H=20, HP=32, D=128, CHUNK=64, NCH=20, NCHP=32, QUANT=True, PDL=True, INTERP=False),
-         num_warps=8, maxnreg=attention.DecodeAttention.COMBINE_MAXNREG)
     for dt, ieee, chunk in ((bf, False, 64), (f32, True, 64), (bf, False, 128), (bf, False, 256)):
         comp(attention._attn_partial, dict(qkv_ptr=P(dt), kc_ptr=P(dt), vc_ptr=P(dt), rows_ptr=P(i32),
                                            pos_ptr=P(i32), cos_ptr=P(f32), sin_ptr=P(f32), po_ptr=P(f32),
                                            pml_ptr=P(f32), scale=f32),
              dict(H=20, HKV=5, D=128, GROUP=4, GP=16, CHUNK=chunk, BLOCK_N=64, NCH=4096 // chunk, IEEE=ieee,
-                  DYN=chunk > 64, PDL=True, INTERP=False), num_warps=4,
-             **({} if ieee else dict(maxnreg=attention.DecodeAttention.PARTIAL_MAXNREG)))
+                  DYN=chunk > 64, PDL=True, INTERP=False), num_warps=4)
     for dt in (bf, f32):
         comp(attention._rope_cache, dict(qkv_ptr=P(dt), q_ptr=P(dt), k_ptr=P(dt), kc_ptr=P(dt), vc_ptr=P(dt),
                                          rows_ptr=P(i32), pos_ptr=P(i32), cos_ptr=P(f32), sin_ptr=P(f32)),
