@@ -18,7 +18,7 @@ import os
 import shutil
 import tempfile
 from pathlib import Path
-from typing import TYPE_CHECKING, Iterator
+from typing import TYPE_CHECKING, Iterator, NamedTuple
 
 from safetensors import SafetensorError, safe_open
 
@@ -129,19 +129,25 @@ _NUMPY = {"F64": ("float64", "<f8"), "F32": ("float32", "<f4"), "F16": ("float16
           "I16": ("int16", "<i2"), "I8": ("int8", "i1"), "U8": ("uint8", "u1"), "BOOL": ("bool", "?")}
 
 
-def read_arrays(folder: Path) -> tuple[dict, dict[str, str], dict[str, Path]]:
-    """Every tensor of the folder's weight files as a read-only numpy view of the mapped file, without
-    torch: ({name: array}, {name: dtype as torch names it}, {name: file}). bf16 arrays hold the bit
-    patterns (uint16). The views keep the files mapped; copy what must outlive them.
+class ArrayRef(NamedTuple):
+    """Where one stored tensor's bytes are: read them with :func:`load_array` (numpy, no torch)."""
 
-    The safetensors library checks each file (header, offsets, size: a truncated or corrupt file raises
-    CheckpointError naming it); its numpy view has no bfloat16, so the arrays are cut from a memory map
-    at the offsets of the file's JSON header (8-byte little-endian length, then the header).
+    file: Path
+    offset: int                 # of the first byte in the file
+    dtype: str                  # as torch names it ("bfloat16", "uint8", ...)
+    np_dtype: str               # numpy dtype of the stored bits (bf16: "<u2", the bit patterns)
+    shape: tuple[int, ...]
+
+
+def array_refs(folder: Path) -> tuple[dict[str, ArrayRef], dict[str, Path]]:
+    """Every tensor of the folder's weight files as an :class:`ArrayRef`, without reading the data:
+    ({name: ref}, {name: file}). The safetensors library checks each file (header, offsets, size: a
+    truncated or corrupt file raises CheckpointError naming it); its numpy view has no bfloat16, so
+    the offsets come from the file's JSON header (8-byte little-endian length, then the header) and
+    :func:`load_array` reads the bytes itself, one tensor (or row range) at a time, so a loader never
+    holds more than the tensor it converts.
     """
-    import numpy as np
-
-    arrays: dict = {}
-    dtypes: dict[str, str] = {}
+    refs: dict[str, ArrayRef] = {}
     sources: dict[str, Path] = {}
     for f in weight_files(folder):
         try:
@@ -150,23 +156,45 @@ def read_arrays(folder: Path) -> tuple[dict, dict[str, str], dict[str, Path]]:
             with open(f, "rb") as fh:
                 n = int.from_bytes(fh.read(8), "little")
                 header = json.loads(fh.read(n))
-            mm = np.memmap(f, dtype=np.uint8, mode="r")
         except (SafetensorError, OSError, RuntimeError, ValueError) as e:
             raise CheckpointError(f"{f}: cannot read safetensors file, it is truncated or corrupt "
                                   f"({type(e).__name__}: {e})") from None
         for name in names:
-            if name in arrays:
+            if name in refs:
                 raise CheckpointError(f"{f}: tensor {name!r} also appears in {sources[name]}")
             info = header[name]
             if info["dtype"] not in _NUMPY:
                 raise CheckpointError(f"{f}: tensor {name!r} has dtype {info['dtype']}, which bitnet158 "
                                       f"does not read")
             torch_name, np_dtype = _NUMPY[info["dtype"]]
-            b0, b1 = info["data_offsets"]
-            arrays[name] = mm[8 + n + b0:8 + n + b1].view(np_dtype).reshape(info["shape"])
-            dtypes[name], sources[name] = torch_name, f
+            refs[name] = ArrayRef(f, 8 + n + info["data_offsets"][0], torch_name, np_dtype, tuple(info["shape"]))
+            sources[name] = f
     _check_index(folder, sources)
-    return arrays, dtypes, sources
+    return refs, sources
+
+
+def load_array(ref: ArrayRef, row0: int = 0, row1: int | None = None, out=None):
+    """Rows ``row0:row1`` (all by default) of a stored tensor as a numpy array of its stored bits,
+    read from the file (into ``out``, a C-contiguous array of that many bytes, when given)."""
+    import numpy as np
+
+    dt = np.dtype(ref.np_dtype)
+    shape = ref.shape or (1,)
+    row1 = shape[0] if row1 is None else row1
+    row_items = int(np.prod(shape[1:], dtype=np.int64))
+    count = (row1 - row0) * row_items
+    if out is None:
+        out = np.empty((row1 - row0, *shape[1:]), dtype=dt)
+    buf = memoryview(out).cast("B")
+    if buf.nbytes != count * dt.itemsize:
+        raise ValueError(f"load_array: out holds {buf.nbytes} bytes, rows {row0}:{row1} of {ref.shape} "
+                         f"need {count * dt.itemsize}")
+    with open(ref.file, "rb") as fh:
+        fh.seek(ref.offset + row0 * row_items * dt.itemsize)
+        got = fh.readinto(buf)
+    if got != buf.nbytes:
+        raise CheckpointError(f"{ref.file}: truncated while reading a tensor ({got} of {buf.nbytes} bytes)")
+    return out.reshape(ref.shape) if ref.shape == () else out
 
 
 def _nbytes(t: torch.Tensor) -> int:

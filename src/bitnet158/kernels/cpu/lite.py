@@ -28,7 +28,7 @@ import numpy as np
 
 from ...errors import CheckpointError
 from ... import folder as hf
-from ...safetensors_io import read_arrays
+from ...safetensors_io import array_refs, load_array
 from . import binding
 from .cmodel import (PREFILL_CHUNK, CModel, bf16_to_f32, collapse_huge, f32_to_bf16, huge_array, release_memory,
                      round_to, rope_tables)
@@ -52,29 +52,36 @@ class FolderSource:
             raise CheckpointError(f"{folder}: config.json says quantization_mode 'online' (float master "
                                   "weights): the torch-free engine runs packed folders only; load it with "
                                   "bitnet158.load (ternarizes at load) or save it packed first")
-        arrays, dtypes, sources = read_arrays(folder)
-        infos = {n: hf.TensorInfo(dtypes[n], tuple(a.shape), dtypes[n].startswith(("float", "bfloat")))
-                 for n, a in arrays.items()}
-        hf.validate(cfg, infos, lambda n: float(_f32(arrays[n], dtypes[n]).reshape(-1)[0]), sources, folder)
+        refs, sources = array_refs(folder)
+        infos = {n: hf.TensorInfo(r.dtype, r.shape, r.dtype.startswith(("float", "bfloat"))) for n, r in refs.items()}
+        self._refs = refs
+        hf.validate(cfg, infos, self._scalar, sources, folder)
         self.folder, self.config, self.layout = folder, cfg, layout
         self.dtype = dtype or cfg.dtype
         if self.dtype not in DTYPES:
             raise CheckpointError(f"{folder}: dtype {self.dtype!r} is not one of {', '.join(DTYPES)}")
         self.tied = cfg.tie_word_embeddings
-        self._a, self._dt = arrays, dtypes
 
     def close(self) -> None:
-        """Drop the views of the mapped files (the C copy of the weights stays)."""
-        self._a, self._dt = {}, {}
+        """Forget the tensor index (the C copy of the weights stays)."""
+        self._refs = {}
+
+    def _read(self, name: str, i0: int = 0, i1: int | None = None) -> np.ndarray:
+        """Rows i0:i1 of a stored tensor as float32 (read from the file now)."""
+        ref = self._refs[name]
+        return _f32(load_array(ref, i0, i1), ref.dtype)
+
+    def _scalar(self, name: str) -> float:
+        return float(self._read(name).reshape(-1)[0])
 
     def projection(self, prefix: str) -> tuple[np.ndarray, float]:
         """(HF packed uint8 [out/4, in], gamma) with gamma the multiplier (bitlinear: 1 / the file's)."""
-        s = float(_f32(self._a[prefix + ".weight_scale"], self._dt[prefix + ".weight_scale"]).reshape(-1)[0])
+        s = self._scalar(prefix + ".weight_scale")
         gamma = float(np.float32(s)) if self.layout == "packed" else float(np.float32(1.0 / s))
-        return self._a[prefix + ".weight"], gamma
+        return load_array(self._refs[prefix + ".weight"]), gamma
 
     def vector(self, name: str) -> np.ndarray:
-        return round_to(_f32(self._a[name], self._dt[name]), self.dtype)
+        return round_to(self._read(name), self.dtype)
 
     def rope(self, n: int) -> tuple[np.ndarray, np.ndarray]:
         c = self.config
@@ -83,21 +90,21 @@ class FolderSource:
 
     def table(self, name: str) -> np.ndarray:
         """The embedding / head in the model dtype as the C head reads it (bf16 bits, else float32),
-        copied onto huge pages (the file view is dropped after loading)."""
-        a, dt = self._a[name], self._dt[name]
-        kind = np.uint16 if self.dtype == "bfloat16" else np.float32
-        out = huge_array(a.shape[0] * a.shape[1] * np.dtype(kind).itemsize).view(kind).reshape(a.shape)
-        for i in range(0, a.shape[0], 8192):          # chunks: no full float32 temporary
-            if dt == "bfloat16" and self.dtype == "bfloat16":
-                out[i:i + 8192] = a[i:i + 8192]
-            else:
-                r = round_to(_f32(a[i:i + 8192], dt), self.dtype)
+        read from the file onto huge pages (a bf16 file table straight into place)."""
+        ref = self._refs[name]
+        shape, kind = ref.shape, (np.uint16 if self.dtype == "bfloat16" else np.float32)
+        out = huge_array(shape[0] * shape[1] * np.dtype(kind).itemsize).view(kind).reshape(shape)
+        if ref.dtype == "bfloat16" and self.dtype == "bfloat16":
+            load_array(ref, out=out)
+        else:
+            for i in range(0, shape[0], 8192):        # chunks: no full float32 temporary
+                r = round_to(self._read(name, i, min(i + 8192, shape[0])), self.dtype)
                 out[i:i + 8192] = f32_to_bf16(r) if kind is np.uint16 else r
         collapse_huge(out)
         return out
 
     def rows(self, name: str, i0: int, i1: int) -> np.ndarray:
-        return round_to(_f32(self._a[name][i0:i1], self._dt[name]), self.dtype)
+        return round_to(self._read(name, i0, i1), self.dtype)
 
 
 class LiteRunner(CModel):
@@ -124,7 +131,7 @@ class LiteRunner(CModel):
         self.folder, self.dtype = source.folder, source.dtype
         super().__init__(source, batch=batch, max_len=max_len, head=head, prefill_chunk=prefill_chunk,
                          threads=threads, layout=layout, name="LiteRunner")
-        source.close()               # drop the mapped files: only the C copy stays resident
+        source.close()               # only the C copy stays resident
         release_memory()
 
     @classmethod
