@@ -110,20 +110,25 @@ def _attn_partial(qkv_ptr, stride_qkv, kc_ptr, vc_ptr, sc_b, sc_h, sc_s, rows_pt
 def _attn_tile(qd, kbase, vbase, n0, pos, sc_s, d, scale, m_i, l_i, acc, BLOCK_N: tl.constexpr,
                IEEE: tl.constexpr, INTERP: tl.constexpr):
     """Online softmax over cache slots n0 .. n0+BLOCK_N-1 (those <= pos) for the queries qd [GP, D]."""
-    dt = qd.dtype
     n = n0 + tl.arange(0, BLOCK_N)
     valid = n <= pos
     k = tl.load(kbase + n[:, None] * sc_s + d[None, :], mask=valid[:, None], other=0.0)
     v = tl.load(vbase + n[:, None] * sc_s + d[None, :], mask=valid[:, None], other=0.0)
+    return _softmax_step(qd, k, v, valid, scale, m_i, l_i, acc, IEEE, INTERP)
+
+
+@triton.jit
+def _softmax_step(qd, k, v, valid, scale, m_i, l_i, acc, IEEE: tl.constexpr, INTERP: tl.constexpr):
+    """One online-softmax update: queries qd [GP, D] against keys / values k, v [BLOCK_N, D] (slots
+    where ``valid``), running max m_i and sum l_i [GP], accumulator acc [GP, D] -> the updated three."""
     s = _mm(qd, tl.trans(k), IEEE or INTERP)
     s = tl.where(valid[None, :], s * scale, -float("inf"))                          # [GP, BLOCK_N]
     m_new = tl.maximum(m_i, tl.max(s, axis=1))
     alpha = tl.exp(m_i - m_new)
     p = tl.exp(s - m_new[:, None])
     l_i = l_i * alpha + tl.sum(p, axis=1)
-    pv = _mm(cast(p, dt, INTERP), v, IEEE or INTERP)
-    acc = acc * alpha[:, None] + pv
-    return m_new, l_i, acc
+    pv = _mm(cast(p, qd.dtype, INTERP), v, IEEE or INTERP)
+    return m_new, l_i, acc * alpha[:, None] + pv
 
 
 @triton.jit
@@ -235,15 +240,7 @@ def _attn_fused(qkv_ptr, stride_qkv, kc_ptr, vc_ptr, sc_b, sc_h, sc_s, rows_ptr,
                 else:
                     k = tl.load(kbase + n[:, None] * sc_s + d[None, :], mask=valid[:, None], other=0.0)
                     v = tl.load(vbase + n[:, None] * sc_s + d[None, :], mask=valid[:, None], other=0.0)
-                s = _mm(qd, tl.trans(k), IEEE or INTERP)
-                s = tl.where(valid[None, :], s * scale, -float("inf"))              # [GP, BLOCK_N]
-                m_new = tl.maximum(m_i, tl.max(s, axis=1))
-                alpha = tl.exp(m_i - m_new)
-                p = tl.exp(s - m_new[:, None])
-                l_i = l_i * alpha + tl.sum(p, axis=1)
-                pv = _mm(cast(p, dt, INTERP), v, IEEE or INTERP)
-                acc = acc * alpha[:, None] + pv
-                m_i = m_new
+                m_i, l_i, acc = _softmax_step(qd, k, v, valid, scale, m_i, l_i, acc, IEEE, INTERP)
         o = acc / l_i[:, None]
         hb = (b * H + heads) * NCH + c                                                # [GP]
         tl.store(po_ptr + hb[:, None] * D + d[None, :], o, mask=hmask[:, None])
