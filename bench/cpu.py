@@ -90,20 +90,10 @@ def model_folder(work: Path) -> Path:
     return folder
 
 
-def bandwidth(nbytes: int, reps: int, huge: bool = True) -> float:
-    """Streaming-read GB/s of the C loop (prefetch, current threads) over numpy memory."""
-    import numpy as np
-    from bitnet158.kernels.cpu import binding
-    from bitnet158.kernels.cpu.cmodel import huge_array, ptr
-    buf = huge_array(nbytes) if huge else np.empty(nbytes, dtype=np.uint8)
-    buf.fill(1)
-    return float(binding.lib().bn_bandwidth(ptr(buf), nbytes, reps))
-
-
 def run_ours(head: str, layout: str | None, threads: int, prompt: int, gen: int, work: Path,
              lite: bool = True) -> dict:
     from bitnet158.kernels import cpu
-    from bitnet158.kernels.cpu.cmodel import release_memory
+    from bitnet158.kernels.cpu.cmodel import bandwidth, release_memory
     if lite:                                 # as `bitnet158 generate` on a CPU: torch never imported
         from bitnet158.kernels.cpu.lite import LiteRunner
         folder = model_folder(work)

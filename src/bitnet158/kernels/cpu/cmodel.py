@@ -130,7 +130,7 @@ def rope_tables(head_dim: int, n: int, theta: float) -> tuple[np.ndarray, np.nda
 
 def quantize_rows_int8(rows, v: int, d: int, out: np.ndarray, chunk: int = 4096) -> np.ndarray:
     """Per-row absmax int8 of a [v, d] table read by ``rows(i0, i1) -> float32``: q into ``out``
-    (int8 [v, d]), returns the fp32 scales [v] (W ≈ q * scale[:, None]; same math as ops.quantize_rows_int8)."""
+    (int8 [v, d]), returns the fp32 scales [v] (W ≈ q * scale[:, None])."""
     scale = np.empty(v, dtype=np.float32)
     for i in range(0, v, chunk):                 # chunks: never a full fp32 copy of the table
         wf = rows(i, min(v, i + chunk))
@@ -138,6 +138,15 @@ def quantize_rows_int8(rows, v: int, d: int, out: np.ndarray, chunk: int = 4096)
         out[i:i + len(wf)] = np.clip(np.rint(wf / s[:, None]), -127, 127).astype(np.int8)
         scale[i:i + len(wf)] = s
     return scale
+
+
+def bandwidth(nbytes: int = 1 << 30, reps: int = 3, huge: bool = True) -> float:
+    """Streaming-read bandwidth in GB/s with the current thread count (the decode floor): a 512-bit
+    load loop with software prefetch over ``nbytes`` on huge pages (``huge=False``: plain 4 KB
+    pages, the way memory from a default allocation is mapped), best of ``reps``."""
+    buf = huge_array(nbytes) if huge else np.empty(nbytes, dtype=np.uint8)
+    buf.fill(1)
+    return float(binding.lib().bn_bandwidth(ptr(buf), nbytes, reps))
 
 
 def release_memory() -> None:
@@ -385,5 +394,5 @@ class CModel:
 
 
 __all__ = ["CModel", "PREFILL_CHUNK", "HEAD_KINDS", "GROUPS", "huge_array", "collapse_huge", "convert",
-           "bf16_to_f32", "f32_to_bf16", "round_to", "rope_tables", "quantize_rows_int8", "default_layout", "ptr",
+           "bf16_to_f32", "f32_to_bf16", "round_to", "rope_tables", "quantize_rows_int8", "bandwidth", "default_layout", "ptr",
            "release_memory"]

@@ -7,15 +7,16 @@
     y = cpu.linear(x, w16, N, gamma)         # == quant.bitlinear_ref (fp32)
 
 Every name here is also reachable as ``bitnet158.kernels.cpu.<name>`` (loaded on first use, so that
-``bitnet158.kernels.cpu`` itself imports without torch). The numpy twins that the torch-free engine
-uses live in :mod:`.cmodel`; both call the same C entry points. Tests: tests/kernels/test_cpu_kernels.py.
+``bitnet158.kernels.cpu`` itself imports without torch). Layout conversion, huge-page buffers, the
+int8 head quantization and the bandwidth probe are the numpy functions of :mod:`.cmodel` (the
+torch-free engine's) on tensor views. Tests: tests/kernels/test_cpu_kernels.py.
 """
 
 from __future__ import annotations
 
 import torch
 
-from . import LAYOUTS, _layout, _lib, kpad, layout_bytes, pad16
+from . import LAYOUTS, _layout, _lib, cmodel, kpad, layout_bytes, pad16
 
 
 def convert(packed: torch.Tensor, layout: str = "t16", out: torch.Tensor | None = None) -> torch.Tensor:
@@ -24,31 +25,19 @@ def convert(packed: torch.Tensor, layout: str = "t16", out: torch.Tensor | None 
     ``out``: a uint8 buffer of exactly that many bytes to convert into (e.g. a slice of an arena)."""
     if packed.dtype != torch.uint8 or packed.dim() != 2:
         raise ValueError(f"convert: expected uint8 [out/4, in], got {packed.dtype} {list(packed.shape)}")
-    p = packed.contiguous()
-    n, k = p.shape[0] * 4, p.shape[1]
-    size = layout_bytes(n, k, layout)
+    size = layout_bytes(packed.shape[0] * 4, packed.shape[1], layout)
     if out is None:
         out = torch.empty(size, dtype=torch.uint8)
     elif out.dtype != torch.uint8 or out.numel() != size or not out.is_contiguous():
         raise ValueError(f"convert: out must be {size} contiguous uint8, got {out.dtype} {list(out.shape)}")
-    fn = _lib().bn_convert_b3 if _layout(layout) else _lib().bn_convert_hf
-    fn(p.data_ptr(), n, k, out.data_ptr())
+    cmodel.convert(packed.contiguous().numpy(), layout, out.numpy())
     return out
 
 
-HUGE = 2 << 20
-
-
 def huge_empty(nbytes: int) -> torch.Tensor:
-    """An uninitialised uint8 [nbytes] buffer on transparent huge pages where the OS allows it.
-
-    Over-allocates 2 MB so the view starts 2 MB-aligned, and advises MADV_HUGEPAGE before the first
-    touch (the untouched slack is never resident). Plain memory elsewhere."""
-    base = torch.empty(nbytes + HUGE, dtype=torch.uint8)
-    off = -base.data_ptr() % HUGE
-    view = base[off:off + nbytes]
-    _lib().bn_advise_huge(view.data_ptr(), nbytes, 0)
-    return view
+    """An uninitialised uint8 [nbytes] buffer on transparent huge pages where the OS allows it
+    (:func:`.cmodel.huge_array`, shared with torch)."""
+    return torch.from_numpy(cmodel.huge_array(nbytes))
 
 
 def collapse_huge(t: torch.Tensor) -> bool:
@@ -120,26 +109,17 @@ def head_gemv(w: torch.Tensor, x: torch.Tensor, row_scale: torch.Tensor | None =
 
 def quantize_rows_int8(w: torch.Tensor, chunk: int = 8192,
                        out: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
-    """Per-row absmax int8: W [V, D] -> (q int8 [V, D], scale fp32 [V]); W ≈ q * scale[:, None].
-    ``out``: an int8 [V, D] tensor to write q into."""
-    v = w.shape[0]
+    """Per-row absmax int8: W [V, D] -> (q int8 [V, D], scale fp32 [V]); W ≈ q * scale[:, None]
+    (:func:`.cmodel.quantize_rows_int8`, the head="int8" engines' own). ``out``: an int8 [V, D]
+    tensor to write q into."""
     q = torch.empty(w.shape, dtype=torch.int8) if out is None else out
-    scale = torch.empty(v, dtype=torch.float32)
-    for i in range(0, v, chunk):                 # chunks: never a full fp32 copy of a 656 MB head
-        wf = w[i:i + chunk].float()
-        s = wf.abs().amax(dim=1).clamp(min=1e-12) / 127.0
-        q[i:i + chunk] = (wf / s[:, None]).round().clamp(-127, 127).to(torch.int8)
-        scale[i:i + chunk] = s
-    return q, scale
+    scale = cmodel.quantize_rows_int8(lambda i0, i1: w[i0:i1].detach().float().numpy(), w.shape[0], w.shape[1],
+                                      q.numpy(), chunk)
+    return q, torch.from_numpy(scale)
 
 
-def bandwidth(nbytes: int = 1 << 30, reps: int = 3, huge: bool = True) -> float:
-    """Streaming-read bandwidth in GB/s with the current thread count (the decode floor): a 512-bit
-    load loop with software prefetch over ``nbytes`` on huge pages (``huge=False``: plain 4 KB
-    pages, the way memory from a default allocation is mapped), best of ``reps``."""
-    buf = huge_empty(nbytes) if huge else torch.empty(nbytes, dtype=torch.uint8)
-    buf.fill_(1)
-    return float(_lib().bn_bandwidth(buf.data_ptr(), nbytes, reps))
+bandwidth = cmodel.bandwidth
+HUGE = cmodel.HUGE
 
 
 __all__ = ["convert", "huge_empty", "collapse_huge", "act_quant", "gemm_i32", "linear", "HEAD_KINDS",
