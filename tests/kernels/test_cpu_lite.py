@@ -197,3 +197,14 @@ def test_cpu_runner_from_pretrained_reads_the_folder_directly(tiny_folder):
     via_model = CpuRunner(checkpoint.load(folder), batch=2, max_len=48, head="int8")
     tok, pos = (torch.from_numpy(a) for a in _inputs(direct.vocab_size))
     assert torch.equal(direct.prefill(tok, pos), via_model.prefill(tok, pos))
+
+
+def test_head_from_the_environment(tiny_folder, monkeypatch):
+    """No head given: BITNET158_CPU_HEAD decides; a bad value is a ConfigError naming the variable."""
+    folder = tiny_folder("tiny", seed=9)
+    monkeypatch.setenv("BITNET158_CPU_HEAD", "int8")
+    assert LiteRunner(folder, max_len=16).head_kind == "int8"
+    assert LiteRunner(folder, max_len=16, head="bf16").head_kind == "bf16"
+    monkeypatch.setenv("BITNET158_CPU_HEAD", "fp8")
+    with pytest.raises(ConfigError, match="BITNET158_CPU_HEAD='fp8'"):
+        LiteRunner(folder, max_len=16)

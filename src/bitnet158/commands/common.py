@@ -31,9 +31,10 @@ def add_model_arguments(p: argparse.ArgumentParser) -> None:
     g.add_argument("--backend", default="auto",
                    help="generation engine: auto (best available: on a CPU the C engine without torch, "
                         "'lite', for packed folders), lite, cpu, torch, or a registered one")
-    g.add_argument("--head", choices=("bf16", "int8"), default="bf16",
+    g.add_argument("--head", choices=("bf16", "int8"), default=None,
                    help="head precision of the CPU engines: int8 (per-row) reads half the head bytes per "
-                        "token, at a small perplexity cost (docs/cpu-engine.md)")
+                        "token, at a small perplexity cost (default: $BITNET158_CPU_HEAD, else bf16; "
+                        "docs/cpu-engine.md)")
     g.add_argument("--threads", type=int, default=None, help="CPU threads (default: one per core)")
     g.add_argument("--tokenizer", default=None, metavar="DIR",
                    help="tokenizer folder (default: the model folder)")
@@ -119,7 +120,7 @@ def load_model(args):
     dtype = None if args.dtype == "auto" else args.dtype
     if _lite(args, folder):
         from ..kernels.cpu.lite import LiteRunner
-        model = LiteRunner(folder, max_len=args.context, head=getattr(args, "head", "bf16"), dtype=dtype,
+        model = LiteRunner(folder, max_len=args.context, head=getattr(args, "head", None), dtype=dtype,
                            threads=args.threads)
     else:
         import torch
@@ -127,7 +128,8 @@ def load_model(args):
         from .. import checkpoint
         if args.threads is not None:
             torch.set_num_threads(args.threads)
-        os.environ["BITNET158_CPU_HEAD"] = getattr(args, "head", "bf16")   # the torch-side C runner's head
+        if getattr(args, "head", None):          # the torch-side C runner reads its head from there
+            os.environ["BITNET158_CPU_HEAD"] = args.head
         model = checkpoint.load(folder, dtype=dtype, device=pick_device(args.device))
     tok = Tokenizer.from_pretrained(args.tokenizer or folder)
     if tok.vocab_size > model.config.vocab_size:

@@ -172,16 +172,28 @@ def default_layout() -> str:
     return "b3" if binding.lib().bn_get_isa() != b"scalar" and layout_native("b3") else "t16"
 
 
+HEADS = ("bf16", "int8")
+
+
+def default_head() -> str:
+    """The head precision when none is asked for: ``BITNET158_CPU_HEAD`` (bf16 | int8), else bf16."""
+    env = os.environ.get("BITNET158_CPU_HEAD") or "bf16"
+    if env not in HEADS:
+        raise ConfigError(f"BITNET158_CPU_HEAD={env!r}: expected one of {', '.join(HEADS)}")
+    return env
+
+
 class CModel:
     """The C forward over numpy buffers (see the module docstring). ``name`` words the errors."""
 
-    def __init__(self, source, batch: int = 1, max_len: int | None = None, head: str = "bf16",
+    def __init__(self, source, batch: int = 1, max_len: int | None = None, head: str | None = None,
                  kv_bf16: bool | None = None, prefill_chunk: int = PREFILL_CHUNK, threads: int | None = None,
                  layout: str | None = None, name: str = "CpuRunner"):
         lib = binding.lib()
         if lib is None:
             raise RuntimeError(f"{name}: C kernels unavailable ({binding.error()})")
-        if head not in ("bf16", "int8"):
+        head = head or default_head()
+        if head not in HEADS:
             raise ValueError(f"{name}: head={head!r} (expected 'bf16' or 'int8')")
         layout = layout or default_layout()
         if layout not in LAYOUTS:
@@ -394,5 +406,5 @@ class CModel:
 
 
 __all__ = ["CModel", "PREFILL_CHUNK", "HEAD_KINDS", "GROUPS", "huge_array", "collapse_huge", "convert",
-           "bf16_to_f32", "f32_to_bf16", "round_to", "rope_tables", "quantize_rows_int8", "bandwidth", "default_layout", "ptr",
+           "bf16_to_f32", "f32_to_bf16", "round_to", "rope_tables", "quantize_rows_int8", "bandwidth", "default_layout", "default_head", "ptr",
            "release_memory"]

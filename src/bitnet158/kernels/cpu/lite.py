@@ -113,6 +113,7 @@ class LiteRunner(CModel):
     numpy logits; ``rows`` is a list of cache rows.
 
     ``head``: "bf16" (the model's table) or "int8" (per-row absmax, ~half the bytes per token);
+    default ``BITNET158_CPU_HEAD``, else bf16;
     ``max_len``: KV cache positions (default: the model's context; pages are resident only once
     written); ``dtype``: the rounding of norms / embeddings (default: the config's); ``threads``: C
     workers (default: one per physical core, or ``OMP_NUM_THREADS``); ``layout``: the kernel weight
@@ -122,7 +123,7 @@ class LiteRunner(CModel):
     arrays = "numpy"
     device = "cpu"
 
-    def __init__(self, path, batch: int = 1, max_len: int | None = None, head: str = "bf16",
+    def __init__(self, path, batch: int = 1, max_len: int | None = None, head: str | None = None,
                  dtype: str | None = None, threads: int | None = None, layout: str | None = None,
                  prefill_chunk: int = PREFILL_CHUNK):
         if binding.lib() is None:

@@ -24,8 +24,6 @@ tensors at the boundary.
 
 from __future__ import annotations
 
-import os
-
 import numpy as np
 import torch
 
@@ -93,7 +91,7 @@ class CpuRunner:
 
     name = "cpu"
 
-    def __init__(self, model, batch: int = 1, max_len: int | None = None, head: str = "bf16",
+    def __init__(self, model, batch: int = 1, max_len: int | None = None, head: str | None = None,
                  kv_dtype: torch.dtype | None = None, prefill_chunk: int = PREFILL_CHUNK,
                  threads: int | None = None, layout: str | None = None):
         if kv_dtype not in (None, torch.float32, torch.bfloat16):
@@ -136,7 +134,7 @@ class CpuRunner:
 
     # ------------------------------------------------------------------ construction helpers
     @classmethod
-    def from_pretrained(cls, path, batch: int = 1, max_len: int | None = None, head: str = "bf16",
+    def from_pretrained(cls, path, batch: int = 1, max_len: int | None = None, head: str | None = None,
                         **kw) -> "CpuRunner":
         """The runner of a checkpoint folder, only the kernel copy resident. A packed folder is read
         straight into the C model (no torch model is built: lower peak memory); a master-weight
@@ -183,7 +181,7 @@ def _register() -> None:
     except ImportError:
         return
     def factory(model, batch=1, max_len=None):
-        return CpuRunner(model, batch, max_len, head=os.environ.get("BITNET158_CPU_HEAD", "bf16"))
+        return CpuRunner(model, batch, max_len)          # head: BITNET158_CPU_HEAD, else bf16
 
     register_runner("cpu", factory=factory, available=supports, priority=10)
 
