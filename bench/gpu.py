@@ -137,15 +137,7 @@ def prefill_graph_ms(runner, T=2048) -> float:
     tok = torch.randint(0, runner.vocab_size, (1, T), device="cuda")
     pos = torch.arange(T, device="cuda")[None]
     rows = torch.arange(1, device="cuda")
-    args = (tok, pos, rows, True, T)
-    s = torch.cuda.Stream()
-    s.wait_stream(torch.cuda.current_stream())
-    with torch.cuda.stream(s):
-        runner._prefill(*args)
-    torch.cuda.current_stream().wait_stream(s)
-    g = torch.cuda.CUDAGraph()
-    with torch.cuda.graph(g):
-        runner._prefill(*args)
+    g, _ = runner._capture((tok, pos, rows, True, T), runner._prefill)
     graph = events_ms(g.replay, 1, repeats=5)
     del g
     return graph

@@ -324,16 +324,18 @@ class TritonRunner:
         g.replay()
         return out.clone()
 
-    def _capture(self, args):
-        """Warm up (compiles kernels; writes the same KV values the replay writes) and capture."""
+    def _capture(self, args, step=None):
+        """Warm up (compiles kernels; writes the same KV values the replay writes) and capture
+        ``step(*args)`` (default: the decode step) -> (graph, its output)."""
+        step = step or self._decode_step
         s = torch.cuda.Stream()
         s.wait_stream(torch.cuda.current_stream())
         with torch.cuda.stream(s):
-            self._decode_step(*args)
+            step(*args)
         torch.cuda.current_stream().wait_stream(s)
         g = torch.cuda.CUDAGraph()
         with torch.cuda.graph(g):
-            out = self._decode_step(*args)
+            out = step(*args)
         return g, out
 
     # ------------------------------------------------------------------ prefill
