@@ -15,6 +15,12 @@ the same order from the same start (per-seed pairs):
   final LR (0), and the same weight-decay cosine from 0.1 without the stage-2 zero;
 - ``fp_two_stage_lr*``: ``study-fp-two-stage.toml`` — nn.Linear projections, everything else as the
   ternary two-stage run, at its own peak LR (a small scan: the best mean is "the" FP baseline).
+- ``ternary_{two,one}_stage_lr6e-3`` / ``_lr1.2e-2``: the two ternary schedules at higher peaks (the
+  two-stage stage-2 peak at 1/3 of stage 1's, as at 3e-3). Each schedule is then compared at its own tuned
+  peak (``two_stage_tuned_minus_one_stage_tuned``, the arm with the lowest mean), as the FP baseline is.
+
+``--merge EARLIER.json`` adds the runs of an earlier call (same updates and tokens per update) to the
+report, so a scan can span several device calls; a seed's pair holds across calls.
 
 Stage 1 of the two-stage runs is exactly the first half of the one-stage run (same LR and weight decay at
 every update), as in the published ablation, where the two-stage run departs from the plain schedule only
@@ -69,6 +75,12 @@ ARMS = {
                             STAGE1 + ["schedule.lr_peak=5e-4", "schedule.lr_peak2=1.667e-4"]),
     "fp_one_stage_lr1.5e-3": ("recipes/study-fp-one-stage-lr1.5e-3.toml", []),
 }
+# the peak-LR scan of the ternary schedules: both arms at each peak, the two-stage one with its stage-2 peak at
+# 1/3 of it, as at 3e-3 (the unsuffixed arms). SPEC §5: ternary peaks are ~6x the full-precision baseline's.
+for _lr in ("6e-3", "1.2e-2"):
+    ARMS[f"ternary_two_stage_lr{_lr}"] = ("recipes/embedded-pretrain.toml",
+                                          STAGE1 + [f"schedule.lr_peak={_lr}", f"schedule.lr_peak2={float(_lr) / 3:.6g}"])
+    ARMS[f"ternary_one_stage_lr{_lr}"] = ("recipes/study-ternary-one-stage.toml", [f"schedule.lr_peak={_lr}"])
 DEFAULT_ARMS = "ternary_two_stage,ternary_one_stage,fp_two_stage_lr3e-3,fp_two_stage_lr1.5e-3"
 T_CRIT_95 = {2: 12.706, 3: 4.303, 4: 3.182, 5: 2.776, 6: 2.571, 7: 2.447, 8: 2.365, 9: 2.306,
              10: 2.262}   # two-sided t, df = n-1
@@ -76,6 +88,25 @@ T_CRIT_95 = {2: 12.706, 3: 4.303, 4: 3.182, 5: 2.776, 6: 2.571, 7: 2.447, 8: 2.3
 
 def kind(arm: str) -> str:
     return "ternary" if arm.startswith("ternary") else "fp"
+
+
+def schedule_of(arm: str) -> str:
+    return "one_stage" if "one_stage" in arm else "two_stage"
+
+
+def peak_lr(arm: str) -> float:
+    """The arm's stage-1 peak LR: its override, else its recipe's."""
+    import tomllib
+    recipe, sets = ARMS[arm]
+    for s in sets:
+        if s.startswith("schedule.lr_peak="):
+            return float(s.split("=", 1)[1])
+    return float(tomllib.loads((REPO / recipe).read_text())["schedule"]["lr_peak"])
+
+
+def key(arm: str) -> str:
+    """An arm's name as a flat JSON key part."""
+    return arm.replace(".", "_").replace("-", "_")
 
 
 def launch(recipe: str, out: Path, sets: list[str], log: Path, device: str) -> subprocess.Popen:
@@ -128,7 +159,7 @@ def stats(xs: list[float]) -> dict:
     return {"mean": round(m, 4), "std": round(sd, 4), "ci95": round(half, 4), "n": n}
 
 
-def plot(work: Path, arms: list[str], seeds: list[int], final: dict, common: dict, step: int | None,
+def plot(curves: dict, arms: list[str], seeds: list[int], final: dict, common: dict, step: int | None,
          png: Path) -> None:
     """Left: validation curves (mean over seeds, min..max band). Right: per-seed values at the end (filled)
     and at the last step every run reached (hollow), mean ± std beside them."""
@@ -141,25 +172,26 @@ def plot(work: Path, arms: list[str], seeds: list[int], final: dict, common: dic
         return
     fig, (a1, a2) = plt.subplots(1, 2, figsize=(13, 4.8))
     for i, arm in enumerate(arms):
-        curves = [[r for r in read_log(work / f"{arm}_s{s}" / "log.jsonl") if "val_loss" in r] for s in seeds]
-        curves = [c for c in curves if c]
-        if not curves:
+        cs = [sorted(curves.get(f"{arm}_s{s}", {}).items()) for s in seeds]
+        cs = [c for c in cs if c]
+        if not cs:
             continue
-        n = min(len(c) for c in curves)
-        x = [r["step"] for r in curves[0][:n]]
-        y = np.array([[r["val_loss"] for r in c[:n]] for c in curves])
-        a1.plot(x, y.mean(0), "o-", ms=3, label=f"{arm} ({len(curves)} seeds)", color=f"C{i}")
-        a1.fill_between(x, y.min(0), y.max(0), alpha=0.2, color=f"C{i}")
+        n = min(len(c) for c in cs)
+        x = [st for st, _ in cs[0][:n]]
+        y = np.array([[v for _, v in c[:n]] for c in cs])
+        a1.plot(x, y.mean(0), marker="o", ms=3, label=f"{arm} ({len(cs)} seeds)", color=f"C{i % 10}",
+                ls="-" if kind(arm) == "fp" or schedule_of(arm) == "two_stage" else "--")
+        a1.fill_between(x, y.min(0), y.max(0), alpha=0.2, color=f"C{i % 10}")
         for off, vals, filled in ((-0.12, [final[arm].get(s) for s in seeds], True),
                                   (0.12, [common.get(arm, {}).get(s) for s in seeds], False)):
             vals = [v for v in vals if v is not None]
             if not vals:
                 continue
-            a2.scatter([i + off] * len(vals), vals, s=22, color=f"C{i}" if filled else "none",
-                       edgecolors=f"C{i}")
+            a2.scatter([i + off] * len(vals), vals, s=22, color=f"C{i % 10}" if filled else "none",
+                       edgecolors=f"C{i % 10}")
             if len(vals) > 1:
                 a2.errorbar([i + off + 0.06], [np.mean(vals)], yerr=[np.std(vals, ddof=1)], fmt="_",
-                            color=f"C{i}", capsize=4)
+                            color=f"C{i % 10}", capsize=4)
     lows = [v for d in (final, common) for a in d for v in d[a].values() if v is not None]
     if lows:
         a1.set_ylim(min(lows) - 0.05, min(lows) + 1.5)
@@ -253,6 +285,9 @@ def main() -> int:
     ap.add_argument("--name", default="train_study", help="results file stem (dated, the card named)")
     ap.add_argument("--device", default="cuda", help="cpu: a smoke test of this script")
     ap.add_argument("--set", action="append", default=[], help="extra recipe override for every run")
+    ap.add_argument("--merge", action="append", default=[], metavar="JSON",
+                    help="an earlier call's results JSON (same --steps and tokens per update): its runs join the "
+                         "report and the comparisons (seed pairs hold across calls); repeatable")
     ap.add_argument("--report-only", action="store_true", help="no runs: report the run folders under --work "
                     "(those without summary.json count as stopped early); keeps device/timing keys of an "
                     "existing OUT/NAME.json")
@@ -291,12 +326,14 @@ def main() -> int:
     common = data + [f"train.steps={steps}", f"schedule.warmup_steps={warmup}",
                      f"train.eval_every={steps // 12}", "train.log_every=50", "train.plot=false"]
     runs = {f"{a}_s{s}": (a, s) for s in seeds for a in arms}      # seed-major: seed s of every arm together
+    earlier = load_earlier(args.merge, steps, tokens_per_step)
     if args.report_only:
         old = read_json(out / f"{args.name}.json")
         res = {k: old[k] for k in ("device", "torch", "main_phase_s", "start_s", "command", "dropped_seeds")
                if k in old}
         codes = {r: 0 if (work / r / "summary.json").is_file() else "stopped before the end" for r in runs}
-        res.update(report(work, out, args.name, runs, codes, {}, steps, warmup, tokens_per_step, mb, accum))
+        res.update(report(work, out, args.name, runs, codes, {}, steps, warmup, tokens_per_step, mb, accum,
+                          earlier))
         (out / f"{args.name}.json").write_text(json.dumps(res, indent=1) + "\n")
         print(json.dumps({k: v for k, v in res.items() if not k.endswith("_val_curve")}))
         return 0
@@ -355,7 +392,8 @@ def main() -> int:
                  "start_s": {n: round(v, 1) for n, v in start_at.items()}, "dropped_seeds": dropped,
                  "planned_gpu_work_s": round(plan, 1),
                  "assumed_tok_s_alone": {"ternary": args.tok_s_ternary, "fp": args.tok_s_fp}}
-    res.update(report(work, out, args.name, runs, codes, probe, steps, warmup, tokens_per_step, mb, accum))
+    res.update(report(work, out, args.name, runs, codes, probe, steps, warmup, tokens_per_step, mb, accum,
+                      earlier))
     res["total_s"] = round(time.time() - t0, 1)
     (out / f"{args.name}.json").write_text(json.dumps(res, indent=1) + "\n")
     print(json.dumps({k: v for k, v in res.items() if not k.endswith("_val_curve")}))
@@ -363,62 +401,113 @@ def main() -> int:
 
 
 def compare(vals: dict, arms: list[str], seeds: list[int], prefix: str) -> dict:
-    """Per-arm mean/std/ci95 of ``vals[arm][seed]`` and per-seed paired differences; keys start with prefix."""
+    """Per-arm mean/std/ci95 of ``vals[arm][seed]`` and per-seed paired differences; keys start with prefix.
+
+    Pairs: two-stage - one-stage at each ternary peak LR (``two_stage_minus_one_stage``, suffixed with the
+    peak for the scan's arms); each schedule at its tuned peak (the arm with the lowest mean over complete
+    seeds), ``two_stage_tuned_minus_one_stage_tuned``; the ternary two-stage arm (tuned) - the tuned FP arm.
+    The targets are judged on the tuned pairs (at a single peak LR they are the plain pairs)."""
     res: dict = {}
     ok = {a: [vals[a][s] for s in seeds if vals[a].get(s) is not None] for a in arms}
     for a in arms:
-        key = prefix + a.replace(".", "_").replace("-", "_")
-        res[f"{key}_val_loss_per_seed"] = [None if vals[a].get(s) is None else round(vals[a][s], 4) for s in seeds]
+        res[f"{prefix}{key(a)}_val_loss_per_seed"] = [None if vals[a].get(s) is None else round(vals[a][s], 4)
+                                                      for s in seeds]
         if ok[a]:
             for sk, sv in stats(ok[a]).items():
-                res[f"{key}_val_loss_{sk}"] = sv
-    # the FP baseline at its own tuned LR: the FP arm with the lowest mean (complete arms only)
-    fp_arms = [a for a in arms if kind(a) == "fp" and ok[a] and len(ok[a]) == len(seeds)]
-    best_fp = min(fp_arms, key=lambda a: statistics.fmean(ok[a])) if fp_arms else None
-    res[prefix + "fp_tuned_arm"] = best_fp
+                res[f"{prefix}{key(a)}_val_loss_{sk}"] = sv
+    complete = [a for a in arms if ok[a] and len(ok[a]) == len(seeds)]
 
-    def paired(a: str, b: str, key: str) -> None:
+    def tuned(pick) -> str | None:            # the complete arm of that group with the lowest mean
+        group = [a for a in complete if pick(a)]
+        return min(group, key=lambda a: statistics.fmean(ok[a])) if group else None
+
+    best_fp = tuned(lambda a: kind(a) == "fp")
+    best_two = tuned(lambda a: kind(a) == "ternary" and schedule_of(a) == "two_stage")
+    best_one = tuned(lambda a: kind(a) == "ternary" and schedule_of(a) == "one_stage")
+    res[prefix + "fp_tuned_arm"] = best_fp
+    res[prefix + "ternary_two_stage_tuned_arm"] = best_two
+    res[prefix + "ternary_one_stage_tuned_arm"] = best_one
+
+    def paired(a: str, b: str, name: str) -> None:
         d = [vals[a][s] - vals[b][s] for s in seeds if vals[a].get(s) is not None and vals[b].get(s) is not None]
         if d:
-            res[f"{prefix}{key}_nats_per_seed"] = [round(x, 4) for x in d]
+            res[f"{prefix}{name}_nats_per_seed"] = [round(x, 4) for x in d]
             for sk, sv in stats(d).items():
-                res[f"{prefix}{key}_nats_{sk}"] = sv
+                res[f"{prefix}{name}_nats_{sk}"] = sv
 
-    if "ternary_two_stage" in arms and "ternary_one_stage" in arms:
-        paired("ternary_two_stage", "ternary_one_stage", "two_stage_minus_one_stage")
-    if best_fp and "ternary_two_stage" in arms:
-        paired("ternary_two_stage", best_fp, "ternary_minus_fp_tuned")
-    if best_fp and "ternary_one_stage" in arms:
-        paired("ternary_one_stage", best_fp, "ternary_one_stage_minus_fp_tuned")
-    for a in fp_arms:
-        if a != best_fp and "ternary_two_stage" in arms:
-            paired("ternary_two_stage", a, f"ternary_minus_{a.replace('.', '_').replace('-', '_')}")
+    ternary = [a for a in arms if kind(a) == "ternary"]
+    for a in ternary:                                   # the schedules at each peak LR
+        if schedule_of(a) != "two_stage":
+            continue
+        for b in ternary:
+            if schedule_of(b) == "one_stage" and peak_lr(b) == peak_lr(a):
+                suffix = a.removeprefix("ternary_two_stage")
+                paired(a, b, "two_stage_minus_one_stage" + key(suffix))
+    if best_two and best_one:
+        paired(best_two, best_one, "two_stage_tuned_minus_one_stage_tuned")
+    if best_fp and best_two:
+        paired(best_two, best_fp, "ternary_minus_fp_tuned")
+    if best_fp and best_one:
+        paired(best_one, best_fp, "ternary_one_stage_minus_fp_tuned")
+    for a in complete:
+        if kind(a) == "fp" and a != best_fp and best_two:
+            paired(best_two, a, f"ternary_minus_{key(a)}")
     # the targets, over the complete seed pairs (>= 3): on the mean, and with 95 % confidence (the whole
     # t interval of the mean paired difference on the right side)
-    for key, target, name in (("ternary_minus_fp_tuned", 0.08, "target_ternary_minus_fp_le_0_08"),
-                              ("two_stage_minus_one_stage", 0.0, "target_two_stage_better")):
+    for name, target, tname in (("ternary_minus_fp_tuned", 0.08, "target_ternary_minus_fp_le_0_08"),
+                                ("two_stage_tuned_minus_one_stage_tuned", 0.0, "target_two_stage_better")):
         if prefix == "at_boundary_":                      # before the cooldown: no target applies
             break
-        if res.get(f"{prefix}{key}_nats_n", 0) >= 3:
-            m, h = res[f"{prefix}{key}_nats_mean"], res[f"{prefix}{key}_nats_ci95"]
-            res[f"{prefix}{key}_nats_ci95_low"] = round(m - h, 4)
-            res[f"{prefix}{key}_nats_ci95_high"] = round(m + h, 4)
-            res[f"{prefix}{name}_met"] = m <= target if target else m < 0
-            res[f"{prefix}{name}_met_at_95"] = m + h <= target if target else m + h < 0
-            res[f"{prefix}{name}_refuted_at_95"] = m - h > target if target else m - h > 0
+        if res.get(f"{prefix}{name}_nats_n", 0) >= 3:
+            m, h = res[f"{prefix}{name}_nats_mean"], res[f"{prefix}{name}_nats_ci95"]
+            res[f"{prefix}{name}_nats_ci95_low"] = round(m - h, 4)
+            res[f"{prefix}{name}_nats_ci95_high"] = round(m + h, 4)
+            res[f"{prefix}{tname}_met"] = m <= target if target else m < 0
+            res[f"{prefix}{tname}_met_at_95"] = m + h <= target if target else m + h < 0
+            res[f"{prefix}{tname}_refuted_at_95"] = m - h > target if target else m - h > 0
     return res
 
 
+def load_earlier(paths: list[str], steps: int, tokens_per_step: int) -> dict:
+    """Runs of earlier study calls from their results JSONs (same updates and tokens per update):
+    run -> dict(arm, seed, final, curve, source). The seed pairs hold across calls (a seed fixes the initial
+    weights and the data order); GPU non-determinism separates any two runs, within a call or not."""
+    out: dict = {}
+    for p in map(Path, paths):
+        old = read_json(p)
+        if not old or "arms" not in old:
+            raise SystemExit(f"--merge {p}: not a results JSON of this study")
+        if (old.get("steps"), old.get("tokens_per_step")) != (steps, tokens_per_step):
+            raise SystemExit(f"--merge {p}: {old.get('steps')} updates x {old.get('tokens_per_step')} tokens, "
+                             f"this study {steps} x {tokens_per_step}: not comparable")
+        for arm in old["arms"]:
+            if arm not in ARMS:
+                raise SystemExit(f"--merge {p}: arm {arm!r} is not one of this script's arms")
+            finals = old.get(f"{key(arm)}_val_loss_per_seed") or []
+            for i, s in enumerate(old["seeds"]):
+                run = f"{arm}_s{s}"
+                out[run] = dict(arm=arm, seed=s, final=finals[i] if i < len(finals) else None,
+                                curve={st: v for st, v in old.get(f"{key(run)}_val_curve", [])}, source=p.name)
+    return out
+
+
 def report(work: Path, out: Path, name: str, runs: dict, codes: dict, probe: dict, steps: int, warmup: int,
-           tokens_per_step: int, mb: int, accum: int) -> dict:
-    """Table, plot, logs tarball and the results dict of the runs under ``work``."""
-    arms = list(dict.fromkeys(a for a, _ in runs.values()))
-    seeds = sorted({s for _, s in runs.values()})
+           tokens_per_step: int, mb: int, accum: int, earlier: dict | None = None) -> dict:
+    """Table, plot, logs tarball and the results dict of the runs under ``work`` (and of ``earlier`` runs
+    from other calls' results, :func:`load_earlier`, which this call did not run again)."""
+    earlier = {r: e for r, e in (earlier or {}).items() if r not in runs}
+    arms = list(dict.fromkeys([e["arm"] for e in earlier.values()] + [a for a, _ in runs.values()]))
+    seeds = sorted({s for _, s in runs.values()} | {e["seed"] for e in earlier.values()})
     res: dict = {"arms": arms, "seeds": seeds, "steps": steps, "warmup_steps": warmup,
                  "tokens_per_step": tokens_per_step, "micro_batch": mb, "grad_accum": accum,
                  "tokens_per_run": steps * tokens_per_step, "concurrent_runs": len(runs)}
+    if earlier:
+        res["earlier_runs"] = {r: e["source"] for r, e in earlier.items()}
     final: dict = {a: {} for a in arms}
     curves: dict = {}
+    for r, e in earlier.items():
+        final[e["arm"]][e["seed"]] = e["final"]
+        curves[r] = e["curve"]
     tok: dict = {"ternary": [], "fp": []}
     mem: dict = {"ternary": [], "fp": []}
     print(f"\n{'run':<28}{'status':>12}{'val loss':>10}{'updates':>9}{'tok/s shared':>14}{'peak GB':>9}")
@@ -438,6 +527,8 @@ def report(work: Path, out: Path, name: str, runs: dict, codes: dict, probe: dic
         status = "done" if done else f"stopped@{tr[-1]['step'] if tr else 0}"
         print(f"{run:<28}{status:>12}{final[arm][s] or float('nan'):>10.4f}{tr[-1]['step'] if tr else 0:>9}"
               f"{tok[kind(arm)][-1] if tr else 0:>14.0f}{mem[kind(arm)][-1] if tr else 0:>9.2f}")
+    for r, e in earlier.items():
+        print(f"{r:<28}{'earlier':>12}{e['final'] or float('nan'):>10.4f}{steps:>9}{'':>14}{'':>9}  {e['source']}")
     res["runs_complete"] = sum(codes.get(r) == 0 for r in runs)
     res["runs_incomplete"] = {r: str(c) for r, c in codes.items() if c != 0}
     for k in ("ternary", "fp"):
@@ -449,22 +540,22 @@ def report(work: Path, out: Path, name: str, runs: dict, codes: dict, probe: dic
             res[f"{k}_peak_mem_gb_alone"] = round(probe[k].get("peak_mem_gb", 0), 2)
     res.update(compare(final, arms, seeds, ""))
     # the last validation step every run reached: a like-for-like comparison even if some runs stopped early
-    common = set.intersection(*(set(c) for c in curves.values())) if curves else set()
+    common = set.intersection(*(set(c) for c in curves.values() if c)) if any(curves.values()) else set()
     if common:
         k = max(common)
         res["common_eval_step"] = k
-        res.update(compare({a: {s: curves[f"{a}_s{s}"][k] for s in seeds} for a in arms}, arms, seeds,
+        res.update(compare({a: {s: curves.get(f"{a}_s{s}", {}).get(k) for s in seeds} for a in arms}, arms, seeds,
                            f"at_step_{k}_"))
-    for run in runs:
-        res[f"{run.replace('.', '_').replace('-', '_')}_val_curve"] = [[st, round(v, 4)] for st, v in curves[run].items()]
+    for run in curves:
+        res[f"{key(run)}_val_curve"] = [[st, round(v, 4)] for st, v in curves[run].items()]
     b = steps // 2                                        # the stage boundary (validation before update b)
-    if all(b in c for c in curves.values()):
+    if all(b in c for c in curves.values() if c):
         res["boundary_step"] = b
-        res.update(compare({a: {s: curves[f"{a}_s{s}"][b] for s in seeds} for a in arms}, arms, seeds,
+        res.update(compare({a: {s: curves.get(f"{a}_s{s}", {}).get(b) for s in seeds} for a in arms}, arms, seeds,
                            "at_boundary_"))
     k = res.get("common_eval_step")
-    at = {a: {s: curves[f"{a}_s{s}"][k] for s in seeds} for a in arms} if k else {}
-    plot(work, arms, seeds, final, at, k, out / f"{name}.png")
+    at = {a: {s: curves.get(f"{a}_s{s}", {}).get(k) for s in seeds} for a in arms} if k else {}
+    plot(curves, arms, seeds, final, at, k, out / f"{name}.png")
     with tarfile.open(out / "runs.tar.gz", "w:gz") as tf:
         for run in list(runs) + [f"probe_{k}" for k in probe]:
             for f in ("log.jsonl", "summary.json", "recipe.json"):
@@ -476,8 +567,8 @@ def report(work: Path, out: Path, name: str, runs: dict, codes: dict, probe: dic
                 tf.add(work / f"{run}.stdout.log", arcname=f"{run}.stdout.log")
     for pre in [""] + ([f"at_step_{res['common_eval_step']}_"] if "common_eval_step" in res else []):
         print(f"{pre or 'final: '}" + "  ".join(
-            f"{a} {res.get(pre + a.replace('.', '_').replace('-', '_') + '_val_loss_mean')} ± "
-            f"{res.get(pre + a.replace('.', '_').replace('-', '_') + '_val_loss_std')}" for a in arms))
+            f"{a} {res.get(pre + key(a) + '_val_loss_mean')} ± {res.get(pre + key(a) + '_val_loss_std')}"
+            for a in arms))
     return res
 
 if __name__ == "__main__":
