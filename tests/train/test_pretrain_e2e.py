@@ -67,3 +67,18 @@ def test_export_loads_in_bitnet158_and_transformers(pretrained, tmp_path):
     assert (a - c).abs().max() < 0.1 * c.abs().max()
 
     assert_transformers_logits(out, tokens, a)
+
+
+def test_deterministic_switches_torch_to_deterministic_algorithms(tmp_path, shards_dir, monkeypatch):
+    """``train.deterministic = true`` asks torch for deterministic algorithms (warn-only, so an op without
+    one cannot stop a run) and a fixed cuBLAS workspace, before the first update."""
+    calls = []
+    monkeypatch.setattr(torch, "use_deterministic_algorithms", lambda mode, **kw: calls.append((mode, kw)))
+    monkeypatch.setenv("CUBLAS_WORKSPACE_CONFIG", "")     # restored (or unset again) after the test
+    monkeypatch.delenv("CUBLAS_WORKSPACE_CONFIG")
+    recipe = write_recipe(tmp_path / "r.toml", shards_dir, steps=6, eval_every=0, ckpt_every=0,
+                          train="deterministic = true\n")
+    run(Recipe.from_file(recipe), out=tmp_path / "run", device="cpu")
+    assert calls == [(True, {"warn_only": True})]
+    import os
+    assert os.environ["CUBLAS_WORKSPACE_CONFIG"] == ":4096:8"

@@ -69,6 +69,7 @@ class TrainConfig:
     dtype: str = "bf16"                  # autocast dtype: "bf16" or "fp32" (no autocast)
     compile: bool = False                # torch.compile the model (falls back to eager on failure)
     activation_checkpointing: bool = False
+    deterministic: bool = False          # torch's deterministic algorithms (GPU runs repeat bitwise; slower)
     log_every: int = 1
     eval_every: int = 0                  # 0: only at the end
     ckpt_every: int = 0                  # 0: only at the end
@@ -232,6 +233,15 @@ def peak_memory_gb(device: torch.device) -> float:
     return kb / 2**20
 
 
+def use_deterministic() -> None:
+    """Deterministic algorithms wherever torch has them, so that two runs of one seed repeat each other on
+    a GPU (atomics in the backward of embeddings and attention otherwise reorder fp32 sums, and ternary
+    training amplifies the difference). ``warn_only``: an op without a deterministic version warns instead
+    of stopping the run. cuBLAS needs a fixed workspace for it, set before its first handle."""
+    os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")
+    torch.use_deterministic_algorithms(True, warn_only=True)
+
+
 # ---------------------------------------------------------------- the trainer
 
 class Trainer:
@@ -250,6 +260,8 @@ class Trainer:
         self.step = 0                            # updates done
         self.tokens_seen = 0
         self.history: list[dict] = []            # this process's log records
+        if cfg.deterministic:
+            use_deterministic()
         self._compiled_ok = not cfg.compile
         self._call_model = model
         if cfg.compile:
