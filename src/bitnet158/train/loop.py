@@ -235,8 +235,8 @@ def peak_memory_gb(device: torch.device) -> float:
 
 def use_deterministic() -> None:
     """Deterministic algorithms wherever torch has them, so that two runs of one seed repeat each other on
-    a GPU (atomics in the backward of embeddings and attention otherwise reorder fp32 sums, and ternary
-    training amplifies the difference). ``warn_only``: an op without a deterministic version warns instead
+    a GPU (kernels that accumulate with atomics otherwise add fp32 terms in a different order each run, and
+    ternary training amplifies the difference). ``warn_only``: an op without a deterministic version warns instead
     of stopping the run. cuBLAS needs a fixed workspace for it, set before its first handle."""
     os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")
     torch.use_deterministic_algorithms(True, warn_only=True)
