@@ -474,7 +474,10 @@ def load_earlier(paths: list[str], steps: int, tokens_per_step: int) -> dict:
     weights and the data order); GPU non-determinism separates any two runs, within a call or not."""
     out: dict = {}
     for p in map(Path, paths):
-        old = read_json(p)
+        try:
+            old = read_json(p)
+        except ValueError as e:
+            raise SystemExit(f"--merge {p}: not valid JSON ({e})") from None
         if not old or "arms" not in old:
             raise SystemExit(f"--merge {p}: not a results JSON of this study")
         if (old.get("steps"), old.get("tokens_per_step")) != (steps, tokens_per_step):
