@@ -15,8 +15,8 @@ the same order from the same start (per-seed pairs):
   final LR (0), and the same weight-decay cosine from 0.1 without the stage-2 zero;
 - ``fp_two_stage_lr*``: ``study-fp-two-stage.toml`` — nn.Linear projections, everything else as the
   ternary two-stage run, at its own peak LR (a small scan: the best mean is "the" FP baseline).
-- ``ternary_{two,one}_stage_lr6e-3`` / ``_lr1.2e-2``: the two ternary schedules at higher peaks (the
-  two-stage stage-2 peak at 1/3 of stage 1's, as at 3e-3). Each schedule is then compared at its own tuned
+- ``ternary_{two,one}_stage_lr1.5e-3`` / ``_lr6e-3`` / ``_lr1.2e-2``: the two ternary schedules at other
+  peaks (the two-stage stage-2 peak at 1/3 of stage 1's, as at 3e-3). Each schedule is then compared at its own tuned
   peak (``two_stage_tuned_minus_one_stage_tuned``, the arm with the lowest mean), as the FP baseline is.
 
 ``--merge EARLIER.json`` adds the runs of an earlier call (same updates and tokens per update) to the
@@ -77,7 +77,7 @@ ARMS = {
 }
 # the peak-LR scan of the ternary schedules: both arms at each peak, the two-stage one with its stage-2 peak at
 # 1/3 of it, as at 3e-3 (the unsuffixed arms). SPEC §5: ternary peaks are ~6x the full-precision baseline's.
-for _lr in ("6e-3", "1.2e-2"):
+for _lr in ("1.5e-3", "6e-3", "1.2e-2"):
     ARMS[f"ternary_two_stage_lr{_lr}"] = ("recipes/embedded-pretrain.toml",
                                           STAGE1 + [f"schedule.lr_peak={_lr}", f"schedule.lr_peak2={float(_lr) / 3:.6g}"])
     ARMS[f"ternary_one_stage_lr{_lr}"] = ("recipes/study-ternary-one-stage.toml", [f"schedule.lr_peak={_lr}"])

@@ -70,7 +70,7 @@ def _study():
     return mod
 
 
-@pytest.mark.parametrize("lr", ["6e-3", "1.2e-2"])
+@pytest.mark.parametrize("lr", ["1.5e-3", "6e-3", "1.2e-2"])
 def test_scan_arms_share_stage1_at_their_peak(lr):
     """The peak-LR scan: at each peak the two-stage arm is its one-stage arm up to the boundary, then drops
     to a third of the peak with weight decay 0."""

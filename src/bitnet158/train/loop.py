@@ -234,12 +234,15 @@ def peak_memory_gb(device: torch.device) -> float:
 
 
 def use_deterministic() -> None:
-    """Deterministic algorithms wherever torch has them, so that two runs of one seed repeat each other on
-    a GPU (kernels that accumulate with atomics otherwise add fp32 terms in a different order each run, and
-    ternary training amplifies the difference). ``warn_only``: an op without a deterministic version warns instead
-    of stopping the run. cuBLAS needs a fixed workspace for it, set before its first handle."""
+    """Deterministic algorithms only, so that two runs of one seed repeat each other on a GPU (kernels that
+    accumulate with atomics otherwise add fp32 terms in a different order each run, and ternary training
+    amplifies the difference). Strict: in warn-only mode torch keeps the fast non-deterministic backward of
+    flash and memory-efficient attention and may pick cuDNN attention, whose backward has no deterministic
+    version; strict mode selects the deterministic attention backward, and an op without a deterministic
+    version stops the run with torch's error naming it. cuBLAS needs a fixed workspace, set before its first
+    handle."""
     os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")
-    torch.use_deterministic_algorithms(True, warn_only=True)
+    torch.use_deterministic_algorithms(True)
 
 
 # ---------------------------------------------------------------- the trainer
