@@ -76,7 +76,8 @@ ARMS = {
     "fp_one_stage_lr1.5e-3": ("recipes/study-fp-one-stage-lr1.5e-3.toml", []),
 }
 # the peak-LR scan of the ternary schedules: both arms at each peak, the two-stage one with its stage-2 peak at
-# 1/3 of it, as at 3e-3 (the unsuffixed arms). SPEC §5: ternary peaks are ~6x the full-precision baseline's.
+# 1/3 of it, as at 3e-3 (the unsuffixed arms). Below and above 3e-3: SPEC §5 puts ternary peaks at ~6x the
+# full-precision baseline's, and the best FP peak here is 1.5e-3.
 for _lr in ("1.5e-3", "6e-3", "1.2e-2"):
     ARMS[f"ternary_two_stage_lr{_lr}"] = ("recipes/embedded-pretrain.toml",
                                           STAGE1 + [f"schedule.lr_peak={_lr}", f"schedule.lr_peak2={float(_lr) / 3:.6g}"])
