@@ -315,6 +315,8 @@ def main(argv=None) -> int:
     ap.add_argument("--profile-bf16", action="store_true", help="also profile the bf16 pipeline")
     ap.add_argument("--tuned", default=None, help="tensor-core block shapes (bench/gpu_gemm.py "
                     "--tuned-out) to use instead of the built-in table")
+    ap.add_argument("--i8-min-m", type=int, default=None, help="rows from which projections use the "
+                    "unpack + int8 GEMM kernel (gemm_i8) instead of the built-in threshold")
     ap.add_argument("--batched-only", action="store_true", help="only prefill and batch 8 / 64 decode")
     ap.add_argument("--batches", default="8,64", help="batched decode sizes")
     ap.add_argument("--modes", default="w2a8,bf16", help="pipelines to time (w2a8, bf16)")
@@ -342,6 +344,11 @@ def main(argv=None) -> int:
         gemm_tc.TUNED.clear()
         gemm_tc.TUNED.update(table)
         res["tuned"] = args.tuned
+    if args.i8_min_m is not None:
+        from bitnet158.kernels.triton import w2a8
+        w2a8.I8_MIN_M = args.i8_min_m
+    from bitnet158.kernels.triton import w2a8 as _w2a8
+    res["i8_min_m"] = _w2a8.I8_MIN_M if _w2a8.I8_MIN_M < 1 << 40 else None
 
     def save():
         if args.out:

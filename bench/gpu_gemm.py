@@ -58,6 +58,23 @@ def cfg_dict(c: tuple) -> dict:
     return dict(kind="tc", BM=bm, BR=br, BK=bk, F=f, SPLIT_K=split, num_warps=nw, num_stages=ns)
 
 
+def i8_candidates(M: int) -> list[tuple]:
+    """(BM, BN, BK, GROUP_M, num_warps, num_stages) of :mod:`gemm_i8` to try (prefill-sized M)."""
+    if M <= 64:
+        return []
+    out = [(128, 256, 128, 8, 8, 3), (128, 256, 64, 8, 8, 4), (128, 128, 128, 8, 4, 4),
+           (128, 128, 128, 8, 8, 4), (256, 128, 128, 8, 8, 3), (128, 128, 64, 8, 4, 5),
+           (64, 256, 128, 8, 4, 4)]
+    if M <= 512:
+        out.append((64, 128, 128, 8, 4, 4))
+    return out
+
+
+def i8_dict(c: tuple) -> dict:
+    bm, bn, bk, gm, nw, ns = c
+    return dict(kind="i8", BM=bm, BN=bn, BK=bk, GROUP_M=gm, num_warps=nw, num_stages=ns)
+
+
 OLD_DOT = {64: dict(kind="dot", BM=16, BR=128, BK=64, SPLIT_K=1, num_warps=4, num_stages=3),
            2048: dict(kind="dot", BM=128, BR=64, BK=128, SPLIT_K=1, num_warps=8, num_stages=3)}
 
@@ -145,6 +162,8 @@ def main(argv=None) -> int:
         for name, (segs, K) in SHAPES.items():
             for c in candidates(M, K):
                 jobs.append((name, M, cfg_dict(c)))
+            for c in i8_candidates(M):
+                jobs.append((name, M, i8_dict(c)))
             if M in OLD_DOT:
                 jobs.append((name, M, OLD_DOT[M]))
     t0 = time.time()
@@ -154,7 +173,7 @@ def main(argv=None) -> int:
     res["compile_s"] = round(time.time() - t0, 1)
     print(f"compiled {done}/{len(jobs)} kernels in {res['compile_s']} s", flush=True)
 
-    bad, best, tuned = [], {}, {}
+    bad, best, tuned, i8_tuned = [], {}, {}, {}
     for M in Ms:
         for name, (segs, K) in SHAPES.items():
             R = sum(segs)
@@ -221,10 +240,37 @@ def main(argv=None) -> int:
                 print(f"{tag:10s} best {c} {times[c]:8.2f} us   bf16 {res[f'bf16_{tag}_us']:8.2f}   "
                       + "  ".join(f"{o} {res.get(f'{o}_{tag}_us')}" for o in ("gemv", "dot", "intmm")
                                   if f"{o}_{tag}_us" in res), flush=True)
+            # the unpack + shared-memory int8 GEMM kernel (prefill sizes), with and without its unpack
+            times8 = {}
+            for c in i8_candidates(M):
+                key = f"i8_{tag}_" + "_".join(str(v) for v in c)
+                try:
+                    out.fill_(float("nan"))
+                    y = w2a8_linear(x_q, s, w, gam, segs, out=out, config=i8_dict(c))
+                    if not torch.equal(y, ref):
+                        bad.append(key)
+                        continue
+                    times8[c] = graph_us(run(i8_dict(c)))
+                    res[key] = round(times8[c], 2)
+                except Exception as e:
+                    res[key] = repr(e)[:120]
+            if times8:
+                from bitnet158.kernels.triton import gemm_i8
+                c = min(times8, key=times8.get)
+                i8_tuned[f"{gemm_tc.m_bucket(M)},{4 * R},{K}"] = list(c)
+                res[f"best_i8_{tag}_us"] = round(times8[c], 2)
+                res[f"best_i8_{tag}_cfg"] = "_".join(str(v) for v in c)
+                w8 = gemm_i8.unpack_i8(w, *w2a8.seg_bounds(segs, R, "bench"))
+                res[f"unpack_{tag}_us"] = round(graph_us([lambda: gemm_i8.unpack_i8(w, *w2a8.seg_bounds(
+                    segs, R, "bench"), out=w8)] * calls), 2)
+                res[f"i8_vs_bf16_{tag}_speedup"] = round(res[f"bf16_{tag}_us"] / times8[c], 2)
+                print(f"{tag:10s} i8 best {c} {times8[c]:8.2f} us (unpack {res[f'unpack_{tag}_us']} us)   "
+                      f"bf16 {res[f'bf16_{tag}_us']:8.2f}", flush=True)
             del ws, wd
             torch.cuda.empty_cache()
     res["inexact"] = bad
     res["tuned"] = tuned
+    res["i8_tuned"] = i8_tuned
     if args.out:
         with open(args.out, "w") as f:
             json.dump(res, f, indent=0)
@@ -232,7 +278,8 @@ def main(argv=None) -> int:
         with open(args.tuned_out, "w") as f:
             json.dump(tuned, f)
     print("inexact:", bad)
-    print(json.dumps({k: v for k, v in res.items() if k.startswith(("best_", "bf16_", "compile"))}))
+    print(json.dumps({k: v for k, v in res.items() if k.startswith(("best_", "bf16_", "compile", "unpack_",
+                                                                         "i8_vs"))}))
     return 1 if bad else 0
 
 

@@ -19,7 +19,7 @@ pytest.importorskip("triton")
 
 from bitnet158 import quant  # noqa: E402
 from bitnet158.model import RMSNorm  # noqa: E402
-from bitnet158.kernels.triton import common, norm_quant as nq, w2a8  # noqa: E402
+from bitnet158.kernels.triton import common, gemm_i8, norm_quant as nq, w2a8  # noqa: E402
 from bitnet158.kernels.triton.attention import DecodeAttention, rope_cache_write  # noqa: E402
 from w2a8_cases import segmented as _segmented  # noqa: E402
 
@@ -243,8 +243,7 @@ def test_unpack_and_scale_kernels_exact():
     segs, K, M = (3, 2, 1), 40, 7
     w, g, w_ts = _segmented(segs, K, gen)
     R = sum(segs)
-    w8 = torch.empty(4 * R, K, dtype=torch.int8, device=DEV)
-    w2a8._unpack_int8[(2, 1)](w.to(DEV), w8, K, R, 3, 5, BR=4, BK=64)
+    w8 = gemm_i8.unpack_i8(w.to(DEV), 3, 5)
     assert torch.equal(w8.cpu(), torch.cat(w_ts))
     x_q, s = quant.act_quant(torch.randn(M, K, generator=gen))
     acc, ref = _reference(x_q, s, w_ts, g, torch.bfloat16)

@@ -32,6 +32,7 @@ import triton
 import triton.language as tl
 
 from .common import INTERPRET, PDL, cast, cdiv, gdc_launch_dependents, gdc_wait, next_pow2
+from .gemm_i8 import i8_config, i8_linear, unpack_i8
 from .gemm_tc import tc_config, tc_linear
 
 
@@ -222,18 +223,6 @@ def _gemm_dot(x_ptr, sx_ptr, w_ptr, g_ptr, out_ptr, ws_ptr, cnt_ptr,
 
 
 @triton.jit
-def _unpack_int8(w_ptr, out_ptr, K, R_total, P1, P2, BR: tl.constexpr, BK: tl.constexpr):
-    """Packed uint8 [R, K] -> ternary int8 [4R, K] in output-column order (for cuBLAS int8 GEMM)."""
-    rows = tl.program_id(0) * BR + tl.arange(0, BR)
-    ks = tl.program_id(1) * BK + tl.arange(0, BK)
-    mask = (rows < R_total)[:, None] & (ks < K)[None, :]
-    w = tl.load(w_ptr + rows[:, None] * K + ks[None, :], mask=mask, other=0).to(tl.int32)
-    for k in tl.static_range(4):
-        cols, seg = _out_cols(rows, k, P1, P2, R_total)
-        tl.store(out_ptr + cols[:, None] * K + ks[None, :], (((w >> (2 * k)) & 3) - 1).to(tl.int8), mask=mask)
-
-
-@triton.jit
 def _scale_rows(acc_ptr, sx_ptr, g_ptr, out_ptr, M, N, C1, C2, stride_om, BM: tl.constexpr,
                 BN: tl.constexpr, INTERP: tl.constexpr):
     """out = acc int32 [M, N] * (gamma_seg / s_x[m]); segments start at output columns C1, C2."""
@@ -258,8 +247,7 @@ def _intmm_linear(x_q, s_x, w, gammas, P1, P2, out):
     M, K = x_q.shape
     R = w.shape[0]
     N = 4 * R
-    w8 = torch.empty((N, K), dtype=torch.int8, device=w.device)
-    _unpack_int8[(cdiv(R, 32), cdiv(K, 256))](w, w8, K, R, P1, P2, BR=32, BK=256, num_warps=4)
+    w8 = unpack_i8(w, P1, P2)
     acc = torch._int_mm(x_q, w8.t())                                                  # int32 [M, N]
     _scale_rows[(cdiv(M, 16), cdiv(N, 256))](acc, s_x, gammas, out, M, N, 4 * P1, 4 * P2,
                                                            out.stride(0), BM=16, BN=256, INTERP=INTERPRET,
@@ -270,6 +258,9 @@ def _intmm_linear(x_q, s_x, w, gammas, P1, P2, out):
 # From this many activation rows on, cuBLAS int8 GEMM on transiently unpacked weights. Off by
 # default: on an H100 a 2048-token prefill took 52 ms this way against 40 ms with the Triton kernel.
 INTMM_MIN_M = 1 << 62
+# From this many activation rows on (prefill), :mod:`.gemm_i8`: weights unpacked into a transient
+# int8 matrix, then an int8 GEMM with both operands in shared memory.
+I8_MIN_M = 1 << 62
 GEMV_MAX_M = 4      # up to this many rows the dp4a GEMV (weights read once, rows looped); from 5
                     # rows on the tensor-core kernel: batch-8 decode on an H100 took 2.26 ms/step
                     # that way against 4.67 ms with the GEMV (bench/gpu.py, decode_b8_w2a8_tc_ms)
@@ -303,8 +294,11 @@ def pick_config(M: int, R: int, K: int, n_sm: int = 132) -> dict:
 
     M <= GEMV_MAX_M: dp4a GEMV, the whole K of BR packed rows in one tile (BR * BK4 <= 8K int32)
     so that a program's weights are loaded in one go ahead of the wait on the previous kernel.
-    Larger M: :mod:`.gemm_tc` (weights as the register operand of int8 tensor-core MMAs).
+    Larger M: :mod:`.gemm_tc` (weights as the register operand of int8 tensor-core MMAs); from
+    ``I8_MIN_M`` rows on :mod:`.gemm_i8` (transiently unpacked weights, shared-memory operands).
     """
+    if M >= I8_MIN_M:
+        return i8_config(M, 4 * R, K)
     if M <= GEMV_MAX_M:
         bk4 = min(next_pow2(max(K // 4, 1)), 2048)
         if bk4 >= 2048:          # K = 6912 (down): 2 rows a program, 8 warps (3.0 us on an H100)
@@ -358,6 +352,8 @@ def w2a8_linear(x_q: torch.Tensor, s_x: torch.Tensor, w: torch.Tensor, gammas: t
         return _intmm_linear(x_q.contiguous(), s_x, w, gammas, P1, P2, out)
     if kind == "tc":
         return _tc(x_q, s_x, w, gammas, P1, P2, out, cfg, ws)
+    if kind == "i8":
+        return i8_linear(x_q, s_x, w, gammas, P1, P2, out, cfg)
     pdl = dict(launch_pdl=True) if PDL else {}
     if kind == "gemv" and K % 4 == 0 and x_q.stride(0) % 4 == 0 and x_q.data_ptr() % 4 == 0:
         K4 = K // 4

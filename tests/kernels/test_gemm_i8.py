@@ -1,0 +1,107 @@
+"""The prefill W2A8 GEMM (:mod:`bitnet158.kernels.triton.gemm_i8`) against the exact reference.
+
+On CPU the kernels run under ``TRITON_INTERPRET=1`` on small awkward shapes: 1-3 segments, K not a
+multiple of the K tile (masked), M and N not multiples of their tiles (wrapped loads, masked
+stores), several program groups. On CUDA the same cases run compiled, plus every 2B4T projection
+shape at prefill row counts (bit-exact, and equal to the register-operand kernel of
+:mod:`.gemm_tc`).
+
+    python3 -m pytest -q tests/kernels/test_gemm_i8.py
+"""
+
+import os
+
+import pytest
+import torch
+
+if not torch.cuda.is_available():
+    os.environ.setdefault("TRITON_INTERPRET", "1")
+pytest.importorskip("triton")
+
+from bitnet158 import quant  # noqa: E402
+from bitnet158.kernels.triton import common, gemm_i8, gemm_tc, w2a8  # noqa: E402
+from w2a8_cases import segmented as _segmented  # noqa: E402
+
+DEV = "cuda" if torch.cuda.is_available() else "cpu"
+if DEV == "cpu" and not common.INTERPRET:
+    pytest.skip("Triton kernels were imported before TRITON_INTERPRET=1 was set", allow_module_level=True)
+
+
+def _i8(bm, bn, bk, gm=2, nw=4, ns=2):
+    return dict(kind="i8", BM=bm, BN=bn, BK=bk, GROUP_M=gm, num_warps=nw, num_stages=ns)
+
+
+def _check(M, segs, K, cfg, seed=0):
+    gen = torch.Generator().manual_seed(seed + M * 131 + K)
+    w, g, w_ts = _segmented(segs, K, gen)
+    x_q = torch.randint(-128, 128, (M, K), generator=gen, dtype=torch.int8)
+    s = torch.rand(M, generator=gen) * 50 + 1
+    accs = [quant.int_matmul(x_q, w_t) for w_t in w_ts]
+    acc = torch.cat(accs, 1)
+    ref = torch.cat([(a.float() * (gi / s[:, None])).to(torch.bfloat16) for a, gi in zip(accs, g)], 1)
+    y_int = w2a8.w2a8_linear(x_q.to(DEV), torch.ones(M, device=DEV), w.to(DEV), torch.ones_like(g).to(DEV),
+                             segs, out_dtype=torch.float32, config=cfg)
+    assert torch.equal(y_int.cpu().to(torch.int32), acc)
+    out = torch.full((M, 4 * sum(segs)), float("nan"), dtype=torch.bfloat16, device=DEV)
+    y = w2a8.w2a8_linear(x_q.to(DEV), s.to(DEV), w.to(DEV), g.to(DEV), segs, out=out, config=cfg)
+    assert torch.equal(y.cpu(), ref)
+    return y
+
+
+# compiled (sm_90 wgmma) tiles are 64 rows and 32 K at least; the interpreter takes 16
+T = 16 if common.INTERPRET else 64
+CASES = [  # (M, segments, K, config)
+    (9, (16,), 64, _i8(T, T, 32)),                        # one tile, M wrapped
+    (20, (3, 5, 9), 100, _i8(T, T, 32)),                  # 3 unaligned segments, ragged K
+    (37, (16, 16), 128, _i8(T, 2 * T, 64, gm=1)),         # several row tiles, wide columns
+    (5, (4,), 36, _i8(T, T, 32)),                         # K not a multiple of 4 (or of BK)
+    (70, (6, 2, 8), 96, _i8(T, T, 32, gm=3)),             # a short last group, 3 segments
+]
+
+
+@pytest.mark.parametrize("M,segs,K,cfg", CASES)
+def test_gemm_i8_exact(M, segs, K, cfg):
+    _check(M, segs, K, cfg)
+
+
+def test_unpack_every_byte_value():
+    """All 256 byte values (code 3 too, which the format never writes) unpack as ``quant.unpack_hf``,
+    each field to its output row."""
+    w = torch.arange(256, dtype=torch.uint8).reshape(4, 64)
+    w8 = gemm_i8.unpack_i8(w.to(DEV), 4, 4)
+    assert torch.equal(w8.cpu(), quant.unpack_hf(w))
+
+
+def test_unpack_segments_in_output_order():
+    gen = torch.Generator().manual_seed(3)
+    w, _, w_ts = _segmented((3, 5), 40, gen)
+    w8 = gemm_i8.unpack_i8(w.to(DEV), 3, 8)
+    assert torch.equal(w8.cpu(), torch.cat(w_ts))
+
+
+def test_config_rule():
+    for M, N, K in ((2048, 3840, 2560), (600, 2560, 6912)):
+        cfg = gemm_i8.i8_config(M, N, K)
+        assert cfg["kind"] == "i8" and cfg["BM"] >= 64 and cfg["BN"] >= 64 and cfg["BK"] >= 32
+
+
+def test_pick_config_switches_at_threshold(monkeypatch):
+    monkeypatch.setattr(w2a8, "I8_MIN_M", 512)
+    assert w2a8.pick_config(511, 640, 2560)["kind"] == "tc"
+    assert w2a8.pick_config(512, 640, 2560)["kind"] == "i8"
+
+
+@pytest.mark.cuda
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+@pytest.mark.parametrize("M", [300, 2048])
+@pytest.mark.parametrize("segs,K", [((640, 160, 160), 2560), ((640,), 2560), ((1728, 1728), 2560),
+                                    ((640,), 6912)])
+def test_gemm_i8_2b4t_shapes(M, segs, K):
+    y = _check(M, segs, K, gemm_i8.i8_config(M, 4 * sum(segs), K))
+    gen = torch.Generator().manual_seed(M * 131 + K)
+    w, g, _ = _segmented(segs, K, gen)
+    x_q = torch.randint(-128, 128, (M, K), generator=gen, dtype=torch.int8)
+    s = torch.rand(M, generator=gen) * 50 + 1
+    y_tc = w2a8.w2a8_linear(x_q.cuda(), s.cuda(), w.cuda(), g.cuda(), segs,
+                            config=gemm_tc.tc_config(M, sum(segs), K))
+    assert torch.equal(y, y_tc)
