@@ -9,6 +9,8 @@ batched decode; 2048: prefill) it times, with CUDA events over CUDA-graph replay
   (every result checked bit-for-bit against an fp32 reference product first);
 - the previous kernels: the dp4a GEMV (M = 8) and ``_gemm_dot`` (tensor cores, unpacked tiles
   through shared memory) at their former block shapes;
+- from M > 64, :mod:`bitnet158.kernels.triton.gemm_i8` (transient int8 unpack + shared-memory int8
+  GEMM) at each of its candidate block shapes, checked the same way, and its unpack alone;
 - bf16 ``F.linear`` (cuBLAS) on a dense weight of the same shape, and cuBLAS int8 ``_int_mm``
   on an unpacked int8 weight (what int8 tensor cores give without any unpacking).
 
@@ -240,7 +242,7 @@ def main(argv=None) -> int:
                 print(f"{tag:10s} best {c} {times[c]:8.2f} us   bf16 {res[f'bf16_{tag}_us']:8.2f}   "
                       + "  ".join(f"{o} {res.get(f'{o}_{tag}_us')}" for o in ("gemv", "dot", "intmm")
                                   if f"{o}_{tag}_us" in res), flush=True)
-            # the unpack + shared-memory int8 GEMM kernel (prefill sizes), with and without its unpack
+            # the unpack + shared-memory int8 GEMM kernel (prefill sizes), timed whole; the unpack alone too
             times8 = {}
             for c in i8_candidates(M):
                 key = f"i8_{tag}_" + "_".join(str(v) for v in c)

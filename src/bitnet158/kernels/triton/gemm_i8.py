@@ -101,8 +101,9 @@ def _gemm_i8(x_ptr, w_ptr, sx_ptr, g_ptr, out_ptr, M, N, K, C1, C2, stride_xm, s
 
 # ---------------------------------------------------------------- host side
 
-# Block shapes (BM, BN, BK, GROUP_M, num_warps, num_stages) by (M bucket, N, K), measured on an
-# H100 at 2B4T shapes (``bench/gpu_gemm.py``); ``i8_config`` falls back to DEFAULT.
+# Block shapes (BM, BN, BK, GROUP_M, num_warps, num_stages) by (M bucket, N, K), to be filled from
+# ``bench/gpu_gemm.py`` (its ``i8_tuned``) on an H100; ``i8_config`` falls back to DEFAULT, the
+# usual Hopper int8 tile, not yet timed here.
 TUNED: dict = {}
 DEFAULT = (128, 256, 128, 8, 8, 3)
 

@@ -19,8 +19,9 @@ Two kernels, one epilogue (``y = acc * (gamma_s / s_x)``, exactly the reference'
   program of a tile (a per-tile counter) applies the epilogue and zeroes workspace and counter,
   so it replays in CUDA graphs.
 
-Integer results are exact. ``_unpack_int8`` + ``torch._int_mm`` + ``_scale_rows`` is an optional
-large-M path on cuBLAS int8 (off by default, see ``INTMM_MIN_M``).
+Integer results are exact. :mod:`.gemm_i8` (transient int8 unpack + shared-memory int8 GEMM) serves
+prefill from ``I8_MIN_M`` rows; ``unpack_i8`` + ``torch._int_mm`` + ``_scale_rows`` is an optional
+large-M path on cuBLAS int8 (both off by default, see ``I8_MIN_M`` and ``INTMM_MIN_M``).
 
 Run the tests: ``TRITON_INTERPRET=1 pytest tests/kernels/test_triton_kernels.py`` (CPU) or on a GPU.
 """
@@ -259,7 +260,8 @@ def _intmm_linear(x_q, s_x, w, gammas, P1, P2, out):
 # default: on an H100 a 2048-token prefill took 52 ms this way against 40 ms with the Triton kernel.
 INTMM_MIN_M = 1 << 62
 # From this many activation rows on (prefill), :mod:`.gemm_i8`: weights unpacked into a transient
-# int8 matrix, then an int8 GEMM with both operands in shared memory.
+# int8 matrix, then an int8 GEMM with both operands in shared memory. Off until timed on a GPU
+# (``bench/gpu_gemm.py --ms 512,2048``, ``bench/gpu.py --i8-min-m``).
 I8_MIN_M = 1 << 62
 GEMV_MAX_M = 4      # up to this many rows the dp4a GEMV (weights read once, rows looped); from 5
                     # rows on the tensor-core kernel: batch-8 decode on an H100 took 2.26 ms/step
