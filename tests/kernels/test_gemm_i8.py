@@ -20,7 +20,7 @@ pytest.importorskip("triton")
 
 from bitnet158 import quant  # noqa: E402
 from bitnet158.kernels.triton import common, gemm_i8, gemm_tc, w2a8  # noqa: E402
-from w2a8_cases import segmented as _segmented  # noqa: E402
+from w2a8_cases import check_linear, segmented as _segmented  # noqa: E402
 
 DEV = "cuda" if torch.cuda.is_available() else "cpu"
 if DEV == "cpu" and not common.INTERPRET:
@@ -32,20 +32,7 @@ def _i8(bm, bn, bk, gm=2, nw=4, ns=2):
 
 
 def _check(M, segs, K, cfg, seed=0):
-    gen = torch.Generator().manual_seed(seed + M * 131 + K)
-    w, g, w_ts = _segmented(segs, K, gen)
-    x_q = torch.randint(-128, 128, (M, K), generator=gen, dtype=torch.int8)
-    s = torch.rand(M, generator=gen) * 50 + 1
-    accs = [quant.int_matmul(x_q, w_t) for w_t in w_ts]
-    acc = torch.cat(accs, 1)
-    ref = torch.cat([(a.float() * (gi / s[:, None])).to(torch.bfloat16) for a, gi in zip(accs, g)], 1)
-    y_int = w2a8.w2a8_linear(x_q.to(DEV), torch.ones(M, device=DEV), w.to(DEV), torch.ones_like(g).to(DEV),
-                             segs, out_dtype=torch.float32, config=cfg)
-    assert torch.equal(y_int.cpu().to(torch.int32), acc)
-    out = torch.full((M, 4 * sum(segs)), float("nan"), dtype=torch.bfloat16, device=DEV)
-    y = w2a8.w2a8_linear(x_q.to(DEV), s.to(DEV), w.to(DEV), g.to(DEV), segs, out=out, config=cfg)
-    assert torch.equal(y.cpu(), ref)
-    return y
+    return check_linear(w2a8.w2a8_linear, M, segs, K, DEV, cfg, seed)
 
 
 # compiled (sm_90 wgmma) tiles are 64 rows and 32 K at least; the interpreter takes 16

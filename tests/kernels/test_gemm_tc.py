@@ -19,7 +19,7 @@ pytest.importorskip("triton")
 
 from bitnet158 import quant  # noqa: E402
 from bitnet158.kernels.triton import common, gemm_tc, w2a8  # noqa: E402
-from w2a8_cases import segmented as _segmented  # noqa: E402
+from w2a8_cases import check_linear  # noqa: E402
 
 DEV = "cuda" if torch.cuda.is_available() else "cpu"
 if DEV == "cpu" and not common.INTERPRET:
@@ -27,20 +27,7 @@ if DEV == "cpu" and not common.INTERPRET:
 
 
 def _check(M, segs, K, cfg, seed=0):
-    gen = torch.Generator().manual_seed(seed + M * 131 + K)
-    w, g, w_ts = _segmented(segs, K, gen)
-    x_q = torch.randint(-128, 128, (M, K), generator=gen, dtype=torch.int8)
-    s = torch.rand(M, generator=gen) * 50 + 1
-    accs = [quant.int_matmul(x_q, w_t) for w_t in w_ts]
-    acc = torch.cat(accs, 1)
-    ref = torch.cat([(a.float() * (gi / s[:, None])).to(torch.bfloat16) for a, gi in zip(accs, g)], 1)
-    kw = dict(config=cfg) if cfg is not None else {}
-    y_int = w2a8.w2a8_linear(x_q.to(DEV), torch.ones(M, device=DEV), w.to(DEV), torch.ones_like(g).to(DEV),
-                             segs, out_dtype=torch.float32, **kw)
-    assert torch.equal(y_int.cpu().to(torch.int32), acc)
-    out = torch.full((M, 4 * sum(segs)), float("nan"), dtype=torch.bfloat16, device=DEV)
-    y = w2a8.w2a8_linear(x_q.to(DEV), s.to(DEV), w.to(DEV), g.to(DEV), segs, out=out, **kw)
-    assert torch.equal(y.cpu(), ref)
+    check_linear(w2a8.w2a8_linear, M, segs, K, DEV, cfg, seed)
     ws = w2a8.workspace(DEV)                  # split-K leaves its scratch clean for graph replays
     assert int(ws.ws.abs().sum()) == 0 and int(ws.cnt.abs().sum()) == 0
 

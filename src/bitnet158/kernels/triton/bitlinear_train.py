@@ -7,7 +7,9 @@
   int32 accumulation over K and the epilogue ``y = acc * (gamma[n] / s_x[m])`` in fp32 (exactly
   ``quant.bitlinear_ref``'s ops), cast to the output dtype with round-to-nearest-even (also under
   the interpreter, via ``common.cast``). ``gamma`` is one scalar, or one per output column when
-  several projections (q/k/v, gate/up) run as one GEMM over their concatenated ternary weights.
+  several projections (q/k/v, gate/up) run as one GEMM over their concatenated ternary weights,
+  or one per segment of columns (the prefill path of the packed inference weights,
+  :mod:`.gemm_i8`).
 - programs are ordered in groups of ``GROUP_M`` row tiles so that neighbouring programs share
   weight tiles in L2; the K loop is a run-time loop (one compile serves every layer shape).
 - ``ternarize``: absmean ternary weight in two passes (partial |W| sums, then the int8 quantization
@@ -49,12 +51,15 @@ def _k_step(x_ptrs, w_ptrs, acc, k0, K, mrow, ncol, ks, EVEN_K: tl.constexpr):
 
 
 @triton.jit
-def _i8_gemm_scaled(x_ptr, w_ptr, sx_ptr, g_ptr, out_ptr, M, N, K,
+def _i8_gemm_scaled(x_ptr, w_ptr, sx_ptr, g_ptr, out_ptr, M, N, K, C1, C2,
                     stride_xm, stride_wn, stride_om,
                     BM: tl.constexpr, BN: tl.constexpr, BK: tl.constexpr, GROUP_M: tl.constexpr,
-                    G_PER_COL: tl.constexpr, EVEN_K: tl.constexpr, K_ITERS: tl.constexpr,
+                    G_MODE: tl.constexpr, EVEN_K: tl.constexpr, K_ITERS: tl.constexpr,
                     INTERP: tl.constexpr):
-    """out [BM, BN] tile = (x_q [M, K] @ W_t [N, K]^T) * (gamma / s_x[m]); int32 accumulation."""
+    """out [BM, BN] tile = (x_q [M, K] @ W_t [N, K]^T) * (gamma / s_x[m]); int32 accumulation.
+
+    G_MODE: 0 one gamma; 1 one per output column; 2 one per segment, segments starting at output
+    columns 0, C1, C2 (the fused projections of the packed inference weights)."""
     pid = tl.program_id(0)
     n_m = tl.cdiv(M, BM)
     n_n = tl.cdiv(N, BN)
@@ -79,8 +84,11 @@ def _i8_gemm_scaled(x_ptr, w_ptr, sx_ptr, g_ptr, out_ptr, M, N, K,
         for it in range(0, tl.cdiv(K, BK)):
             acc = _k_step(x_ptrs, w_ptrs, acc, it * BK, K, mrow, ncol, ks, EVEN_K)
     sx = tl.load(sx_ptr + ms, mask=mrow, other=1.0)                                  # fp32 [BM]
-    if G_PER_COL:
-        gamma = tl.load(g_ptr + ns, mask=ncol, other=1.0)                            # fp32 [BN]
+    if G_MODE > 0:
+        if G_MODE == 1:
+            gamma = tl.load(g_ptr + ns, mask=ncol, other=1.0)                        # fp32 [BN]
+        else:
+            gamma = tl.load(g_ptr + (ns >= C1).to(tl.int32) + (ns >= C2).to(tl.int32))
         scale = tl.math.div_rn(gamma[None, :] + tl.zeros((BM, BN), tl.float32), sx[:, None])
         y = acc.to(tl.float32) * scale
     else:
@@ -128,8 +136,8 @@ def int8_linear(x_q: torch.Tensor, s_x: torch.Tensor, w_t: torch.Tensor, gamma: 
     if block is not None:
         BM, BN, BK = block
     grid = (triton.cdiv(M, BM) * triton.cdiv(N, BN),)
-    _i8_gemm_scaled[grid](x_q, w_t, s, g, out, M, N, K, x_q.stride(0), w_t.stride(0), out.stride(0),
-                          BM=BM, BN=BN, BK=BK, GROUP_M=8, G_PER_COL=per_col, EVEN_K=K % BK == 0,
+    _i8_gemm_scaled[grid](x_q, w_t, s, g, out, M, N, K, N, N, x_q.stride(0), w_t.stride(0), out.stride(0),
+                          BM=BM, BN=BN, BK=BK, GROUP_M=8, G_MODE=int(per_col), EVEN_K=K % BK == 0,
                           K_ITERS=triton.cdiv(K, BK) if INTERPRET else 0,
                           INTERP=INTERPRET, num_warps=warps, num_stages=stages)
     return out

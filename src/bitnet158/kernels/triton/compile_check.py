@@ -21,7 +21,7 @@ def main() -> int:
     from triton.backends.compiler import GPUTarget
     from triton.compiler import ASTSource
 
-    from . import attention, decode_layer, gemm_tc, head, norm_quant, w2a8
+    from . import attention, bitlinear_train, decode_layer, gemm_i8, gemm_tc, head, norm_quant, w2a8
 
     target = GPUTarget("cuda", 90, 32)
     errors = 0
@@ -113,7 +113,13 @@ def main() -> int:
          dict(MB=1, BV=4, BD=4096, PDL=True), num_warps=8)
     comp(head._head_split, dict(x_ptr=P(bf), w_ptr=P(i8), ws_ptr=P(f32), out_ptr=P(f32)),
          dict(MB=1, BV=8, BD1=2048, BD2=512, PDL=True), num_warps=4)
-    comp(w2a8._unpack_int8, dict(w_ptr=P("u8"), out_ptr=P(i8)), dict(BR=32, BK=256), num_warps=4)
+    comp(gemm_i8._unpack_i8, dict(w_ptr=P("u8"), out_ptr=P(i8)), dict(BR=32, BK=256), num_warps=4)
+    i8_types = dict(x_ptr=P(i8), w_ptr=P(i8), sx_ptr=P(f32), g_ptr=P(f32), out_ptr=P(bf))
+    for (bm, bn, bk, gm, nw, ns), even, g_mode in ((gemm_i8.DEFAULT, True, 2), (gemm_i8.DEFAULT, False, 2),
+                                                   ((128, 256, 128, 8, 8, 3), True, 2), (gemm_i8.DEFAULT, True, 1)):
+        comp(bitlinear_train._i8_gemm_scaled, i8_types, dict(BM=bm, BN=bn, BK=bk, GROUP_M=gm, G_MODE=g_mode,
+                                                             EVEN_K=even, K_ITERS=0, INTERP=False),
+             num_warps=nw, num_stages=ns)
     comp(w2a8._scale_rows, dict(acc_ptr=P(i32), sx_ptr=P(f32), g_ptr=P(f32), out_ptr=P(bf)),
          dict(BM=16, BN=256, INTERP=False), num_warps=4)
     return 1 if errors else 0

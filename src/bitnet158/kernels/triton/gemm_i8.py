@@ -13,15 +13,14 @@ MMAs) runs at about bf16 cuBLAS speed there. Here, per call:
    2B4T (R = 3456, K = 2560) it reads 8.8 MB and writes 35 MB. The int8 matrix is a workspace of
    this call only (the caching allocator hands the same block to the next projection); the
    resident weights stay the 2-bit ones.
-2. ``_gemm_i8``: ``acc [BM, BN] = x [BM, K] @ w8[BN, K]^T`` in int32 over K tiles, both tiles
-   K-major in shared memory (``num_stages`` deep), the wide MMAs int8 tensor cores run best
-   with; program order grouped by ``GROUP_M`` row tiles so a weight column tile is read from L2
-   by the group. The epilogue is the reference's fp32 ``acc * (gamma_seg / s_x)`` (correctly
-   rounded division), cast to the output dtype: integer results are exact and the outputs equal
-   those of :mod:`.gemm_tc` bit for bit.
-
-Row and column indices past M and N are wrapped (``% M``) for the loads instead of masked, and the
-store is masked; K is masked only when it is not a multiple of ``BK``.
+2. the int8 GEMM of the training BitLinear (``bitlinear_train._i8_gemm_scaled``, per-segment
+   gammas): ``acc [BM, BN] = x [BM, K] @ w8[BN, K]^T`` in int32 over K tiles, both tiles K-major in
+   shared memory (``num_stages`` deep: compiled for sm_90 with the runtime's 16-byte alignments,
+   a 3-4 stage ``cp.async`` pipeline into int8 ``wgmma`` m64n128k32), the wide MMAs int8 tensor
+   cores run best with; programs grouped by ``GROUP_M`` row tiles so a weight column tile is read
+   from L2 by the group. The epilogue is the reference's fp32 ``acc * (gamma_seg / s_x)``
+   (correctly rounded division), cast to the output dtype: integer results are exact and the
+   outputs equal those of :mod:`.gemm_tc` bit for bit.
 
 Tests: ``tests/kernels/test_gemm_i8.py`` (interpreter on CPU, compiled on CUDA).
 """
@@ -32,7 +31,8 @@ import torch
 import triton
 import triton.language as tl
 
-from .common import INTERPRET, cast, cdiv
+from .bitlinear_train import _i8_gemm_scaled
+from .common import INTERPRET, cdiv
 from .gemm_tc import _cols
 
 
@@ -51,61 +51,13 @@ def _unpack_i8(w_ptr, out_ptr, K, R_total, P1, P2, BR: tl.constexpr, BK: tl.cons
         tl.store(out_ptr + cols[:, None] * K + ks[None, :], v, mask=mask)
 
 
-@triton.jit
-def _kstep(x_ptrs, w_ptrs, acc, kk, K, EVEN_K: tl.constexpr):
-    """acc [BM, BN] += x tile [BM, BK] @ w8 tile [BK, BN] (K columns kk; masked unless EVEN_K)."""
-    if EVEN_K:
-        a = tl.load(x_ptrs)
-        b = tl.load(w_ptrs)
-    else:
-        a = tl.load(x_ptrs, mask=(kk < K)[None, :], other=0)
-        b = tl.load(w_ptrs, mask=(kk < K)[:, None], other=0)
-    return tl.dot(a, b, acc, out_dtype=tl.int32)
-
-
-@triton.jit(do_not_specialize=["M", "ITERS"])
-def _gemm_i8(x_ptr, w_ptr, sx_ptr, g_ptr, out_ptr, M, N, K, C1, C2, stride_xm, stride_om, ITERS,
-             BM: tl.constexpr, BN: tl.constexpr, BK: tl.constexpr, GROUP_M: tl.constexpr,
-             EVEN_K: tl.constexpr, ITERS_C: tl.constexpr, INTERP: tl.constexpr):
-    """out [BM, BN] tile = (x @ w8^T) * gamma_seg[col] / s_x[row]; segments start at columns C1, C2.
-
-    ITERS = cdiv(K, BK) (ITERS_C: the same as a constant, the interpreter's loop bound)."""
-    pid = tl.program_id(0)
-    n_m = tl.cdiv(M, BM)
-    n_n = tl.cdiv(N, BN)
-    width = GROUP_M * n_n                   # programs of one group of GROUP_M row tiles
-    first_m = (pid // width) * GROUP_M
-    size_m = tl.minimum(n_m - first_m, GROUP_M)
-    pid_m = first_m + (pid % width) % size_m
-    pid_n = (pid % width) // size_m
-    ms = pid_m * BM + tl.arange(0, BM)
-    ns = pid_n * BN + tl.arange(0, BN)
-    ks = tl.arange(0, BK)
-    x_ptrs = x_ptr + (ms % M)[:, None] * stride_xm + ks[None, :]                       # [BM, BK]
-    w_ptrs = w_ptr + (ns % N)[None, :] * K + ks[:, None]                               # [BK, BN]
-    acc = tl.zeros((BM, BN), tl.int32)
-    if INTERP:      # the interpreter needs a Python int as loop bound
-        for it in range(0, ITERS_C):
-            acc = _kstep(x_ptrs + it * BK, w_ptrs + it * BK, acc, it * BK + ks, K, EVEN_K)
-    else:
-        for it in range(0, ITERS):
-            acc = _kstep(x_ptrs + it * BK, w_ptrs + it * BK, acc, it * BK + ks, K, EVEN_K)
-    seg = (ns >= C1).to(tl.int32) + (ns >= C2).to(tl.int32)
-    gamma = tl.load(g_ptr + seg)                                                      # fp32 [BN]
-    sx = tl.load(sx_ptr + ms, mask=ms < M, other=1.0)                                 # fp32 [BM]
-    y = acc.to(tl.float32) * tl.math.div_rn(gamma[None, :], sx[:, None])
-    mask = (ms < M)[:, None] & (ns < N)[None, :]
-    tl.store(out_ptr + ms[:, None] * stride_om + ns[None, :], cast(y, out_ptr.dtype.element_ty, INTERP),
-             mask=mask)
-
-
 # ---------------------------------------------------------------- host side
 
 # Block shapes (BM, BN, BK, GROUP_M, num_warps, num_stages) by (M bucket, N, K), to be filled from
 # ``bench/gpu_gemm.py`` (its ``i8_tuned``) on an H100; ``i8_config`` falls back to DEFAULT, the
 # usual Hopper int8 tile, not yet timed here.
 TUNED: dict = {}
-DEFAULT = (128, 256, 128, 8, 8, 3)
+DEFAULT = (128, 128, 128, 8, 8, 4)       # the training GEMM's large-M tile (bitlinear_train)
 
 
 def i8_config(M: int, N: int, K: int) -> dict:
@@ -132,10 +84,10 @@ def i8_linear(x_q, s_x, w, gammas, P1: int, P2: int, out, cfg: dict):
     cfg = dict(cfg)
     cfg.pop("kind", None)
     w8 = unpack_i8(w, P1, P2)
-    iters = cdiv(K, cfg["BK"])
     grid = (cdiv(M, cfg["BM"]) * cdiv(N, cfg["BN"]),)
-    _gemm_i8[grid](x_q, w8, s_x, gammas, out, M, N, K, 4 * P1, 4 * P2, x_q.stride(0), out.stride(0), iters,
-                   EVEN_K=K % cfg["BK"] == 0, ITERS_C=iters if INTERPRET else 0, INTERP=INTERPRET, **cfg)
+    _i8_gemm_scaled[grid](x_q, w8, s_x, gammas, out, M, N, K, 4 * P1, 4 * P2, x_q.stride(0), K, out.stride(0),
+                          G_MODE=2, EVEN_K=K % cfg["BK"] == 0, K_ITERS=cdiv(K, cfg["BK"]) if INTERPRET else 0,
+                          INTERP=INTERPRET, **cfg)
     return out
 
 
