@@ -194,6 +194,23 @@ def main(argv=None) -> int:
             def run(cfg):
                 return [lambda i=i, cfg=cfg: w2a8_linear(x_q, s, ws[i % copies], gam, segs, out=out,
                                                          config=dict(cfg)) for i in range(calls)]
+
+            def sweep(prefix, cands, to_cfg):
+                """Each candidate block shape checked bit for bit against ``ref``, then timed -> {c: us}."""
+                times = {}
+                for c in cands:
+                    key = f"{prefix}_" + "_".join(str(v) for v in c)
+                    try:
+                        out.fill_(float("nan"))
+                        y = w2a8_linear(x_q, s, w, gam, segs, out=out, config=to_cfg(c))
+                        if not torch.equal(y, ref):
+                            bad.append(key)
+                            continue
+                        times[c] = graph_us(run(to_cfg(c)))
+                        res[key] = round(times[c], 2)
+                    except Exception as e:
+                        res[key] = repr(e)[:120]
+                return times
             # bf16 cuBLAS on dense weights, int8 cuBLAS on unpacked weights
             wd = [torch.randn(4 * R, K, dtype=torch.bfloat16, device="cuda")
                   for _ in range(1 if M > 64 else max(2, -(-160_000_000 // (8 * nbytes))))]
@@ -218,20 +235,7 @@ def main(argv=None) -> int:
             y_int = w2a8_linear(x_q, torch.ones_like(s), w, torch.ones_like(gam), segs, out_dtype=torch.float32)
             if not torch.equal(y_int, ref_int):
                 bad.append(f"tc_int_{tag}")
-            times = {}
-            for c in candidates(M, K):
-                cfg = cfg_dict(c)
-                key = f"tc_{tag}_" + "_".join(str(v) for v in c)
-                try:
-                    out.fill_(float("nan"))
-                    y = w2a8_linear(x_q, s, w, gam, segs, out=out, config=dict(cfg))
-                    if not torch.equal(y, ref):
-                        bad.append(key)
-                        continue
-                    times[c] = graph_us(run(cfg))
-                    res[key] = round(times[c], 2)
-                except Exception as e:
-                    res[key] = repr(e)[:120]
+            times = sweep(f"tc_{tag}", candidates(M, K), cfg_dict)
             if times:
                 c = min(times, key=times.get)
                 best[tag] = (c, round(times[c], 2))
@@ -243,19 +247,7 @@ def main(argv=None) -> int:
                       + "  ".join(f"{o} {res.get(f'{o}_{tag}_us')}" for o in ("gemv", "dot", "intmm")
                                   if f"{o}_{tag}_us" in res), flush=True)
             # the unpack + shared-memory int8 GEMM kernel (prefill sizes), timed whole; the unpack alone too
-            times8 = {}
-            for c in i8_candidates(M):
-                key = f"i8_{tag}_" + "_".join(str(v) for v in c)
-                try:
-                    out.fill_(float("nan"))
-                    y = w2a8_linear(x_q, s, w, gam, segs, out=out, config=i8_dict(c))
-                    if not torch.equal(y, ref):
-                        bad.append(key)
-                        continue
-                    times8[c] = graph_us(run(i8_dict(c)))
-                    res[key] = round(times8[c], 2)
-                except Exception as e:
-                    res[key] = repr(e)[:120]
+            times8 = sweep(f"i8_{tag}", i8_candidates(M), i8_dict)
             if times8:
                 from bitnet158.kernels.triton import gemm_i8
                 c = min(times8, key=times8.get)
