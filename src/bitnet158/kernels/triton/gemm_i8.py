@@ -33,7 +33,7 @@ import triton.language as tl
 
 from .bitlinear_train import _i8_gemm_scaled
 from .common import INTERPRET, cdiv
-from .gemm_tc import _cols
+from .gemm_tc import _cols, m_bucket
 
 
 @triton.jit
@@ -62,7 +62,6 @@ DEFAULT = (128, 128, 128, 8, 8, 4)       # the training GEMM's large-M tile (bit
 
 def i8_config(M: int, N: int, K: int) -> dict:
     """Block shapes for an [M, K] x [N, K] int8 product (tuned table, else ``DEFAULT``)."""
-    from .gemm_tc import m_bucket
     bm, bn, bk, gm, nw, ns = TUNED.get((m_bucket(M), N, K), DEFAULT)
     return dict(kind="i8", BM=bm, BN=bn, BK=bk, GROUP_M=gm, num_warps=nw, num_stages=ns)
 
