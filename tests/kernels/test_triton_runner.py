@@ -63,6 +63,22 @@ def test_interpreted_runner_matches_reference(dtype, reference_kernels):
     torch.testing.assert_close(b, a, rtol=1e-6, atol=1e-6)
 
 
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_prefill_on_the_int8_gemm_path(dtype, reference_kernels, monkeypatch):
+    """Every prefill projection through :mod:`gemm_i8` (unpack + shared-memory int8 GEMM): the same
+    logits as the reference runner (CPU, interpreter) and bit-identical to the default path."""
+    from bitnet158.kernels.triton import w2a8
+    m = _tiny(dtype, layers=1, device="cuda" if CUDA else "cpu")
+    toks = torch.randint(0, m.config.vocab_size, (2, 5), device=m.device)
+    pos = torch.arange(5, device=m.device)[None].expand(2, 5)
+    default = TritonRunner(m, batch=2, max_len=32, graphs=False).prefill(toks, pos)
+    monkeypatch.setattr(w2a8, "I8_MIN_M", 1)
+    b = TritonRunner(m, batch=2, max_len=32, graphs=False).prefill(toks, pos)
+    assert torch.equal(b, default)
+    if not CUDA:
+        torch.testing.assert_close(b, TorchRunner(m, batch=2, max_len=32).prefill(toks, pos), rtol=1e-6, atol=1e-6)
+
+
 def test_runner_rejects_unpacked_and_bad_positions():
     cfg = ModelConfig.from_name("tiny", num_hidden_layers=1)
     with pytest.raises(Exception, match="packed"):
