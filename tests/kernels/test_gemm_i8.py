@@ -1,7 +1,7 @@
 """The prefill W2A8 GEMM (:mod:`bitnet158.kernels.triton.gemm_i8`) against the exact reference.
 
 On CPU the kernels run under ``TRITON_INTERPRET=1`` on small awkward shapes: 1-3 segments, K not a
-multiple of the K tile (masked), M and N not multiples of their tiles (wrapped loads, masked
+multiple of the K tile (masked), M and N not multiples of their tiles (masked loads and
 stores), several program groups. On CUDA the same cases run compiled, plus every 2B4T projection
 shape at prefill row counts (bit-exact, and equal to the register-operand kernel of
 :mod:`.gemm_tc`).
@@ -38,7 +38,7 @@ def _check(M, segs, K, cfg, seed=0):
 # compiled (sm_90 wgmma) tiles are 64 rows and 32 K at least; the interpreter takes 16
 T = 16 if common.INTERPRET else 64
 CASES = [  # (M, segments, K, config)
-    (9, (16,), 64, _i8(T, T, 32)),                        # one tile, M wrapped
+    (9, (16,), 64, _i8(T, T, 32)),                        # one tile, M masked
     (20, (3, 5, 9), 100, _i8(T, T, 32)),                  # 3 unaligned segments, ragged K
     (37, (16, 16), 128, _i8(T, 2 * T, 64, gm=1)),         # several row tiles, wide columns
     (5, (4,), 36, _i8(T, T, 32)),                         # K not a multiple of 4 (or of BK)
