@@ -344,11 +344,10 @@ def main(argv=None) -> int:
         gemm_tc.TUNED.clear()
         gemm_tc.TUNED.update(table)
         res["tuned"] = args.tuned
+    from bitnet158.kernels.triton import w2a8
     if args.i8_min_m is not None:
-        from bitnet158.kernels.triton import w2a8
         w2a8.I8_MIN_M = args.i8_min_m
-    from bitnet158.kernels.triton import w2a8 as _w2a8
-    res["i8_min_m"] = _w2a8.I8_MIN_M if _w2a8.I8_MIN_M < 1 << 40 else None
+    res["i8_min_m"] = w2a8.I8_MIN_M if w2a8.I8_MIN_M < 1 << 40 else None      # None: off
 
     def save():
         if args.out:

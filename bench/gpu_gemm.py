@@ -155,7 +155,7 @@ def main(argv=None) -> int:
     if not torch.cuda.is_available():
         print("bench/gpu_gemm.py needs a CUDA device", file=sys.stderr)
         return 2
-    from bitnet158.kernels.triton import gemm_tc, w2a8
+    from bitnet158.kernels.triton import gemm_i8, gemm_tc, w2a8
     from bitnet158.kernels.triton.w2a8 import w2a8_linear
     Ms = [int(m) for m in args.ms.split(",")]
     res: dict = {"device": torch.cuda.get_device_name()}
@@ -249,14 +249,13 @@ def main(argv=None) -> int:
             # the unpack + shared-memory int8 GEMM kernel (prefill sizes), timed whole; the unpack alone too
             times8 = sweep(f"i8_{tag}", i8_candidates(M), i8_dict)
             if times8:
-                from bitnet158.kernels.triton import gemm_i8
                 c = min(times8, key=times8.get)
                 i8_tuned[f"{gemm_tc.m_bucket(M)},{4 * R},{K}"] = list(c)
                 res[f"best_i8_{tag}_us"] = round(times8[c], 2)
                 res[f"best_i8_{tag}_cfg"] = "_".join(str(v) for v in c)
-                w8 = gemm_i8.unpack_i8(w, *w2a8.seg_bounds(segs, R, "bench"))
-                res[f"unpack_{tag}_us"] = round(graph_us([lambda: gemm_i8.unpack_i8(w, *w2a8.seg_bounds(
-                    segs, R, "bench"), out=w8)] * calls), 2)
+                P1, P2 = w2a8.seg_bounds(segs, R, "bench")
+                w8 = gemm_i8.unpack_i8(w, P1, P2)
+                res[f"unpack_{tag}_us"] = round(graph_us([lambda: gemm_i8.unpack_i8(w, P1, P2, out=w8)] * calls), 2)
                 res[f"i8_vs_bf16_{tag}_speedup"] = round(res[f"bf16_{tag}_us"] / times8[c], 2)
                 print(f"{tag:10s} i8 best {c} {times8[c]:8.2f} us (unpack {res[f'unpack_{tag}_us']} us)   "
                       f"bf16 {res[f'bf16_{tag}_us']:8.2f}", flush=True)

@@ -16,11 +16,10 @@ MMAs) runs at about bf16 cuBLAS speed there. Here, per call:
 2. the int8 GEMM of the training BitLinear (``bitlinear_train._i8_gemm_scaled``, per-segment
    gammas): ``acc [BM, BN] = x [BM, K] @ w8[BN, K]^T`` in int32 over K tiles, both tiles K-major in
    shared memory (``num_stages`` deep: compiled for sm_90 with the runtime's 16-byte alignments,
-   a 3-4 stage ``cp.async`` pipeline into int8 ``wgmma`` m64n128k32), the wide MMAs int8 tensor
-   cores run best with; programs grouped by ``GROUP_M`` row tiles so a weight column tile is read
-   from L2 by the group. The epilogue is the reference's fp32 ``acc * (gamma_seg / s_x)``
-   (correctly rounded division), cast to the output dtype: integer results are exact and the
-   outputs equal those of :mod:`.gemm_tc` bit for bit.
+   a 3-4 stage ``cp.async`` pipeline into int8 ``wgmma`` m64n128k32); programs grouped by
+   ``GROUP_M`` row tiles so a weight column tile is read from L2 by the group. The epilogue is the
+   reference's fp32 ``acc * (gamma_seg / s_x)`` (correctly rounded division), cast to the output
+   dtype: integer results are exact and the outputs equal those of :mod:`.gemm_tc` bit for bit.
 
 Tests: ``tests/kernels/test_gemm_i8.py`` (interpreter on CPU, compiled on CUDA).
 """
@@ -54,8 +53,8 @@ def _unpack_i8(w_ptr, out_ptr, K, R_total, P1, P2, BR: tl.constexpr, BK: tl.cons
 # ---------------------------------------------------------------- host side
 
 # Block shapes (BM, BN, BK, GROUP_M, num_warps, num_stages) by (M bucket, N, K), to be filled from
-# ``bench/gpu_gemm.py`` (its ``i8_tuned``) on an H100; ``i8_config`` falls back to DEFAULT, the
-# usual Hopper int8 tile, not yet timed here.
+# ``bench/gpu_gemm.py`` (its ``i8_tuned``) on an H100; ``i8_config`` falls back to DEFAULT, not yet
+# timed on this path.
 TUNED: dict = {}
 DEFAULT = (128, 128, 128, 8, 8, 4)       # the training GEMM's large-M tile (bitlinear_train)
 
