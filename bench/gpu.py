@@ -11,8 +11,9 @@ gate|up); the W2A8 pipeline reads the 2-bit weights. Measured (median of repeats
   (packed weights + head + KV bytes at that context) / bandwidth, with a bf16 and an int8 head;
 - batch-1 decode ms/token at context 128 / 1024 / 4096 (graph replays, back to back);
 - batch 8 and 64 decode throughput (rows at staggered positions around 1024);
-- a 2048-token prefill (head on the last position only, as the runner returns): eager, the host's
-  time to enqueue it, and the same work replayed from a CUDA graph (the GPU's time alone);
+- a 2048-token prefill (head on the last position only, as the runner returns): the runner's
+  default (a fresh prompt replays its padded-length graph, input copies included), eager, the
+  host's time to enqueue the eager prefill, and the bare graph replay (the GPU's time alone);
 - the host time of each op of a prefill layer (what the eager prefill waits on);
 - the decode attention alone at batch 64 per chunk length, beside its KV bytes' floor;
 - resident weight + head bytes and peak memory of each pipeline;
@@ -73,12 +74,15 @@ def decode_ms(runner, pos_list, iters=50) -> float:
     return events_ms(lambda: runner.decode(tok, pos), iters)
 
 
-def prefill_ms(runner, T=2048) -> tuple[float, float]:
-    """A T-token prefill: (eager ms by CUDA events, host ms to enqueue it). Eager time near the
-    host time and above the graph replay's (``prefill_graph_ms``): the prefill waits on Python
-    and launches, not on the GPU."""
+def prefill_ms(runner, T=2048) -> tuple[float, float, float]:
+    """A T-token prefill: (ms by CUDA events of the runner's default prefill, which replays a
+    graph, eager ms, host ms to enqueue the eager one). Eager time near the host time and above
+    the graph replay's: the eager prefill waits on Python and launches, not on the GPU."""
     tok = torch.randint(0, runner.vocab_size, (1, T), device="cuda")
     pos = torch.arange(T, device="cuda")[None]
+    runner.prefill(tok, pos)                              # captures its graph
+    default = events_ms(lambda: runner.prefill(tok, pos), 1, repeats=5)
+    runner.prefill_graphs = False
     runner.prefill(tok, pos)
     eager = events_ms(lambda: runner.prefill(tok, pos), 1, repeats=5)
     host = []
@@ -88,7 +92,8 @@ def prefill_ms(runner, T=2048) -> tuple[float, float]:
         runner.prefill(tok, pos)
         host.append((time.perf_counter() - t0) * 1e3)
         torch.cuda.synchronize()
-    return eager, statistics.median(host)
+    runner.prefill_graphs = True
+    return default, eager, statistics.median(host)
 
 
 def prefill_host_us(runner, res: dict, mode: str, T=2048, n=20):
@@ -315,6 +320,8 @@ def main(argv=None) -> int:
     ap.add_argument("--profile-bf16", action="store_true", help="also profile the bf16 pipeline")
     ap.add_argument("--tuned", default=None, help="tensor-core block shapes (bench/gpu_gemm.py "
                     "--tuned-out) to use instead of the built-in table")
+    ap.add_argument("--i8-tuned", default=None, help="int8 GEMM block shapes: a bench/gpu_gemm.py --out "
+                    "JSON (its i8_tuned) to use instead of the built-in table")
     ap.add_argument("--i8-min-m", type=int, default=None, help="rows from which projections use the "
                     "unpack + int8 GEMM kernel (gemm_i8) instead of the built-in threshold")
     ap.add_argument("--batched-only", action="store_true", help="only prefill and batch 8 / 64 decode")
@@ -344,6 +351,13 @@ def main(argv=None) -> int:
         gemm_tc.TUNED.clear()
         gemm_tc.TUNED.update(table)
         res["tuned"] = args.tuned
+    if args.i8_tuned:
+        from bitnet158.kernels.triton import gemm_i8
+        with open(args.i8_tuned) as f:
+            table = json.load(f)["i8_tuned"]
+        gemm_i8.TUNED.clear()
+        gemm_i8.TUNED.update({tuple(int(v) for v in k.split(",")): tuple(c) for k, c in table.items()})
+        res["i8_tuned"] = args.i8_tuned
     from bitnet158.kernels.triton import w2a8
     if args.i8_min_m is not None:
         w2a8.I8_MIN_M = args.i8_min_m
@@ -407,15 +421,16 @@ def main(argv=None) -> int:
             print(f"[w2a8 int8 head] decode b1 ctx 1024: {res['decode_b1_ctx1024_w2a8_int8head_ms']:.3f} ms")
             del r
             r = TritonRunner(model, batch=1, max_len=4096, linear=mode)
-        eager, host = prefill_ms(r)
+        default, eager, host = prefill_ms(r)
         res[f"peak_mem_b1_{mode}_gb"] = round(torch.cuda.max_memory_allocated() / 1e9, 3)
         graph = prefill_graph_ms(r)
         prefill_host_us(r, res, mode)
-        res[f"prefill2048_{mode}_ms"] = round(eager, 2)
+        res[f"prefill2048_{mode}_ms"] = round(default, 2)
+        res[f"prefill2048_{mode}_eager_ms"] = round(eager, 2)
         res[f"prefill2048_{mode}_host_ms"] = round(host, 2)
         res[f"prefill2048_{mode}_graph_ms"] = round(graph, 2)
-        print(f"[{mode}] prefill 2048: {eager:.2f} ms (host {host:.2f} ms to enqueue; "
-              f"graph replay {graph:.2f} ms)", flush=True)
+        print(f"[{mode}] prefill 2048: {default:.2f} ms (eager {eager:.2f} ms, host {host:.2f} ms to "
+              f"enqueue it; bare graph replay {graph:.2f} ms)", flush=True)
         del r
         save()
         for B in ([int(b) for b in args.batches.split(",") if b] if not args.quick else [8]):
@@ -448,8 +463,9 @@ def main(argv=None) -> int:
     for k in ["decode_b1_ctx128", "decode_b1_ctx1024", "decode_b1_ctx4096", "prefill2048"]:
         if f"{k}_w2a8_ms" in res and f"{k}_bf16_ms" in res:
             res[f"{k}_speedup"] = round(res[f"{k}_bf16_ms"] / res[f"{k}_w2a8_ms"], 2)
-    if "prefill2048_w2a8_graph_ms" in res and "prefill2048_bf16_graph_ms" in res:
-        res["prefill2048_graph_speedup"] = round(res["prefill2048_bf16_graph_ms"] / res["prefill2048_w2a8_graph_ms"], 2)
+    for k in ("graph", "eager"):
+        if f"prefill2048_w2a8_{k}_ms" in res and f"prefill2048_bf16_{k}_ms" in res:
+            res[f"prefill2048_{k}_speedup"] = round(res[f"prefill2048_bf16_{k}_ms"] / res[f"prefill2048_w2a8_{k}_ms"], 2)
     if "decode_b64_ctx128_w2a8_ms" in res and "decode_b64_ctx128_bf16_ms" in res:
         res["decode_b64_ctx128_speedup"] = round(res["decode_b64_ctx128_bf16_ms"] / res["decode_b64_ctx128_w2a8_ms"], 2)
     for B in (8, 64):
@@ -492,7 +508,7 @@ def main(argv=None) -> int:
                   f"{res.get(k + '_speedup', 0):8.2f}")
     print(f"{'prefill2048 (ms)':34s} {res.get('prefill2048_w2a8_ms', 0):10.2f} "
           f"{res.get('prefill2048_bf16_ms', 0):10.2f} {res.get('prefill2048_speedup', 0):8.2f}")
-    for k in ("host", "graph"):
+    for k in ("eager", "host", "graph"):
         print(f"{'prefill2048, ' + k + ' (ms)':34s} {res.get(f'prefill2048_w2a8_{k}_ms', 0):10.2f} "
               f"{res.get(f'prefill2048_bf16_{k}_ms', 0):10.2f} {res.get(f'prefill2048_{k}_speedup', 0):8.2f}")
     for c in (64, 128, 256):

@@ -79,6 +79,35 @@ def test_prefill_on_the_int8_gemm_path(dtype, reference_kernels, monkeypatch):
         torch.testing.assert_close(b, TorchRunner(m, batch=2, max_len=32).prefill(toks, pos), rtol=1e-6, atol=1e-6)
 
 
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_padded_prefill_matches_unpadded(dtype, reference_kernels):
+    """The graph prefill's padding (tokens after the prompt, logits of the last real position):
+    the same logits and cache slots as the unpadded prefill, and the decode after it unchanged."""
+    from bitnet158.kernels.triton import runner as runner_mod
+    m = _tiny(dtype, layers=1, device="cuda" if CUDA else "cpu")
+    dev = m.device
+    B, T, Tp = 2, 5, 12
+    toks = torch.randint(0, m.config.vocab_size, (B, T), device=dev)
+    pos = torch.arange(T, device=dev)[None].expand(B, T)
+    r = torch.arange(B, device=dev)
+    plain = TritonRunner(m, batch=B, max_len=32, graphs=False)
+    padded = TritonRunner(m, batch=B, max_len=32, graphs=False)
+    a = plain._prefill(toks, pos, r, True, T)
+    bufs = padded._prefill_bufs(B, Tp)
+    padded._pad_inputs(toks, r, bufs)
+    b = padded._prefill_padded(bufs)
+    tol = dict(rtol=1e-6, atol=1e-6) if dtype == torch.float32 else dict(rtol=2e-2, atol=2e-2)
+    torch.testing.assert_close(b, a, **tol)
+    for ka, kb in zip(plain.k_cache + plain.v_cache, padded.k_cache + padded.v_cache):
+        torch.testing.assert_close(kb[:, :, :T], ka[:, :, :T], **tol)
+    nt, p = a.argmax(-1), torch.full((B,), T, device=dev)       # decode overwrites slot T first
+    torch.testing.assert_close(padded.decode(nt, p), plain.decode(nt, p), **tol)
+    assert [plain.padded_len(t) for t in (1, 32, 33)] == [32] * 3          # capped by max_len
+    assert runner_mod.PREFILL_ALIGN == 64
+    big = TritonRunner(m, batch=1, max_len=200, graphs=False)
+    assert [big.padded_len(t) for t in (1, 64, 65, 128, 129, 199)] == [64, 64, 128, 128, 192, 200]
+
+
 def test_runner_rejects_unpacked_and_bad_positions():
     cfg = ModelConfig.from_name("tiny", num_hidden_layers=1)
     with pytest.raises(Exception, match="packed"):
@@ -197,6 +226,29 @@ def test_cuda_rows_at_different_positions_and_subsets(reference_kernels):
                                rtol=1e-4, atol=1e-4)
     with pytest.raises(ValueError, match="outside the KV cache"):
         tr.decode(nt, torch.tensor([64, 0, 0, 0], device="cuda"))
+
+
+@pytest.mark.cuda
+@pytest.mark.skipif(not CUDA, reason="needs CUDA")
+def test_cuda_prefill_graphs(reference_kernels, monkeypatch):
+    """Fresh prompts replay a graph per (rows, padded length): bit-identical to the eager prefill
+    for lengths that share a graph and lengths that do not, rows given or not; the least recently
+    used graph is dropped past PREFILL_GRAPHS."""
+    from bitnet158.kernels.triton import runner as runner_mod
+    monkeypatch.setattr(runner_mod, "PREFILL_GRAPHS", 2)
+    m = _tiny(torch.bfloat16, layers=2, device="cuda")
+    tr = TritonRunner(m, batch=2, max_len=256)
+    eager = TritonRunner(m, batch=2, max_len=256, graphs=False)
+    assert tr.prefill_graphs and not eager.prefill_graphs
+    for B, T in [(2, 7), (2, 50), (2, 64), (1, 65), (2, 3), (1, 200)]:
+        toks = torch.randint(0, m.config.vocab_size, (B, T), device="cuda")
+        pos = torch.arange(T, device="cuda")[None].expand(B, T)
+        rows = torch.tensor([1], device="cuda") if B == 1 else None
+        a, b = tr.prefill(toks, pos, rows), eager.prefill(toks, pos, rows)
+        assert torch.equal(a, b), (B, T)
+        nt, p = a.argmax(-1), torch.full((B,), T, device="cuda")
+        assert torch.equal(tr.decode(nt, p, rows), eager.decode(nt, p, rows)), (B, T)
+    assert list(tr._prefill_graphs) == [(2, 64), (1, 256)]
 
 
 @pytest.mark.cuda

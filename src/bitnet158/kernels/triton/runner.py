@@ -22,8 +22,13 @@ every program of the GEMV after it ("prologue"). Both measured slower than the 9
 an H100 (a kernel boundary with PDL costs ~0.8 us; the fused kernels lose more than that inside),
 so ``"unfused"`` is the default. The whole step is captured in a CUDA graph per
 number of rows, with tokens, positions and cache rows in device buffers, so any prompt and output
-length replays the same graph. Prefill runs the same kernels eagerly (tensor-core W2A8 GEMM) with
-SDPA attention, RoPE and the cache write in one kernel (``attention.rope_cache_write``). q/k/v and
+length replays the same graph. Prefill runs the same kernels (tensor-core W2A8 GEMM) with SDPA
+attention, RoPE and the cache write in one kernel (``attention.rope_cache_write``); a prompt that
+starts at position 0 is padded to a multiple of ``PREFILL_ALIGN`` tokens and replays a CUDA graph
+per (rows, padded length): eager, a prefill's ~400 launches cost the host more time than the GPU
+needs for them. The padding tokens come after every prompt token, so causal attention keeps them
+out of the prompt's logits; they write cache slots past the prompt, which a decode step overwrites
+before it reads them. q/k/v and
 gate/up weights are concatenated once at load and the model's own buffers become views of them:
 the packed weights exist once.
 
@@ -34,6 +39,8 @@ benchmark instead: the same graph, cache, attention and norms, but every project
 """
 
 from __future__ import annotations
+
+from collections import OrderedDict
 
 import torch
 import torch.nn.functional as F
@@ -80,6 +87,11 @@ STEPS = ("unfused", "tail", "prologue")
 # Measured on an H100 (bench/gpu_decode.py, batch 1, ctx 1024): unfused 1.35-1.38 ms, tail
 # 1.74 ms, prologue 1.64 ms; the fused steps stay selectable (docs/gpu-engine.md says why).
 DEFAULT_STEP = "unfused"
+# prefill graphs: prompt lengths padded up to a multiple of PREFILL_ALIGN tokens (at most
+# PREFILL_ALIGN - 1 tokens of extra work), at most PREFILL_GRAPHS graphs kept (least recently
+# used dropped), all sharing one memory pool (they replay one at a time; outputs are copied out)
+PREFILL_ALIGN = 64
+PREFILL_GRAPHS = 16
 TAIL_STYLES = {"qkv": "w8", "o": "w8", "gu": "w8", "down": "w8"}      # the best whole step of those tried
 DEFAULT_GEMV = "w2a8"
 
@@ -161,6 +173,9 @@ class TritonRunner:
         self.x_buf = torch.zeros((batch, cfg.hidden_size), dtype=dt, device=dev)
         self.x2_buf = torch.zeros((batch, cfg.hidden_size), dtype=dt, device=dev)   # fused: ping-pong
         self._graphs: dict[int, tuple] = {}
+        self.prefill_graphs = self.graphs          # fresh prompts replay a graph per padded length
+        self._prefill_graphs: OrderedDict = OrderedDict()
+        self._pool = None
 
     # ------------------------------------------------------------------ helpers
     def reset(self) -> None:
@@ -324,7 +339,7 @@ class TritonRunner:
         g.replay()
         return out.clone()
 
-    def _capture(self, args, step=None):
+    def _capture(self, args, step=None, pool=None):
         """Warm up (compiles kernels; writes the same KV values the replay writes) and capture
         ``step(*args)`` (default: the decode step) -> (graph, its output)."""
         step = step or self._decode_step
@@ -334,7 +349,7 @@ class TritonRunner:
             step(*args)
         torch.cuda.current_stream().wait_stream(s)
         g = torch.cuda.CUDAGraph()
-        with torch.cuda.graph(g):
+        with torch.cuda.graph(g, pool=pool):
             out = step(*args)
         return g, out
 
@@ -349,12 +364,60 @@ class TritonRunner:
             pos = pos[None].expand(B, T)
         self._check_pos(pos)
         fresh = bool((pos == torch.arange(T, device=self.device)).all())               # causal from 0
-        return self._prefill(tokens.to(self.device), pos, r, fresh, int(pos.max()) + 1)
+        tokens = tokens.to(self.device)
+        if fresh and self.prefill_graphs:
+            return self._prefill_graph(tokens, r)
+        return self._prefill(tokens, pos, r, fresh, int(pos.max()) + 1)
+
+    def padded_len(self, T: int) -> int:
+        """Length a fresh T-token prompt is padded to for its graph (never past the cache)."""
+        return min(-(-T // PREFILL_ALIGN) * PREFILL_ALIGN, self.max_len)
+
+    def _pad_inputs(self, tokens, r, bufs) -> None:
+        """Copy a fresh prompt [B, T] and its rows into a graph's static buffers (padding token 0)."""
+        B, T = tokens.shape
+        Tp = bufs["tok"].shape[1]
+        bufs["tok"][:, :T].copy_(tokens)
+        bufs["tok"][:, T:].zero_()
+        bufs["rows"].copy_(r)
+        bufs["last"].copy_(torch.arange(B, device=self.device) * Tp + (T - 1))
+
+    def _prefill_bufs(self, B: int, Tp: int) -> dict:
+        dev = self.device
+        return dict(tok=torch.zeros((B, Tp), dtype=torch.long, device=dev),
+                    pos=torch.arange(Tp, device=dev)[None].expand(B, Tp),
+                    rows=torch.zeros(B, dtype=torch.long, device=dev),
+                    last=torch.zeros(B, dtype=torch.long, device=dev))
+
+    def _prefill_padded(self, bufs) -> torch.Tensor:
+        return self._prefill(bufs["tok"], bufs["pos"], bufs["rows"], True, bufs["tok"].shape[1],
+                             last=bufs["last"])
+
+    def _prefill_graph(self, tokens, r) -> torch.Tensor:
+        """A fresh prompt [B, T] through the graph of (B, padded_len(T)), captured on first use."""
+        B, T = tokens.shape
+        key = (B, self.padded_len(T))
+        entry = self._prefill_graphs.get(key)
+        if entry is None:
+            bufs = self._prefill_bufs(*key)
+            self._pad_inputs(tokens, r, bufs)
+            if self._pool is None:
+                self._pool = torch.cuda.graph_pool_handle()
+            g, out = self._capture((bufs,), self._prefill_padded, pool=self._pool)
+            entry = self._prefill_graphs[key] = (g, out, bufs)
+            while len(self._prefill_graphs) > PREFILL_GRAPHS:
+                self._prefill_graphs.popitem(last=False)
+        else:
+            self._prefill_graphs.move_to_end(key)
+            self._pad_inputs(tokens, r, entry[2])
+        entry[0].replay()
+        return entry[1].clone()
 
     @torch.inference_mode()
-    def _prefill(self, tokens, pos, r, fresh: bool, L_: int) -> torch.Tensor:
+    def _prefill(self, tokens, pos, r, fresh: bool, L_: int, last=None) -> torch.Tensor:
         """The prefill's device work, without host synchronization (a CUDA graph can capture it):
-        tokens, pos long [B, T], r long [B] cache rows, L_ = max(pos) + 1."""
+        tokens, pos long [B, T], r long [B] cache rows, L_ = max(pos) + 1; ``last`` long [B]: the
+        flat index (b * T + t) whose logits each row returns (default: t = T - 1)."""
         B, T = tokens.shape
         H, HKV, D = self.H, self.HKV, self.D
         x = F.embedding(tokens, self.embed).reshape(B * T, -1).contiguous()
@@ -388,7 +451,8 @@ class TritonRunner:
             gu = self._lin(Ly["gu"], q, s)
             q, s = self._nq(gu, Ly["ffn_norm"], gated=True)
             delta = self._lin(Ly["down"], q, s)
-        last = torch.arange(B, device=self.device) * T + (T - 1)
+        if last is None:
+            last = torch.arange(B, device=self.device) * T + (T - 1)
         return self._head(x[last].contiguous(), delta[last].contiguous())
 
     # ------------------------------------------------------------------ sizes
