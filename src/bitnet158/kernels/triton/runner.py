@@ -89,9 +89,10 @@ STEPS = ("unfused", "tail", "prologue")
 DEFAULT_STEP = "unfused"
 # prefill graphs: prompt lengths padded up to a multiple of PREFILL_ALIGN tokens (at most
 # PREFILL_ALIGN - 1 tokens of extra work), at most PREFILL_GRAPHS graphs kept (least recently
-# used dropped), all sharing one memory pool (they replay one at a time; outputs are copied out)
+# used dropped; a server's first prefill chunks of <= 512 tokens at one row need 8), all
+# sharing one memory pool (they replay one at a time; outputs are copied out)
 PREFILL_ALIGN = 64
-PREFILL_GRAPHS = 16
+PREFILL_GRAPHS = 32
 TAIL_STYLES = {"qkv": "w8", "o": "w8", "gu": "w8", "down": "w8"}      # the best whole step of those tried
 DEFAULT_GEMV = "w2a8"
 
