@@ -23,12 +23,12 @@ an H100 (a kernel boundary with PDL costs ~0.8 us; the fused kernels lose more t
 so ``"unfused"`` is the default. The whole step is captured in a CUDA graph per
 number of rows, with tokens, positions and cache rows in device buffers, so any prompt and output
 length replays the same graph. Prefill runs the same kernels (tensor-core W2A8 GEMM) with SDPA
-attention, RoPE and the cache write in one kernel (``attention.rope_cache_write``); a prompt that
-starts at position 0 is padded to a multiple of ``PREFILL_ALIGN`` tokens and replays a CUDA graph
-per (rows, padded length): eager, a prefill's ~400 launches cost the host more time than the GPU
-needs for them. The padding tokens come after every prompt token, so causal attention keeps them
-out of the prompt's logits; they write cache slots past the prompt, which a decode step overwrites
-before it reads them. q/k/v and
+attention, RoPE and the cache write in one kernel (``attention.rope_cache_write``). Eager, a
+prefill's ~400 launches cost the host more time than the GPU needs for them, so a prompt chunk
+at consecutive positions is padded to a multiple of ``PREFILL_ALIGN`` tokens and, from the second
+time its padded shape comes, replays a CUDA graph of that shape. The padding tokens come after
+every prompt token, so causal attention keeps them out of the prompt's logits; they write cache
+slots past the prompt, which a decode step or the next chunk overwrites before reading them. q/k/v and
 gate/up weights are concatenated once at load and the model's own buffers become views of them:
 the packed weights exist once.
 
@@ -87,11 +87,13 @@ STEPS = ("unfused", "tail", "prologue")
 # Measured on an H100 (bench/gpu_decode.py, batch 1, ctx 1024): unfused 1.35-1.38 ms, tail
 # 1.74 ms, prologue 1.64 ms; the fused steps stay selectable (docs/gpu-engine.md says why).
 DEFAULT_STEP = "unfused"
-# prefill graphs: prompt lengths padded up to a multiple of PREFILL_ALIGN tokens (at most
-# PREFILL_ALIGN - 1 tokens of extra work), at most PREFILL_GRAPHS graphs kept (least recently
-# used dropped; a server's first prefill chunks of <= 512 tokens at one row need 8), all
+# prefill graphs: chunk lengths padded up to a multiple of PREFILL_ALIGN tokens (at most
+# PREFILL_ALIGN - 1 tokens of extra work), a continuation's attention over the cache up to a
+# multiple of PREFILL_SPAN slots; a graph per (rows, padded length, slots, from 0), captured the
+# second time its shape comes; at most PREFILL_GRAPHS kept (least recently used dropped), all
 # sharing one memory pool (they replay one at a time; outputs are copied out)
 PREFILL_ALIGN = 64
+PREFILL_SPAN = 512
 PREFILL_GRAPHS = 32
 TAIL_STYLES = {"qkv": "w8", "o": "w8", "gu": "w8", "down": "w8"}      # the best whole step of those tried
 DEFAULT_GEMV = "w2a8"
@@ -176,6 +178,7 @@ class TritonRunner:
         self._graphs: dict[int, tuple] = {}
         self.prefill_graphs = self.graphs          # fresh prompts replay a graph per padded length
         self._prefill_graphs: OrderedDict = OrderedDict()
+        self._prefill_seen: set = set()
         self._pool = None
 
     # ------------------------------------------------------------------ helpers
@@ -364,53 +367,66 @@ class TritonRunner:
         if pos.dim() == 1:
             pos = pos[None].expand(B, T)
         self._check_pos(pos)
-        fresh = bool((pos == torch.arange(T, device=self.device)).all())               # causal from 0
+        start = pos[:, :1]
+        steps = bool((pos == start + torch.arange(T, device=self.device)).all())      # consecutive
+        fresh = steps and not bool(start.any())                                       # causal from 0
         tokens = tokens.to(self.device)
-        if fresh and self.prefill_graphs:
-            return self._prefill_graph(tokens, r)
+        if steps and self.prefill_graphs:
+            return self._prefill_graph(tokens, start[:, 0], r, fresh)
         return self._prefill(tokens, pos, r, fresh, int(pos.max()) + 1)
 
-    def padded_len(self, T: int) -> int:
-        """Length a fresh T-token prompt is padded to for its graph (never past the cache)."""
-        return min(-(-T // PREFILL_ALIGN) * PREFILL_ALIGN, self.max_len)
+    def _padded_shape(self, T: int, s_max: int, fresh: bool) -> tuple[int, int]:
+        """(Tp, Lp): the T new tokens padded to a multiple of PREFILL_ALIGN (never past the cache
+        for the row starting furthest in, ``s_max``), and the cache slots the attention reads:
+        Tp from position 0, else max start + T rounded up to a multiple of PREFILL_SPAN."""
+        Tp = min(-(-T // PREFILL_ALIGN) * PREFILL_ALIGN, self.max_len - s_max)
+        if fresh:
+            return Tp, Tp
+        return Tp, min(-(-(s_max + T) // PREFILL_SPAN) * PREFILL_SPAN, self.max_len)
 
-    def _pad_inputs(self, tokens, r, bufs) -> None:
-        """Copy a fresh prompt [B, T] and its rows into a graph's static buffers (padding token 0)."""
+    def _pad_inputs(self, tokens, start, r, bufs) -> None:
+        """Copy a prompt chunk [B, T] (row b at positions start[b] + t) and its rows into a graph's
+        static buffers; padding tokens (id 0) continue each row's positions."""
         B, T = tokens.shape
         Tp = bufs["tok"].shape[1]
         bufs["tok"][:, :T].copy_(tokens)
         bufs["tok"][:, T:].zero_()
+        bufs["pos"].copy_(start[:, None] + torch.arange(Tp, device=self.device))
         bufs["rows"].copy_(r)
         bufs["last"].copy_(torch.arange(B, device=self.device) * Tp + (T - 1))
 
     def _prefill_bufs(self, B: int, Tp: int) -> dict:
         dev = self.device
         return dict(tok=torch.zeros((B, Tp), dtype=torch.long, device=dev),
-                    pos=torch.arange(Tp, device=dev)[None].expand(B, Tp),
+                    pos=torch.zeros((B, Tp), dtype=torch.long, device=dev),
                     rows=torch.zeros(B, dtype=torch.long, device=dev),
                     last=torch.zeros(B, dtype=torch.long, device=dev))
 
-    def _prefill_padded(self, bufs) -> torch.Tensor:
-        return self._prefill(bufs["tok"], bufs["pos"], bufs["rows"], True, bufs["tok"].shape[1],
-                             last=bufs["last"])
+    def _prefill_padded(self, bufs, fresh: bool, Lp: int) -> torch.Tensor:
+        return self._prefill(bufs["tok"], bufs["pos"], bufs["rows"], fresh, Lp, last=bufs["last"])
 
-    def _prefill_graph(self, tokens, r) -> torch.Tensor:
-        """A fresh prompt [B, T] through the graph of (B, padded_len(T)), captured on first use."""
+    def _prefill_graph(self, tokens, start, r, fresh: bool) -> torch.Tensor:
+        """A prompt chunk [B, T] at consecutive positions from ``start`` [B]: eager the first
+        time its padded shape is seen, then through that shape's graph (captured on the second)."""
         B, T = tokens.shape
-        key = (B, self.padded_len(T))
+        Tp, Lp = self._padded_shape(T, int(start.max()), fresh)
+        key = (B, Tp, Lp, fresh)
         entry = self._prefill_graphs.get(key)
         if entry is None:
-            bufs = self._prefill_bufs(*key)
-            self._pad_inputs(tokens, r, bufs)
+            bufs = self._prefill_bufs(B, Tp)
+            self._pad_inputs(tokens, start, r, bufs)
+            if key not in self._prefill_seen:              # one-off shapes never pay for a capture
+                self._prefill_seen.add(key)
+                return self._prefill_padded(bufs, fresh, Lp)
             if self._pool is None:
                 self._pool = torch.cuda.graph_pool_handle()
-            g, out = self._capture((bufs,), self._prefill_padded, pool=self._pool)
+            g, out = self._capture((bufs, fresh, Lp), self._prefill_padded, pool=self._pool)
             entry = self._prefill_graphs[key] = (g, out, bufs)
             while len(self._prefill_graphs) > PREFILL_GRAPHS:
                 self._prefill_graphs.popitem(last=False)
         else:
             self._prefill_graphs.move_to_end(key)
-            self._pad_inputs(tokens, r, entry[2])
+            self._pad_inputs(tokens, start, r, entry[2])
         entry[0].replay()
         return entry[1].clone()
 
