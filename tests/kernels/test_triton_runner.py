@@ -129,6 +129,13 @@ def test_runner_rejects_unpacked_and_bad_positions():
     cfg = ModelConfig.from_name("tiny", num_hidden_layers=1)
     with pytest.raises(Exception, match="packed"):
         TritonRunner(Transformer(cfg), batch=1, max_len=8, graphs=False)
+    tr = TritonRunner(_tiny(torch.float32, layers=1), batch=1, max_len=8, graphs=False)
+    with pytest.raises(ValueError, match="no tokens"):
+        tr.prefill(torch.zeros((1, 0), dtype=torch.long), torch.zeros((1, 0), dtype=torch.long))
+    with pytest.raises(ValueError, match="pos has shape"):
+        tr.prefill(torch.zeros((1, 3), dtype=torch.long), torch.arange(4)[None])
+    with pytest.raises(ValueError, match="outside the KV cache"):
+        tr.prefill(torch.zeros((1, 3), dtype=torch.long), torch.arange(6, 9)[None])
 
 
 # ---------------------------------------------------------------- CUDA

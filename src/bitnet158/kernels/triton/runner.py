@@ -366,16 +366,21 @@ class TritonRunner:
     def prefill(self, tokens: torch.Tensor, pos: torch.Tensor, rows: torch.Tensor | None = None) -> torch.Tensor:
         """tokens, pos [B, T] -> float32 logits [B, V] of each row's last position."""
         B, T = tokens.shape
+        if T == 0:
+            raise ValueError("triton runner: prefill got no tokens (tokens has shape "
+                             f"{tuple(tokens.shape)})")
         r = self._rows(rows, B)
         pos = pos.to(self.device).long()
         if pos.dim() == 1:
             pos = pos[None].expand(B, T)
+        if pos.shape != (B, T):
+            raise ValueError(f"triton runner: pos has shape {tuple(pos.shape)}, tokens {(B, T)}")
         self._check_pos(pos)
         start = pos[:, :1]
         steps = bool((pos == start + torch.arange(T, device=self.device)).all())      # consecutive
         fresh = steps and not bool(start.any())                                       # causal from 0
         tokens = tokens.to(self.device)
-        if steps and self.prefill_graphs:
+        if steps and self.prefill_graphs and self.device.type == "cuda":
             return self._prefill_graph(tokens, start[:, 0], r, fresh)
         return self._prefill(tokens, pos, r, fresh, int(pos.max()) + 1)
 
