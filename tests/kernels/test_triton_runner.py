@@ -255,13 +255,14 @@ def test_cuda_rows_at_different_positions_and_subsets(reference_kernels):
 @pytest.mark.cuda
 @pytest.mark.skipif(not CUDA, reason="needs CUDA")
 def test_cuda_prefill_graphs(reference_kernels, monkeypatch):
-    """Prompt chunks replay a graph per padded shape from its second use: bit-identical to the
-    eager prefill (and the decode after it) for lengths that share a graph and lengths that do
-    not, from position 0 and continuing from a cached prefix, rows given or not; the least
-    recently used graph is dropped past PREFILL_GRAPHS."""
+    """Prompt chunks replay a graph per padded shape from its second use: the eager prefill's
+    logits (and the decode's after it) for lengths that share a graph and lengths that do not,
+    from position 0 and continuing from a cached prefix, rows given or not (fp32: the padded
+    attention rows are longer, so their sums may round differently); the least recently used
+    graph is dropped past PREFILL_GRAPHS."""
     from bitnet158.kernels.triton import runner as runner_mod
     monkeypatch.setattr(runner_mod, "PREFILL_GRAPHS", 2)
-    m = _tiny(torch.bfloat16, layers=2, device="cuda")
+    m = _tiny(torch.float32, layers=2, device="cuda")
     tr = TritonRunner(m, batch=2, max_len=1024)
     tr.prefill_graphs = True
     eager = TritonRunner(m, batch=2, max_len=1024, graphs=False)
@@ -273,9 +274,11 @@ def test_cuda_prefill_graphs(reference_kernels, monkeypatch):
         toks = torch.randint(0, m.config.vocab_size, (B, T), device="cuda")
         pos = torch.arange(s0, s0 + T, device="cuda")[None].expand(B, T)
         a, b = tr.prefill(toks, pos, rows), eager.prefill(toks, pos, rows)
-        assert torch.equal(a, b), (B, s0, T)
-        nt, p = a.argmax(-1), torch.full((B,), s0 + T, device="cuda")
-        assert torch.equal(tr.decode(nt, p, rows), eager.decode(nt, p, rows)), (B, s0, T)
+        torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-4, msg=f"prefill {(B, s0, T)}")
+        assert torch.equal(a.argmax(-1), b.argmax(-1))
+        nt, p = b.argmax(-1), torch.full((B,), s0 + T, device="cuda")
+        torch.testing.assert_close(tr.decode(nt, p, rows), eager.decode(nt, p, rows), rtol=1e-4, atol=1e-4,
+                                   msg=f"decode {(B, s0, T)}")
     # seen once: (1, 256, 256, True), (1, 64, 512, False) twice: captured, then the last two kept
     assert list(tr._prefill_graphs) == [(1, 64, 512, False), (2, 64, 64, True)]
 
