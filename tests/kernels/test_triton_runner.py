@@ -134,6 +134,9 @@ def test_runner_rejects_unpacked_and_bad_positions():
         tr.prefill(torch.zeros((1, 0), dtype=torch.long), torch.zeros((1, 0), dtype=torch.long))
     with pytest.raises(ValueError, match="pos has shape"):
         tr.prefill(torch.zeros((1, 3), dtype=torch.long), torch.arange(4)[None])
+    two = TritonRunner(_tiny(torch.float32, layers=1), batch=2, max_len=8, graphs=False)
+    toks = torch.randint(0, 50, (2, 3))
+    torch.testing.assert_close(two.prefill(toks, torch.arange(3)[None]), two.prefill(toks, torch.arange(3)))
     with pytest.raises(ValueError, match="outside the KV cache"):
         tr.prefill(torch.zeros((1, 3), dtype=torch.long), torch.arange(6, 9)[None])
 

@@ -372,7 +372,9 @@ class TritonRunner:
         r = self._rows(rows, B)
         pos = pos.to(self.device).long()
         if pos.dim() == 1:
-            pos = pos[None].expand(B, T)
+            pos = pos[None]
+        if pos.shape == (1, T):                            # one row of positions for every row
+            pos = pos.expand(B, T)
         if pos.shape != (B, T):
             raise ValueError(f"triton runner: pos has shape {tuple(pos.shape)}, tokens {(B, T)}")
         self._check_pos(pos)
@@ -442,8 +444,9 @@ class TritonRunner:
     @torch.inference_mode()
     def _prefill(self, tokens, pos, r, fresh: bool, L_: int, last=None) -> torch.Tensor:
         """The prefill's device work, without host synchronization (a CUDA graph can capture it):
-        tokens, pos long [B, T], r long [B] cache rows, L_ = max(pos) + 1; ``last`` long [B]: the
-        flat index (b * T + t) whose logits each row returns (default: t = T - 1)."""
+        tokens, pos long [B, T], r long [B] cache rows, L_: cache slots a continuing chunk's
+        attention reads (at least the last real position + 1); ``last`` long [B]: the flat index
+        (b * T + t) whose logits each row returns (default: t = T - 1)."""
         B, T = tokens.shape
         H, HKV, D = self.H, self.HKV, self.D
         x = F.embedding(tokens, self.embed).reshape(B * T, -1).contiguous()
