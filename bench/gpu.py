@@ -11,9 +11,9 @@ gate|up); the W2A8 pipeline reads the 2-bit weights. Measured (median of repeats
   (packed weights + head + KV bytes at that context) / bandwidth, with a bf16 and an int8 head;
 - batch-1 decode ms/token at context 128 / 1024 / 4096 (graph replays, back to back);
 - batch 8 and 64 decode throughput (rows at staggered positions around 1024);
-- a 2048-token prefill (head on the last position only, as the runner returns): with prefill
-  graphs (the prompt replays its padded shape's graph, input copies included), eager, the host's
-  time to enqueue the eager prefill, and the bare graph replay (the GPU's time alone);
+- a 2048-token prefill (head on the last position only, as the runner returns): eager, the host's
+  time to enqueue it, with prefill graphs (``runner.prefill_graphs``: the prompt replays its
+  padded shape's graph, input copies included), and the bare graph replay (the GPU's time alone);
 - the host time of each op of a prefill layer (what the eager prefill waits on);
 - the decode attention alone at batch 64 per chunk length, beside its KV bytes' floor;
 - resident weight + head bytes and peak memory of each pipeline;
@@ -66,6 +66,18 @@ def fill_cache(runner, seed=0):
         v.normal_(0, 1, generator=g)
 
 
+def load_table(path: str, key: str | None = None) -> dict:
+    """Block shapes written by bench/gpu_gemm.py ({"M,R,K": [...]}, or under ``key`` of its --out
+    JSON) -> {(M bucket, R, K): tuple}, the form of the kernels' TUNED tables."""
+    with open(path) as f:
+        table = json.load(f)
+    if key is not None:
+        if key not in table:
+            raise SystemExit(f"{path}: no {key!r} table (write it with bench/gpu_gemm.py --out)")
+        table = table[key]
+    return {tuple(int(v) for v in k.split(",")): tuple(c) for k, c in table.items()}
+
+
 def decode_ms(runner, pos_list, iters=50) -> float:
     n = len(pos_list)
     tok = torch.randint(0, runner.vocab_size, (n,), device="cuda")
@@ -75,9 +87,9 @@ def decode_ms(runner, pos_list, iters=50) -> float:
 
 
 def prefill_ms(runner, T=2048) -> tuple[float, float, float]:
-    """A T-token prefill: (ms by CUDA events of ``runner.prefill`` with prefill graphs on, eager
-    ms, host ms to enqueue the eager one). Eager time near the host time and above the graph
-    replay's: the eager prefill waits on Python and launches, not on the GPU."""
+    """A T-token prefill: (eager ms by CUDA events, host ms to enqueue it, ms with prefill graphs
+    on). Eager time near the host time and above the graph replay's: the eager prefill waits on
+    Python and launches, not on the GPU."""
     tok = torch.randint(0, runner.vocab_size, (1, T), device="cuda")
     pos = torch.arange(T, device="cuda")[None]
     default = runner.prefill_graphs
@@ -96,7 +108,7 @@ def prefill_ms(runner, T=2048) -> tuple[float, float, float]:
         host.append((time.perf_counter() - t0) * 1e3)
         torch.cuda.synchronize()
     runner.prefill_graphs = default
-    return with_graphs, eager, statistics.median(host)
+    return eager, statistics.median(host), with_graphs
 
 
 def prefill_host_us(runner, res: dict, mode: str, T=2048, n=20):
@@ -349,17 +361,13 @@ def main(argv=None) -> int:
                  "torch": torch.__version__, "triton": triton.__version__}
     if args.tuned:
         from bitnet158.kernels.triton import gemm_tc
-        with open(args.tuned) as f:
-            table = {tuple(int(v) for v in k.split(",")): tuple(c) for k, c in json.load(f).items()}
         gemm_tc.TUNED.clear()
-        gemm_tc.TUNED.update(table)
+        gemm_tc.TUNED.update(load_table(args.tuned))
         res["tuned"] = args.tuned
     if args.i8_tuned:
         from bitnet158.kernels.triton import gemm_i8
-        with open(args.i8_tuned) as f:
-            table = json.load(f)["i8_tuned"]
         gemm_i8.TUNED.clear()
-        gemm_i8.TUNED.update({tuple(int(v) for v in k.split(",")): tuple(c) for k, c in table.items()})
+        gemm_i8.TUNED.update(load_table(args.i8_tuned, "i8_tuned"))
         res["i8_tuned"] = args.i8_tuned
     from bitnet158.kernels.triton import w2a8
     if args.i8_min_m is not None:
@@ -424,16 +432,16 @@ def main(argv=None) -> int:
             print(f"[w2a8 int8 head] decode b1 ctx 1024: {res['decode_b1_ctx1024_w2a8_int8head_ms']:.3f} ms")
             del r
             r = TritonRunner(model, batch=1, max_len=4096, linear=mode)
-        with_graphs, eager, host = prefill_ms(r)
+        eager, host, with_graphs = prefill_ms(r)
         res[f"peak_mem_b1_{mode}_gb"] = round(torch.cuda.max_memory_allocated() / 1e9, 3)
         graph = prefill_graph_ms(r)
         prefill_host_us(r, res, mode)
-        res[f"prefill2048_{mode}_ms"] = round(with_graphs, 2)
-        res[f"prefill2048_{mode}_eager_ms"] = round(eager, 2)
+        res[f"prefill2048_{mode}_ms"] = round(eager, 2)
         res[f"prefill2048_{mode}_host_ms"] = round(host, 2)
+        res[f"prefill2048_{mode}_with_graphs_ms"] = round(with_graphs, 2)
         res[f"prefill2048_{mode}_graph_ms"] = round(graph, 2)
-        print(f"[{mode}] prefill 2048: {with_graphs:.2f} ms with prefill graphs (eager {eager:.2f} ms, host {host:.2f} ms to "
-              f"enqueue it; bare graph replay {graph:.2f} ms)", flush=True)
+        print(f"[{mode}] prefill 2048: {eager:.2f} ms (host {host:.2f} ms to enqueue; with prefill "
+              f"graphs {with_graphs:.2f} ms; bare graph replay {graph:.2f} ms)", flush=True)
         del r
         save()
         for B in ([int(b) for b in args.batches.split(",") if b] if not args.quick else [8]):
@@ -466,7 +474,7 @@ def main(argv=None) -> int:
     for k in ["decode_b1_ctx128", "decode_b1_ctx1024", "decode_b1_ctx4096", "prefill2048"]:
         if f"{k}_w2a8_ms" in res and f"{k}_bf16_ms" in res:
             res[f"{k}_speedup"] = round(res[f"{k}_bf16_ms"] / res[f"{k}_w2a8_ms"], 2)
-    for k in ("graph", "eager"):
+    for k in ("graph", "with_graphs"):
         if f"prefill2048_w2a8_{k}_ms" in res and f"prefill2048_bf16_{k}_ms" in res:
             res[f"prefill2048_{k}_speedup"] = round(res[f"prefill2048_bf16_{k}_ms"] / res[f"prefill2048_w2a8_{k}_ms"], 2)
     if "decode_b64_ctx128_w2a8_ms" in res and "decode_b64_ctx128_bf16_ms" in res:
@@ -511,7 +519,7 @@ def main(argv=None) -> int:
                   f"{res.get(k + '_speedup', 0):8.2f}")
     print(f"{'prefill2048 (ms)':34s} {res.get('prefill2048_w2a8_ms', 0):10.2f} "
           f"{res.get('prefill2048_bf16_ms', 0):10.2f} {res.get('prefill2048_speedup', 0):8.2f}")
-    for k in ("eager", "host", "graph"):
+    for k in ("host", "with_graphs", "graph"):
         print(f"{'prefill2048, ' + k + ' (ms)':34s} {res.get(f'prefill2048_w2a8_{k}_ms', 0):10.2f} "
               f"{res.get(f'prefill2048_bf16_{k}_ms', 0):10.2f} {res.get(f'prefill2048_{k}_speedup', 0):8.2f}")
     for c in (64, 128, 256):

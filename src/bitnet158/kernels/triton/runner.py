@@ -24,14 +24,14 @@ so ``"unfused"`` is the default. The whole step is captured in a CUDA graph per
 number of rows, with tokens, positions and cache rows in device buffers, so any prompt and output
 length replays the same graph. Prefill runs the same kernels (tensor-core W2A8 GEMM) with SDPA
 attention, RoPE and the cache write in one kernel (``attention.rope_cache_write``). Eager, a
-prefill's ~400 launches cost the host more time than the GPU needs for them, so a prompt chunk
-at consecutive positions is padded to a multiple of ``PREFILL_ALIGN`` tokens and, from the second
-time its padded shape comes, replays a CUDA graph of that shape (``runner.prefill_graphs = True``;
-off by default until it has been timed on a GPU). The padding tokens come after
+2048-token prefill's ~400 launches cost the host more time than the GPU needs for them (H100),
+so with ``runner.prefill_graphs = True`` (off by default until timed on a GPU) a prompt chunk at
+consecutive positions is padded to a multiple of ``PREFILL_ALIGN`` tokens and, from the second
+time its padded shape comes, replays a CUDA graph of that shape. The padding tokens come after
 every prompt token, so causal attention keeps them out of the prompt's logits; they write cache
-slots past the prompt, which a decode step or the next chunk overwrites before reading them. q/k/v and
-gate/up weights are concatenated once at load and the model's own buffers become views of them:
-the packed weights exist once.
+slots past the prompt, which a decode step or the next chunk overwrites before reading them.
+q/k/v and gate/up weights are concatenated once at load and the model's own buffers become views
+of them: the packed weights exist once.
 
 ``int8_head=True`` reads an int8 copy of the head with per-row scales (half the head's bytes,
 an approximation of the model). ``linear="bf16"`` builds the comparison pipeline of the
@@ -378,12 +378,15 @@ class TritonRunner:
         if pos.shape != (B, T):
             raise ValueError(f"triton runner: pos has shape {tuple(pos.shape)}, tokens {(B, T)}")
         self._check_pos(pos)
-        start = pos[:, :1]
-        steps = bool((pos == start + torch.arange(T, device=self.device)).all())      # consecutive
-        fresh = steps and not bool(start.any())                                       # causal from 0
+        start = pos[:, 0]
+        steps = bool((pos == start[:, None] + torch.arange(T, device=self.device)).all())  # consecutive
+        starts = start.tolist()
+        fresh = steps and not any(starts)                                             # causal from 0
         tokens = tokens.to(self.device)
         if steps and self.prefill_graphs and self.device.type == "cuda":
-            return self._prefill_graph(tokens, start[:, 0], r, fresh)
+            out = self._prefill_graph(tokens, start, max(starts), r, fresh)
+            if out is not None:
+                return out
         return self._prefill(tokens, pos, r, fresh, int(pos.max()) + 1)
 
     def _padded_shape(self, T: int, s_max: int, fresh: bool) -> tuple[int, int]:
@@ -416,19 +419,20 @@ class TritonRunner:
     def _prefill_padded(self, bufs, fresh: bool, Lp: int) -> torch.Tensor:
         return self._prefill(bufs["tok"], bufs["pos"], bufs["rows"], fresh, Lp, last=bufs["last"])
 
-    def _prefill_graph(self, tokens, start, r, fresh: bool) -> torch.Tensor:
-        """A prompt chunk [B, T] at consecutive positions from ``start`` [B]: eager the first
-        time its padded shape is seen, then through that shape's graph (captured on the second)."""
+    def _prefill_graph(self, tokens, start, s_max: int, r, fresh: bool) -> torch.Tensor | None:
+        """A prompt chunk [B, T] at consecutive positions from ``start`` [B] (the largest:
+        ``s_max``) through its padded shape's graph, captured the second time the shape comes;
+        None the first time (the caller runs it eagerly: one-off shapes never pay a capture)."""
         B, T = tokens.shape
-        Tp, Lp = self._padded_shape(T, int(start.max()), fresh)
+        Tp, Lp = self._padded_shape(T, s_max, fresh)
         key = (B, Tp, Lp, fresh)
         entry = self._prefill_graphs.get(key)
         if entry is None:
+            if key not in self._prefill_seen:
+                self._prefill_seen.add(key)
+                return None
             bufs = self._prefill_bufs(B, Tp)
             self._pad_inputs(tokens, start, r, bufs)
-            if key not in self._prefill_seen:              # one-off shapes never pay for a capture
-                self._prefill_seen.add(key)
-                return self._prefill_padded(bufs, fresh, Lp)
             if self._pool is None:
                 self._pool = torch.cuda.graph_pool_handle()
             g, out = self._capture((bufs, fresh, Lp), self._prefill_padded, pool=self._pool)
