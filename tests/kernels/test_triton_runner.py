@@ -129,12 +129,13 @@ def test_runner_rejects_unpacked_and_bad_positions():
     cfg = ModelConfig.from_name("tiny", num_hidden_layers=1)
     with pytest.raises(Exception, match="packed"):
         TritonRunner(Transformer(cfg), batch=1, max_len=8, graphs=False)
-    tr = TritonRunner(_tiny(torch.float32, layers=1), batch=1, max_len=8, graphs=False)
+    dev = "cuda" if CUDA else "cpu"
+    tr = TritonRunner(_tiny(torch.float32, layers=1, device=dev), batch=1, max_len=8, graphs=False)
     with pytest.raises(ValueError, match="no tokens"):
         tr.prefill(torch.zeros((1, 0), dtype=torch.long), torch.zeros((1, 0), dtype=torch.long))
     with pytest.raises(ValueError, match="pos has shape"):
         tr.prefill(torch.zeros((1, 3), dtype=torch.long), torch.arange(4)[None])
-    two = TritonRunner(_tiny(torch.float32, layers=1), batch=2, max_len=8, graphs=False)
+    two = TritonRunner(_tiny(torch.float32, layers=1, device=dev), batch=2, max_len=8, graphs=False)
     toks = torch.randint(0, 50, (2, 3))
     torch.testing.assert_close(two.prefill(toks, torch.arange(3)[None]), two.prefill(toks, torch.arange(3)))
     with pytest.raises(ValueError, match="outside the KV cache"):
@@ -265,14 +266,19 @@ def test_cuda_prefill_graphs(reference_kernels, monkeypatch):
     graph is dropped past PREFILL_GRAPHS."""
     from bitnet158.kernels.triton import runner as runner_mod
     monkeypatch.setattr(runner_mod, "PREFILL_GRAPHS", 2)
+    monkeypatch.setattr(runner_mod, "PREFILL_SPAN", 128)       # the tiny model's cache holds 256
     m = _tiny(torch.float32, layers=2, device="cuda")
     tr = TritonRunner(m, batch=2, max_len=1024)
     tr.prefill_graphs = True
     eager = TritonRunner(m, batch=2, max_len=1024, graphs=False)
     assert not eager.prefill_graphs
     one = torch.tensor([1], device="cuda")
+    # keys (rows, padded length, cache slots read, from 0): A (2, 64, 64, True) seen, captured,
+    # replayed; B (1, 128, 128, True) seen, captured; C (1, 64, 128, False) seen, captured
+    # (dropping A), replayed; D (1, 64, 256, False) seen; A captured again (dropping B); E seen
     cases = [(2, 0, 7, None), (2, 0, 50, None), (2, 0, 64, None), (1, 0, 65, one), (1, 0, 65, one),
-             (1, 65, 30, one), (1, 95, 40, one), (1, 135, 60, one), (2, 0, 3, None), (1, 0, 200, one)]
+             (1, 65, 30, one), (1, 95, 30, one), (1, 125, 3, one), (1, 128, 60, one), (2, 0, 3, None),
+             (1, 0, 200, one)]
     for B, s0, T, rows in cases:
         toks = torch.randint(0, m.config.vocab_size, (B, T), device="cuda")
         pos = torch.arange(s0, s0 + T, device="cuda")[None].expand(B, T)
@@ -282,8 +288,7 @@ def test_cuda_prefill_graphs(reference_kernels, monkeypatch):
         nt, p = b.argmax(-1), torch.full((B,), s0 + T, device="cuda")
         torch.testing.assert_close(tr.decode(nt, p, rows), eager.decode(nt, p, rows), rtol=1e-4, atol=1e-4,
                                    msg=f"decode {(B, s0, T)}")
-    # seen once: (1, 256, 256, True), (1, 64, 512, False) twice: captured, then the last two kept
-    assert list(tr._prefill_graphs) == [(1, 64, 512, False), (2, 64, 64, True)]
+    assert list(tr._prefill_graphs) == [(1, 64, 128, False), (2, 64, 64, True)]
 
 
 @pytest.mark.cuda
