@@ -163,10 +163,19 @@ def prefill_graph_ms(runner, T=2048) -> float:
     return graph
 
 
+def attention_variant(spec: str) -> tuple[str, bool, int, int | None]:
+    """'64' (chunk), '128x128' (chunk x tile), 'f64' (the one-kernel `fused` attention) ->
+    (key, fused, chunk, tile)."""
+    fused = spec.startswith("f")
+    chunk, _, tile = spec.lstrip("f").partition("x")
+    key = ("fused_" if fused else "") + f"chunk{chunk}" + (f"_bn{tile}" if tile else "")
+    return key, fused, int(chunk), int(tile) if tile else None
+
+
 def attention_table(res: dict, model, bw: float, chunks="64,128,256"):
     """Decode attention alone at batch 64, rows at ~1024 (partials + combine + sub-norm + quant),
-    per chunk length: us a layer (30 calls on the 30 layers' caches in one graph) and GB/s of the
-    KV bytes read (positions 0..pos of 5 KV heads, keys and values)."""
+    per variant (see ``attention_variant``): us a layer (30 calls on the 30 layers' caches in one
+    graph) and GB/s of the KV bytes read (positions 0..pos of 5 KV heads, keys and values)."""
     from bitnet158.kernels.triton.attention import DecodeAttention
     from bitnet158.kernels.triton.runner import TritonRunner
     B, S = 64, 1280
@@ -180,20 +189,29 @@ def attention_table(res: dict, model, bw: float, chunks="64,128,256"):
     w = r.layers[0]["attn_norm"]
     kv_bytes = int((pos.long() + 1).sum()) * HKV * D * 2 * 2
     res["attn_b64_kv_floor_us"] = round(kv_bytes / (bw * 1e9) * 1e6, 1)
-    for chunk in (int(c) for c in chunks.split(",")):
-        att = DecodeAttention(H, HKV, D, B, S, "cuda", chunk=chunk)
+    ref = None
+    for spec in chunks.split(","):
+        key, fused, chunk, tile = attention_variant(spec)
+        att = DecodeAttention(H, HKV, D, B, S, "cuda", chunk=chunk, **({"block_n": tile} if tile else {}))
 
-        def calls(att=att):
+        def calls(att=att, fused=fused):
             for i in range(len(r.layers)):
-                att(qkv, r.k_cache[i], r.v_cache[i], rows, pos, r.cos, r.sin, w, r.eps)
-        calls()
+                if fused:
+                    out = att.fused(qkv, r.k_cache[i], r.v_cache[i], rows, pos, r.cos, r.sin,
+                                    norm_weight=w, eps=r.eps)[1:]
+                else:
+                    out = att(qkv, r.k_cache[i], r.v_cache[i], rows, pos, r.cos, r.sin, w, r.eps)
+            return out
+        q, s = calls()
+        ref = (q, s) if ref is None else ref
+        res[f"attn_b64_{key}_same_q"] = bool(torch.equal(q, ref[0]) and torch.equal(s, ref[1]))
         g = torch.cuda.CUDAGraph()
         with torch.cuda.graph(g):
             calls()
         us = events_ms(g.replay, 5) * 1e3 / len(r.layers)
-        res[f"attn_b64_chunk{chunk}_us"] = round(us, 1)
-        res[f"attn_b64_chunk{chunk}_gb_s"] = round(kv_bytes / (us * 1e-6) / 1e9, 1)
-        print(f"attention b64 chunk {chunk}: {us:.1f} us a layer ({kv_bytes / us / 1e3:.0f} GB/s)", flush=True)
+        res[f"attn_b64_{key}_us"] = round(us, 1)
+        res[f"attn_b64_{key}_gb_s"] = round(kv_bytes / (us * 1e-6) / 1e9, 1)
+        print(f"attention b64 {key}: {us:.1f} us a layer ({kv_bytes / us / 1e3:.0f} GB/s)", flush=True)
         del g, att
     res["attn_b64_default_chunk"] = r.attn.chunk
     del r
@@ -347,7 +365,8 @@ def main(argv=None) -> int:
     ap.add_argument("--no-attention", action="store_true", help="skip the batch-64 attention table")
     ap.add_argument("--attention-only", action="store_true", help="only the batch-64 attention table "
                     "(e.g. under ncu)")
-    ap.add_argument("--attention-chunks", default="64,128,256", help="chunk lengths of the attention table")
+    ap.add_argument("--attention-chunks", default="64,128,256", help="attention table variants: "
+                    "chunk length, CHUNKxTILE, f-prefixed for the one-kernel attention (f64, f128x128)")
     args = ap.parse_args(argv)
     if not torch.cuda.is_available():
         print("bench/gpu.py needs a CUDA device", file=sys.stderr)
@@ -455,10 +474,7 @@ def main(argv=None) -> int:
                 from bitnet158.kernels.triton import w2a8 as _w
                 other = "tc" if _w.GEMV_MAX_M >= 8 else "gemv"
                 keep, _w.GEMV_MAX_M = _w.GEMV_MAX_M, (4 if other == "tc" else 8)
-                try:                               # the plain 9-kernel step, where a fused one exists
-                    r2 = TritonRunner(model, batch=B, max_len=1280, linear=mode, fused=False)
-                except TypeError:
-                    r2 = TritonRunner(model, batch=B, max_len=1280, linear=mode)
+                r2 = TritonRunner(model, batch=B, max_len=1280, linear=mode)
                 fill_cache(r2)
                 res[f"decode_b8_w2a8_{other}_ms"] = round(decode_ms(r2, pos, iters=30), 4)
                 _w.GEMV_MAX_M = keep
@@ -522,10 +538,11 @@ def main(argv=None) -> int:
     for k in ("host", "with_graphs", "graph"):
         print(f"{'prefill2048, ' + k + ' (ms)':34s} {res.get(f'prefill2048_w2a8_{k}_ms', 0):10.2f} "
               f"{res.get(f'prefill2048_bf16_{k}_ms', 0):10.2f} {res.get(f'prefill2048_{k}_speedup', 0):8.2f}")
-    for c in (64, 128, 256):
-        if f"attn_b64_chunk{c}_us" in res:
-            print(f"{f'attention b64, chunk {c} (us/layer)':34s} {res[f'attn_b64_chunk{c}_us']:10.1f} "
-                  f"{'':10s} {'':8s} {res['attn_b64_kv_floor_us']:8.1f}")
+    for k in res:
+        if k.startswith("attn_b64_chunk") or k.startswith("attn_b64_fused"):
+            if k.endswith("_us"):
+                print(f"{'attention b64, ' + k[9:-3] + ' (us/layer)':34s} {res[k]:10.1f} "
+                      f"{'':10s} {'':8s} {res['attn_b64_kv_floor_us']:8.1f}")
     print(f"{'weights+head resident (GB)':34s} {res.get('w2a8_weights_head_gb', 0):10.3f} "
           f"{res.get('bf16_weights_head_gb', 0):10.3f}")
     if "decode_b1_ctx1024_w2a8_int8head_ms" in res:

