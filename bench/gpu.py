@@ -163,13 +163,16 @@ def prefill_graph_ms(runner, T=2048) -> float:
     return graph
 
 
-def attention_variant(spec: str) -> tuple[str, bool, int, int | None]:
-    """'64' (chunk), '128x128' (chunk x tile), 'f64' (the one-kernel `fused` attention) ->
-    (key, fused, chunk, tile)."""
+def attention_variant(spec: str) -> tuple[str, bool, int, dict]:
+    """'64' (chunk), '128x128' (chunk x tile), 'f64' (the one-kernel `fused` attention), '64w2'
+    (the chunk merge on 2 warps) -> (key, fused, chunk, DecodeAttention keywords)."""
     fused = spec.startswith("f")
-    chunk, _, tile = spec.lstrip("f").partition("x")
-    key = ("fused_" if fused else "") + f"chunk{chunk}" + (f"_bn{tile}" if tile else "")
-    return key, fused, int(chunk), int(tile) if tile else None
+    rest, _, warps = spec.lstrip("f").partition("w")
+    chunk, _, tile = rest.partition("x")
+    key = ("fused_" if fused else "") + f"chunk{chunk}" + (f"_bn{tile}" if tile else "") + \
+        (f"_w{warps}" if warps else "")
+    kw = ({"block_n": int(tile)} if tile else {}) | ({"combine_warps": int(warps)} if warps else {})
+    return key, fused, int(chunk), kw
 
 
 def attention_table(res: dict, model, bw: float, chunks="64,128,256"):
@@ -191,8 +194,8 @@ def attention_table(res: dict, model, bw: float, chunks="64,128,256"):
     res["attn_b64_kv_floor_us"] = round(kv_bytes / (bw * 1e9) * 1e6, 1)
     ref = None
     for spec in chunks.split(","):
-        key, fused, chunk, tile = attention_variant(spec)
-        att = DecodeAttention(H, HKV, D, B, S, "cuda", chunk=chunk, **({"block_n": tile} if tile else {}))
+        key, fused, chunk, kw = attention_variant(spec)
+        att = DecodeAttention(H, HKV, D, B, S, "cuda", chunk=chunk, **kw)
 
         def calls(att=att, fused=fused):
             for i in range(len(r.layers)):
@@ -365,6 +368,8 @@ def main(argv=None) -> int:
     ap.add_argument("--no-attention", action="store_true", help="skip the batch-64 attention table")
     ap.add_argument("--attention-only", action="store_true", help="only the batch-64 attention table "
                     "(e.g. under ncu)")
+    ap.add_argument("--combine-warps", type=int, default=None, help="warps of the decode attention's "
+                    "chunk merge in every runner (attention.COMBINE_WARPS)")
     ap.add_argument("--attention-chunks", default="64,128,256", help="attention table variants: "
                     "chunk length, CHUNKxTILE, f-prefixed for the one-kernel attention (f64, f128x128)")
     args = ap.parse_args(argv)
@@ -392,6 +397,10 @@ def main(argv=None) -> int:
     if args.i8_min_m is not None:
         w2a8.I8_MIN_M = args.i8_min_m
     res["i8_min_m"] = w2a8.I8_MIN_M if w2a8.I8_MIN_M < 1 << 40 else None      # None: off
+    from bitnet158.kernels.triton import attention
+    if args.combine_warps is not None:
+        attention.COMBINE_WARPS = args.combine_warps
+    res["combine_warps"] = attention.COMBINE_WARPS
 
     def save():
         if args.out:
