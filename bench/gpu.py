@@ -164,19 +164,15 @@ def prefill_graph_ms(runner, T=2048) -> float:
 
 
 def attention_variant(spec: str) -> tuple[str, bool, int, dict]:
-    """'64' (chunk), '128x128' (chunk x tile), then optional 'w2' (the chunk merge on 2 warps) and
-    'p0' (no first-tile prefetch); an 'f' prefix: the one-kernel `fused` attention ->
-    (key, fused, chunk, DecodeAttention keywords)."""
-    import re
-    m = re.fullmatch(r"(f?)(\d+)(?:x(\d+))?(?:w(\d+))?(?:p([01]))?", spec)
-    if m is None:
-        raise SystemExit(f"--attention-chunks: cannot read {spec!r} (e.g. 64, 128x128, 64w2, 64p0, f64)")
-    fused, chunk, tile, warps, pre = m.groups()
+    """'64' (chunk), '128x128' (chunk x tile), 'f64' (the one-kernel `fused` attention), '64w2'
+    (the chunk merge on 2 warps) -> (key, fused, chunk, DecodeAttention keywords)."""
+    fused = spec.startswith("f")
+    rest, _, warps = spec.lstrip("f").partition("w")
+    chunk, _, tile = rest.partition("x")
     key = ("fused_" if fused else "") + f"chunk{chunk}" + (f"_bn{tile}" if tile else "") + \
-        (f"_w{warps}" if warps else "") + ("_noprefetch" if pre == "0" else "")
-    kw = ({"block_n": int(tile)} if tile else {}) | ({"combine_warps": int(warps)} if warps else {}) | \
-        ({"prefetch": pre == "1"} if pre else {})
-    return key, bool(fused), int(chunk), kw
+        (f"_w{warps}" if warps else "")
+    kw = ({"block_n": int(tile)} if tile else {}) | ({"combine_warps": int(warps)} if warps else {})
+    return key, fused, int(chunk), kw
 
 
 def attention_table(res: dict, model, bw: float, chunks="64,128,256"):
@@ -374,11 +370,8 @@ def main(argv=None) -> int:
                     "(e.g. under ncu)")
     ap.add_argument("--combine-warps", type=int, default=None, help="warps of the decode attention's "
                     "chunk merge in every runner (attention.COMBINE_WARPS)")
-    ap.add_argument("--attn-prefetch", type=int, choices=(0, 1), default=None, help="decode attention "
-                    "partials load their first tile before the wait (attention.PARTIAL_PREFETCH)")
     ap.add_argument("--attention-chunks", default="64,128,256", help="attention table variants: "
-                    "chunk length, CHUNKxTILE, then wN (merge warps), p0 (no prefetch); f-prefixed for the "
-                    "one-kernel attention (e.g. 64, 128x128, 64w2, 64p0, f64)")
+                    "chunk length, CHUNKxTILE, f-prefixed for the one-kernel attention (f64, f128x128)")
     args = ap.parse_args(argv)
     if not torch.cuda.is_available():
         print("bench/gpu.py needs a CUDA device", file=sys.stderr)
@@ -407,10 +400,7 @@ def main(argv=None) -> int:
     from bitnet158.kernels.triton import attention
     if args.combine_warps is not None:
         attention.COMBINE_WARPS = args.combine_warps
-    if args.attn_prefetch is not None:
-        attention.PARTIAL_PREFETCH = bool(args.attn_prefetch)
     res["combine_warps"] = attention.COMBINE_WARPS
-    res["attn_prefetch"] = attention.PARTIAL_PREFETCH
 
     def save():
         if args.out:
