@@ -400,7 +400,7 @@ def main(argv=None) -> int:
     from bitnet158.kernels.triton import attention
     if args.combine_warps is not None:
         attention.COMBINE_WARPS = args.combine_warps
-    res["combine_warps"] = attention.COMBINE_WARPS
+    res["combine_warps"] = attention.COMBINE_WARPS or "auto"
 
     def save():
         if args.out:

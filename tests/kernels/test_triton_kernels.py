@@ -264,3 +264,13 @@ def test_int8_head():
     torch.testing.assert_close(y, ref_q, rtol=1e-5, atol=1e-4)
     ref = x.float() @ w.float().t()                                      # the bf16 head, approximately
     assert float((y - ref).norm() / ref.norm()) < 1e-2
+
+
+def test_merge_warps():
+    """The chunk merge's warps: 8 for few programs (batch 1), 1 for many (batch 64, up to 32
+    chunks), more as the chunk tile grows."""
+    from bitnet158.kernels.triton.attention import merge_warps
+    assert merge_warps(20, 64) == 8
+    assert merge_warps(64 * 20, 32) == 1
+    assert merge_warps(64 * 20, 64) == 2
+    assert merge_warps(64 * 20, 16) == 1

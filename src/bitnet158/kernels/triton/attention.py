@@ -26,10 +26,21 @@ import triton.language as tl
 from .common import INTERPRET, PDL, cast, cdiv, gdc_launch_dependents, gdc_wait, next_pow2, rint, rnd, rnd_add
 
 _pdl = dict(launch_pdl=True) if PDL else {}
-# warps of the chunk merge (``_attn_combine``): with 8 warps its [chunks, D] tile is summed across
-# warps through shared memory (ncu at batch 64: 84 % of L1/shared throughput, MIO-bound); fewer
-# warps keep more of the sum in each thread's registers
-COMBINE_WARPS = 8
+# warps of the chunk merge (``_attn_combine``), None: chosen per call (``merge_warps``)
+COMBINE_WARPS = None
+
+
+def merge_warps(programs: int, nchp: int) -> int:
+    """Warps of ``_attn_combine`` for ``programs`` (rows x heads) merging [nchp, D] tiles. Few
+    programs (batch 1: 20) are latency-bound: 8 warps load and reduce a tile fastest. Many (batch
+    64: 1280) are throughput-bound, and 8 warps sum the tile across warps through shared memory
+    (ncu: 84 % of L1/shared throughput, MIO-bound); one warp sums its columns in registers, up to
+    32 chunks (128 fp32 a thread at D = 128; more chunks, more warps, so as not to spill). H100,
+    batch 64 at ctx ~1024: 75.0 us a layer on 1 warp, 77.9 on 2, 84.5 on 8; batch 1, ctx 1024:
+    1.294 ms a token on 8 warps, 1.448 on 1."""
+    if programs < 512:
+        return 8
+    return max(1, nchp // 32)
 
 
 @triton.jit
@@ -359,7 +370,7 @@ class DecodeAttention:
         self.chunk = max(16, min(chunk, next_pow2(max_len)))
         self.block_n = max(16, min(block_n, self.chunk))      # tl.dot needs K >= 16
         self.nch = cdiv(max_len, self.chunk)
-        self.combine_warps = COMBINE_WARPS if combine_warps is None else combine_warps
+        self.combine_warps = COMBINE_WARPS if combine_warps is None else combine_warps   # None: per call
         self.po = torch.empty((batch, n_heads, self.nch, head_dim), dtype=torch.float32, device=device)
         self.pml = torch.empty((batch, n_heads, self.nch, 2), dtype=torch.float32, device=device)
         self.ob = torch.empty((batch, n_heads * head_dim), dtype=torch.float32, device=device)
@@ -396,7 +407,8 @@ class DecodeAttention:
             self.po, self.pml, pos, norm_weight, self.ob, self.cnt, y_out, q_out, s_out, y_out.stride(0),
             q_out.stride(0), eps,
             H=self.H, HP=next_pow2(self.H), D=self.D, CHUNK=self.chunk, NCH=self.nch,
-            NCHP=next_pow2(self.nch), QUANT=quant, PDL=PDL, INTERP=INTERPRET, num_warps=self.combine_warps,
+            NCHP=next_pow2(self.nch), QUANT=quant, PDL=PDL, INTERP=INTERPRET,
+            num_warps=self.combine_warps or merge_warps(B * self.H, next_pow2(self.nch)),
             **_pdl)
         return (q_out, s_out) if quant else y_out
 
