@@ -369,7 +369,10 @@ def main(argv=None) -> int:
     ap.add_argument("--attention-only", action="store_true", help="only the batch-64 attention table "
                     "(e.g. under ncu)")
     ap.add_argument("--combine-warps", type=int, default=None, help="warps of the decode attention's "
-                    "chunk merge in every runner (attention.COMBINE_WARPS)")
+                    "chunk merge in every runner (attention.COMBINE_WARPS; default: by program count)")
+    ap.add_argument("--attn-prefetch", type=int, choices=(0, 1), default=None, help="decode attention "
+                    "partials load their first tile before the wait (attention.PARTIAL_PREFETCH; "
+                    "default: by program count)")
     ap.add_argument("--attention-chunks", default="64,128,256", help="attention table variants: "
                     "chunk length, CHUNKxTILE, f-prefixed for the one-kernel attention (f64, f128x128)")
     args = ap.parse_args(argv)
@@ -400,7 +403,10 @@ def main(argv=None) -> int:
     from bitnet158.kernels.triton import attention
     if args.combine_warps is not None:
         attention.COMBINE_WARPS = args.combine_warps
+    if args.attn_prefetch is not None:
+        attention.PARTIAL_PREFETCH = bool(args.attn_prefetch)
     res["combine_warps"] = attention.COMBINE_WARPS or "auto"
+    res["attn_prefetch"] = "auto" if attention.PARTIAL_PREFETCH is None else attention.PARTIAL_PREFETCH
 
     def save():
         if args.out:

@@ -147,7 +147,8 @@ def _attn_reference(qkv, kc, vc, pos, cos_t, sin_t, H, HKV, D, norm):
 
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32])
 @pytest.mark.parametrize("chunk", [16, 32])           # 32: two tiles a chunk (a run-time loop compiled)
-def test_decode_attention(dtype, chunk):
+@pytest.mark.parametrize("prefetch", [True, False])   # first tile loaded before the wait, or not
+def test_decode_attention(dtype, chunk, prefetch):
     from bitnet158.model import rope_tables
     torch.manual_seed(2)
     H, HKV, D, B, S = 4, 2, 16, 3, 40
@@ -159,7 +160,7 @@ def test_decode_attention(dtype, chunk):
     norm = RMSNorm(H * D, 1e-5).to(dtype)
     norm.weight.data = (torch.rand(H * D) + 0.5).to(dtype)
     ref = _attn_reference(qkv, kc.clone(), vc.clone(), pos, cos_t, sin_t, H, HKV, D, norm)
-    att = DecodeAttention(H, HKV, D, B, S, DEV, chunk=chunk, block_n=16)
+    att = DecodeAttention(H, HKV, D, B, S, DEV, chunk=chunk, block_n=16, prefetch=prefetch)
     kd, vd = kc.clone().to(DEV), vc.clone().to(DEV)
     rows = torch.arange(B, dtype=torch.int32, device=DEV)
     y = att(qkv.to(DEV), kd, vd, rows, pos.to(DEV), cos_t.to(DEV), sin_t.to(DEV), norm.weight.to(DEV),
@@ -266,11 +267,13 @@ def test_int8_head():
     assert float((y - ref).norm() / ref.norm()) < 1e-2
 
 
-def test_merge_warps():
-    """The chunk merge's warps: 8 for few programs (batch 1), 1 for many (batch 64, up to 32
-    chunks), more as the chunk tile grows."""
-    from bitnet158.kernels.triton.attention import merge_warps
+def test_merge_warps_and_prefetch():
+    """Per-call launch choices of the decode attention: the chunk merge's warps (8 for few
+    programs, 1 for many up to 32 chunks, more as the tile grows) and the first-tile prefetch
+    (few programs only)."""
+    from bitnet158.kernels.triton.attention import merge_warps, prefetch_first_tile
     assert merge_warps(20, 64) == 8
     assert merge_warps(64 * 20, 32) == 1
     assert merge_warps(64 * 20, 64) == 2
     assert merge_warps(64 * 20, 16) == 1
+    assert prefetch_first_tile(20) and not prefetch_first_tile(64 * 20)

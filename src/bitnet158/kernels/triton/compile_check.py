@@ -50,7 +50,7 @@ def main() -> int:
                                            pos_ptr=P(i32), cos_ptr=P(f32), sin_ptr=P(f32), po_ptr=P(f32),
                                            pml_ptr=P(f32), scale=f32),
              dict(H=20, HKV=5, D=128, GROUP=4, GP=16, CHUNK=chunk, BLOCK_N=64, NCH=4096 // chunk, IEEE=ieee,
-                  DYN=chunk > 64, PDL=True, INTERP=False), num_warps=4)
+                  DYN=chunk > 64, PREFETCH=True, PDL=True, INTERP=False), num_warps=4)
     for dt in (bf, f32):
         comp(attention._rope_cache, dict(qkv_ptr=P(dt), q_ptr=P(dt), k_ptr=P(dt), kc_ptr=P(dt), vc_ptr=P(dt),
                                          rows_ptr=P(i32), pos_ptr=P(i32), cos_ptr=P(f32), sin_ptr=P(f32)),
