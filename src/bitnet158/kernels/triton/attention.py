@@ -79,6 +79,29 @@ def _mm(a, b, F32: tl.constexpr):
 
 
 @triton.jit
+def _new_token(qbase, kbase, vbase, sc_s, g, pos, start, d, cos_ptr, sin_ptr, H: tl.constexpr,
+               HKV: tl.constexpr, D: tl.constexpr, GROUP: tl.constexpr, GP: tl.constexpr,
+               CHUNK: tl.constexpr, dt: tl.constexpr, INTERP: tl.constexpr):
+    """KV head g's part of a row's new token (q|k|v at ``qbase``): the GQA group's roped queries
+    qd [GP, D] (rows past GROUP masked: ``hmask``, their ``heads``), the roped key kn and value vn
+    [1, D] in the cache dtype, both written into the cache at ``pos`` by the program whose chunk
+    (from ``start``) holds it."""
+    gi = tl.arange(0, GP)
+    hmask = gi < GROUP
+    heads = g * GROUP + gi
+    q = _rope(qbase, heads[:, None] * D, d, pos, cos_ptr, sin_ptr, hmask[:, None], D, dt, INTERP)
+    one = tl.arange(0, 1)
+    kn = cast(_rope(qbase, (H * D + g * D + one * 0)[:, None], d, pos, cos_ptr, sin_ptr,
+                    (one >= 0)[:, None], D, dt, INTERP), dt, INTERP)                  # [1, D]
+    vn = tl.load(qbase + (H + HKV) * D + g * D + one[:, None] * 0 + d[None, :]).to(dt)
+    holds = (pos < start + CHUNK) & (one >= 0)[:, None]                                # this chunk has pos
+    tl.store(kbase + pos * sc_s + one[:, None] * 0 + d[None, :], kn, mask=holds)
+    tl.store(vbase + pos * sc_s + one[:, None] * 0 + d[None, :], vn, mask=holds)
+    tl.debug_barrier()
+    return cast(q, dt, INTERP), kn, vn, heads, hmask
+
+
+@triton.jit
 def _attn_partial(qkv_ptr, stride_qkv, kc_ptr, vc_ptr, sc_b, sc_h, sc_s, rows_ptr, pos_ptr,
                   cos_ptr, sin_ptr, po_ptr, pml_ptr, scale,
                   H: tl.constexpr, HKV: tl.constexpr, D: tl.constexpr, GROUP: tl.constexpr,
@@ -109,20 +132,8 @@ def _attn_partial(qkv_ptr, stride_qkv, kc_ptr, vc_ptr, sc_b, sc_h, sc_s, rows_pt
         if PDL:
             gdc_launch_dependents()
             gdc_wait()
-        gi = tl.arange(0, GP)
-        hmask = gi < GROUP
-        heads = g * GROUP + gi
-        qbase = qkv_ptr + b * stride_qkv
-        q = _rope(qbase, heads[:, None] * D, d, pos, cos_ptr, sin_ptr, hmask[:, None], D, dt, INTERP)
-        one = tl.arange(0, 1)
-        kn = cast(_rope(qbase, (H * D + g * D + one * 0)[:, None], d, pos, cos_ptr, sin_ptr,
-                        (one >= 0)[:, None], D, dt, INTERP), dt, INTERP)              # [1, D]
-        vn = tl.load(qbase + (H + HKV) * D + g * D + one[:, None] * 0 + d[None, :]).to(dt)
-        holds = (pos < start + CHUNK) & (one >= 0)[:, None]                            # this chunk has pos
-        tl.store(kbase + pos * sc_s + one[:, None] * 0 + d[None, :], kn, mask=holds)
-        tl.store(vbase + pos * sc_s + one[:, None] * 0 + d[None, :], vn, mask=holds)
-        tl.debug_barrier()
-        qd = cast(q, dt, INTERP)
+        qd, kn, vn, heads, hmask = _new_token(qkv_ptr + b * stride_qkv, kbase, vbase, sc_s, g, pos, start, d,
+                                              cos_ptr, sin_ptr, H, HKV, D, GROUP, GP, CHUNK, dt, INTERP)
         m_i = tl.full((GP,), -float("inf"), tl.float32)
         l_i = tl.zeros((GP,), tl.float32)
         acc = tl.zeros((GP, D), tl.float32)
@@ -253,20 +264,8 @@ def _attn_fused(qkv_ptr, stride_qkv, kc_ptr, vc_ptr, sc_b, sc_h, sc_s, rows_ptr,
         if PDL:
             gdc_launch_dependents()
             gdc_wait()
-        gi = tl.arange(0, GP)
-        hmask = gi < GROUP
-        heads = g * GROUP + gi
-        qbase = qkv_ptr + b * stride_qkv
-        q = _rope(qbase, heads[:, None] * D, d, pos, cos_ptr, sin_ptr, hmask[:, None], D, dt, INTERP)
-        one = tl.arange(0, 1)
-        kn = cast(_rope(qbase, (H * D + g * D + one * 0)[:, None], d, pos, cos_ptr, sin_ptr,
-                        (one >= 0)[:, None], D, dt, INTERP), dt, INTERP)              # [1, D]
-        vn = tl.load(qbase + (H + HKV) * D + g * D + one[:, None] * 0 + d[None, :]).to(dt)
-        holds = (pos < start + CHUNK) & (one >= 0)[:, None]                            # this chunk has pos
-        tl.store(kbase + pos * sc_s + one[:, None] * 0 + d[None, :], kn, mask=holds)
-        tl.store(vbase + pos * sc_s + one[:, None] * 0 + d[None, :], vn, mask=holds)
-        tl.debug_barrier()
-        qd = cast(q, dt, INTERP)
+        qd, kn, vn, heads, hmask = _new_token(qkv_ptr + b * stride_qkv, kbase, vbase, sc_s, g, pos, start, d,
+                                              cos_ptr, sin_ptr, H, HKV, D, GROUP, GP, CHUNK, dt, INTERP)
         m_i = tl.full((GP,), -float("inf"), tl.float32)
         l_i = tl.zeros((GP,), tl.float32)
         acc = tl.zeros((GP, D), tl.float32)
