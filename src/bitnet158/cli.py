@@ -73,7 +73,11 @@ def main(argv: list[str] | None = None) -> int:
         print(f"bitnet158 {args.command}: not available in this build", file=sys.stderr)
         return 2
     try:
-        return int(mod.main(args) or 0)
+        code = int(mod.main(args) or 0)
+        dist_mod = sys.modules.get("bitnet158.train.distributed")
+        if dist_mod is not None:          # a torchrun rank: skip interpreter finalization
+            dist_mod.exit_if_closed(code)
+        return code
     except BitNetError as e:
         print(f"bitnet158 {args.command}: error: {e}", file=sys.stderr)
         return 1

@@ -70,3 +70,19 @@ def test_two_processes_match_one(mode, fused, single, tmp_path):
     for k in a:
         assert a[k].shape == b[k].shape
         assert (a[k] - b[k]).abs().max() <= 1e-4 * max(a[k].abs().max().item(), 1.0), k
+
+
+def test_closed_rank_exits_without_finalization(monkeypatch, capsys):
+    """A rank that closed its process group ends through os._exit with the command's exit code
+    (flushed output first); a process that never closed one returns normally."""
+    from bitnet158.train import distributed
+    exits = []
+    monkeypatch.setattr(distributed.os, "_exit", exits.append)
+    monkeypatch.setattr(distributed.logging, "shutdown", lambda: None)    # pytest's handlers stay
+    monkeypatch.setattr(distributed, "_closed", False)
+    distributed.exit_if_closed(0)
+    assert exits == []
+    monkeypatch.setattr(distributed, "_closed", True)
+    print("summary")
+    distributed.exit_if_closed(3)
+    assert exits == [3] and capsys.readouterr().out == "summary\n"
