@@ -27,6 +27,7 @@ from __future__ import annotations
 import argparse
 import datetime
 import json
+import re
 import statistics
 import sys
 import time
@@ -166,9 +167,10 @@ def prefill_graph_ms(runner, T=2048) -> float:
 def attention_variant(spec: str) -> tuple[str, bool, int, dict]:
     """'64' (chunk), '128x128' (chunk x tile), 'f64' (the one-kernel `fused` attention), '64w2'
     (the chunk merge on 2 warps) -> (key, fused, chunk, DecodeAttention keywords)."""
-    fused = spec.startswith("f")
-    rest, _, warps = spec.lstrip("f").partition("w")
-    chunk, _, tile = rest.partition("x")
+    m = re.fullmatch(r"(f?)(\d+)(?:x(\d+))?(?:w(\d+))?", spec)
+    if m is None:
+        raise SystemExit(f"--attention-chunks: cannot read {spec!r} (e.g. 64, 128x128, 64w1, f64)")
+    fused, chunk, tile, warps = bool(m[1]), m[2], m[3], m[4]
     key = ("fused_" if fused else "") + f"chunk{chunk}" + (f"_bn{tile}" if tile else "") + \
         (f"_w{warps}" if warps else "")
     kw = ({"block_n": int(tile)} if tile else {}) | ({"combine_warps": int(warps)} if warps else {})
@@ -374,7 +376,8 @@ def main(argv=None) -> int:
                     "partials load their first tile before the wait (attention.PARTIAL_PREFETCH; "
                     "default: by program count)")
     ap.add_argument("--attention-chunks", default="64,128,256", help="attention table variants: "
-                    "chunk length, CHUNKxTILE, f-prefixed for the one-kernel attention (f64, f128x128)")
+                    "chunk length, CHUNKxTILE, then wN for the merge's warps; f-prefixed for the one-kernel "
+                    "attention (e.g. 64, 128x128, 64w1, f64)")
     args = ap.parse_args(argv)
     if not torch.cuda.is_available():
         print("bench/gpu.py needs a CUDA device", file=sys.stderr)

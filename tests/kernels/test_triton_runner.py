@@ -131,6 +131,8 @@ def test_runner_rejects_unpacked_and_bad_positions():
         TritonRunner(Transformer(cfg), batch=1, max_len=8, graphs=False)
     dev = "cuda" if CUDA else "cpu"
     tr = TritonRunner(_tiny(torch.float32, layers=1, device=dev), batch=1, max_len=8, graphs=False)
+    with pytest.raises(ValueError, match=r"must be \[rows, T\]"):
+        tr.prefill(torch.zeros(3, dtype=torch.long), torch.arange(3))
     with pytest.raises(ValueError, match="no tokens"):
         tr.prefill(torch.zeros((1, 0), dtype=torch.long), torch.zeros((1, 0), dtype=torch.long))
     with pytest.raises(ValueError, match="pos has shape"):

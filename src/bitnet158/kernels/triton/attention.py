@@ -30,6 +30,9 @@ _pdl = dict(launch_pdl=True) if PDL else {}
 COMBINE_WARPS = None
 # the partials' first-tile prefetch before the wait, None: chosen per call (``prefetch_first_tile``)
 PARTIAL_PREFETCH = None
+# rows x heads from which a launch counts as "many programs" for both choices (batch 1: 20,
+# batch 64: 1280; the two measured points, the threshold between them is not tuned)
+MANY_PROGRAMS = 512
 
 
 def prefetch_first_tile(programs: int) -> bool:
@@ -37,8 +40,9 @@ def prefetch_first_tile(programs: int) -> bool:
     projection: with few programs (batch 1: 80 at ctx 1024, one wave) the loads overlap the
     projection; with many (batch 64: 5120) the prefetched tile holds registers through the wait
     and fewer programs run at once. H100: batch 64 at ctx ~1024, 99.9 us a layer with it against
-    85.2 without; batch 1 at ctx 1024, 1.340 ms a token with it against 1.448 (1-warp merge)."""
-    return programs < 512
+    85.2 without (one run); batch 1 at ctx 1024, 1.340 ms a token with it against 1.448 without
+    (both with a 1-warp merge, in two runs on machines that agreed within 2 %)."""
+    return programs < MANY_PROGRAMS
 
 
 def merge_warps(programs: int, nchp: int) -> int:
@@ -46,10 +50,10 @@ def merge_warps(programs: int, nchp: int) -> int:
     programs (batch 1: 20) are latency-bound: 8 warps load and reduce a tile fastest. Many (batch
     64: 1280) are throughput-bound, and 8 warps sum the tile across warps through shared memory
     (ncu: 84 % of L1/shared throughput, MIO-bound); one warp sums its columns in registers, up to
-    32 chunks (128 fp32 a thread at D = 128; more chunks, more warps, so as not to spill). H100,
-    batch 64 at ctx ~1024: 75.0 us a layer on 1 warp, 77.9 on 2, 84.5 on 8; batch 1, ctx 1024:
-    1.294 ms a token on 8 warps, 1.448 on 1."""
-    if programs < 512:
+    32 chunks (128 fp32 a thread at D = 128; past that one more warp per 32 chunks, so as not to
+    spill: reasoning, not measured). H100, batch 64 at ctx ~1024 (32 chunks): 75.0 us a layer on
+    1 warp, 77.9 on 2, 84.5 on 8; batch 1, ctx 1024: 1.294 ms a token on 8 warps, 1.448 on 1."""
+    if programs < MANY_PROGRAMS:
         return 8
     return max(1, nchp // 32)
 
@@ -423,7 +427,8 @@ class DecodeAttention:
             H=self.H, HKV=self.HKV, D=self.D, GROUP=self.group, GP=max(16, next_pow2(self.group)),
             CHUNK=self.chunk, BLOCK_N=self.block_n, NCH=self.nch, IEEE=ieee,
             DYN=self.chunk > self.block_n and not INTERPRET,
-            PREFETCH=prefetch_first_tile(B * self.H) if self.prefetch is None else self.prefetch, PDL=PDL, INTERP=INTERPRET, num_warps=4, **_pdl)
+            PREFETCH=prefetch_first_tile(B * self.H) if self.prefetch is None else self.prefetch,
+            PDL=PDL, INTERP=INTERPRET, num_warps=4, **_pdl)
         if quant:
             q_out = q_out if q_out is not None else torch.empty((B, HD), dtype=torch.int8, device=qkv.device)
             s_out = s_out if s_out is not None else torch.empty((B,), dtype=torch.float32, device=qkv.device)
