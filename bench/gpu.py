@@ -374,7 +374,7 @@ def main(argv=None) -> int:
                     "chunk merge in every runner (attention.COMBINE_WARPS; default: by program count)")
     ap.add_argument("--attn-prefetch", type=int, choices=(0, 1), default=None, help="decode attention "
                     "partials load their first tile before the wait (attention.PARTIAL_PREFETCH; "
-                    "default: by program count)")
+                    "default: off)")
     ap.add_argument("--attention-chunks", default="64,128,256", help="attention table variants: "
                     "chunk length, CHUNKxTILE, then wN for the merge's warps; f-prefixed for the one-kernel "
                     "attention (e.g. 64, 128x128, 64w1, f64)")
@@ -409,7 +409,7 @@ def main(argv=None) -> int:
     if args.attn_prefetch is not None:
         attention.PARTIAL_PREFETCH = bool(args.attn_prefetch)
     res["combine_warps"] = attention.COMBINE_WARPS or "auto"
-    res["attn_prefetch"] = "auto" if attention.PARTIAL_PREFETCH is None else attention.PARTIAL_PREFETCH
+    res["attn_prefetch"] = attention.PARTIAL_PREFETCH
 
     def save():
         if args.out:

@@ -267,13 +267,11 @@ def test_int8_head():
     assert float((y - ref).norm() / ref.norm()) < 1e-2
 
 
-def test_merge_warps_and_prefetch():
-    """Per-call launch choices of the decode attention: the chunk merge's warps (8 for few
-    programs, 1 for many up to 32 chunks, more as the tile grows) and the first-tile prefetch
-    (few programs only)."""
-    from bitnet158.kernels.triton.attention import merge_warps, prefetch_first_tile
+def test_merge_warps():
+    """Per-call warps of the decode attention's chunk merge: 8 for few programs, 1 for many up to
+    32 chunks, more as the tile grows."""
+    from bitnet158.kernels.triton.attention import merge_warps
     assert merge_warps(20, 64) == 8
     assert merge_warps(64 * 20, 32) == 1
     assert merge_warps(64 * 20, 64) == 2
     assert merge_warps(64 * 20, 16) == 1
-    assert prefetch_first_tile(20) and not prefetch_first_tile(64 * 20)

@@ -28,21 +28,13 @@ from .common import INTERPRET, PDL, cast, cdiv, gdc_launch_dependents, gdc_wait,
 _pdl = dict(launch_pdl=True) if PDL else {}
 # warps of the chunk merge (``_attn_combine``), None: chosen per call (``merge_warps``)
 COMBINE_WARPS = None
-# the partials' first-tile prefetch before the wait, None: chosen per call (``prefetch_first_tile``)
-PARTIAL_PREFETCH = None
-# rows x heads from which a launch counts as "many programs" for both choices (batch 1: 20,
+# the partials' first tile loaded before the wait on the QKV projection: slower at both sizes
+# measured on an H100 (2026-12-06, one run each way in the same call: batch 1 at ctx 1024, 1.379 ms
+# a token with it against 1.321 without; batch 64 at ctx ~1024, 99.9 us a layer against 85.2)
+PARTIAL_PREFETCH = False
+# rows x heads from which a launch counts as "many programs" for the merge's warps (batch 1: 20,
 # batch 64: 1280; the two measured points, the threshold between them is not tuned)
 MANY_PROGRAMS = 512
-
-
-def prefetch_first_tile(programs: int) -> bool:
-    """Whether the partials load their first tile's older cache slots before waiting on the QKV
-    projection: with few programs (batch 1: 80 at ctx 1024, one wave) the loads overlap the
-    projection; with many (batch 64: 5120) the prefetched tile holds registers through the wait
-    and fewer programs run at once. H100: batch 64 at ctx ~1024, 99.9 us a layer with it against
-    85.2 without (one run); batch 1 at ctx 1024, 1.340 ms a token with it against 1.448 without
-    (both with a 1-warp merge, in two runs on machines that agreed within 2 %)."""
-    return programs < MANY_PROGRAMS
 
 
 def merge_warps(programs: int, nchp: int) -> int:
@@ -236,6 +228,60 @@ def _attn_combine(po_ptr, pml_ptr, pos_ptr, w_ptr, ob_ptr, cnt_ptr, y_ptr, q_ptr
 
 
 @triton.jit
+def _chunk_merge(qbase, kbase, vbase, sc_s, g, c, pos, start, d, k0, v0, cos_ptr, sin_ptr, po_ptr, pml_ptr,
+                 cnt_ptr, o_ptr, hb0, scale, H: tl.constexpr, HKV: tl.constexpr, D: tl.constexpr,
+                 GROUP: tl.constexpr, GP: tl.constexpr, CHUNK: tl.constexpr, BLOCK_N: tl.constexpr,
+                 NCH: tl.constexpr, NCHP: tl.constexpr, dt: tl.constexpr, IEEE: tl.constexpr,
+                 INTERP: tl.constexpr):
+    """Chunk c (slots from ``start``) of KV head g for one row (q|k|v at ``qbase``, heads from
+    ``hb0`` in the partial buffers): the partial output, max and sum of its GQA group's heads, with
+    the first tile's older slots k0, v0 [BLOCK_N, D] already loaded; then the last active chunk of
+    the (row, KV head) to finish (the counter ``cnt_ptr``, left at zero) merges the group's
+    heads into o_ptr[head * D + d] in o's dtype (what SDPA returns). Returns whether this
+    program merged."""
+    qd, kn, vn, heads, hmask = _new_token(qbase, kbase, vbase, sc_s, g, pos, start, d, cos_ptr, sin_ptr,
+                                          H, HKV, D, GROUP, GP, CHUNK, dt, INTERP)
+    m_i = tl.full((GP,), -float("inf"), tl.float32)
+    l_i = tl.zeros((GP,), tl.float32)
+    acc = tl.zeros((GP, D), tl.float32)
+    for it in range(0, CHUNK // BLOCK_N):
+        if start + it * BLOCK_N <= pos:                     # only the tiles up to pos
+            n = start + it * BLOCK_N + tl.arange(0, BLOCK_N)
+            valid = n <= pos
+            if it == 0:                                     # prefetched; the new slot from registers
+                at = (n == pos)[:, None]
+                k = tl.where(at, kn, k0)
+                v = tl.where(at, vn, v0)
+            else:
+                k = tl.load(kbase + n[:, None] * sc_s + d[None, :], mask=valid[:, None], other=0.0)
+                v = tl.load(vbase + n[:, None] * sc_s + d[None, :], mask=valid[:, None], other=0.0)
+            m_i, l_i, acc = _softmax_step(qd, k, v, valid, scale, m_i, l_i, acc, IEEE, INTERP)
+    o = acc / l_i[:, None]
+    hb = (hb0 + heads) * NCH + c                                                       # [GP]
+    tl.store(po_ptr + hb[:, None] * D + d[None, :], o, mask=hmask[:, None])
+    tl.store(pml_ptr + hb * 2, m_i, mask=hmask)
+    tl.store(pml_ptr + hb * 2 + 1, l_i, mask=hmask)
+    tl.debug_barrier()
+    done = tl.atomic_add(cnt_ptr, 1)                        # acq_rel: our partials are visible
+    merged = done == pos // CHUNK                           # the last active chunk merges
+    if merged:
+        tl.debug_barrier()
+        cs = tl.arange(0, NCHP)
+        cm = cs < pos // CHUNK + 1
+        for j in tl.static_range(GROUP):
+            base = (hb0 + g * GROUP + j) * NCH + cs
+            mj = tl.load(pml_ptr + base * 2, mask=cm, other=-float("inf"), cache_modifier=".cg")
+            lj = tl.load(pml_ptr + base * 2 + 1, mask=cm, other=0.0, cache_modifier=".cg")
+            wgt = tl.where(cm, tl.exp(mj - tl.max(mj, axis=0)) * lj, 0.0)              # [NCHP]
+            oj = tl.load(po_ptr + base[:, None] * D + d[None, :], mask=cm[:, None], other=0.0,
+                         cache_modifier=".cg")                                          # [NCHP, D]
+            oj = tl.sum(wgt[:, None] * oj, axis=0) / tl.sum(wgt, axis=0)
+            tl.store(o_ptr + (g * GROUP + j) * D + d, cast(oj, o_ptr.dtype.element_ty, INTERP))
+        tl.atomic_xchg(cnt_ptr, 0)                          # ready for the next layer / replay
+    return merged
+
+
+@triton.jit
 def _attn_fused(qkv_ptr, stride_qkv, kc_ptr, vc_ptr, sc_b, sc_h, sc_s, rows_ptr, pos_ptr,
                 cos_ptr, sin_ptr, po_ptr, pml_ptr, cnt_ptr, o_ptr, stride_o, scale,
                 w_ptr, rcnt_ptr, q_ptr, s_ptr, stride_q, eps,
@@ -268,45 +314,10 @@ def _attn_fused(qkv_ptr, stride_qkv, kc_ptr, vc_ptr, sc_b, sc_h, sc_s, rows_ptr,
         if PDL:
             gdc_launch_dependents()
             gdc_wait()
-        qd, kn, vn, heads, hmask = _new_token(qkv_ptr + b * stride_qkv, kbase, vbase, sc_s, g, pos, start, d,
-                                              cos_ptr, sin_ptr, H, HKV, D, GROUP, GP, CHUNK, dt, INTERP)
-        m_i = tl.full((GP,), -float("inf"), tl.float32)
-        l_i = tl.zeros((GP,), tl.float32)
-        acc = tl.zeros((GP, D), tl.float32)
-        for it in range(0, CHUNK // BLOCK_N):
-            if start + it * BLOCK_N <= pos:                     # only the tiles up to pos
-                n = start + it * BLOCK_N + tl.arange(0, BLOCK_N)
-                valid = n <= pos
-                if it == 0:                                     # prefetched; the new slot from registers
-                    at = (n == pos)[:, None]
-                    k = tl.where(at, kn, k0)
-                    v = tl.where(at, vn, v0)
-                else:
-                    k = tl.load(kbase + n[:, None] * sc_s + d[None, :], mask=valid[:, None], other=0.0)
-                    v = tl.load(vbase + n[:, None] * sc_s + d[None, :], mask=valid[:, None], other=0.0)
-                m_i, l_i, acc = _softmax_step(qd, k, v, valid, scale, m_i, l_i, acc, IEEE, INTERP)
-        o = acc / l_i[:, None]
-        hb = (b * H + heads) * NCH + c                                                # [GP]
-        tl.store(po_ptr + hb[:, None] * D + d[None, :], o, mask=hmask[:, None])
-        tl.store(pml_ptr + hb * 2, m_i, mask=hmask)
-        tl.store(pml_ptr + hb * 2 + 1, l_i, mask=hmask)
-        tl.debug_barrier()
-        done = tl.atomic_add(cnt_ptr + pid, 1)                  # acq_rel: our partials are visible
-        if done == pos // CHUNK:                                # the last active chunk merges
-            tl.debug_barrier()
-            cs = tl.arange(0, NCHP)
-            cm = cs < pos // CHUNK + 1
-            for j in tl.static_range(GROUP):
-                base = (b * H + g * GROUP + j) * NCH + cs
-                mj = tl.load(pml_ptr + base * 2, mask=cm, other=-float("inf"), cache_modifier=".cg")
-                lj = tl.load(pml_ptr + base * 2 + 1, mask=cm, other=0.0, cache_modifier=".cg")
-                wgt = tl.where(cm, tl.exp(mj - tl.max(mj, axis=0)) * lj, 0.0)          # [NCHP]
-                oj = tl.load(po_ptr + base[:, None] * D + d[None, :], mask=cm[:, None], other=0.0,
-                             cache_modifier=".cg")                                      # [NCHP, D]
-                oj = tl.sum(wgt[:, None] * oj, axis=0) / tl.sum(wgt, axis=0)
-                tl.store(o_ptr + b * stride_o + (g * GROUP + j) * D + d,
-                         cast(oj, o_ptr.dtype.element_ty, INTERP))                    # SDPA output
-            tl.atomic_xchg(cnt_ptr + pid, 0)                    # ready for the next layer / replay
+        merged = _chunk_merge(qkv_ptr + b * stride_qkv, kbase, vbase, sc_s, g, c, pos, start, d, k0, v0, cos_ptr,
+                              sin_ptr, po_ptr, pml_ptr, cnt_ptr + pid, o_ptr + b * stride_o, b * H, scale,
+                              H, HKV, D, GROUP, GP, CHUNK, BLOCK_N, NCH, NCHP, dt, IEEE, INTERP)
+        if merged:
             if QUANT:
                 tl.debug_barrier()
                 done2 = tl.atomic_add(rcnt_ptr + b, 1)          # acq_rel: our heads of o are visible
@@ -401,7 +412,7 @@ class DecodeAttention:
         self.block_n = max(16, min(block_n, self.chunk))      # tl.dot needs K >= 16
         self.nch = cdiv(max_len, self.chunk)
         self.combine_warps = COMBINE_WARPS if combine_warps is None else combine_warps   # None: per call
-        self.prefetch = PARTIAL_PREFETCH if prefetch is None else prefetch                # None: per call
+        self.prefetch = PARTIAL_PREFETCH if prefetch is None else prefetch
         self.po = torch.empty((batch, n_heads, self.nch, head_dim), dtype=torch.float32, device=device)
         self.pml = torch.empty((batch, n_heads, self.nch, 2), dtype=torch.float32, device=device)
         self.ob = torch.empty((batch, n_heads * head_dim), dtype=torch.float32, device=device)
@@ -427,7 +438,7 @@ class DecodeAttention:
             H=self.H, HKV=self.HKV, D=self.D, GROUP=self.group, GP=max(16, next_pow2(self.group)),
             CHUNK=self.chunk, BLOCK_N=self.block_n, NCH=self.nch, IEEE=ieee,
             DYN=self.chunk > self.block_n and not INTERPRET,
-            PREFETCH=prefetch_first_tile(B * self.H) if self.prefetch is None else self.prefetch,
+            PREFETCH=self.prefetch,
             PDL=PDL, INTERP=INTERPRET, num_warps=4, **_pdl)
         if quant:
             q_out = q_out if q_out is not None else torch.empty((B, HD), dtype=torch.int8, device=qkv.device)
