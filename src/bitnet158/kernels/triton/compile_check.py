@@ -21,7 +21,8 @@ def main() -> int:
     from triton.backends.compiler import GPUTarget
     from triton.compiler import ASTSource
 
-    from . import attention, bitlinear_train, decode_layer, gemm_i8, gemm_tc, head, norm_quant, w2a8
+    from . import (attention, bitlinear_train, decode_layer, decode_persistent, gemm_i8, gemm_tc, head,
+                   norm_quant, w2a8)
 
     target = GPUTarget("cuda", 90, 32)
     errors = 0
@@ -31,8 +32,9 @@ def main() -> int:
         sig = {n: ("constexpr" if n in consts else types.get(n, "i32")) for n in fn.arg_names}
         cst = {(fn.arg_names.index(k),): v for k, v in consts.items()}
         try:
-            triton.compile(ASTSource(fn=fn, signature=sig, constexprs=cst), target=target, options=opts)
-            print(f"ok    {fn.__name__} {consts}")
+            k = triton.compile(ASTSource(fn=fn, signature=sig, constexprs=cst), target=target, options=opts)
+            regs = f" ({k.n_regs} registers, {k.n_spills} spilled)" if getattr(k, "n_regs", None) else ""
+            print(f"ok    {fn.__name__} {consts}{regs}")
         except Exception as e:  # report every kernel, then fail
             errors += 1
             print(f"ERROR {fn.__name__} {consts}\n{e}")
@@ -109,6 +111,18 @@ def main() -> int:
         comp(decode_layer._gemv_nq, dict(a_ptr=P(bf), tok_ptr=P("i64"), d_ptr=P(bf), h_ptr=P(bf),
                                          nw_ptr=P(bf), w_ptr=P(i32), g_ptr=P(f32), out_ptr=P(bf), eps=f32),
              dict(MODE=mode, GATHER=gather, STORE_H=mode == 1, PDL=True, INTERP=False, **cfg), num_warps=nw)
+    bf_ptrs = ("x0", "x1", "d", "qkv", "o", "gu", "nin", "nattn", "npost", "nffn", "kc", "vc")
+    layer_types = {f"{n}_ptr": P(bf) for n in bf_ptrs}
+    layer_types.update({f"{n}_ptr": P(i32) for n in ("wqkv", "wo", "wgu", "wd", "rows", "pos", "gcnt", "bar")})
+    layer_types.update({f"{n}_ptr": P(f32) for n in ("gqkv", "go", "ggu", "gd", "cos", "sin", "po", "pml")})
+    layer_types.update(scale=f32, eps=f32)
+    cfg = decode_persistent.DEFAULT_CONFIG
+    for has_d in (True, False):
+        comp(decode_persistent._layer, layer_types,
+             dict(HID=2560, FFN=6912, H=20, HKV=5, D=128, GROUP=4, GP=16, CHUNK=64, BLOCK_N=64, NCH=64, NCHP=64,
+                  ITEMS=3, BR_QKV=cfg["BR_QKV"], BR_O=cfg["BR_O"], BR_GU=cfg["BR_GU"], BR_DOWN=cfg["BR_DOWN"],
+                  T_QKV=1, T_O=1, T_GU=2, T_DOWN=2, BKH=1024, BKF=2048, NPROG=132, HAS_D=has_d, FIRST=0, LAST=4,
+                  IEEE=False, PDL=True, INTERP=False), num_warps=cfg["num_warps"])
     comp(head._head_kernel, dict(x_ptr=P(bf), w_ptr=P(i8), ws_ptr=P(f32), out_ptr=P(f32)),
          dict(MB=1, BV=4, BD=4096, PDL=True), num_warps=8)
     comp(head._head_split, dict(x_ptr=P(bf), w_ptr=P(i8), ws_ptr=P(f32), out_ptr=P(f32)),

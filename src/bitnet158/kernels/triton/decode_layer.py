@@ -104,7 +104,6 @@ def _gemv_nq(a_ptr, tok_ptr, d_ptr, h_ptr, nw_ptr, w_ptr, g_ptr, out_ptr,
     if PDL:
         gdc_launch_dependents()
         gdc_wait()
-    shifts = tl.arange(0, 4) * 8
     for mi in range(MB):                # a loop, not unrolled: one row's prologue live at a time
         m = pid_m * MB + mi
         mvalid = m < M
@@ -114,23 +113,37 @@ def _gemv_nq(a_ptr, tok_ptr, d_ptr, h_ptr, nw_ptr, w_ptr, g_ptr, out_ptr,
             arow = m * stride_a
         q, s = _prologue(a_ptr, d_ptr, h_ptr, nw, arow, m, stride_d, stride_h, K, offs,
                          kmask & mvalid, pid_r == 0, eps, MODE, STORE_H, INTERP)
-        qi = q.to(tl.int32)
-        sumx = tl.sum(qi, axis=0)
-        # four int8 -> one int32 (little-endian, as x_q.view(int32) in the unfused kernel)
-        xb = tl.reduce((tl.reshape(qi, (BK4, 4)) & 0xFF) << shifts[None, :], 1, _or)      # [BK4]
-        for k in tl.static_range(4):
-            # field k masked in place: its bytes are u << 2k (u = w + 1 in 0..2, so <= 128, read
-            # unsigned), one LOP instead of shift + and; the sum is exactly 4^k * (x . u)
-            if k == 3:
-                u = w & -1061109568                             # 0xC0C0C0C0 as an int32
-            else:
-                u = w & (0x03030303 << (2 * k))
-            acc = (tl.sum(_dp4a_u(u, xb[None, :], tl.zeros_like(w), INTERP), axis=1) >> (2 * k)) - sumx
-            cols, seg = _out_cols(rows, k, P1, P2, R_total)
-            gamma = tl.load(g_ptr + seg)
-            y = acc.to(tl.float32) * tl.math.div_rn(gamma, s)
-            tl.store(out_ptr + m * stride_om + cols, cast(y, out_ptr.dtype.element_ty, INTERP),
-                     mask=rmask & mvalid)
+        xb, sumx = _pack_row(q, BK4)
+        _masked_fields(w, xb, sumx, s, rows, rmask & mvalid, P1, P2, R_total, g_ptr, out_ptr + m * stride_om,
+                       INTERP)
+
+
+@triton.jit
+def _pack_row(q, BK4: tl.constexpr):
+    """int8 values q (fp32 [4*BK4]) -> (four to an int32, little-endian as ``x_q.view(int32)``:
+    [BK4]; their int32 sum)."""
+    qi = q.to(tl.int32)
+    shifts = tl.arange(0, 4) * 8
+    xb = tl.reduce((tl.reshape(qi, (BK4, 4)) & 0xFF) << shifts[None, :], 1, _or)
+    return xb, tl.sum(qi, axis=0)
+
+
+@triton.jit
+def _masked_fields(w, xb, sumx, s, rows, rmask, P1, P2, R_total, g_ptr, out_ptr, INTERP: tl.constexpr):
+    """The four output fields of packed int32 weights w [BR, BK4] (packed rows ``rows``) times the
+    packed int8 row xb [BK4] (sum ``sumx``, scale ``s``), stored at out_ptr[cols] in its dtype."""
+    for k in tl.static_range(4):
+        # field k masked in place: its bytes are u << 2k (u = w + 1 in 0..2, so <= 128, read
+        # unsigned), one LOP instead of shift + and; the sum is exactly 4^k * (x . u)
+        if k == 3:
+            u = w & -1061109568                             # 0xC0C0C0C0 as an int32
+        else:
+            u = w & (0x03030303 << (2 * k))
+        acc = (tl.sum(_dp4a_u(u, xb[None, :], tl.zeros_like(w), INTERP), axis=1) >> (2 * k)) - sumx
+        cols, seg = _out_cols(rows, k, P1, P2, R_total)
+        gamma = tl.load(g_ptr + seg)
+        y = acc.to(tl.float32) * tl.math.div_rn(gamma, s)
+        tl.store(out_ptr + cols, cast(y, out_ptr.dtype.element_ty, INTERP), mask=rmask)
 
 
 @triton.jit
@@ -174,16 +187,7 @@ def _gemv_tail(x_ptr, sx_ptr, w_ptr, g_ptr, out_ptr, M, K4, R_total, P1, P2, str
         x = tl.load(x_ptr + m * stride_xm + k0, mask=kmask, other=0)                    # int8x4 [BK4]
         sumx = tl.sum(_dp4a(ones, x, tl.zeros_like(x), INTERP), axis=0)
         sx = tl.load(sx_ptr + m)
-        for k in tl.static_range(4):
-            if k == 3:
-                u = w & -1061109568                             # 0xC0C0C0C0 as an int32
-            else:
-                u = w & (0x03030303 << (2 * k))
-            acc = (tl.sum(_dp4a_u(u, x[None, :], tl.zeros_like(w), INTERP), axis=1) >> (2 * k)) - sumx
-            cols, seg = _out_cols(rows, k, P1, P2, R_total)
-            gamma = tl.load(g_ptr + seg)
-            y = acc.to(tl.float32) * tl.math.div_rn(gamma, sx)
-            tl.store(out_ptr + m * stride_om + cols, cast(y, out_ptr.dtype.element_ty, INTERP), mask=rmask)
+        _masked_fields(w, x, sumx, sx, rows, rmask, P1, P2, R_total, g_ptr, out_ptr + m * stride_om, INTERP)
     if TAIL != 0:
         tl.debug_barrier()
         done = tl.atomic_add(cnt_ptr, 1)                        # acq_rel: our outputs are visible

@@ -49,7 +49,7 @@ import torch.nn.functional as F
 from ... import quant
 from ...engine.runner import register_runner
 from ...errors import ConfigError
-from . import decode_layer
+from . import decode_layer, decode_persistent
 from .attention import DecodeAttention, rope_cache_write
 from .head import int8_head, quantize_head
 from .norm_quant import norm_quant
@@ -84,7 +84,7 @@ class _Linear:
         return w2a8_linear(x_or_q, s, self.packed, self.gammas, self.segs, out_dtype=out_dtype, ws=ws)
 
 
-STEPS = ("unfused", "tail", "prologue")
+STEPS = ("unfused", "tail", "prologue", "persistent")
 # Measured on an H100 (bench/gpu_decode.py, batch 1, ctx 1024): unfused 1.35-1.38 ms, tail
 # 1.74 ms, prologue 1.64 ms; the fused steps stay selectable (docs/gpu-engine.md says why).
 DEFAULT_STEP = "unfused"
@@ -128,6 +128,7 @@ class TritonRunner:
         #   "unfused":  9 kernels a layer (norm_quant kernels, attention partials + combine)
         #   "tail":     5 kernels a layer, norm + quant in the last program of the previous kernel
         #   "prologue": 5 kernels a layer, norm + quant recomputed by every GEMV program
+        #   "persistent": 1 kernel a layer, its stages separated by grid barriers (batch 1)
         step = DEFAULT_STEP if step is None else step
         if step not in STEPS:
             raise ConfigError(f"triton runner: step={step!r} is not one of {STEPS}")
@@ -141,6 +142,7 @@ class TritonRunner:
         # decode GEMVs (M <= 8) of the unfused step: "w2a8" (w2a8._gemv_dp4a) or "masked" (the
         # tail kernel without its tail: each 2-bit field masked in place, 2 integer ops a field)
         self.gemv = DEFAULT_GEMV
+        self._persistent = None          # decode_persistent.PersistentStep, built on first use
         dev, dt = self.device, self.dtype
         self.layers = []
         for blk in model.model.layers:
@@ -309,6 +311,10 @@ class TritonRunner:
             return self._decode_step_fused(tok, pos, rows)
         if kind == "tail":
             return self._decode_step_tail(tok, pos, rows)
+        if kind == "persistent":
+            if self._persistent is None:
+                self._persistent = decode_persistent.PersistentStep(self)
+            return self._persistent(tok, pos, rows)
         x = self.x_buf[:n]
         x.copy_(F.embedding(tok, self.embed))
         delta = None

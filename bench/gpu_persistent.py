@@ -1,0 +1,180 @@
+"""Batch-1 GPU decode: the persistent step (one kernel a layer) vs the unfused step vs bf16.
+
+    PYTHONPATH=src python3 bench/gpu_persistent.py --out bench/results/gpu_persistent-2026-12-06-h100.json
+
+One run on a random model with exact 2B4T shapes (bf16), every step in a CUDA graph (CUDA
+events, median of repeats), measuring:
+
+- a grid barrier alone: a kernel of one program an SM that passes 256 barriers (``_grid_sync``);
+- the persistent step's logits against the unfused step's on the same cache (relative L2, argmax);
+- ms/token at batch 1, context 128 / 1024 / 4096: the unfused step (9 kernels a layer), the
+  persistent step in block-shape variants (``--variants``; ``decode_persistent.DEFAULT_CONFIG``
+  first), the bf16 cuBLAS pipeline; the int8 head on the best persistent variant;
+- the bytes/bandwidth floor (device-to-device copy bandwidth measured in the same run).
+
+Prints a table, then one JSON line. Needs CUDA and Triton.
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime
+import json
+import os
+import sys
+import time
+
+import torch
+
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+from gpu import copy_bandwidth_gbs, decode_ms, events_ms, fill_cache  # noqa: E402
+
+VARIANTS = {
+    "default": {},
+    "w4": dict(num_warps=4),
+    "gu8_down8": dict(BR_GU=8, BR_DOWN=8),
+    "gu32": dict(BR_GU=32),
+}
+
+
+def barrier_us(n: int = 256) -> float:
+    """Microseconds a grid barrier costs: one program an SM passing n barriers in one kernel."""
+    import triton
+    import triton.language as tl
+
+    from bitnet158.kernels.triton.decode_persistent import _grid_sync, sm_count
+
+    @triton.jit
+    def _chain(bar_ptr, N: tl.constexpr, NPROG: tl.constexpr):
+        for i in range(N):
+            _grid_sync(bar_ptr, (i + 1) * NPROG)
+
+    nprog = sm_count("cuda")
+    bar = torch.zeros(1, dtype=torch.int32, device="cuda")
+
+    def run(k):
+        bar.zero_()
+        _chain[(nprog,)](bar, N=k, NPROG=nprog, num_warps=8)
+    run(n)
+    run(1)
+    t_n = events_ms(lambda: run(n), 20)
+    t_1 = events_ms(lambda: run(1), 20)
+    return (t_n - t_1) / (n - 1) * 1e3
+
+
+def main(argv=None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--out", default=None, help="write the JSON result here")
+    ap.add_argument("--variants", default=",".join(VARIANTS), help=f"persistent block shapes ({', '.join(VARIANTS)})")
+    ap.add_argument("--ctxs", default="128,1024,4096", help="decode contexts")
+    ap.add_argument("--no-bf16", action="store_true", help="skip the bf16 pipeline")
+    args = ap.parse_args(argv)
+    if not torch.cuda.is_available():
+        print("bench/gpu_persistent.py needs a CUDA device", file=sys.stderr)
+        return 2
+    unknown = [v for v in args.variants.split(",") if v and v not in VARIANTS]
+    if unknown:
+        print(f"--variants: unknown {unknown}; known: {', '.join(VARIANTS)}", file=sys.stderr)
+        return 2
+    import triton
+
+    from bitnet158.kernels.triton.decode_persistent import PersistentStep
+    from bitnet158.kernels.triton.runner import TritonRunner
+    from bitnet158.random_model import random_packed_model
+
+    t0 = time.time()
+    res: dict = {"device": torch.cuda.get_device_name(), "date": datetime.date.today().isoformat(),
+                 "torch": torch.__version__, "triton": triton.__version__}
+
+    def save():
+        if args.out:
+            with open(args.out, "w") as f:
+                json.dump(res, f, indent=1)
+
+    def guard(name, fn):
+        try:
+            fn()
+        except Exception as e:       # keep every other number
+            res[f"{name}_error"] = repr(e)[:300]
+            print(f"{name} failed: {e!r}"[:400], flush=True)
+        save()
+
+    bw = copy_bandwidth_gbs()
+    res["copy_bw_gb_s"] = round(bw, 1)
+    guard("barrier", lambda: res.update(grid_barrier_us=round(barrier_us(), 3)))
+    print(f"copy {bw:.0f} GB/s, grid barrier {res.get('grid_barrier_us')} us", flush=True)
+    model = random_packed_model("2b4t", seed=0, dtype=torch.bfloat16, device="cuda")
+    cfg = model.config
+    kv_tok = 2 * cfg.num_hidden_layers * cfg.num_key_value_heads * cfg.head_dim * 2
+    ctxs = [int(c) for c in args.ctxs.split(",")]
+
+    def runner(config=None, **kw):
+        torch.cuda.empty_cache()
+        r = TritonRunner(model, batch=1, max_len=4096, **kw)
+        if config is not None:
+            r._persistent = PersistentStep(r, config=config)
+        fill_cache(r)
+        return r
+
+    def check():
+        tok = torch.randint(0, cfg.vocab_size, (1,), device="cuda")
+        pos = torch.tensor([1023], device="cuda")
+        a = runner(step="unfused").decode(tok, pos)
+        b = runner(step="persistent").decode(tok, pos)
+        res["check_persistent_vs_unfused_rel_l2"] = float((b - a).norm() / a.norm())
+        res["check_persistent_vs_unfused_argmax_equal"] = bool(torch.equal(a.argmax(-1), b.argmax(-1)))
+        print("persistent vs unfused:", res["check_persistent_vs_unfused_rel_l2"],
+              res["check_persistent_vs_unfused_argmax_equal"], flush=True)
+    guard("check", check)
+
+    wb = None
+
+    def step(key, ctx_list, **kw):
+        nonlocal wb
+        r = runner(**kw)
+        wb = wb or r.weight_bytes()
+        for ctx in ctx_list:
+            ms = decode_ms(r, [ctx - 1], iters=100)
+            res[f"decode_b1_ctx{ctx}_{key}_ms"] = round(ms, 4)
+            print(f"[{key}] decode b1 ctx {ctx}: {ms:.4f} ms", flush=True)
+        del r
+
+    guard("unfused", lambda: step("unfused", ctxs, step="unfused"))
+    names = [v for v in args.variants.split(",") if v]
+    for v in names:
+        guard(f"persistent_{v}", lambda v=v: step(f"persistent_{v}", ctxs if v == names[0] else [1024],
+                                                  step="persistent", config=VARIANTS[v]))
+    best = min(names, key=lambda v: res.get(f"decode_b1_ctx1024_persistent_{v}_ms", 1e9))
+    res["persistent_best"] = best
+    guard("persistent_int8head", lambda: step("persistent_int8head", [1024], step="persistent",
+                                              config=VARIANTS[best], int8_head=True))
+    if not args.no_bf16:
+        guard("bf16", lambda: step("bf16", ctxs, linear="bf16"))
+    for ctx in ctxs:
+        k = f"decode_b1_ctx{ctx}"
+        if wb is not None:
+            nbytes = wb["linear"] + wb["head"] + kv_tok * ctx
+            res[f"floor_b1_ctx{ctx}_ms"] = round(nbytes / (bw * 1e9) * 1e3, 4)
+        p = res.get(f"{k}_persistent_{names[0]}_ms") if names else None
+        if p and f"{k}_bf16_ms" in res:
+            res[f"{k}_persistent_vs_bf16_speedup"] = round(res[f"{k}_bf16_ms"] / p, 2)
+        if p and f"{k}_unfused_ms" in res:
+            res[f"{k}_persistent_vs_unfused_speedup"] = round(res[f"{k}_unfused_ms"] / p, 2)
+            res[f"{k}_persistent_tok_s"] = round(1e3 / p, 1)
+    res["bench_s"] = round(time.time() - t0, 1)
+    save()
+    print()
+    print(f"{'ms/token, batch 1':24s} {'ctx':>5s} {'unfused':>9s} {'persistent':>11s} {'bf16':>9s} {'floor':>7s}")
+    for ctx in ctxs:
+        k = f"decode_b1_ctx{ctx}"
+        print(f"{'':24s} {ctx:5d} {res.get(k + '_unfused_ms', 0):9.4f} "
+              f"{res.get(f'{k}_persistent_{names[0]}_ms', 0) if names else 0:11.4f} "
+              f"{res.get(k + '_bf16_ms', 0):9.4f} {res.get(f'floor_b1_ctx{ctx}_ms', 0):7.4f}")
+    for v in names + ["int8head"]:
+        print(f"{'persistent ' + v + ', ctx 1024':30s} {res.get(f'decode_b1_ctx1024_persistent_{v}_ms', 0):9.4f}")
+    print(json.dumps(res))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,297 @@
+"""Batch-1 decode, one persistent kernel a layer: its stages separated by grid-wide barriers.
+
+The 9-kernel step spends most of a token in latency: each kernel ramps up, waits for the one
+before it, reads its input row and drains. Here a layer is one launch of ``NPROG`` programs (at
+most one an SM, so all of them are resident at once), which run the layer's five stages in turn:
+
+    S0  h = x (+ d); every program: input_layernorm + int8 quant of h (recomputed, the row is
+        2560 wide), then its tiles of the fused q|k|v GEMV               -> qkv
+    S1  attention: (KV head, cache chunk) items spread over the programs (RoPE, cache write,
+        partial softmax); the last chunk of a KV head to finish merges its GQA group -> o
+    S2  every program: attn_sub_norm + quant of o; its tiles of o_proj   -> d
+    S3  h = x + d; every program: post_attention_layernorm + quant; its tiles of gate|up -> gu
+    S4  every program: relu(g)^2 * u, ffn_sub_norm + quant; its tiles of down_proj -> d
+
+Between two stages every program arrives at a barrier (a per-layer atomic counter: stage s is
+open once it reaches ``s * NPROG``) and, before it waits, loads what the next stage reads that
+no program of this layer writes: its first weight tile, the norm weight, the first cache tile of
+its attention item. The barrier's latency overlaps those loads, as programmatic dependent launch
+overlaps the next layer's first tile with this layer's last stage. The residual row ping-pongs
+between ``x0`` and ``x1`` (program 0 stores ``h``; every program reads the other buffer):
+a layer reads x0 and d (the first layer: the embedding row in x1) and leaves x in x0 and the
+down projection's output in d.
+
+Numerics are those of the unfused step (``decode_layer._prologue`` and ``_masked_fields`` are
+the fused step's norm + quant and GEMV, ``attention._chunk_merge`` the one-kernel attention), so
+only the order of fp32 sums can differ from it.
+
+Under ``TRITON_INTERPRET=1`` programs run one after another and a barrier would never open, so
+there each stage is its own launch (``FIRST == LAST``); the tests check the stages that way, and
+on a GPU the whole layer in one launch against them.
+
+    step = PersistentStep(runner)            # buffers for a TritonRunner's model (batch 1)
+    logits = step(tok, pos, rows)            # one decode step: [1] -> float32 [1, V]
+
+Tests: ``tests/kernels/test_decode_persistent.py``.
+"""
+
+from __future__ import annotations
+
+import torch
+import triton
+import triton.language as tl
+
+from .attention import _chunk_merge
+from .common import INTERPRET, PDL, cdiv, gdc_launch_dependents, gdc_wait, next_pow2
+from .decode_layer import _masked_fields, _pack_row, _prologue
+
+_pdl = dict(launch_pdl=True) if PDL else {}
+
+
+@triton.jit
+def _grid_sync(bar_ptr, target):
+    """Arrive at the layer's counter and wait until ``target`` programs have arrived. The
+    release-acquire pair orders every program's stores before the barrier with every load after it."""
+    tl.debug_barrier()                                  # this program's warps are done storing
+    n = tl.atomic_add(bar_ptr, 1, sem="acq_rel") + 1
+    while n < target:
+        n = tl.atomic_add(bar_ptr, 0, sem="acquire")
+    tl.debug_barrier()
+
+
+@triton.jit
+def _tile(w_ptr, t, K4: tl.constexpr, R: tl.constexpr, BR: tl.constexpr, BK4: tl.constexpr):
+    """Packed int32 weights of tile t: rows t*BR .. t*BR+BR-1 of [R, K4] -> [BR, BK4] (0 outside)."""
+    rows = t * BR + tl.arange(0, BR)
+    k0 = tl.arange(0, BK4)
+    return tl.load(w_ptr + rows[:, None] * K4 + k0[None, :], mask=(rows < R)[:, None] & (k0 < K4)[None, :],
+                   other=0)
+
+
+@triton.jit
+def _norm_w(nw_ptr, K: tl.constexpr, BK4: tl.constexpr):
+    offs = tl.arange(0, 4 * BK4)
+    return tl.load(nw_ptr + offs, mask=offs < K, other=0.0).to(tl.float32)
+
+
+@triton.jit
+def _row_gemv(a_ptr, d_ptr, h_ptr, nw, w0, w_ptr, g_ptr, out_ptr, pid, eps, K: tl.constexpr,
+              R: tl.constexpr, P1: tl.constexpr, P2: tl.constexpr, BR: tl.constexpr, BK4: tl.constexpr,
+              TILES: tl.constexpr, NPROG: tl.constexpr, MODE: tl.constexpr, STORE_H: tl.constexpr,
+              INTERP: tl.constexpr):
+    """Norm + quant of the row (``decode_layer._prologue`` mode MODE, norm weight nw), then this
+    program's tiles pid, pid + NPROG, ... of the packed [R, K/4] int32 weights (tile pid: w0,
+    loaded already; each next tile is loaded before the current one is multiplied)."""
+    offs = tl.arange(0, 4 * BK4)
+    q, s = _prologue(a_ptr, d_ptr, h_ptr, nw, 0, 0, 0, 0, K, offs, offs < K, pid == 0, eps, MODE, STORE_H,
+                     INTERP)
+    xb, sumx = _pack_row(q, BK4)
+    w = w0
+    for j in tl.static_range(TILES):
+        t = pid + j * NPROG
+        if j + 1 < TILES:
+            w_next = _tile(w_ptr, t + NPROG, K // 4, R, BR, BK4)
+        rows = t * BR + tl.arange(0, BR)
+        _masked_fields(w, xb, sumx, s, rows, rows < R, P1, P2, R, g_ptr, out_ptr, INTERP)
+        if j + 1 < TILES:
+            w = w_next
+
+
+@triton.jit
+def _kv_first(kc_ptr, vc_ptr, sc_b, sc_h, sc_s, row, pos, item, n_items, HKV: tl.constexpr, D: tl.constexpr,
+              CHUNK: tl.constexpr, BLOCK_N: tl.constexpr):
+    """The older slots (< pos: written by earlier steps) of the first tile of attention item
+    ``item`` (KV head item % HKV, chunk item // HKV) -> k0, v0 [BLOCK_N, D]."""
+    g = item % HKV
+    n0 = (item // HKV) * CHUNK + tl.arange(0, BLOCK_N)
+    d = tl.arange(0, D)
+    m = ((n0 < pos) & (item < n_items))[:, None]
+    base = row * sc_b + g * sc_h + n0[:, None] * sc_s + d[None, :]
+    return tl.load(kc_ptr + base, mask=m, other=0.0), tl.load(vc_ptr + base, mask=m, other=0.0)
+
+
+@triton.jit
+def _attention(qkv_ptr, o_ptr, kc_ptr, vc_ptr, sc_b, sc_h, sc_s, row, pos, cos_ptr, sin_ptr, po_ptr, pml_ptr,
+               gcnt_ptr, scale, k0, v0, pid, H: tl.constexpr, HKV: tl.constexpr, D: tl.constexpr,
+               GROUP: tl.constexpr, GP: tl.constexpr, CHUNK: tl.constexpr, BLOCK_N: tl.constexpr,
+               NCH: tl.constexpr, NCHP: tl.constexpr, ITEMS: tl.constexpr, NPROG: tl.constexpr,
+               IEEE: tl.constexpr, INTERP: tl.constexpr):
+    """This program's attention items pid, pid + NPROG, ... of the HKV * (pos // CHUNK + 1) active
+    ones (item pid's first tile: k0, v0, loaded already)."""
+    n_items = HKV * (pos // CHUNK + 1)
+    d = tl.arange(0, D)
+    dt = kc_ptr.dtype.element_ty
+    for j in tl.static_range(ITEMS):
+        item = pid + j * NPROG
+        if item < n_items:
+            if j > 0:
+                k0, v0 = _kv_first(kc_ptr, vc_ptr, sc_b, sc_h, sc_s, row, pos, item, n_items, HKV, D, CHUNK,
+                                   BLOCK_N)
+            g = item % HKV
+            c = item // HKV
+            _chunk_merge(qkv_ptr, kc_ptr + row * sc_b + g * sc_h, vc_ptr + row * sc_b + g * sc_h, sc_s, g, c,
+                         pos, c * CHUNK, d, k0, v0, cos_ptr, sin_ptr, po_ptr, pml_ptr, gcnt_ptr + g, o_ptr, 0,
+                         scale, H, HKV, D, GROUP, GP, CHUNK, BLOCK_N, NCH, NCHP, dt, IEEE, INTERP)
+
+
+@triton.jit
+def _layer(x0_ptr, x1_ptr, d_ptr, qkv_ptr, o_ptr, gu_ptr,
+           wqkv_ptr, gqkv_ptr, wo_ptr, go_ptr, wgu_ptr, ggu_ptr, wd_ptr, gd_ptr,
+           nin_ptr, nattn_ptr, npost_ptr, nffn_ptr,
+           kc_ptr, vc_ptr, sc_b, sc_h, sc_s, rows_ptr, pos_ptr, cos_ptr, sin_ptr, po_ptr, pml_ptr, gcnt_ptr,
+           bar_ptr, scale, eps,
+           HID: tl.constexpr, FFN: tl.constexpr, H: tl.constexpr, HKV: tl.constexpr, D: tl.constexpr,
+           GROUP: tl.constexpr, GP: tl.constexpr, CHUNK: tl.constexpr, BLOCK_N: tl.constexpr,
+           NCH: tl.constexpr, NCHP: tl.constexpr, ITEMS: tl.constexpr,
+           BR_QKV: tl.constexpr, BR_O: tl.constexpr, BR_GU: tl.constexpr, BR_DOWN: tl.constexpr,
+           T_QKV: tl.constexpr, T_O: tl.constexpr, T_GU: tl.constexpr, T_DOWN: tl.constexpr,
+           BKH: tl.constexpr, BKF: tl.constexpr, NPROG: tl.constexpr, HAS_D: tl.constexpr,
+           FIRST: tl.constexpr, LAST: tl.constexpr, IEEE: tl.constexpr, PDL: tl.constexpr,
+           INTERP: tl.constexpr):
+    """Stages FIRST..LAST of one layer (module docstring) for the row at rows[0], pos[0]."""
+    pid = tl.program_id(0)
+    R_QKV: tl.constexpr = (H + 2 * HKV) * D // 4
+    R_O: tl.constexpr = HID // 4
+    R_GU: tl.constexpr = FFN // 2
+    row = tl.load(rows_ptr)                          # host-written before the step: safe pre-wait
+    pos = tl.load(pos_ptr)
+    n_items = HKV * (pos // CHUNK + 1)
+    # what stage FIRST reads that no kernel of this step writes, before the wait
+    if FIRST == 0:
+        w_a = _tile(wqkv_ptr, pid, HID // 4, R_QKV, BR_QKV, BKH)
+        nw_a = _norm_w(nin_ptr, HID, BKH)
+    elif FIRST == 1:
+        k0, v0 = _kv_first(kc_ptr, vc_ptr, sc_b, sc_h, sc_s, row, pos, pid, n_items, HKV, D, CHUNK, BLOCK_N)
+    elif FIRST == 2:
+        w_a = _tile(wo_ptr, pid, HID // 4, R_O, BR_O, BKH)
+        nw_a = _norm_w(nattn_ptr, HID, BKH)
+    elif FIRST == 3:
+        w_a = _tile(wgu_ptr, pid, HID // 4, R_GU, BR_GU, BKH)
+        nw_a = _norm_w(npost_ptr, HID, BKH)
+    else:
+        w_a = _tile(wd_ptr, pid, FFN // 4, R_O, BR_DOWN, BKF)
+        nw_a = _norm_w(nffn_ptr, FFN, BKF)
+    if PDL:
+        gdc_launch_dependents()
+        gdc_wait()
+    if FIRST <= 0 and LAST >= 0:                    # S0: q|k|v of (x + d), h stored to x1
+        if HAS_D:
+            _row_gemv(x0_ptr, d_ptr, x1_ptr, nw_a, w_a, wqkv_ptr, gqkv_ptr, qkv_ptr, pid, eps, HID, R_QKV,
+                      H * D // 4, (H + HKV) * D // 4, BR_QKV, BKH, T_QKV, NPROG, 1, True, INTERP)
+        else:                                       # the first layer: the embedding row is in x1
+            _row_gemv(x1_ptr, d_ptr, x1_ptr, nw_a, w_a, wqkv_ptr, gqkv_ptr, qkv_ptr, pid, eps, HID, R_QKV,
+                      H * D // 4, (H + HKV) * D // 4, BR_QKV, BKH, T_QKV, NPROG, 0, False, INTERP)
+        if LAST > 0:
+            k0, v0 = _kv_first(kc_ptr, vc_ptr, sc_b, sc_h, sc_s, row, pos, pid, n_items, HKV, D, CHUNK,
+                               BLOCK_N)
+            _grid_sync(bar_ptr, NPROG)
+    if FIRST <= 1 and LAST >= 1:                    # S1: attention -> o
+        _attention(qkv_ptr, o_ptr, kc_ptr, vc_ptr, sc_b, sc_h, sc_s, row, pos, cos_ptr, sin_ptr, po_ptr, pml_ptr,
+                   gcnt_ptr, scale, k0, v0, pid, H, HKV, D, GROUP, GP, CHUNK, BLOCK_N, NCH, NCHP, ITEMS, NPROG,
+                   IEEE, INTERP)
+        if LAST > 1:
+            w_a = _tile(wo_ptr, pid, HID // 4, R_O, BR_O, BKH)
+            nw_a = _norm_w(nattn_ptr, HID, BKH)
+            _grid_sync(bar_ptr, 2 * NPROG)
+    if FIRST <= 2 and LAST >= 2:                    # S2: d = o_proj(attn_sub_norm(o))
+        _row_gemv(o_ptr, o_ptr, o_ptr, nw_a, w_a, wo_ptr, go_ptr, d_ptr, pid, eps, HID, R_O, R_O, R_O,
+                  BR_O, BKH, T_O, NPROG, 0, False, INTERP)
+        if LAST > 2:
+            w_a = _tile(wgu_ptr, pid, HID // 4, R_GU, BR_GU, BKH)
+            nw_a = _norm_w(npost_ptr, HID, BKH)
+            _grid_sync(bar_ptr, 3 * NPROG)
+    if FIRST <= 3 and LAST >= 3:                    # S3: gu = gate|up(x + d)
+        _row_gemv(x1_ptr, d_ptr, x0_ptr, nw_a, w_a, wgu_ptr, ggu_ptr, gu_ptr, pid, eps, HID, R_GU, FFN // 4,
+                  R_GU, BR_GU, BKH, T_GU, NPROG, 1, True, INTERP)
+        if LAST > 3:
+            w_a = _tile(wd_ptr, pid, FFN // 4, R_O, BR_DOWN, BKF)
+            nw_a = _norm_w(nffn_ptr, FFN, BKF)
+            _grid_sync(bar_ptr, 4 * NPROG)
+    if FIRST <= 4 and LAST >= 4:                    # S4: d = down(ffn_sub_norm(relu(g)^2 * u))
+        _row_gemv(gu_ptr, gu_ptr, gu_ptr, nw_a, w_a, wd_ptr, gd_ptr, d_ptr, pid, eps, FFN, R_O, R_O, R_O,
+                  BR_DOWN, BKF, T_DOWN, NPROG, 2, False, INTERP)
+
+
+# packed rows a tile per projection, warps a program: chosen for 132 programs at 2B4T shapes
+# (q|k|v 960 packed rows in 120 tiles, o 640 in 80, gate|up 3456 in 216, down 640 in 160)
+DEFAULT_CONFIG = dict(BR_QKV=8, BR_O=8, BR_GU=16, BR_DOWN=4, num_warps=8)
+
+
+def sm_count(device) -> int:
+    return torch.cuda.get_device_properties(device).multi_processor_count
+
+
+class PersistentStep:
+    """One batch-1 decode step of a :class:`~.runner.TritonRunner`: the embedding row, one
+    ``_layer`` launch a layer (five launches a layer under the interpreter), the final norm and
+    head. Buffers are the runner's (cache, attention partials) plus the rows between stages."""
+
+    def __init__(self, runner, nprog: int | None = None, config: dict | None = None):
+        if runner.mode != "w2a8":
+            raise ValueError("persistent decode step: needs the W2A8 runner (linear='w2a8')")
+        cfg = runner.cfg
+        self.r = runner
+        dev, dt = runner.device, runner.dtype
+        self.hid, self.ffn = cfg.hidden_size, cfg.intermediate_size
+        if self.hid % 4 or self.ffn % 4:
+            raise ValueError(f"persistent decode step: hidden {self.hid} / intermediate {self.ffn} "
+                             f"sizes must be multiples of 4")
+        if nprog is None:
+            nprog = sm_count(dev) if dev.type == "cuda" else 3
+        if dev.type == "cuda" and not 1 <= nprog <= sm_count(dev):
+            # the barriers need every program resident at once: at most one an SM is guaranteed
+            raise ValueError(f"persistent decode step: nprog={nprog} must be 1..{sm_count(dev)} (SMs)")
+        self.nprog = nprog
+        self.config = dict(DEFAULT_CONFIG, **(config or {}))
+        H, HKV, D = runner.H, runner.HKV, runner.D
+        self.qkv = torch.zeros((H + 2 * HKV) * D, dtype=dt, device=dev)
+        self.o = torch.zeros(H * D, dtype=dt, device=dev)
+        self.gu = torch.zeros(2 * self.ffn, dtype=dt, device=dev)
+        self.d = torch.zeros(self.hid, dtype=dt, device=dev)
+        self.x1 = torch.zeros(self.hid, dtype=dt, device=dev)
+        # one barrier counter a layer, zeroed after the last layer of every step
+        self.bar = torch.zeros(max(len(runner.layers), 1), dtype=torch.int32, device=dev)
+        self.int_w = [{k: L[k].packed.view(torch.int32) for k in ("qkv", "o", "gu", "down")}
+                      for L in runner.layers]
+
+    def _consts(self, has_d: bool, first: int, last: int) -> dict:
+        r, a, c = self.r, self.r.attn, self.config
+        H, HKV, D = r.H, r.HKV, r.D
+        rows = dict(QKV=(H + 2 * HKV) * D // 4, O=self.hid // 4, GU=self.ffn // 2, DOWN=self.hid // 4)
+        tiles = {f"T_{k}": cdiv(cdiv(n, c[f"BR_{k}"]), self.nprog) for k, n in rows.items()}
+        return dict(HID=self.hid, FFN=self.ffn, H=H, HKV=HKV, D=D, GROUP=a.group, GP=max(16, next_pow2(a.group)),
+                    CHUNK=a.chunk, BLOCK_N=a.block_n, NCH=a.nch, NCHP=next_pow2(a.nch),
+                    ITEMS=cdiv(HKV * a.nch, self.nprog), BR_QKV=c["BR_QKV"], BR_O=c["BR_O"], BR_GU=c["BR_GU"],
+                    BR_DOWN=c["BR_DOWN"], BKH=next_pow2(self.hid // 4), BKF=next_pow2(self.ffn // 4),
+                    NPROG=self.nprog, HAS_D=has_d, FIRST=first, LAST=last,
+                    IEEE=r.dtype == torch.float32, PDL=PDL, INTERP=INTERPRET, num_warps=c["num_warps"],
+                    **tiles)
+
+    def layer(self, i: int, x0: torch.Tensor, rows: torch.Tensor, pos: torch.Tensor, has_d: bool,
+              stages: tuple[int, int] | None = None) -> None:
+        """Layer i on the residual row x0 [hidden] (and self.d when ``has_d``): stages 0..4 in one
+        launch, or each its own launch under the interpreter (``stages``: one range to run)."""
+        r, L, W = self.r, self.r.layers[i], self.int_w[i]
+        kc, vc = r.k_cache[i], r.v_cache[i]
+        ranges = [stages] if stages else ([(s, s) for s in range(5)] if INTERPRET else [(0, 4)])
+        for first, last in ranges:
+            _layer[(self.nprog,)](
+                x0, self.x1, self.d, self.qkv, self.o, self.gu,
+                W["qkv"], L["qkv"].gammas, W["o"], L["o"].gammas, W["gu"], L["gu"].gammas, W["down"],
+                L["down"].gammas, L["in_norm"], L["attn_norm"], L["post_norm"], L["ffn_norm"],
+                kc, vc, kc.stride(0), kc.stride(1), kc.stride(2), rows, pos, r.cos, r.sin, r.attn.po,
+                r.attn.pml, r.attn.gcnt, self.bar[i:], r.D ** -0.5, r.eps,
+                **self._consts(has_d, first, last), **_pdl)
+
+    def __call__(self, tok: torch.Tensor, pos: torch.Tensor, rows: torch.Tensor) -> torch.Tensor:
+        """tok long [1], pos / rows int32 [1] (device buffers) -> float32 logits [1, V]."""
+        r = self.r
+        x0 = r.x_buf[0]
+        self.x1.copy_(torch.nn.functional.embedding(tok, r.embed)[0])
+        for i in range(len(r.layers)):
+            self.layer(i, x0, rows, pos, has_d=i > 0)
+        self.bar.zero_()
+        return r._head(r.x_buf[:1], self.d[None])
+
+
+__all__ = ["PersistentStep", "DEFAULT_CONFIG"]
