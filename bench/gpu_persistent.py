@@ -5,7 +5,10 @@
 One run on a random model with exact 2B4T shapes (bf16), every step in a CUDA graph (CUDA
 events, median of repeats), measuring:
 
-- a grid barrier alone: a kernel of one program an SM that passes 256 barriers (``_grid_sync``);
+- a grid barrier alone: a kernel of one program an SM that passes 256 barriers (``_grid_sync``),
+  polling with acquire loads and with atomics;
+- the persistent layer's stages 0..s in one launch (s = 0..4), 30 layers in a graph: what each
+  stage adds;
 - the persistent step's logits against the unfused step's on the same cache (relative L2, argmax);
 - ms/token at batch 1, context 128 / 1024 / 4096: the unfused step (9 kernels a layer), the
   persistent step in block-shape variants (``--variants``; ``decode_persistent.DEFAULT_CONFIG``
@@ -31,35 +34,50 @@ from gpu import copy_bandwidth_gbs, decode_ms, events_ms, fill_cache  # noqa: E4
 
 VARIANTS = {
     "default": {},
+    "spin0": dict(SPIN=0),
+    "w16": dict(num_warps=16),
     "w4": dict(num_warps=4),
     "gu8_down8": dict(BR_GU=8, BR_DOWN=8),
     "gu32": dict(BR_GU=32),
 }
 
 
-def barrier_us(n: int = 256) -> float:
+def barrier_us(spin: int, n: int = 256) -> float:
     """Microseconds a grid barrier costs: one program an SM passing n barriers in one kernel."""
-    import triton
-    import triton.language as tl
-
-    from bitnet158.kernels.triton.decode_persistent import _grid_sync, sm_count
-
-    @triton.jit
-    def _chain(bar_ptr, N: tl.constexpr, NPROG: tl.constexpr):
-        for i in range(N):
-            _grid_sync(bar_ptr, (i + 1) * NPROG)
+    from bitnet158.kernels.triton.decode_persistent import _sync_chain, sm_count
 
     nprog = sm_count("cuda")
     bar = torch.zeros(1, dtype=torch.int32, device="cuda")
 
     def run(k):
         bar.zero_()
-        _chain[(nprog,)](bar, N=k, NPROG=nprog, num_warps=8)
+        _sync_chain[(nprog,)](bar, N=k, NPROG=nprog, SPIN=spin, num_warps=8)
     run(n)
     run(1)
     t_n = events_ms(lambda: run(n), 20)
     t_1 = events_ms(lambda: run(1), 20)
     return (t_n - t_1) / (n - 1) * 1e3
+
+
+def stage_table(r, res: dict, key: str) -> None:
+    """Microseconds a layer for its stages 0..s in one launch (s = 0..4), all layers in a graph:
+    the increments are each stage's cost including the barrier before it."""
+    step = r._persistent
+    rows = torch.zeros(1, dtype=torch.int32, device="cuda")
+    pos = torch.full((1,), 1023, dtype=torch.int32, device="cuda")
+    x0 = r.x_buf[0]
+    for last in range(5):
+        def run(last=last):
+            for i in range(len(r.layers)):
+                step.layer(i, x0, rows, pos, has_d=i > 0, stages=(0, last))
+            step.bar.zero_()
+        run()
+        g = torch.cuda.CUDAGraph()
+        with torch.cuda.graph(g):
+            run()
+        us = events_ms(g.replay, 50) * 1e3 / len(r.layers)
+        res[f"{key}_stages0to{last}_us_per_layer"] = round(us, 2)
+        print(f"[{key}] stages 0..{last}: {us:.2f} us a layer", flush=True)
 
 
 def main(argv=None) -> int:
@@ -68,6 +86,7 @@ def main(argv=None) -> int:
     ap.add_argument("--variants", default=",".join(VARIANTS), help=f"persistent block shapes ({', '.join(VARIANTS)})")
     ap.add_argument("--ctxs", default="128,1024,4096", help="decode contexts")
     ap.add_argument("--no-bf16", action="store_true", help="skip the bf16 pipeline")
+    ap.add_argument("--no-stages", action="store_true", help="skip the per-stage table")
     args = ap.parse_args(argv)
     if not torch.cuda.is_available():
         print("bench/gpu_persistent.py needs a CUDA device", file=sys.stderr)
@@ -101,8 +120,11 @@ def main(argv=None) -> int:
 
     bw = copy_bandwidth_gbs()
     res["copy_bw_gb_s"] = round(bw, 1)
-    guard("barrier", lambda: res.update(grid_barrier_us=round(barrier_us(), 3)))
-    print(f"copy {bw:.0f} GB/s, grid barrier {res.get('grid_barrier_us')} us", flush=True)
+    for spin in (0, 1):
+        guard(f"barrier_spin{spin}", lambda spin=spin: res.update(
+            {f"grid_barrier_spin{spin}_us": round(barrier_us(spin), 3)}))
+    print(f"copy {bw:.0f} GB/s, grid barrier {res.get('grid_barrier_spin1_us')} us "
+          f"({res.get('grid_barrier_spin0_us')} us polling with atomics)", flush=True)
     model = random_packed_model("2b4t", seed=0, dtype=torch.bfloat16, device="cuda")
     cfg = model.config
     kv_tok = 2 * cfg.num_hidden_layers * cfg.num_key_value_heads * cfg.head_dim * 2
@@ -140,6 +162,14 @@ def main(argv=None) -> int:
         del r
 
     guard("unfused", lambda: step("unfused", ctxs, step="unfused"))
+
+    def stages():
+        r = runner(step="persistent")
+        r.decode(torch.zeros(1, dtype=torch.long, device="cuda"), torch.tensor([1023], device="cuda"))
+        stage_table(r, res, "persistent")
+        del r
+    if not args.no_stages:
+        guard("stages", stages)
     names = [v for v in args.variants.split(",") if v]
     for v in names:
         guard(f"persistent_{v}", lambda v=v: step(f"persistent_{v}", ctxs if v == names[0] else [1024],

@@ -49,13 +49,21 @@ _pdl = dict(launch_pdl=True) if PDL else {}
 
 
 @triton.jit
-def _grid_sync(bar_ptr, target):
-    """Arrive at the layer's counter and wait until ``target`` programs have arrived. The
-    release-acquire pair orders every program's stores before the barrier with every load after it."""
+def _grid_sync(bar_ptr, target, SPIN: tl.constexpr):
+    """Arrive at the layer's counter and wait until ``target`` programs have arrived. The arrivals
+    are release read-modify-writes; the wait polls with acquire loads (``SPIN`` 1: polling
+    read-modify-writes would queue behind the arrivals at the counter's L2 slice) or with acquire
+    atomics (``SPIN`` 0). Either way it ends on an acquire that read the last arrival, which
+    orders every program's stores before the barrier with every load after it."""
     tl.debug_barrier()                                  # this program's warps are done storing
     n = tl.atomic_add(bar_ptr, 1, sem="acq_rel") + 1
-    while n < target:
-        n = tl.atomic_add(bar_ptr, 0, sem="acquire")
+    if SPIN == 1:
+        while n < target:
+            n = tl.inline_asm_elementwise("ld.acquire.gpu.global.b32 $0, [$1];", "=r,l", [bar_ptr],
+                                          dtype=tl.int32, is_pure=False, pack=1)
+    else:
+        while n < target:
+            n = tl.atomic_add(bar_ptr, 0, sem="acquire")
     tl.debug_barrier()
 
 
@@ -145,7 +153,7 @@ def _layer(x0_ptr, x1_ptr, d_ptr, qkv_ptr, o_ptr, gu_ptr,
            NCH: tl.constexpr, NCHP: tl.constexpr, ITEMS: tl.constexpr,
            BR_QKV: tl.constexpr, BR_O: tl.constexpr, BR_GU: tl.constexpr, BR_DOWN: tl.constexpr,
            T_QKV: tl.constexpr, T_O: tl.constexpr, T_GU: tl.constexpr, T_DOWN: tl.constexpr,
-           BKH: tl.constexpr, BKF: tl.constexpr, NPROG: tl.constexpr, HAS_D: tl.constexpr,
+           BKH: tl.constexpr, BKF: tl.constexpr, NPROG: tl.constexpr, SPIN: tl.constexpr, HAS_D: tl.constexpr,
            FIRST: tl.constexpr, LAST: tl.constexpr, IEEE: tl.constexpr, PDL: tl.constexpr,
            INTERP: tl.constexpr):
     """Stages FIRST..LAST of one layer (module docstring) for the row at rows[0], pos[0]."""
@@ -184,7 +192,7 @@ def _layer(x0_ptr, x1_ptr, d_ptr, qkv_ptr, o_ptr, gu_ptr,
         if LAST > 0:
             k0, v0 = _kv_first(kc_ptr, vc_ptr, sc_b, sc_h, sc_s, row, pos, pid, n_items, HKV, D, CHUNK,
                                BLOCK_N)
-            _grid_sync(bar_ptr, NPROG)
+            _grid_sync(bar_ptr, NPROG, SPIN)
     if FIRST <= 1 and LAST >= 1:                    # S1: attention -> o
         _attention(qkv_ptr, o_ptr, kc_ptr, vc_ptr, sc_b, sc_h, sc_s, row, pos, cos_ptr, sin_ptr, po_ptr, pml_ptr,
                    gcnt_ptr, scale, k0, v0, pid, H, HKV, D, GROUP, GP, CHUNK, BLOCK_N, NCH, NCHP, ITEMS, NPROG,
@@ -192,29 +200,36 @@ def _layer(x0_ptr, x1_ptr, d_ptr, qkv_ptr, o_ptr, gu_ptr,
         if LAST > 1:
             w_a = _tile(wo_ptr, pid, HID // 4, R_O, BR_O, BKH)
             nw_a = _norm_w(nattn_ptr, HID, BKH)
-            _grid_sync(bar_ptr, 2 * NPROG)
+            _grid_sync(bar_ptr, 2 * NPROG, SPIN)
     if FIRST <= 2 and LAST >= 2:                    # S2: d = o_proj(attn_sub_norm(o))
         _row_gemv(o_ptr, o_ptr, o_ptr, nw_a, w_a, wo_ptr, go_ptr, d_ptr, pid, eps, HID, R_O, R_O, R_O,
                   BR_O, BKH, T_O, NPROG, 0, False, INTERP)
         if LAST > 2:
             w_a = _tile(wgu_ptr, pid, HID // 4, R_GU, BR_GU, BKH)
             nw_a = _norm_w(npost_ptr, HID, BKH)
-            _grid_sync(bar_ptr, 3 * NPROG)
+            _grid_sync(bar_ptr, 3 * NPROG, SPIN)
     if FIRST <= 3 and LAST >= 3:                    # S3: gu = gate|up(x + d)
         _row_gemv(x1_ptr, d_ptr, x0_ptr, nw_a, w_a, wgu_ptr, ggu_ptr, gu_ptr, pid, eps, HID, R_GU, FFN // 4,
                   R_GU, BR_GU, BKH, T_GU, NPROG, 1, True, INTERP)
         if LAST > 3:
             w_a = _tile(wd_ptr, pid, FFN // 4, R_O, BR_DOWN, BKF)
             nw_a = _norm_w(nffn_ptr, FFN, BKF)
-            _grid_sync(bar_ptr, 4 * NPROG)
+            _grid_sync(bar_ptr, 4 * NPROG, SPIN)
     if FIRST <= 4 and LAST >= 4:                    # S4: d = down(ffn_sub_norm(relu(g)^2 * u))
         _row_gemv(gu_ptr, gu_ptr, gu_ptr, nw_a, w_a, wd_ptr, gd_ptr, d_ptr, pid, eps, FFN, R_O, R_O, R_O,
                   BR_DOWN, BKF, T_DOWN, NPROG, 2, False, INTERP)
 
 
+@triton.jit
+def _sync_chain(bar_ptr, N: tl.constexpr, NPROG: tl.constexpr, SPIN: tl.constexpr):
+    """N grid barriers in a row (bench/gpu_persistent.py times one barrier with it)."""
+    for i in range(N):
+        _grid_sync(bar_ptr, (i + 1) * NPROG, SPIN)
+
+
 # packed rows a tile per projection, warps a program: chosen for 132 programs at 2B4T shapes
 # (q|k|v 960 packed rows in 120 tiles, o 640 in 80, gate|up 3456 in 216, down 640 in 160)
-DEFAULT_CONFIG = dict(BR_QKV=8, BR_O=8, BR_GU=16, BR_DOWN=4, num_warps=8)
+DEFAULT_CONFIG = dict(BR_QKV=8, BR_O=8, BR_GU=16, BR_DOWN=4, SPIN=1, num_warps=8)
 
 
 def sm_count(device) -> int:
@@ -263,7 +278,7 @@ class PersistentStep:
                     CHUNK=a.chunk, BLOCK_N=a.block_n, NCH=a.nch, NCHP=next_pow2(a.nch),
                     ITEMS=cdiv(HKV * a.nch, self.nprog), BR_QKV=c["BR_QKV"], BR_O=c["BR_O"], BR_GU=c["BR_GU"],
                     BR_DOWN=c["BR_DOWN"], BKH=next_pow2(self.hid // 4), BKF=next_pow2(self.ffn // 4),
-                    NPROG=self.nprog, HAS_D=has_d, FIRST=first, LAST=last,
+                    NPROG=self.nprog, SPIN=c["SPIN"], HAS_D=has_d, FIRST=first, LAST=last,
                     IEEE=r.dtype == torch.float32, PDL=PDL, INTERP=INTERPRET, num_warps=c["num_warps"],
                     **tiles)
 
