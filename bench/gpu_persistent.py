@@ -8,7 +8,7 @@ events, median of repeats), measuring:
 - a grid barrier alone: a kernel of one program an SM that passes 256 barriers (``_grid_sync``),
   polling with acquire loads and with atomics;
 - the persistent layer's stages 0..s in one launch (s = 0..4), 30 layers in a graph: what each
-  stage adds;
+  stage adds (8 and 16 warps);
 - the persistent step's logits against the unfused step's on the same cache (relative L2, argmax);
 - ms/token at batch 1, context 128 / 1024 / 4096: the unfused step (9 kernels a layer), the
   persistent step in block-shape variants (``--variants``; ``decode_persistent.DEFAULT_CONFIG``
@@ -36,6 +36,8 @@ VARIANTS = {
     "default": {},
     "spin0": dict(SPIN=0),
     "w16": dict(num_warps=16),
+    "split": dict(split=True),
+    "split_w4": dict(split=True, num_warps=4),
     "w4": dict(num_warps=4),
     "gu8_down8": dict(BR_GU=8, BR_DOWN=8),
     "gu32": dict(BR_GU=32),
@@ -67,6 +69,7 @@ def stage_table(r, res: dict, key: str) -> None:
     pos = torch.full((1,), 1023, dtype=torch.int32, device="cuda")
     x0 = r.x_buf[0]
     for last in range(5):
+        @torch.inference_mode()
         def run(last=last):
             for i in range(len(r.layers)):
                 step.layer(i, x0, rows, pos, has_d=i > 0, stages=(0, last))
@@ -163,13 +166,14 @@ def main(argv=None) -> int:
 
     guard("unfused", lambda: step("unfused", ctxs, step="unfused"))
 
-    def stages():
-        r = runner(step="persistent")
+    def stages(name, config):
+        r = runner(step="persistent", config=config)
         r.decode(torch.zeros(1, dtype=torch.long, device="cuda"), torch.tensor([1023], device="cuda"))
-        stage_table(r, res, "persistent")
+        stage_table(r, res, name)
         del r
     if not args.no_stages:
-        guard("stages", stages)
+        for name in ("default", "w16"):
+            guard(f"stages_{name}", lambda name=name: stages(f"persistent_{name}", VARIANTS[name]))
     names = [v for v in args.variants.split(",") if v]
     for v in names:
         guard(f"persistent_{v}", lambda v=v: step(f"persistent_{v}", ctxs if v == names[0] else [1024],

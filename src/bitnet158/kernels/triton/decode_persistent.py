@@ -258,6 +258,9 @@ class PersistentStep:
             raise ValueError(f"persistent decode step: nprog={nprog} must be 1..{sm_count(dev)} (SMs)")
         self.nprog = nprog
         self.config = dict(DEFAULT_CONFIG, **(config or {}))
+        # each stage its own launch (PDL between them) instead of barriers: the interpreter's
+        # way, and on a GPU a comparison for the one-launch layer
+        self.split = bool(self.config.pop("split", False))
         H, HKV, D = runner.H, runner.HKV, runner.D
         self.qkv = torch.zeros((H + 2 * HKV) * D, dtype=dt, device=dev)
         self.o = torch.zeros(H * D, dtype=dt, device=dev)
@@ -288,7 +291,8 @@ class PersistentStep:
         launch, or each its own launch under the interpreter (``stages``: one range to run)."""
         r, L, W = self.r, self.r.layers[i], self.int_w[i]
         kc, vc = r.k_cache[i], r.v_cache[i]
-        ranges = [stages] if stages else ([(s, s) for s in range(5)] if INTERPRET else [(0, 4)])
+        split = INTERPRET or self.split
+        ranges = [stages] if stages else ([(s, s) for s in range(5)] if split else [(0, 4)])
         for first, last in ranges:
             _layer[(self.nprog,)](
                 x0, self.x1, self.d, self.qkv, self.o, self.gu,
