@@ -6,13 +6,16 @@ One run on a random model with exact 2B4T shapes (bf16), every step in a CUDA gr
 events, median of repeats), measuring:
 
 - a grid barrier alone: a kernel of one program an SM that passes 256 barriers (``_grid_sync``),
-  polling with acquire loads and with atomics;
+  polling with acquire loads from every thread, with atomics, and from one thread a program;
 - the persistent layer's stages 0..s in one launch (s = 0..4), 30 layers in a graph: what each
-  stage adds (8 and 16 warps);
-- the persistent step's logits against the unfused step's on the same cache (relative L2, argmax);
+  stage adds (``--stage-variants``);
+- the persistent step's logits against the unfused step's on the same cache (relative L2, argmax),
+  for every variant of ``--check-variants``;
 - ms/token at batch 1, context 128 / 1024 / 4096: the unfused step (9 kernels a layer), the
   persistent step in block-shape variants (``--variants``; ``decode_persistent.DEFAULT_CONFIG``
   first), the bf16 cuBLAS pipeline; the int8 head on the best persistent variant;
+- with ``--tied``: the unfused and persistent steps with every layer computing with layer 0's
+  weights (all L2-resident), an upper bound for prefetching weights into L2;
 - the bytes/bandwidth floor (device-to-device copy bandwidth measured in the same run).
 
 Prints a table, then one JSON line. Needs CUDA and Triton.
@@ -41,7 +44,20 @@ VARIANTS = {
     "w4": dict(num_warps=4),
     "gu8_down8": dict(BR_GU=8, BR_DOWN=8),
     "gu32": dict(BR_GU=32),
+    "spin2": dict(SPIN=2),
+    "pf1": dict(PREFETCH=1),
+    "pf2": dict(PREFETCH=2),
+    "pf2_spin2": dict(PREFETCH=2, SPIN=2),
+    "pf2_w16": dict(PREFETCH=2, num_warps=16),
 }
+
+
+def tie_layers(r) -> None:
+    """Every layer of runner r computes with layer 0's projections: the weights a step reads (17 MB
+    at 2B4T shapes) then stay in L2, which bounds what prefetching weights into L2 can gain."""
+    for L in r.layers[1:]:
+        for k in ("qkv", "o", "gu", "down"):
+            L[k] = r.layers[0][k]
 
 
 def barrier_us(spin: int, n: int = 256) -> float:
@@ -90,11 +106,15 @@ def main(argv=None) -> int:
     ap.add_argument("--ctxs", default="128,1024,4096", help="decode contexts")
     ap.add_argument("--no-bf16", action="store_true", help="skip the bf16 pipeline")
     ap.add_argument("--no-stages", action="store_true", help="skip the per-stage table")
+    ap.add_argument("--stage-variants", default="default,w16", help="variants of the per-stage table")
+    ap.add_argument("--check-variants", default="default", help="variants checked against the unfused step")
+    ap.add_argument("--tied", action="store_true", help="also time steps on L2-resident (tied) weights")
     args = ap.parse_args(argv)
     if not torch.cuda.is_available():
         print("bench/gpu_persistent.py needs a CUDA device", file=sys.stderr)
         return 2
-    unknown = [v for v in args.variants.split(",") if v and v not in VARIANTS]
+    unknown = [v for a in (args.variants, args.stage_variants, args.check_variants) for v in a.split(",")
+               if v and v not in VARIANTS]
     if unknown:
         print(f"--variants: unknown {unknown}; known: {', '.join(VARIANTS)}", file=sys.stderr)
         return 2
@@ -123,34 +143,39 @@ def main(argv=None) -> int:
 
     bw = copy_bandwidth_gbs()
     res["copy_bw_gb_s"] = round(bw, 1)
-    for spin in (0, 1):
+    for spin in (0, 1, 2):
         guard(f"barrier_spin{spin}", lambda spin=spin: res.update(
             {f"grid_barrier_spin{spin}_us": round(barrier_us(spin), 3)}))
     print(f"copy {bw:.0f} GB/s, grid barrier {res.get('grid_barrier_spin1_us')} us "
-          f"({res.get('grid_barrier_spin0_us')} us polling with atomics)", flush=True)
+          f"({res.get('grid_barrier_spin0_us')} us polling with atomics, "
+          f"{res.get('grid_barrier_spin2_us')} us from one thread)", flush=True)
     model = random_packed_model("2b4t", seed=0, dtype=torch.bfloat16, device="cuda")
     cfg = model.config
     kv_tok = 2 * cfg.num_hidden_layers * cfg.num_key_value_heads * cfg.head_dim * 2
     ctxs = [int(c) for c in args.ctxs.split(",")]
 
-    def runner(config=None, **kw):
+    def runner(config=None, tied=False, **kw):
         torch.cuda.empty_cache()
         r = TritonRunner(model, batch=1, max_len=4096, **kw)
+        if tied:
+            tie_layers(r)
         if config is not None:
             r._persistent = PersistentStep(r, config=config)
         fill_cache(r)
         return r
 
-    def check():
+    def check(v):
         tok = torch.randint(0, cfg.vocab_size, (1,), device="cuda")
         pos = torch.tensor([1023], device="cuda")
         a = runner(step="unfused").decode(tok, pos)
-        b = runner(step="persistent").decode(tok, pos)
-        res["check_persistent_vs_unfused_rel_l2"] = float((b - a).norm() / a.norm())
-        res["check_persistent_vs_unfused_argmax_equal"] = bool(torch.equal(a.argmax(-1), b.argmax(-1)))
-        print("persistent vs unfused:", res["check_persistent_vs_unfused_rel_l2"],
-              res["check_persistent_vs_unfused_argmax_equal"], flush=True)
-    guard("check", check)
+        b = runner(step="persistent", config=VARIANTS[v]).decode(tok, pos)
+        key = "check_persistent" if v == "default" else f"check_persistent_{v}"
+        res[f"{key}_vs_unfused_rel_l2"] = float((b - a).norm() / a.norm())
+        res[f"{key}_vs_unfused_argmax_equal"] = bool(torch.equal(a.argmax(-1), b.argmax(-1)))
+        print(f"persistent {v} vs unfused:", res[f"{key}_vs_unfused_rel_l2"],
+              res[f"{key}_vs_unfused_argmax_equal"], flush=True)
+    for v in [v for v in args.check_variants.split(",") if v]:
+        guard(f"check_{v}", lambda v=v: check(v))
 
     wb = None
 
@@ -172,7 +197,7 @@ def main(argv=None) -> int:
         stage_table(r, res, name)
         del r
     if not args.no_stages:
-        for name in ("default", "w16"):
+        for name in [v for v in args.stage_variants.split(",") if v]:
             guard(f"stages_{name}", lambda name=name: stages(f"persistent_{name}", VARIANTS[name]))
     names = [v for v in args.variants.split(",") if v]
     for v in names:
@@ -182,6 +207,11 @@ def main(argv=None) -> int:
     res["persistent_best"] = best
     guard("persistent_int8head", lambda: step("persistent_int8head", [1024], step="persistent",
                                               config=VARIANTS[best], int8_head=True))
+    if args.tied:
+        guard("tied_unfused", lambda: step("tied_unfused", [1024], step="unfused", tied=True))
+        for v in ("default", "w16"):
+            guard(f"tied_persistent_{v}", lambda v=v: step(f"tied_persistent_{v}", [1024], step="persistent",
+                                                        config=VARIANTS[v], tied=True))
     if not args.no_bf16:
         guard("bf16", lambda: step("bf16", ctxs, linear="bf16"))
     for ctx in ctxs:
@@ -206,6 +236,9 @@ def main(argv=None) -> int:
               f"{res.get(k + '_bf16_ms', 0):9.4f} {res.get(f'floor_b1_ctx{ctx}_ms', 0):7.4f}")
     for v in names + ["int8head"]:
         print(f"{'persistent ' + v + ', ctx 1024':30s} {res.get(f'decode_b1_ctx1024_persistent_{v}_ms', 0):9.4f}")
+    for v in ("unfused", "persistent_default", "persistent_w16"):
+        if f"decode_b1_ctx1024_tied_{v}_ms" in res:
+            print(f"{'tied weights, ' + v:30s} {res[f'decode_b1_ctx1024_tied_{v}_ms']:9.4f}")
     print(json.dumps(res))
     return 0
 

@@ -81,7 +81,7 @@ def test_interpreted_persistent_step_matches_unfused_step(reference_kernels):
 
 
 @pytest.mark.parametrize("nprog,config", [(1, {}), (2, dict(BR_QKV=4, BR_GU=8, BR_DOWN=2)),
-                                          (5, dict(BR_O=2, num_warps=4))])
+                                          (5, dict(BR_O=2, num_warps=4)), (2, dict(PREFETCH=2, SPIN=2))])
 def test_interpreted_persistent_step_independent_of_tiling(nprog, config, reference_kernels):
     """Program count and tile shapes change which program computes what, never the result."""
     if CUDA:
@@ -129,16 +129,20 @@ def test_cuda_persistent_greedy_tokens_identical(reference_kernels):
 @pytest.mark.cuda
 @pytest.mark.skipif(not CUDA, reason="needs CUDA")
 @pytest.mark.parametrize("ctx", [1000, 3000])
-def test_cuda_persistent_2b4t_layers_match_unfused(ctx, reference_kernels):
+@pytest.mark.parametrize("config", [{}, dict(PREFETCH=2, SPIN=2)], ids=["default", "prefetch_spin2"])
+def test_cuda_persistent_2b4t_layers_match_unfused(ctx, config, reference_kernels):
     """Two 2B4T-shaped bf16 layers: the persistent step's logits against the unfused step's on
     the same cache (same argmax, close: only fp32 sum orders differ). At ctx 3000 the 5 KV heads
-    x 47 chunks are more attention items than programs."""
+    x 47 chunks are more attention items than programs. Also with the weights prefetched into L2
+    and the barrier polled by one thread a program."""
     from bitnet158.config import ModelConfig
+    from bitnet158.kernels.triton.decode_persistent import PersistentStep
     from bitnet158.kernels.triton.runner import TritonRunner
     from bitnet158.random_model import random_packed_model
     m = random_packed_model(ModelConfig.from_name("2b4t", num_hidden_layers=2), device="cuda")
     un = TritonRunner(m, batch=1, max_len=4096)
     pe = TritonRunner(m, batch=1, max_len=4096, step="persistent")
+    pe._persistent = PersistentStep(pe, config=config)
     gen = torch.Generator("cuda").manual_seed(ctx)
     toks = torch.randint(0, m.config.vocab_size, (1, ctx), device="cuda", generator=gen)
     pos = torch.arange(ctx, device="cuda")[None]

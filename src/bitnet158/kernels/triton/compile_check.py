@@ -113,17 +113,19 @@ def main() -> int:
              dict(MODE=mode, GATHER=gather, STORE_H=mode == 1, PDL=True, INTERP=False, **cfg), num_warps=nw)
     bf_ptrs = ("x0", "x1", "d", "qkv", "o", "gu", "nin", "nattn", "npost", "nffn", "kc", "vc")
     layer_types = {f"{n}_ptr": P(bf) for n in bf_ptrs}
-    layer_types.update({f"{n}_ptr": P(i32) for n in ("wqkv", "wo", "wgu", "wd", "rows", "pos", "gcnt", "bar")})
+    layer_types.update({f"{n}_ptr": P(i32) for n in ("wqkv", "wo", "wgu", "wd", "rows", "pos", "gcnt", "bar",
+                                                     "pfq", "pfo", "pfgu", "pfd")})
     layer_types.update({f"{n}_ptr": P(f32) for n in ("gqkv", "go", "ggu", "gd", "cos", "sin", "po", "pml")})
     layer_types.update(scale=f32, eps=f32)
     cfg = decode_persistent.DEFAULT_CONFIG
-    for has_d in (True, False):
+    for has_d, spin, prefetch in ((True, cfg["SPIN"], cfg["PREFETCH"]), (False, cfg["SPIN"], cfg["PREFETCH"]),
+                                  (True, 2, 1), (True, 1, 2)):
         comp(decode_persistent._layer, layer_types,
              dict(HID=2560, FFN=6912, H=20, HKV=5, D=128, GROUP=4, GP=16, CHUNK=64, BLOCK_N=64, NCH=64, NCHP=64,
                   ITEMS=3, BR_QKV=cfg["BR_QKV"], BR_O=cfg["BR_O"], BR_GU=cfg["BR_GU"], BR_DOWN=cfg["BR_DOWN"],
-                  T_QKV=1, T_O=1, T_GU=2, T_DOWN=2, BKH=1024, BKF=2048, NPROG=132, SPIN=cfg["SPIN"], HAS_D=has_d, FIRST=0, LAST=4,
+                  T_QKV=1, T_O=1, T_GU=2, T_DOWN=2, BKH=1024, BKF=2048, NPROG=132, SPIN=spin, PREFETCH=prefetch, PF_N=32 * cfg["num_warps"], HAS_D=has_d, FIRST=0, LAST=4,
                   IEEE=False, PDL=True, INTERP=False), num_warps=cfg["num_warps"])
-    for spin in (0, 1):
+    for spin in (0, 1, 2):
         comp(decode_persistent._sync_chain, dict(bar_ptr=P(i32)), dict(N=4, NPROG=132, SPIN=spin), num_warps=8)
     comp(head._head_kernel, dict(x_ptr=P(bf), w_ptr=P(i8), ws_ptr=P(f32), out_ptr=P(f32)),
          dict(MB=1, BV=4, BD=4096, PDL=True), num_warps=8)

@@ -61,10 +61,42 @@ def _grid_sync(bar_ptr, target, SPIN: tl.constexpr):
         while n < target:
             n = tl.inline_asm_elementwise("ld.acquire.gpu.global.b32 $0, [$1];", "=r,l", [bar_ptr],
                                           dtype=tl.int32, is_pure=False, pack=1)
+    elif SPIN == 2:
+        # thread 0 polls alone (the others leave the loop at once and wait at the CTA barrier
+        # below, which orders their loads after its acquire): 1 poller an SM instead of 256
+        while n < target:
+            n = tl.inline_asm_elementwise(
+                "{ .reg .pred p; .reg .u32 t; mov.u32 t, %tid.x; setp.eq.u32 p, t, 0; "
+                "@p ld.acquire.gpu.global.b32 $0, [$1]; @!p mov.b32 $0, $2; }",
+                "=r,l,r", [bar_ptr, target], dtype=tl.int32, is_pure=False, pack=1)
     else:
         while n < target:
             n = tl.atomic_add(bar_ptr, 0, sem="acquire")
     tl.debug_barrier()
+
+
+@triton.jit
+def _prefetch_l2(w_ptr, NBYTES: tl.constexpr, pid, NPROG: tl.constexpr, N: tl.constexpr):
+    """Ask L2 for this program's share (1/NPROG) of the NBYTES at w_ptr: N consecutive pieces, a
+    bulk prefetch each (sm_90 ``cp.async.bulk.prefetch.L2``: no registers, nothing waits on it).
+    Pieces are multiples of 16 bytes at 16-byte offsets; a last partial 16 bytes is left out."""
+    PIECE: tl.constexpr = (NBYTES + NPROG * N * 16 - 1) // (NPROG * N * 16) * 16
+    start = (pid * N + tl.arange(0, N)) * PIECE
+    size = tl.maximum(tl.minimum(NBYTES - start, PIECE), 0) // 16 * 16
+    tl.inline_asm_elementwise(
+        "{ .reg .pred p; setp.gt.s32 p, $2, 0; @p cp.async.bulk.prefetch.L2.global [$1], $2; mov.u32 $0, 0; }",
+        "=r,l,r", [w_ptr.to(tl.pointer_type(tl.uint8)) + start, size], dtype=tl.int32, is_pure=False, pack=1)
+
+
+@triton.jit
+def _prefetch_layer(pq_ptr, po_ptr, pgu_ptr, pd_ptr, pid, NQ: tl.constexpr, NO: tl.constexpr,
+                    NGU: tl.constexpr, ND: tl.constexpr, NPROG: tl.constexpr, N: tl.constexpr):
+    """This program's share of a layer's packed weights (byte sizes NQ, NO, NGU, ND; 0: skip)."""
+    if NQ > 0:
+        _prefetch_l2(pq_ptr, NQ, pid, NPROG, N)
+    _prefetch_l2(po_ptr, NO, pid, NPROG, N)
+    _prefetch_l2(pgu_ptr, NGU, pid, NPROG, N)
+    _prefetch_l2(pd_ptr, ND, pid, NPROG, N)
 
 
 @triton.jit
@@ -147,13 +179,14 @@ def _layer(x0_ptr, x1_ptr, d_ptr, qkv_ptr, o_ptr, gu_ptr,
            wqkv_ptr, gqkv_ptr, wo_ptr, go_ptr, wgu_ptr, ggu_ptr, wd_ptr, gd_ptr,
            nin_ptr, nattn_ptr, npost_ptr, nffn_ptr,
            kc_ptr, vc_ptr, sc_b, sc_h, sc_s, rows_ptr, pos_ptr, cos_ptr, sin_ptr, po_ptr, pml_ptr, gcnt_ptr,
-           bar_ptr, scale, eps,
+           bar_ptr, pfq_ptr, pfo_ptr, pfgu_ptr, pfd_ptr, scale, eps,
            HID: tl.constexpr, FFN: tl.constexpr, H: tl.constexpr, HKV: tl.constexpr, D: tl.constexpr,
            GROUP: tl.constexpr, GP: tl.constexpr, CHUNK: tl.constexpr, BLOCK_N: tl.constexpr,
            NCH: tl.constexpr, NCHP: tl.constexpr, ITEMS: tl.constexpr,
            BR_QKV: tl.constexpr, BR_O: tl.constexpr, BR_GU: tl.constexpr, BR_DOWN: tl.constexpr,
            T_QKV: tl.constexpr, T_O: tl.constexpr, T_GU: tl.constexpr, T_DOWN: tl.constexpr,
-           BKH: tl.constexpr, BKF: tl.constexpr, NPROG: tl.constexpr, SPIN: tl.constexpr, HAS_D: tl.constexpr,
+           BKH: tl.constexpr, BKF: tl.constexpr, NPROG: tl.constexpr, SPIN: tl.constexpr,
+           PREFETCH: tl.constexpr, PF_N: tl.constexpr, HAS_D: tl.constexpr,
            FIRST: tl.constexpr, LAST: tl.constexpr, IEEE: tl.constexpr, PDL: tl.constexpr,
            INTERP: tl.constexpr):
     """Stages FIRST..LAST of one layer (module docstring) for the row at rows[0], pos[0]."""
@@ -164,6 +197,11 @@ def _layer(x0_ptr, x1_ptr, d_ptr, qkv_ptr, o_ptr, gu_ptr,
     row = tl.load(rows_ptr)                          # host-written before the step: safe pre-wait
     pos = tl.load(pos_ptr)
     n_items = HKV * (pos // CHUNK + 1)
+    # weights into L2 before the wait (PREFETCH 1: this layer's o, gate|up, down; 2: all of the
+    # next layer's): the stages then read them from L2 instead of one tile at a time from DRAM
+    if FIRST == 0 and PREFETCH > 0 and not INTERP:
+        NQ: tl.constexpr = 0 if PREFETCH == 1 else R_QKV * HID
+        _prefetch_layer(pfq_ptr, pfo_ptr, pfgu_ptr, pfd_ptr, pid, NQ, R_O * HID, R_GU * HID, R_O * FFN, NPROG, PF_N)
     # what stage FIRST reads that no kernel of this step writes, before the wait
     if FIRST == 0:
         w_a = _tile(wqkv_ptr, pid, HID // 4, R_QKV, BR_QKV, BKH)
@@ -229,7 +267,7 @@ def _sync_chain(bar_ptr, N: tl.constexpr, NPROG: tl.constexpr, SPIN: tl.constexp
 
 # packed rows a tile per projection, warps a program: chosen for 132 programs at 2B4T shapes
 # (q|k|v 960 packed rows in 120 tiles, o 640 in 80, gate|up 3456 in 216, down 640 in 160)
-DEFAULT_CONFIG = dict(BR_QKV=8, BR_O=8, BR_GU=16, BR_DOWN=4, SPIN=1, num_warps=8)
+DEFAULT_CONFIG = dict(BR_QKV=8, BR_O=8, BR_GU=16, BR_DOWN=4, SPIN=1, PREFETCH=0, num_warps=8)
 
 
 def sm_count(device) -> int:
@@ -281,7 +319,7 @@ class PersistentStep:
                     CHUNK=a.chunk, BLOCK_N=a.block_n, NCH=a.nch, NCHP=next_pow2(a.nch),
                     ITEMS=cdiv(HKV * a.nch, self.nprog), BR_QKV=c["BR_QKV"], BR_O=c["BR_O"], BR_GU=c["BR_GU"],
                     BR_DOWN=c["BR_DOWN"], BKH=next_pow2(self.hid // 4), BKF=next_pow2(self.ffn // 4),
-                    NPROG=self.nprog, SPIN=c["SPIN"], HAS_D=has_d, FIRST=first, LAST=last,
+                    NPROG=self.nprog, SPIN=c["SPIN"], PREFETCH=c["PREFETCH"], PF_N=32 * c["num_warps"], HAS_D=has_d, FIRST=first, LAST=last,
                     IEEE=r.dtype == torch.float32, PDL=PDL, INTERP=INTERPRET, num_warps=c["num_warps"],
                     **tiles)
 
@@ -290,6 +328,8 @@ class PersistentStep:
         """Layer i on the residual row x0 [hidden] (and self.d when ``has_d``): stages 0..4 in one
         launch, or each its own launch under the interpreter (``stages``: one range to run)."""
         r, L, W = self.r, self.r.layers[i], self.int_w[i]
+        # the weights PREFETCH asks L2 for: this layer's (1) or the next one's (2; the last layer: its own)
+        P = self.int_w[i + 1] if self.config["PREFETCH"] == 2 and i + 1 < len(self.int_w) else W
         kc, vc = r.k_cache[i], r.v_cache[i]
         split = INTERPRET or self.split
         ranges = [stages] if stages else ([(s, s) for s in range(5)] if split else [(0, 4)])
@@ -299,7 +339,7 @@ class PersistentStep:
                 W["qkv"], L["qkv"].gammas, W["o"], L["o"].gammas, W["gu"], L["gu"].gammas, W["down"],
                 L["down"].gammas, L["in_norm"], L["attn_norm"], L["post_norm"], L["ffn_norm"],
                 kc, vc, kc.stride(0), kc.stride(1), kc.stride(2), rows, pos, r.cos, r.sin, r.attn.po,
-                r.attn.pml, r.attn.gcnt, self.bar[i:], r.D ** -0.5, r.eps,
+                r.attn.pml, r.attn.gcnt, self.bar[i:], P["qkv"], P["o"], P["gu"], P["down"], r.D ** -0.5, r.eps,
                 **self._consts(has_d, first, last), **_pdl)
 
     def __call__(self, tok: torch.Tensor, pos: torch.Tensor, rows: torch.Tensor) -> torch.Tensor:
