@@ -105,6 +105,7 @@ def main(argv=None) -> int:
     ap.add_argument("--variants", default=",".join(VARIANTS), help=f"persistent block shapes ({', '.join(VARIANTS)})")
     ap.add_argument("--ctxs", default="128,1024,4096", help="decode contexts")
     ap.add_argument("--no-bf16", action="store_true", help="skip the bf16 pipeline")
+    ap.add_argument("--bf16-ctxs", default="128,1024,4096", help="decode contexts of the bf16 pipeline")
     ap.add_argument("--no-stages", action="store_true", help="skip the per-stage table")
     ap.add_argument("--stage-variants", default="default,w16", help="variants of the per-stage table")
     ap.add_argument("--check-variants", default="default", help="variants checked against the unfused step")
@@ -191,6 +192,18 @@ def main(argv=None) -> int:
 
     guard("unfused", lambda: step("unfused", ctxs, step="unfused"))
 
+    names = [v for v in args.variants.split(",") if v]
+    for v in names:
+        guard(f"persistent_{v}", lambda v=v: step(f"persistent_{v}", ctxs if v == names[0] else [1024],
+                                                  step="persistent", config=VARIANTS[v]))
+    if args.tied:
+        guard("tied_unfused", lambda: step("tied_unfused", [1024], step="unfused", tied=True))
+        for v in ("default", "w16"):
+            guard(f"tied_persistent_{v}", lambda v=v: step(f"tied_persistent_{v}", [1024], step="persistent",
+                                                        config=VARIANTS[v], tied=True))
+    if not args.no_bf16:
+        guard("bf16", lambda: step("bf16", [int(c) for c in args.bf16_ctxs.split(",")], linear="bf16"))
+
     def stages(name, config):
         r = runner(step="persistent", config=config)
         r.decode(torch.zeros(1, dtype=torch.long, device="cuda"), torch.tensor([1023], device="cuda"))
@@ -199,21 +212,10 @@ def main(argv=None) -> int:
     if not args.no_stages:
         for name in [v for v in args.stage_variants.split(",") if v]:
             guard(f"stages_{name}", lambda name=name: stages(f"persistent_{name}", VARIANTS[name]))
-    names = [v for v in args.variants.split(",") if v]
-    for v in names:
-        guard(f"persistent_{v}", lambda v=v: step(f"persistent_{v}", ctxs if v == names[0] else [1024],
-                                                  step="persistent", config=VARIANTS[v]))
     best = min(names, key=lambda v: res.get(f"decode_b1_ctx1024_persistent_{v}_ms", 1e9))
     res["persistent_best"] = best
     guard("persistent_int8head", lambda: step("persistent_int8head", [1024], step="persistent",
                                               config=VARIANTS[best], int8_head=True))
-    if args.tied:
-        guard("tied_unfused", lambda: step("tied_unfused", [1024], step="unfused", tied=True))
-        for v in ("default", "w16"):
-            guard(f"tied_persistent_{v}", lambda v=v: step(f"tied_persistent_{v}", [1024], step="persistent",
-                                                        config=VARIANTS[v], tied=True))
-    if not args.no_bf16:
-        guard("bf16", lambda: step("bf16", ctxs, linear="bf16"))
     for ctx in ctxs:
         k = f"decode_b1_ctx{ctx}"
         if wb is not None:
