@@ -18,9 +18,11 @@ selectable for batch 1 (``step="tail"`` / ``"prologue"``, :mod:`.decode_layer`):
     quant) -> gate|up (+ relu^2 gate, ffn_sub_norm, quant) -> down (+ x += d, next norm, quant)
 
 with each norm + quant in the last program of the kernel before it ("tail"), or recomputed by
-every program of the GEMV after it ("prologue"). Both measured slower than the 9-kernel step on
-an H100 (a kernel boundary with PDL costs ~0.8 us; the fused kernels lose more than that inside),
-so ``"unfused"`` is the default. The whole step is captured in a CUDA graph per
+every program of the GEMV after it ("prologue"); ``step="persistent"`` runs a layer as one kernel
+of one program an SM whose stages are separated by grid barriers (:mod:`.decode_persistent`).
+All three measured slower than the 9-kernel step on an H100 (a kernel boundary with PDL costs
+~0.8 us; the fused kernels lose more than that inside, the persistent one has few loads in flight
+a stage), so ``"unfused"`` is the default. The whole step is captured in a CUDA graph per
 number of rows, with tokens, positions and cache rows in device buffers, so any prompt and output
 length replays the same graph. Prefill runs the same kernels (tensor-core W2A8 GEMM) with SDPA
 attention, RoPE and the cache write in one kernel (``attention.rope_cache_write``). Eager, a
@@ -86,7 +88,8 @@ class _Linear:
 
 STEPS = ("unfused", "tail", "prologue", "persistent")
 # Measured on an H100 (bench/gpu_decode.py, batch 1, ctx 1024): unfused 1.35-1.38 ms, tail
-# 1.74 ms, prologue 1.64 ms; the fused steps stay selectable (docs/gpu-engine.md says why).
+# 1.74 ms, prologue 1.64 ms; bench/gpu_persistent.py: persistent 2.29-2.67 ms against unfused
+# 1.31-1.32 ms; the others stay selectable (docs/gpu-engine.md says why).
 DEFAULT_STEP = "unfused"
 # prefill graphs: chunk lengths padded up to a multiple of PREFILL_ALIGN tokens (at most
 # PREFILL_ALIGN - 1 tokens of extra work), a continuation's attention over the cache up to a
