@@ -50,6 +50,29 @@ def events_ms(fn, iters: int, repeats: int = 5) -> float:
     return statistics.median(out)
 
 
+def result_log(out: str | None):
+    """-> (res, save, guard) for a benchmark's results: ``res`` starts with the device, date and
+    versions; ``save()`` writes it as JSON to ``out`` (if given); ``guard(name, fn)`` runs fn,
+    records a failure as ``res[name + "_error"]`` (keeping every other number) and saves."""
+    import triton
+    res: dict = {"device": torch.cuda.get_device_name(), "date": datetime.date.today().isoformat(),
+                 "torch": torch.__version__, "triton": triton.__version__}
+
+    def save():
+        if out:
+            with open(out, "w") as f:
+                json.dump(res, f, indent=1)
+
+    def guard(name, fn):
+        try:
+            fn()
+        except Exception as e:       # keep every other number
+            res[f"{name}_error"] = repr(e)[:300]
+            print(f"{name} failed: {e!r}"[:400], flush=True)
+        save()
+    return res, save, guard
+
+
 def copy_bandwidth_gbs() -> float:
     src = torch.empty(1 << 30, dtype=torch.uint8, device="cuda").random_()
     dst = torch.empty_like(src)
@@ -224,7 +247,6 @@ def attention_table(res: dict, model, bw: float, chunks="64,128,256"):
 
 def gemv_table(res: dict, sweep: dict | None = None):
     """Decode projections at M=1: W2A8 kernel vs bf16 F.linear, in microseconds and GB/s."""
-    import triton
 
     from bitnet158 import quant
     from bitnet158.kernels.triton.w2a8 import w2a8_linear
@@ -382,13 +404,11 @@ def main(argv=None) -> int:
     if not torch.cuda.is_available():
         print("bench/gpu.py needs a CUDA device", file=sys.stderr)
         return 2
-    import triton
 
     from bitnet158.kernels.triton.runner import TritonRunner
     from bitnet158.random_model import random_packed_model
 
-    res: dict = {"device": torch.cuda.get_device_name(), "date": datetime.date.today().isoformat(),
-                 "torch": torch.__version__, "triton": triton.__version__}
+    res, save, _ = result_log(args.out)
     if args.tuned:
         from bitnet158.kernels.triton import gemm_tc
         gemm_tc.TUNED.clear()
@@ -410,11 +430,6 @@ def main(argv=None) -> int:
         attention.PARTIAL_PREFETCH = bool(args.attn_prefetch)
     res["combine_warps"] = attention.COMBINE_WARPS or "auto"
     res["attn_prefetch"] = attention.PARTIAL_PREFETCH
-
-    def save():
-        if args.out:
-            with open(args.out, "w") as f:
-                json.dump(res, f, indent=1)
 
     bw = copy_bandwidth_gbs()
     res["copy_bw_gb_s"] = round(bw, 1)

@@ -26,7 +26,6 @@ Prints a table, then one JSON line. Needs CUDA and Triton.
 from __future__ import annotations
 
 import argparse
-import datetime
 import json
 import os
 import sys
@@ -35,7 +34,7 @@ import time
 import torch
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-from gpu import copy_bandwidth_gbs, decode_ms, events_ms, fill_cache  # noqa: E402
+from gpu import copy_bandwidth_gbs, decode_ms, events_ms, fill_cache, result_log  # noqa: E402
 
 
 def graph_us(f, n: int) -> float:
@@ -155,28 +154,13 @@ def main(argv=None) -> int:
     if not torch.cuda.is_available():
         print("bench/gpu_decode.py needs a CUDA device", file=sys.stderr)
         return 2
-    import triton
 
     from bitnet158.kernels.triton import decode_layer as dl, head as head_mod, runner as tail_mod
     from bitnet158.kernels.triton.runner import TritonRunner
     from bitnet158.random_model import random_packed_model
 
     t_start = time.time()
-    res: dict = {"device": torch.cuda.get_device_name(), "date": datetime.date.today().isoformat(),
-                 "torch": torch.__version__, "triton": triton.__version__}
-
-    def save():
-        if args.out:
-            with open(args.out, "w") as f:
-                json.dump(res, f, indent=1)
-
-    def guard(name, fn):
-        try:
-            fn()
-        except Exception as e:       # keep every other number
-            res[f"{name}_error"] = repr(e)[:300]
-            print(f"{name} failed: {e!r}"[:400], flush=True)
-        save()
+    res, save, guard = result_log(args.out)
 
     bw = copy_bandwidth_gbs()
     res["copy_bw_gb_s"] = round(bw, 1)
