@@ -110,6 +110,14 @@ def decode_ms(runner, pos_list, iters=50) -> float:
     return events_ms(lambda: runner.decode(tok, pos), iters)
 
 
+def record_b1(res: dict, runner, key: str, ctxs, iters=100) -> None:
+    """Batch-1 ms/token of runner at each context -> res[f"decode_b1_ctx{ctx}_{key}_ms"] (printed)."""
+    for ctx in ctxs:
+        ms = decode_ms(runner, [ctx - 1], iters=iters)
+        res[f"decode_b1_ctx{ctx}_{key}_ms"] = round(ms, 4)
+        print(f"[{key}] decode b1 ctx {ctx}: {ms:.4f} ms", flush=True)
+
+
 def prefill_ms(runner, T=2048) -> tuple[float, float, float]:
     """A T-token prefill: (eager ms by CUDA events, host ms to enqueue it, ms with prefill graphs
     on). Eager time near the host time and above the graph replay's: the eager prefill waits on

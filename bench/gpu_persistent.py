@@ -32,7 +32,7 @@ import time
 import torch
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-from gpu import copy_bandwidth_gbs, decode_ms, events_ms, fill_cache, result_log  # noqa: E402
+from gpu import copy_bandwidth_gbs, events_ms, fill_cache, record_b1, result_log  # noqa: E402
 
 VARIANTS = {
     "default": {},
@@ -168,10 +168,7 @@ def main(argv=None) -> int:
         nonlocal wb
         r = runner(**kw)
         wb = wb or r.weight_bytes()
-        for ctx in ctx_list:
-            ms = decode_ms(r, [ctx - 1], iters=100)
-            res[f"decode_b1_ctx{ctx}_{key}_ms"] = round(ms, 4)
-            print(f"[{key}] decode b1 ctx {ctx}: {ms:.4f} ms", flush=True)
+        record_b1(res, r, key, ctx_list)
         del r
 
     guard("unfused", lambda: step("unfused", ctxs, step="unfused"))
