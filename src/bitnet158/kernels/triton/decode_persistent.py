@@ -21,6 +21,12 @@ between ``x0`` and ``x1`` (program 0 stores ``h``; every program reads the other
 a layer reads x0 and d (the first layer: the embedding row in x1) and leaves x in x0 and the
 down projection's output in d.
 
+Options of ``config`` (all measured on an H100, docs/gpu-engine.md): ``num_warps`` (16 beat 8),
+``split`` (each stage its own launch with PDL: faster than one launch, slower than the 9-kernel
+step), ``SPIN`` (how the barrier polls: no measurable difference), ``PREFETCH`` (bulk L2
+prefetch of this or the next layer's weights: slower; with every weight L2-resident the step
+gains only 16 %, so the stages are not waiting on DRAM).
+
 Numerics are those of the unfused step (``decode_layer._prologue`` and ``_masked_fields`` are
 the fused step's norm + quant and GEMV, ``attention._chunk_merge`` the one-kernel attention), so
 only the order of fp32 sums can differ from it.
@@ -266,7 +272,8 @@ def _sync_chain(bar_ptr, N: tl.constexpr, NPROG: tl.constexpr, SPIN: tl.constexp
 
 
 # packed rows a tile per projection, warps a program: chosen for 132 programs at 2B4T shapes
-# (q|k|v 960 packed rows in 120 tiles, o 640 in 80, gate|up 3456 in 216, down 640 in 160)
+# (q|k|v 960 packed rows in 120 tiles, o 640 in 80, gate|up 3456 in 216, down 640 in 160);
+# SPIN / PREFETCH: see the module docstring
 DEFAULT_CONFIG = dict(BR_QKV=8, BR_O=8, BR_GU=16, BR_DOWN=4, SPIN=1, PREFETCH=0, num_warps=8)
 
 
