@@ -116,7 +116,8 @@ def main(argv=None) -> int:
     unknown = [v for a in (args.variants, args.stage_variants, args.check_variants) for v in a.split(",")
                if v and v not in VARIANTS]
     if unknown:
-        print(f"--variants: unknown {unknown}; known: {', '.join(VARIANTS)}", file=sys.stderr)
+        print(f"unknown variants {unknown} (--variants, --stage-variants, --check-variants); "
+              f"known: {', '.join(VARIANTS)}", file=sys.stderr)
         return 2
 
     from bitnet158.kernels.triton.decode_persistent import PersistentStep

@@ -13,6 +13,7 @@ so these tests run them eagerly (same math), on one thread. Needs the ``test`` e
 
 from __future__ import annotations
 
+import contextlib
 import copy
 import math
 import warnings
@@ -96,14 +97,19 @@ def bf16_ulp(x: float) -> float:
 _PROJ = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
 
 
-def _record_projection_inputs(model) -> tuple[list, list]:
-    """Pre-hooks appending the input of every projection call, in execution order."""
+@contextlib.contextmanager
+def _recording(model):
+    """Yields a list that collects (name, input) of every projection call, in execution order."""
     calls, hooks = [], []
     for name, mod in model.named_modules():
         if name.rsplit(".", 1)[-1] in _PROJ:
             hooks.append(mod.register_forward_pre_hook(
                 lambda m, args, name=name: calls.append((name, args[0].detach().float()))))
-    return calls, hooks
+    try:
+        yield calls
+    finally:
+        for h in hooks:
+            h.remove()
 
 
 @torch.no_grad()
@@ -117,13 +123,8 @@ def assert_fp32_parity(ours, hf, t: torch.Tensor, tol: float = FP32_TOL, min_fra
     This finds each row's first such flip, checks it is a tie, and compares all positions before
     it exactly (at least ``min_fraction`` of all positions must be compared; usually all are).
     """
-    a, ha = _record_projection_inputs(ours)
-    b, hb = _record_projection_inputs(hf)
-    try:
+    with _recording(ours) as a, _recording(hf) as b:
         out, ref = ours(t), hf(t).logits
-    finally:
-        for h in ha + hb:
-            h.remove()
     B, T = t.shape
     first = _first_flips(a, b, B, T)
     assert sum(first) >= min_fraction * B * T, f"activation flips too early to compare: {first}"
@@ -248,21 +249,13 @@ def test_cached_decode_matches_reference_every_position(folders, cfg_name):
     ours = checkpoint.load(folders(cfg_name, "packed"), dtype=torch.float32)
     first = assert_fp32_parity(ours, hf_fp32(folders, cfg_name, "packed"), t)  # rows comparable
     cache = ours.new_cache(2, 32)
-    steps, hooks = _record_projection_inputs(ours)
-    try:
+    with _recording(ours) as steps:
         outs = [ours(t[:, :5], torch.arange(5), cache)]
         for i in range(5, 24):
             outs.append(ours(t[:, i:i + 1], torch.tensor([i]), cache))
-    finally:
-        for h in hooks:
-            h.remove()
     dec = torch.cat(outs, 1)
-    full_in, hooks = _record_projection_inputs(ours)
-    try:
+    with _recording(ours) as full_in:
         full = ours(t)
-    finally:
-        for h in hooks:
-            h.remove()
     # cache == full forward at every position up to a row's first int8 flip on a rounding tie
     # (attention sums in another order: seen on an AVX2-only CPU, one flip at position 22 of 24)
     n = len(full_in)

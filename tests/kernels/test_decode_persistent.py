@@ -97,6 +97,16 @@ def test_interpreted_persistent_step_independent_of_tiling(nprog, config, refere
     assert torch.equal(tr.decode(nt, p), base)
 
 
+def test_persistent_step_rejects_bad_config():
+    from bitnet158.kernels.triton.decode_persistent import PersistentStep
+    from bitnet158.kernels.triton.runner import TritonRunner
+    tr = TritonRunner(_tiny(torch.float32, layers=1), batch=1, max_len=16, graphs=False)
+    with pytest.raises(ValueError, match="PREFETH"):
+        PersistentStep(tr, config=dict(PREFETH=2))
+    with pytest.raises(ValueError, match="SPIN=3"):
+        PersistentStep(tr, config=dict(SPIN=3))
+
+
 def test_persistent_step_rejects_the_bf16_pipeline():
     from bitnet158.kernels.triton.decode_persistent import PersistentStep
     from bitnet158.kernels.triton.runner import TritonRunner

@@ -123,7 +123,8 @@ def main() -> int:
         comp(decode_persistent._layer, layer_types,
              dict(HID=2560, FFN=6912, H=20, HKV=5, D=128, GROUP=4, GP=16, CHUNK=64, BLOCK_N=64, NCH=64, NCHP=64,
                   ITEMS=3, BR_QKV=cfg["BR_QKV"], BR_O=cfg["BR_O"], BR_GU=cfg["BR_GU"], BR_DOWN=cfg["BR_DOWN"],
-                  T_QKV=1, T_O=1, T_GU=2, T_DOWN=2, BKH=1024, BKF=2048, NPROG=132, SPIN=spin, PREFETCH=prefetch, PF_N=32 * cfg["num_warps"], HAS_D=has_d, FIRST=0, LAST=4,
+                  T_QKV=1, T_O=1, T_GU=2, T_DOWN=2, BKH=1024, BKF=2048, NPROG=132, SPIN=spin, PREFETCH=prefetch,
+                  PF_N=32 * cfg["num_warps"], HAS_D=has_d, FIRST=0, LAST=4,
                   IEEE=False, PDL=True, INTERP=False), num_warps=cfg["num_warps"])
     for spin in (0, 1, 2):
         comp(decode_persistent._sync_chain, dict(bar_ptr=P(i32)), dict(N=4, NPROG=132, SPIN=spin), num_warps=8)

@@ -21,11 +21,12 @@ between ``x0`` and ``x1`` (program 0 stores ``h``; every program reads the other
 a layer reads x0 and d (the first layer: the embedding row in x1) and leaves x in x0 and the
 down projection's output in d.
 
-Options of ``config`` (all measured on an H100, docs/gpu-engine.md): ``num_warps`` (16 beat 8),
-``split`` (each stage its own launch with PDL: faster than one launch, slower than the 9-kernel
-step), ``SPIN`` (how the barrier polls: no measurable difference), ``PREFETCH`` (bulk L2
-prefetch of this or the next layer's weights: slower; with every weight L2-resident the step
-gains only 16 %, so the stages are not waiting on DRAM).
+Options of ``config`` (measured on an H100, docs/gpu-engine.md): ``num_warps`` (16 timed faster
+than 8), ``split`` (each stage its own launch with PDL: faster than one launch, slower than the
+9-kernel step), ``SPIN`` (how the barrier polls: 0.91-0.96 us a barrier either way),
+``PREFETCH`` (bulk L2 prefetch of this layer's (1) or the next layer's (2) weights: 2 was
+slower, 1 has not been timed; with every weight L2-resident the step gains only 16 %, so the
+stages are not waiting on DRAM).
 
 Numerics are those of the unfused step (``decode_layer._prologue`` and ``_masked_fields`` are
 the fused step's norm + quant and GEMV, ``attention._chunk_merge`` the one-kernel attention), so
@@ -84,7 +85,7 @@ def _grid_sync(bar_ptr, target, SPIN: tl.constexpr):
 @triton.jit
 def _prefetch_l2(w_ptr, NBYTES: tl.constexpr, pid, NPROG: tl.constexpr, N: tl.constexpr):
     """Ask L2 for this program's share (1/NPROG) of the NBYTES at w_ptr: N consecutive pieces, a
-    bulk prefetch each (sm_90 ``cp.async.bulk.prefetch.L2``: no registers, nothing waits on it).
+    bulk prefetch each (sm_90 ``cp.async.bulk.prefetch.L2``: asynchronous, nothing waits on it).
     Pieces are multiples of 16 bytes at 16-byte offsets; a last partial 16 bytes is left out."""
     PIECE: tl.constexpr = (NBYTES + NPROG * N * 16 - 1) // (NPROG * N * 16) * 16
     start = (pid * N + tl.arange(0, N)) * PIECE
@@ -204,7 +205,7 @@ def _layer(x0_ptr, x1_ptr, d_ptr, qkv_ptr, o_ptr, gu_ptr,
     pos = tl.load(pos_ptr)
     n_items = HKV * (pos // CHUNK + 1)
     # weights into L2 before the wait (PREFETCH 1: this layer's o, gate|up, down; 2: all of the
-    # next layer's): the stages then read them from L2 instead of one tile at a time from DRAM
+    # next layer's), so that the stages find them in L2 (measured slower: module docstring)
     if FIRST == 0 and PREFETCH > 0 and not INTERP:
         NQ: tl.constexpr = 0 if PREFETCH == 1 else R_QKV * HID
         _prefetch_layer(pfq_ptr, pfo_ptr, pfgu_ptr, pfd_ptr, pid, NQ, R_O * HID, R_GU * HID, R_O * FFN, NPROG, PF_N)
@@ -303,7 +304,14 @@ class PersistentStep:
             # the barriers need every program resident at once: at most one an SM is guaranteed
             raise ValueError(f"persistent decode step: nprog={nprog} must be 1..{sm_count(dev)} (SMs)")
         self.nprog = nprog
+        unknown = sorted(set(config or {}) - set(DEFAULT_CONFIG) - {"split"})
+        if unknown:
+            raise ValueError(f"persistent decode step: unknown config keys {unknown}; known: "
+                             f"{sorted(DEFAULT_CONFIG)} and 'split'")
         self.config = dict(DEFAULT_CONFIG, **(config or {}))
+        for key in ("SPIN", "PREFETCH"):
+            if self.config[key] not in (0, 1, 2):
+                raise ValueError(f"persistent decode step: config {key}={self.config[key]!r} is not 0, 1 or 2")
         # each stage its own launch (PDL between them) instead of barriers: the interpreter's
         # way, and on a GPU a comparison for the one-launch layer
         self.split = bool(self.config.pop("split", False))
@@ -327,7 +335,8 @@ class PersistentStep:
                     CHUNK=a.chunk, BLOCK_N=a.block_n, NCH=a.nch, NCHP=next_pow2(a.nch),
                     ITEMS=cdiv(HKV * a.nch, self.nprog), BR_QKV=c["BR_QKV"], BR_O=c["BR_O"], BR_GU=c["BR_GU"],
                     BR_DOWN=c["BR_DOWN"], BKH=next_pow2(self.hid // 4), BKF=next_pow2(self.ffn // 4),
-                    NPROG=self.nprog, SPIN=c["SPIN"], PREFETCH=c["PREFETCH"], PF_N=32 * c["num_warps"], HAS_D=has_d, FIRST=first, LAST=last,
+                    NPROG=self.nprog, SPIN=c["SPIN"], PREFETCH=c["PREFETCH"], PF_N=32 * c["num_warps"],
+                    HAS_D=has_d, FIRST=first, LAST=last,
                     IEEE=r.dtype == torch.float32, PDL=PDL, INTERP=INTERPRET, num_warps=c["num_warps"],
                     **tiles)
 

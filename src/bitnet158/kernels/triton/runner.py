@@ -21,8 +21,8 @@ with each norm + quant in the last program of the kernel before it ("tail"), or 
 every program of the GEMV after it ("prologue"); ``step="persistent"`` runs a layer as one kernel
 of one program an SM whose stages are separated by grid barriers (:mod:`.decode_persistent`).
 All three measured slower than the 9-kernel step on an H100 (a kernel boundary with PDL costs
-~0.8 us; the fused kernels lose more than that inside, the persistent one has few loads in flight
-a stage), so ``"unfused"`` is the default. The whole step is captured in a CUDA graph per
+~0.8 us; the fused kernels lose more than that inside, the persistent one's stages on one
+program an SM are slower still), so ``"unfused"`` is the default. The whole step is captured in a CUDA graph per
 number of rows, with tokens, positions and cache rows in device buffers, so any prompt and output
 length replays the same graph. Prefill runs the same kernels (tensor-core W2A8 GEMM) with SDPA
 attention, RoPE and the cache write in one kernel (``attention.rope_cache_write``). Eager, a
