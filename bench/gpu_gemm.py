@@ -12,7 +12,8 @@ batched decode; 2048: prefill) it times, with CUDA events over CUDA-graph replay
 - from M > 64, :mod:`bitnet158.kernels.triton.gemm_i8` (transient int8 unpack + shared-memory int8
   GEMM) at each of its candidate block shapes, checked the same way, and its unpack alone;
 - bf16 ``F.linear`` (cuBLAS) on a dense weight of the same shape, and cuBLAS int8 ``_int_mm``
-  on an unpacked int8 weight (what int8 tensor cores give without any unpacking).
+  on an unpacked int8 weight (what int8 tensor cores give without any unpacking); from M > 64
+  also cuBLAS fp8 ``_scaled_mm`` (the vendor's 8-bit tensor-core rate at that shape).
 
 Decode-sized products (M <= 64) rotate over enough weight copies (>= 160 MB) that every call
 reads its weights from memory, not L2, as a decode step does. ``--tuned-out`` writes the best
@@ -61,20 +62,40 @@ def cfg_dict(c: tuple) -> dict:
 
 
 def i8_candidates(M: int) -> list[tuple]:
-    """(BM, BN, BK, GROUP_M, num_warps, num_stages) of :mod:`gemm_i8` to try (prefill-sized M)."""
+    """(BM, BN, BK, GROUP_M, num_warps, num_stages[, TMA, NPROG, WS]) of :mod:`gemm_i8` to try
+    (prefill-sized M); the 9-field ones load through TMA descriptors (NPROG -1: persistent, one
+    program an SM)."""
     if M <= 64:
         return []
-    out = [(128, 256, 128, 8, 8, 3), (128, 256, 64, 8, 8, 4), (128, 128, 128, 8, 4, 4),
-           (128, 128, 128, 8, 8, 4), (256, 128, 128, 8, 8, 3), (128, 128, 64, 8, 4, 5),
-           (64, 256, 128, 8, 4, 4)]
+    out = [(128, 256, 128, 8, 8, 3), (128, 128, 128, 8, 8, 4), (256, 128, 128, 8, 8, 3),
+           (128, 128, 64, 8, 4, 5)]
+    out += [(128, 256, 128, 8, 8, 3, 1, 0, 0), (128, 256, 64, 8, 8, 4, 1, 0, 0), (256, 128, 128, 8, 8, 3, 1, 0, 0),
+            (128, 128, 128, 8, 8, 4, 1, 0, 0), (128, 128, 128, 8, 4, 4, 1, 0, 0), (128, 256, 128, 8, 8, 3, 1, -1, 0),
+            (128, 128, 128, 8, 8, 4, 1, -1, 0), (128, 256, 128, 16, 8, 3, 1, 0, 0), (128, 128, 256, 8, 8, 3, 1, 0, 0)]
     if M <= 512:
-        out.append((64, 128, 128, 8, 4, 4))
+        out += [(64, 128, 128, 8, 4, 4), (64, 256, 128, 8, 4, 4, 1, 0, 0), (64, 128, 128, 8, 4, 4, 1, 0, 0)]
     return out
 
 
 def i8_dict(c: tuple) -> dict:
-    bm, bn, bk, gm, nw, ns = c
-    return dict(kind="i8", BM=bm, BN=bn, BK=bk, GROUP_M=gm, num_warps=nw, num_stages=ns)
+    from bitnet158.kernels.triton.gemm_i8 import i8_dict as to_cfg
+    return to_cfg(c)
+
+
+def fp8_us(M: int, N: int, K: int, calls: int) -> float | None:
+    """cuBLAS fp8 (e4m3) ``_scaled_mm`` at this shape: what 8-bit tensor cores give through the
+    vendor library (a ceiling for the int8 kernels; not usable for int8 activations)."""
+    if not hasattr(torch, "_scaled_mm") or not hasattr(torch, "float8_e4m3fn"):
+        return None
+    a = torch.randn(M, K, device="cuda").to(torch.float8_e4m3fn)
+    b = torch.randn(N, K, device="cuda").to(torch.float8_e4m3fn)
+    one = torch.ones((), device="cuda")
+    try:
+        return graph_us([lambda: torch._scaled_mm(a, b.t(), scale_a=one, scale_b=one, out_dtype=torch.bfloat16)]
+                        * calls)
+    except Exception as e:  # noqa: BLE001 - a probe: report and go on
+        print("fp8 probe failed:", repr(e)[:200], flush=True)
+        return None
 
 
 OLD_DOT = {64: dict(kind="dot", BM=16, BR=128, BK=64, SPLIT_K=1, num_warps=4, num_stages=3),
@@ -220,6 +241,10 @@ def main(argv=None) -> int:
             if M > 16:
                 w8 = w_t.contiguous()
                 res[f"intmm_{tag}_us"] = round(graph_us([lambda: torch._int_mm(x_q, w8.t())] * 10), 2)
+            if M > 64:
+                t8 = fp8_us(M, 4 * R, K, 10)
+                if t8 is not None:
+                    res[f"fp8_{tag}_us"] = round(t8, 2)
             olds = [("gemv", dict(w2a8.pick_config(1, R, K), MB=M))] if M <= 8 else []
             if M in OLD_DOT:
                 olds.append(("dot", OLD_DOT[M]))
@@ -258,7 +283,7 @@ def main(argv=None) -> int:
                 res[f"unpack_{tag}_us"] = round(graph_us([lambda: gemm_i8.unpack_i8(w, P1, P2, out=w8)] * calls), 2)
                 res[f"i8_vs_bf16_{tag}_speedup"] = round(res[f"bf16_{tag}_us"] / times8[c], 2)
                 print(f"{tag:10s} i8 best {c} {times8[c]:8.2f} us (unpack {res[f'unpack_{tag}_us']} us)   "
-                      f"bf16 {res[f'bf16_{tag}_us']:8.2f}", flush=True)
+                      f"bf16 {res[f'bf16_{tag}_us']:8.2f}   fp8 cuBLAS {res.get(f'fp8_{tag}_us')}", flush=True)
             del ws, wd
             torch.cuda.empty_cache()
     res["inexact"] = bad
@@ -272,7 +297,7 @@ def main(argv=None) -> int:
             json.dump(tuned, f)
     print("inexact:", bad)
     print(json.dumps({k: v for k, v in res.items() if k.startswith(("best_", "bf16_", "compile", "unpack_",
-                                                                         "i8_vs"))}))
+                                                                         "i8_vs", "fp8_"))}))
     return 1 if bad else 0
 
 

@@ -27,8 +27,11 @@ if DEV == "cpu" and not common.INTERPRET:
     pytest.skip("Triton kernels were imported before TRITON_INTERPRET=1 was set", allow_module_level=True)
 
 
-def _i8(bm, bn, bk, gm=2, nw=4, ns=2):
-    return dict(kind="i8", BM=bm, BN=bn, BK=bk, GROUP_M=gm, num_warps=nw, num_stages=ns)
+def _i8(bm, bn, bk, gm=2, nw=4, ns=2, tma=False, nprog=0):
+    cfg = dict(kind="i8", BM=bm, BN=bn, BK=bk, GROUP_M=gm, num_warps=nw, num_stages=ns)
+    if tma:
+        cfg.update(TMA=True, NPROG=nprog, WS=False)
+    return cfg
 
 
 def _check(M, segs, K, cfg, seed=0):
@@ -49,6 +52,33 @@ CASES = [  # (M, segments, K, config)
 @pytest.mark.parametrize("M,segs,K,cfg", CASES)
 def test_gemm_i8_exact(M, segs, K, cfg):
     _check(M, segs, K, cfg)
+
+
+# the descriptor (TMA) kernel needs 16-byte rows: K % 16 == 0; its loads zero-fill past M, N and K
+TMA_CASES = [
+    (9, (16,), 64, _i8(T, T, 32, tma=True)),                          # one tile, M past the end
+    (20, (3, 5, 9), 112, _i8(T, T, 32, tma=True)),                    # 3 unaligned segments, K % BK != 0
+    (37, (16, 16), 128, _i8(T, 2 * T, 64, gm=1, tma=True)),           # several row tiles, wide columns
+    (70, (6, 2, 8), 96, _i8(T, T, 32, gm=3, tma=True, nprog=2)),      # persistent: 2 programs, 5x4 tiles
+    (37, (3, 5, 9), 48, _i8(T, T, 32, tma=True, nprog=-1)),           # persistent, one program an SM
+]
+
+
+@pytest.mark.parametrize("M,segs,K,cfg", TMA_CASES)
+def test_gemm_i8_descriptor_exact(M, segs, K, cfg):
+    y = _check(M, segs, K, cfg)
+    pointer = {k: v for k, v in cfg.items() if k not in ("TMA", "NPROG", "WS")}
+    assert torch.equal(y, _check(M, segs, K, pointer))
+
+
+def test_descriptor_kernel_needs_aligned_rows():
+    """K = 36 (rows of 36 bytes): no descriptor can describe it, the pointer kernel runs instead."""
+    _check(5, (4,), 36, _i8(T, T, 32, tma=True))
+
+
+def test_i8_dict_fields():
+    assert gemm_i8.i8_dict((128, 256, 128, 8, 8, 3)) == _i8(128, 256, 128, 8, 8, 3)
+    assert gemm_i8.i8_dict((128, 256, 128, 8, 8, 3, 1, -1, 0)) == _i8(128, 256, 128, 8, 8, 3, tma=True, nprog=-1)
 
 
 def test_unpack_every_byte_value():
@@ -83,8 +113,10 @@ def test_pick_config_switches_at_threshold(monkeypatch):
 @pytest.mark.parametrize("M", [300, 2048])
 @pytest.mark.parametrize("segs,K", [((640, 160, 160), 2560), ((640,), 2560), ((1728, 1728), 2560),
                                     ((640,), 6912)])
-def test_gemm_i8_2b4t_shapes(M, segs, K):
-    y = _check(M, segs, K, gemm_i8.i8_config(M, 4 * sum(segs), K))
+@pytest.mark.parametrize("cfg", [None, (128, 256, 128, 8, 8, 3, 1, 0, 0), (128, 128, 128, 8, 8, 4, 1, -1, 0)],
+                         ids=["table", "tma", "tma_persistent"])
+def test_gemm_i8_2b4t_shapes(M, segs, K, cfg):
+    y = _check(M, segs, K, gemm_i8.i8_config(M, 4 * sum(segs), K) if cfg is None else gemm_i8.i8_dict(cfg))
     gen = torch.Generator().manual_seed(M * 131 + K)
     w, g, _ = _segmented(segs, K, gen)
     x_q = torch.randint(-128, 128, (M, K), generator=gen, dtype=torch.int8)

@@ -139,6 +139,11 @@ def main() -> int:
         comp(bitlinear_train._i8_gemm_scaled, i8_types, dict(BM=bm, BN=bn, BK=bk, GROUP_M=gm, G_MODE=g_mode,
                                                              EVEN_K=even, K_ITERS=0, INTERP=False),
              num_warps=nw, num_stages=ns)
+    for bm, bn, bk, nw, ns, nprog in ((128, 256, 128, 8, 3, 0), (128, 128, 128, 8, 4, 132)):
+        comp(gemm_i8._i8_gemm_desc, dict(x_desc=f"tensordesc<i8[{bm}, {bk}]>", w_desc=f"tensordesc<i8[{bn}, {bk}]>",
+                                         sx_ptr=P(f32), g_ptr=P(f32), out_ptr=P(bf)),
+             dict(BM=bm, BN=bn, BK=bk, GROUP_M=8, NPROG=nprog, WS=False, K_ITERS=0, TILES=0, INTERP=False),
+             num_warps=nw, num_stages=ns)
     comp(w2a8._scale_rows, dict(acc_ptr=P(i32), sx_ptr=P(f32), g_ptr=P(f32), out_ptr=P(bf)),
          dict(BM=16, BN=256, INTERP=False), num_warps=4)
     return 1 if errors else 0

@@ -21,18 +21,31 @@ MMAs) runs at about bf16 cuBLAS speed there. Here, per call:
    reference's fp32 ``acc * (gamma_seg / s_x)`` (correctly rounded division), cast to the output
    dtype: integer results are exact and the outputs equal those of :mod:`.gemm_tc` bit for bit.
 
+A second GEMM kernel, ``_i8_gemm_desc`` (config ``TMA=True``), loads both operands through tensor
+descriptors (TMA on Hopper: one bulk copy per tile and stage instead of per-thread ``cp.async``),
+computes the per-segment scales once per row (three ``gamma / s_x`` divisions a row instead of one
+per output element; the same correctly rounded values), and optionally runs persistent
+(``NPROG`` programs loop over the tiles, ``WS``: Triton's warp specialization of that loop).
+
 Tests: ``tests/kernels/test_gemm_i8.py`` (interpreter on CPU, compiled on CUDA).
 """
 
 from __future__ import annotations
+
+import functools
 
 import torch
 import triton
 import triton.language as tl
 
 from .bitlinear_train import _i8_gemm_scaled
-from .common import INTERPRET, cdiv
+from .common import INTERPRET, cast, cdiv
 from .gemm_tc import _cols, m_bucket
+
+try:  # host-side TMA descriptors (Triton >= 3.4)
+    from triton.tools.tensor_descriptor import TensorDescriptor
+except ImportError:  # pragma: no cover - older Triton: the pointer kernel only
+    TensorDescriptor = None
 
 
 @triton.jit
@@ -50,6 +63,88 @@ def _unpack_i8(w_ptr, out_ptr, K, R_total, P1, P2, BR: tl.constexpr, BK: tl.cons
         tl.store(out_ptr + cols[:, None] * K + ks[None, :], v, mask=mask)
 
 
+@triton.jit
+def _tile_mn(t, n_m, n_n, GROUP_M: tl.constexpr):
+    """Tile index -> (row tile, column tile), ``GROUP_M`` row tiles a group (L2 reuse of weights)."""
+    width = GROUP_M * n_n
+    first_m = (t // width) * GROUP_M
+    size_m = tl.minimum(n_m - first_m, GROUP_M)
+    return first_m + (t % width) % size_m, (t % width) // size_m
+
+
+@triton.jit
+def _scaled_store(acc, pid_m, pid_n, sx_ptr, g_ptr, out_ptr, M, N, C1, C2, stride_om,
+                  BM: tl.constexpr, BN: tl.constexpr, INTERP: tl.constexpr):
+    """out tile = acc [BM, BN] * (gamma_seg / s_x[m]): one correctly rounded division per row and
+    segment (segments start at output columns C1, C2; N where absent)."""
+    ms = pid_m * BM + tl.arange(0, BM)
+    ns = pid_n * BN + tl.arange(0, BN)
+    mrow = ms < M
+    ncol = ns < N
+    sx = tl.load(sx_ptr + ms, mask=mrow, other=1.0)                                  # fp32 [BM]
+    i1 = (C1 < N).to(tl.int32)                     # gamma index of segment 1 (0 when there is none)
+    i2 = i1 + (C2 < N).to(tl.int32)
+    zero = tl.zeros((BM,), tl.float32)
+    s0 = tl.math.div_rn(tl.load(g_ptr) + zero, sx)
+    s1 = tl.math.div_rn(tl.load(g_ptr + i1) + zero, sx)
+    s2 = tl.math.div_rn(tl.load(g_ptr + i2) + zero, sx)
+    seg = (ns >= C1).to(tl.int32)[None, :] + (ns >= C2).to(tl.int32)[None, :]      # [1, BN]
+    scale = tl.where(seg == 0, s0[:, None], tl.where(seg == 1, s1[:, None], s2[:, None]))
+    y = acc.to(tl.float32) * scale
+    tl.store(out_ptr + ms[:, None].to(tl.int64) * stride_om + ns[None, :],
+             cast(y, out_ptr.dtype.element_ty, INTERP), mask=mrow[:, None] & ncol[None, :])
+
+
+@triton.jit
+def _k_loop(x_desc, w_desc, pid_m, pid_n, K, BM: tl.constexpr, BN: tl.constexpr, BK: tl.constexpr,
+            K_ITERS: tl.constexpr, INTERP: tl.constexpr):
+    """int32 acc [BM, BN] = x tile rows [BM, K] @ w tile rows [BN, K]^T over the K tiles."""
+    acc = tl.zeros((BM, BN), tl.int32)
+    if INTERP:   # the interpreter cannot loop to a run-time bound
+        for ki in range(0, K_ITERS):
+            x = x_desc.load([pid_m * BM, ki * BK])                                      # int8 [BM, BK]
+            w = w_desc.load([pid_n * BN, ki * BK])                                      # int8 [BN, BK]
+            acc = tl.dot(x, w.T, acc, out_dtype=tl.int32)
+    else:
+        for ki in range(0, tl.cdiv(K, BK)):
+            x = x_desc.load([pid_m * BM, ki * BK])
+            w = w_desc.load([pid_n * BN, ki * BK])
+            acc = tl.dot(x, w.T, acc, out_dtype=tl.int32)
+    return acc
+
+
+@triton.jit
+def _i8_gemm_desc(x_desc, w_desc, sx_ptr, g_ptr, out_ptr, M, N, K, C1, C2, stride_om,
+                  BM: tl.constexpr, BN: tl.constexpr, BK: tl.constexpr, GROUP_M: tl.constexpr,
+                  NPROG: tl.constexpr, WS: tl.constexpr, K_ITERS: tl.constexpr, TILES: tl.constexpr,
+                  INTERP: tl.constexpr):
+    """out [M, N] = (x_q [M, K] @ W8 [N, K]^T) * gamma_seg / s_x; x_desc blocks [BM, BK], w_desc
+    [BN, BK] (out-of-range rows and K read as zeros). NPROG = 0: one tile a program; else NPROG
+    programs loop over the tiles. Under the interpreter K_ITERS and TILES give the loop counts."""
+    n_m = tl.cdiv(M, BM)
+    n_n = tl.cdiv(N, BN)
+    if NPROG == 0:
+        pid_m, pid_n = _tile_mn(tl.program_id(0), n_m, n_n, GROUP_M)
+        acc = _k_loop(x_desc, w_desc, pid_m, pid_n, K, BM, BN, BK, K_ITERS, INTERP)
+        _scaled_store(acc, pid_m, pid_n, sx_ptr, g_ptr, out_ptr, M, N, C1, C2, stride_om, BM, BN, INTERP)
+    elif INTERP:
+        for i in range(0, (TILES + NPROG - 1) // NPROG):
+            t = tl.program_id(0) + i * NPROG
+            if t < TILES:
+                pid_m, pid_n = _tile_mn(t, n_m, n_n, GROUP_M)
+                acc = _k_loop(x_desc, w_desc, pid_m, pid_n, K, BM, BN, BK, K_ITERS, INTERP)
+                _scaled_store(acc, pid_m, pid_n, sx_ptr, g_ptr, out_ptr, M, N, C1, C2, stride_om, BM, BN,
+                              INTERP)
+    else:
+        for t in tl.range(tl.program_id(0), n_m * n_n, NPROG, flatten=True, warp_specialize=WS):
+            pid_m, pid_n = _tile_mn(t, n_m, n_n, GROUP_M)
+            acc = tl.zeros((BM, BN), tl.int32)
+            for ki in range(0, tl.cdiv(K, BK)):
+                x = x_desc.load([pid_m * BM, ki * BK])
+                w = w_desc.load([pid_n * BN, ki * BK])
+                acc = tl.dot(x, w.T, acc, out_dtype=tl.int32)
+            _scaled_store(acc, pid_m, pid_n, sx_ptr, g_ptr, out_ptr, M, N, C1, C2, stride_om, BM, BN, INTERP)
+
 # ---------------------------------------------------------------- host side
 
 # Block shapes (BM, BN, BK, GROUP_M, num_warps, num_stages) by (M bucket, N, K), to be filled from
@@ -60,9 +155,20 @@ DEFAULT = (128, 128, 128, 8, 8, 4)       # the training GEMM's large-M tile (bit
 
 
 def i8_config(M: int, N: int, K: int) -> dict:
-    """Block shapes for an [M, K] x [N, K] int8 product (tuned table, else ``DEFAULT``)."""
-    bm, bn, bk, gm, nw, ns = TUNED.get((m_bucket(M), N, K), DEFAULT)
-    return dict(kind="i8", BM=bm, BN=bn, BK=bk, GROUP_M=gm, num_warps=nw, num_stages=ns)
+    """Block shapes for an [M, K] x [N, K] int8 product (tuned table, else ``DEFAULT``).
+
+    A table entry is (BM, BN, BK, GROUP_M, num_warps, num_stages) or that + (TMA, NPROG, WS)."""
+    t = TUNED.get((m_bucket(M), N, K), DEFAULT)
+    return i8_dict(t)
+
+
+def i8_dict(t) -> dict:
+    """(BM, BN, BK, GROUP_M, num_warps, num_stages[, TMA, NPROG, WS]) -> a ``kind="i8"`` config."""
+    bm, bn, bk, gm, nw, ns = t[:6]
+    cfg = dict(kind="i8", BM=bm, BN=bn, BK=bk, GROUP_M=gm, num_warps=nw, num_stages=ns)
+    if len(t) > 6:
+        cfg.update(TMA=bool(t[6]), NPROG=int(t[7]), WS=bool(t[8]))
+    return cfg
 
 
 def unpack_i8(w: torch.Tensor, P1: int, P2: int, out: torch.Tensor | None = None) -> torch.Tensor:
@@ -75,18 +181,43 @@ def unpack_i8(w: torch.Tensor, P1: int, P2: int, out: torch.Tensor | None = None
     return out
 
 
+@functools.lru_cache(maxsize=None)
+def _sm_count(device) -> int:
+    return torch.cuda.get_device_properties(device).multi_processor_count
+
+
+def _descriptor_ok(t: torch.Tensor) -> bool:
+    """A TMA descriptor needs 16-byte aligned rows and base address (int8: row stride % 16)."""
+    return TensorDescriptor is not None and t.stride(1) == 1 and t.stride(0) % 16 == 0 and t.data_ptr() % 16 == 0
+
+
 def i8_linear(x_q, s_x, w, gammas, P1: int, P2: int, out, cfg: dict):
-    """out [M, 4R] = (x_q [M, K] @ W_t^T) * gamma_seg / s_x via a transient int8 weight matrix."""
+    """out [M, 4R] = (x_q [M, K] @ W_t^T) * gamma_seg / s_x via a transient int8 weight matrix.
+
+    ``cfg``: BM, BN, BK, GROUP_M, num_warps, num_stages; optional ``TMA`` (the descriptor kernel,
+    where the rows are 16-byte aligned), ``NPROG`` (persistent programs; -1: one an SM) and ``WS``
+    (warp specialization of the persistent loop)."""
     M, K = x_q.shape
     N = 4 * w.shape[0]
     cfg = dict(cfg)
     cfg.pop("kind", None)
+    tma, nprog, ws = cfg.pop("TMA", False), cfg.pop("NPROG", 0), cfg.pop("WS", False)
     w8 = unpack_i8(w, P1, P2)
-    grid = (cdiv(M, cfg["BM"]) * cdiv(N, cfg["BN"]),)
-    _i8_gemm_scaled[grid](x_q, w8, s_x, gammas, out, M, N, K, 4 * P1, 4 * P2, x_q.stride(0), K, out.stride(0),
-                          G_MODE=2, EVEN_K=K % cfg["BK"] == 0, K_ITERS=cdiv(K, cfg["BK"]) if INTERPRET else 0,
-                          INTERP=INTERPRET, **cfg)
+    tiles = cdiv(M, cfg["BM"]) * cdiv(N, cfg["BN"])
+    k_iters = cdiv(K, cfg["BK"]) if INTERPRET else 0
+    if tma and _descriptor_ok(x_q) and _descriptor_ok(w8):
+        if nprog == -1:
+            nprog = _sm_count(x_q.device) if x_q.is_cuda else 2
+        nprog = min(nprog, tiles)
+        xd = TensorDescriptor.from_tensor(x_q, [cfg["BM"], cfg["BK"]])
+        wd = TensorDescriptor.from_tensor(w8, [cfg["BN"], cfg["BK"]])
+        _i8_gemm_desc[(nprog or tiles,)](xd, wd, s_x, gammas, out, M, N, K, 4 * P1, 4 * P2, out.stride(0),
+                                        NPROG=nprog, WS=ws, K_ITERS=k_iters, TILES=tiles if INTERPRET else 0,
+                                        INTERP=INTERPRET, **cfg)
+        return out
+    _i8_gemm_scaled[(tiles,)](x_q, w8, s_x, gammas, out, M, N, K, 4 * P1, 4 * P2, x_q.stride(0), K, out.stride(0),
+                              G_MODE=2, EVEN_K=K % cfg["BK"] == 0, K_ITERS=k_iters, INTERP=INTERPRET, **cfg)
     return out
 
 
-__all__ = ["DEFAULT", "TUNED", "i8_config", "i8_linear", "unpack_i8"]
+__all__ = ["DEFAULT", "TUNED", "i8_config", "i8_dict", "i8_linear", "unpack_i8"]
