@@ -1,0 +1,115 @@
+"""Where a batch-1 GPU decode step spends its time: each kernel's marginal cost inside the step.
+
+    PYTHONPATH=src python3 bench/gpu_breakdown.py --out bench/results/gpu_breakdown-DATE-h100.json
+
+A kernel's time measured alone is not its cost inside a step of ~270 kernels chained by
+programmatic dependent launch (each starts while the one before drains, loads its weights, then
+waits). So on a random model with exact 2B4T shapes (bf16, CUDA graphs, ctx 1024) this times the
+default 9-kernel step, then the same step with one kernel kind issued twice in every layer (the
+second call repeats the first one's work on the same inputs), and reports each kind's
+marginal cost, (step with it doubled - step) / layers, beside the sum of all of them. Kinds:
+``nq_in`` (residual add + input RMSNorm + quant), ``qkv``, ``attn`` (partials + chunk merge +
+sub-norm + quant), ``o``, ``nq_post``, ``gu`` (gate|up), ``nq_gate`` (relu^2 gate + sub-norm +
+quant), ``down``; and the bf16 head, doubled once a step. Doubling a kernel that adds into the
+residual stream changes the numbers, not the work. Prints a table and one JSON line. Needs CUDA.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+
+import torch
+
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+from gpu import events_ms, fill_cache, result_log  # noqa: E402
+
+KINDS = ("nq_in", "qkv", "attn", "o", "nq_post", "gu", "nq_gate", "down", "head")
+
+
+def step_doubling(r, kind: str | None):
+    """The unfused W2A8 decode step of ``r`` (TritonRunner) with kernel ``kind`` issued twice."""
+    import torch.nn.functional as F
+
+    def twice(k, fn):
+        out = fn()
+        return fn() if k == kind else out
+
+    def step(tok, pos, rows):
+        x = r.x_buf[:tok.shape[0]]
+        x.copy_(F.embedding(tok, r.embed))
+        delta = None
+        for i, L in enumerate(r.layers):
+            q, s = twice("nq_in", lambda: r._nq(x, L["in_norm"], residual=delta,
+                                                h_out=x if delta is not None else None))
+            qkv = twice("qkv", lambda: r._lin(L["qkv"], q, s))
+            q, s = twice("attn", lambda: r.attn(qkv, r.k_cache[i], r.v_cache[i], rows, pos, r.cos, r.sin,
+                                                L["attn_norm"], r.eps))
+            delta = twice("o", lambda: r._lin(L["o"], q, s))
+            q, s = twice("nq_post", lambda: r._nq(x, L["post_norm"], residual=delta, h_out=x))
+            gu = twice("gu", lambda: r._lin(L["gu"], q, s))
+            q, s = twice("nq_gate", lambda: r._nq(gu, L["ffn_norm"], gated=True))
+            delta = twice("down", lambda: r._lin(L["down"], q, s))
+        return twice("head", lambda: r._head(x, delta))
+    return step
+
+
+def step_ms(r, step, ctx: int, iters: int) -> float:
+    tok = torch.randint(0, r.vocab_size, (1,), device="cuda")
+    r.tok_buf[:1].copy_(tok)
+    r.pos_buf[:1].fill_(ctx - 1)
+    r.rows_buf[:1].fill_(0)
+    g, _ = r._capture((r.tok_buf[:1], r.pos_buf[:1], r.rows_buf[:1]), step=step)
+    for _ in range(3):
+        g.replay()
+    return events_ms(g.replay, iters)
+
+
+def main(argv=None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--out", default=None, help="write the JSON result here")
+    ap.add_argument("--ctx", type=int, default=1024)
+    ap.add_argument("--iters", type=int, default=200)
+    ap.add_argument("--rounds", type=int, default=2, help="time the whole set this many times (noise)")
+    args = ap.parse_args(argv)
+    if not torch.cuda.is_available():
+        print("bench/gpu_breakdown.py needs a CUDA device", file=sys.stderr)
+        return 2
+    from bitnet158.kernels.triton.runner import TritonRunner
+    from bitnet158.random_model import random_packed_model
+
+    res, save, _ = result_log(args.out)
+    model = random_packed_model("2b4t", seed=0, dtype=torch.bfloat16, device="cuda")
+    r = TritonRunner(model, batch=1, max_len=4096)
+    fill_cache(r)
+    n_layers = len(r.layers)
+    res.update(ctx=args.ctx, layers=n_layers)
+    for rnd in range(args.rounds):
+        base = step_ms(r, step_doubling(r, None), args.ctx, args.iters)
+        res[f"step_ms_r{rnd}"] = round(base, 4)
+        print(f"round {rnd}: step {base:.4f} ms", flush=True)
+        for kind in KINDS:
+            ms = step_ms(r, step_doubling(r, kind), args.ctx, args.iters)
+            per = 1 if kind == "head" else n_layers
+            res[f"{kind}_doubled_step_ms_r{rnd}"] = round(ms, 4)
+            res[f"{kind}_marginal_us_r{rnd}"] = round((ms - base) * 1e3 / per, 2)
+        save()
+    print(f"{'kernel':10s} " + " ".join(f"{'round ' + str(i):>10s}" for i in range(args.rounds))
+          + "   (marginal us a call; head: a step)")
+    for kind in KINDS:
+        print(f"{kind:10s} " + " ".join(f"{res[f'{kind}_marginal_us_r{i}']:10.2f}" for i in range(args.rounds)))
+    for i in range(args.rounds):
+        layer = sum(res[f"{k}_marginal_us_r{i}"] for k in KINDS if k != "head")
+        res[f"layer_sum_us_r{i}"] = round(layer, 2)
+        res[f"sum_ms_r{i}"] = round((layer * n_layers + res[f"head_marginal_us_r{i}"]) / 1e3, 4)
+        print(f"round {i}: layer sum {layer:.2f} us, x{n_layers} + head = {res[f'sum_ms_r{i}']:.4f} ms "
+              f"against the step's {res[f'step_ms_r{i}']:.4f} ms")
+    save()
+    print(json.dumps(res))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
