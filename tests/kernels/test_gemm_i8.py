@@ -64,15 +64,48 @@ TMA_CASES = [
 ]
 
 
+class _Forbidden:
+    """Stands in for a kernel that must not be launched."""
+
+    def __init__(self, name):
+        self.name = name
+
+    def __getitem__(self, grid):
+        raise AssertionError(f"{self.name} was launched")
+
+
+@pytest.fixture
+def descriptor_only(monkeypatch):
+    """Fails a test whose descriptor config would fall back to the pointer kernel."""
+    monkeypatch.setattr(gemm_i8, "_i8_gemm_scaled", _Forbidden("the pointer kernel"))
+
+
 @pytest.mark.parametrize("M,segs,K,cfg", TMA_CASES)
-def test_gemm_i8_descriptor_exact(M, segs, K, cfg):
-    y = _check(M, segs, K, cfg)
+def test_gemm_i8_descriptor_exact(M, segs, K, cfg, monkeypatch):
     pointer = {k: v for k, v in cfg.items() if k not in ("TMA", "NPROG", "WS")}
-    assert torch.equal(y, _check(M, segs, K, pointer))
+    y_ptr = _check(M, segs, K, pointer)
+    monkeypatch.setattr(gemm_i8, "_i8_gemm_scaled", _Forbidden("the pointer kernel"))
+    assert torch.equal(_check(M, segs, K, cfg), y_ptr)
 
 
-def test_descriptor_kernel_needs_aligned_rows():
+def test_descriptor_kernel_strided_rows(descriptor_only):
+    """Activation rows that are a view into a wider buffer (row stride 80 > K = 48): the descriptor
+    takes the stride, and the result equals the contiguous one."""
+    gen = torch.Generator().manual_seed(7)
+    segs, K, M = (3, 5), 48, 21
+    w, g, _ = _segmented(segs, K, gen)
+    wide = torch.randint(-128, 128, (M, 80), generator=gen, dtype=torch.int8)
+    s = torch.rand(M, generator=gen) * 50 + 1
+    cfg = _i8(T, T, 32, tma=True)
+    args = (s.to(DEV), w.to(DEV), g.to(DEV), segs)
+    y_view = w2a8.w2a8_linear(wide.to(DEV)[:, 16:16 + K], *args, config=cfg)
+    y_cont = w2a8.w2a8_linear(wide[:, 16:16 + K].contiguous().to(DEV), *args, config=cfg)
+    assert torch.equal(y_view, y_cont)
+
+
+def test_descriptor_kernel_needs_aligned_rows(monkeypatch):
     """K = 36 (rows of 36 bytes): no descriptor can describe it, the pointer kernel runs instead."""
+    monkeypatch.setattr(gemm_i8, "_i8_gemm_desc", _Forbidden("the descriptor kernel"))
     _check(5, (4,), 36, _i8(T, T, 32, tma=True))
 
 
