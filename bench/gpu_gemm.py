@@ -172,6 +172,8 @@ def main(argv=None) -> int:
     ap.add_argument("--tuned-out", default=None)
     ap.add_argument("--ms", default="64,2048")
     ap.add_argument("--workers", type=int, default=12)
+    ap.add_argument("--i8-only", action="store_true", help="only the gemm_i8 kernels (and cuBLAS): skip the "
+                    "tensor-core kernel's sweep and the former kernels")
     args = ap.parse_args(argv)
     if not torch.cuda.is_available():
         print("bench/gpu_gemm.py needs a CUDA device", file=sys.stderr)
@@ -183,11 +185,11 @@ def main(argv=None) -> int:
     jobs = []
     for M in Ms:
         for name, (segs, K) in SHAPES.items():
-            for c in candidates(M, K):
+            for c in ([] if args.i8_only else candidates(M, K)):
                 jobs.append((name, M, cfg_dict(c)))
             for c in i8_candidates(M):
                 jobs.append((name, M, i8_dict(c)))
-            if M in OLD_DOT:
+            if M in OLD_DOT and not args.i8_only:
                 jobs.append((name, M, OLD_DOT[M]))
     t0 = time.time()
     n = max(1, min(args.workers, len(jobs)))
@@ -246,7 +248,7 @@ def main(argv=None) -> int:
                 if t8 is not None:
                     res[f"fp8_{tag}_us"] = round(t8, 2)
             olds = [("gemv", dict(w2a8.pick_config(1, R, K), MB=M))] if M <= 8 else []
-            if M in OLD_DOT:
+            if M in OLD_DOT and not args.i8_only:
                 olds.append(("dot", OLD_DOT[M]))
             for oname, cfg in olds:
                 try:
@@ -260,7 +262,7 @@ def main(argv=None) -> int:
             y_int = w2a8_linear(x_q, torch.ones_like(s), w, torch.ones_like(gam), segs, out_dtype=torch.float32)
             if not torch.equal(y_int, ref_int):
                 bad.append(f"tc_int_{tag}")
-            times = sweep(f"tc_{tag}", candidates(M, K), cfg_dict)
+            times = sweep(f"tc_{tag}", [] if args.i8_only else candidates(M, K), cfg_dict)
             if times:
                 c = min(times, key=times.get)
                 best[tag] = (c, round(times[c], 2))
