@@ -25,7 +25,9 @@ A second GEMM kernel, ``_i8_gemm_desc`` (config ``TMA=True``), loads both operan
 descriptors (TMA on Hopper: one bulk copy per tile and stage instead of per-thread ``cp.async``),
 computes the per-segment scales once per row (three ``gamma / s_x`` divisions a row instead of one
 per output element; the same correctly rounded values), and optionally runs persistent
-(``NPROG`` programs loop over the tiles, ``WS``: Triton's warp specialization of that loop).
+(``NPROG`` programs loop over the tiles, ``WS``: Triton's warp specialization of that loop; for
+sm_90 Triton 3.6 compiles it to the same kernel as without). It is bit-identical to the pointer
+kernel (tests) and has not been timed on a GPU yet, so no table entry selects it.
 
 Tests: ``tests/kernels/test_gemm_i8.py`` (interpreter on CPU, compiled on CUDA).
 """
