@@ -1,0 +1,56 @@
+"""``bench/gpu_breakdown.py`` rebuilds the runner's 9-kernel decode step to issue one kernel twice;
+without doubling it must be that step (else its marginal costs would time another step).
+
+CPU: a tiny fp32 model under ``TRITON_INTERPRET=1``; the bench itself needs CUDA.
+
+    python3 -m pytest -q tests/kernels/test_gpu_breakdown_bench.py
+"""
+
+import os
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+if not torch.cuda.is_available():
+    os.environ.setdefault("TRITON_INTERPRET", "1")
+pytest.importorskip("triton")
+
+from bitnet158.kernels.triton import common  # noqa: E402
+from bitnet158.kernels.triton.runner import TritonRunner  # noqa: E402
+from bitnet158.random_model import random_packed_model  # noqa: E402
+
+if not torch.cuda.is_available() and not common.INTERPRET:
+    pytest.skip("Triton kernels were imported before TRITON_INTERPRET=1 was set", allow_module_level=True)
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[2] / "bench"))
+import gpu_breakdown  # noqa: E402
+
+DEV = "cuda" if torch.cuda.is_available() else "cpu"
+
+
+@pytest.fixture(scope="module")
+def runner():
+    model = random_packed_model("tiny", seed=0, dtype=torch.float32, device=DEV)
+    r = TritonRunner(model, batch=1, max_len=64, graphs=False)
+    gen = torch.Generator(device=DEV).manual_seed(0)
+    for k, v in zip(r.k_cache, r.v_cache):
+        k.normal_(generator=gen)
+        v.normal_(generator=gen)
+    return r
+
+
+def _args():
+    return (torch.tensor([5], device=DEV), torch.tensor([10], dtype=torch.int32, device=DEV),
+            torch.tensor([0], dtype=torch.int32, device=DEV))
+
+
+def test_undoubled_step_is_the_runner_step(runner):
+    assert torch.equal(gpu_breakdown.step_doubling(runner, None)(*_args()), runner._decode_step(*_args()))
+
+
+def test_doubled_attention_keeps_the_logits(runner):
+    """The attention only writes its own outputs and this position's cache slot: issued twice, the
+    same logits (the doubled step does the step's work, once more)."""
+    assert torch.equal(gpu_breakdown.step_doubling(runner, "attn")(*_args()), runner._decode_step(*_args()))
