@@ -11,12 +11,18 @@ marginal cost, (step with it doubled - step) / layers, beside the sum of all of 
 ``nq_in`` (residual add + input RMSNorm + quant), ``qkv``, ``attn`` (partials + chunk merge +
 sub-norm + quant), ``o``, ``nq_post``, ``gu`` (gate|up), ``nq_gate`` (relu^2 gate + sub-norm +
 quant), ``down``; and the bf16 head, doubled once a step. Doubling a kernel that adds into the
-residual stream changes the numbers, not the work. Prints a table and one JSON line. Needs CUDA.
+residual stream changes the numbers, not the work.
+
+``--variants`` also times the step with launch parameters tuned on kernels alone changed inside
+the chain: norm + quant on 4 or 16 warps (default 8 at these widths), the M = 1 GEMVs with half or
+twice the rows a program or 8 warps, the decode attention with 128- or 256-slot chunks (fewer
+partial programs, fewer chunks to merge; default 64). Prints a table and one JSON line. Needs CUDA.
 """
 
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import os
 import sys
@@ -56,6 +62,48 @@ def step_doubling(r, kind: str | None):
     return step
 
 
+@contextlib.contextmanager
+def _setattr(obj, name, value):
+    old = getattr(obj, name)
+    setattr(obj, name, value)
+    try:
+        yield
+    finally:
+        setattr(obj, name, old)
+
+
+def _gemv(change):
+    """pick_config with ``change(cfg)`` applied to the M = 1 GEMV configs."""
+    from bitnet158.kernels.triton import w2a8
+    orig = w2a8.pick_config
+
+    def pick(M, R, K, *a, **kw):
+        cfg = orig(M, R, K, *a, **kw)
+        return change(dict(cfg)) if cfg["kind"] == "gemv" else cfg
+    return _setattr(w2a8, "pick_config", pick)
+
+
+def variant(r, name: str):
+    """A context in which runner ``r``'s step launches with variant ``name``'s parameters."""
+    from bitnet158.kernels.triton import attention, norm_quant
+    if name.startswith("nq_w"):
+        return _setattr(norm_quant, "_warps", lambda block, w=int(name[4:]): w)
+    if name == "gemv_br_half":
+        return _gemv(lambda c: dict(c, BR=max(1, c["BR"] // 2)))
+    if name == "gemv_br_double":
+        return _gemv(lambda c: dict(c, BR=c["BR"] * 2))
+    if name == "gemv_w8":
+        return _gemv(lambda c: dict(c, num_warps=8))
+    if name.startswith("attn_chunk"):
+        a = r.attn
+        return _setattr(r, "attn", attention.DecodeAttention(a.H, a.HKV, a.D, 1, r.max_len, r.device,
+                                                             chunk=int(name[10:])))
+    raise SystemExit(f"unknown variant {name!r}")
+
+
+VARIANTS = "nq_w4,nq_w16,gemv_br_half,gemv_br_double,gemv_w8,attn_chunk128,attn_chunk256"
+
+
 def step_ms(r, step, ctx: int, iters: int) -> float:
     tok = torch.randint(0, r.vocab_size, (1,), device="cuda")
     r.tok_buf[:1].copy_(tok)
@@ -73,6 +121,9 @@ def main(argv=None) -> int:
     ap.add_argument("--ctx", type=int, default=1024)
     ap.add_argument("--iters", type=int, default=200)
     ap.add_argument("--rounds", type=int, default=2, help="time the whole set this many times (noise)")
+    ap.add_argument("--variants", default="", help=f"launch-parameter variants of the step to time "
+                    f"(comma-separated; 'all': {VARIANTS})")
+    ap.add_argument("--no-doubling", action="store_true", help="only the step and its variants")
     args = ap.parse_args(argv)
     if not torch.cuda.is_available():
         print("bench/gpu_breakdown.py needs a CUDA device", file=sys.stderr)
@@ -90,12 +141,21 @@ def main(argv=None) -> int:
         base = step_ms(r, step_doubling(r, None), args.ctx, args.iters)
         res[f"step_ms_r{rnd}"] = round(base, 4)
         print(f"round {rnd}: step {base:.4f} ms", flush=True)
-        for kind in KINDS:
+        for kind in (() if args.no_doubling else KINDS):
             ms = step_ms(r, step_doubling(r, kind), args.ctx, args.iters)
             per = 1 if kind == "head" else n_layers
             res[f"{kind}_doubled_step_ms_r{rnd}"] = round(ms, 4)
             res[f"{kind}_marginal_us_r{rnd}"] = round((ms - base) * 1e3 / per, 2)
+        for name in [v for v in (VARIANTS if args.variants == "all" else args.variants).split(",") if v]:
+            with variant(r, name):
+                ms = step_ms(r, step_doubling(r, None), args.ctx, args.iters)
+            res[f"variant_{name}_step_ms_r{rnd}"] = round(ms, 4)
+            res[f"variant_{name}_vs_step_r{rnd}"] = round(ms / base, 3)
+            print(f"round {rnd}: {name:16s} {ms:.4f} ms ({ms / base:.3f}x the step)", flush=True)
         save()
+    if args.no_doubling:
+        print(json.dumps(res))
+        return 0
     print(f"{'kernel':10s} " + " ".join(f"{'round ' + str(i):>10s}" for i in range(args.rounds))
           + "   (marginal us a call; head: a step)")
     for kind in KINDS:
