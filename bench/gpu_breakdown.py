@@ -14,9 +14,11 @@ quant), ``down``; and the bf16 head, doubled once a step. Doubling a kernel that
 residual stream changes the numbers, not the work.
 
 ``--variants`` also times the step with launch parameters tuned on kernels alone changed inside
-the chain: norm + quant on 4 or 16 warps (default 8 at these widths), the M = 1 GEMVs with half or
-twice the rows a program or 8 warps, the decode attention with 128- or 256-slot chunks (fewer
-partial programs, fewer chunks to merge; default 64). Prints a table and one JSON line. Needs CUDA.
+the chain: the M = 1 GEMVs with their four fields and ``sum(x)`` in one cross-thread reduction and
+one store (``JOINT``: 4 barriers after the wait instead of 14-22 in the sm_90 PTX), with half or
+twice the rows a program or 8 warps; norm + quant on 4 or 16 warps (default 8 at these widths);
+the decode attention with 128- or 256-slot chunks (fewer partial programs, fewer chunks to merge;
+default 64). Prints a table and one JSON line. Needs CUDA.
 """
 
 from __future__ import annotations
@@ -94,6 +96,8 @@ def variant(r, name: str):
         return _gemv(lambda c: dict(c, BR=c["BR"] * 2))
     if name == "gemv_w8":
         return _gemv(lambda c: dict(c, num_warps=8))
+    if name == "gemv_joint":
+        return _gemv(lambda c: dict(c, JOINT=True))
     if name.startswith("attn_chunk"):
         a = r.attn
         return _setattr(r, "attn", attention.DecodeAttention(a.H, a.HKV, a.D, 1, r.max_len, r.device,
@@ -101,7 +105,7 @@ def variant(r, name: str):
     raise SystemExit(f"unknown variant {name!r}")
 
 
-VARIANTS = "nq_w4,nq_w16,gemv_br_half,gemv_br_double,gemv_w8,attn_chunk128,attn_chunk256"
+VARIANTS = "gemv_joint,nq_w4,nq_w16,gemv_br_half,gemv_br_double,gemv_w8,attn_chunk128,attn_chunk256"
 
 
 def step_ms(r, step, ctx: int, iters: int) -> float:

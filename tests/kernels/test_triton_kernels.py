@@ -39,6 +39,8 @@ CASES = [  # (M, segments (packed rows each), K, config or None); split-K cases 
     (3, (10, 2, 4), 68, None),
     (2, (5, 3), 68, dict(kind="gemv", BR=4, BK4=4, MB=1, num_warps=4)),     # K in 5 tiles
     (5, (16,), 132, dict(kind="gemv", BR=8, BK4=16, MB=2, num_warps=4)),    # 2 rows a program
+    (2, (5, 3, 2), 68, dict(kind="gemv", BR=4, BK4=4, MB=1, num_warps=4, JOINT=True)),  # one reduction, 5 K tiles
+    (3, (6,), 36, dict(kind="gemv", BR=2, BK4=16, MB=3, num_warps=4, JOINT=True)),      # rows masked, 3 a program
     (6, (4, 4), 100, dict(kind="dot", BM=16, BR=16, BK=32, SPLIT_K=3, num_warps=4, num_stages=2)),
     (20, (4, 2), 64, None),                                                  # dot, split-K
     (37, (3, 5, 9), 96, None),
@@ -230,6 +232,10 @@ def test_w2a8_2b4t_shapes_exact(M, segs, K):
     assert torch.equal(y_int.cpu().to(torch.int32), acc)
     y = w2a8.w2a8_linear(x_q.cuda(), s.cuda(), w.cuda(), g.cuda(), segs, out_dtype=torch.bfloat16)
     assert torch.equal(y.cpu(), ref)
+    if M <= w2a8.GEMV_MAX_M:   # the GEMV with its four fields in one reduction
+        y = w2a8.w2a8_linear(x_q.cuda(), s.cuda(), w.cuda(), g.cuda(), segs, out_dtype=torch.bfloat16,
+                             config=dict(w2a8.pick_config(M, sum(segs), K), JOINT=True))
+        assert torch.equal(y.cpu(), ref)
     if M > 8:   # the Triton tensor-core kernel too, whatever the default picks at this M
         cfg = w2a8.pick_config(min(M, 64), sum(segs), K) if M <= 64 else dict(
             kind="dot", BM=128, BR=64, BK=128, SPLIT_K=1, num_warps=8, num_stages=3)

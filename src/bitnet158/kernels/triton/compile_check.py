@@ -66,8 +66,10 @@ def main() -> int:
         cfg = w2a8.pick_config(M, R, K)
         cfg.pop("kind")
         nw = cfg.pop("num_warps")
-        comp(w2a8._gemv_dp4a, dict(x_ptr=P(i32), sx_ptr=P(f32), w_ptr=P(i32), g_ptr=P(f32), out_ptr=P(bf)),
-             dict(ITERS=triton.cdiv(K // 4, cfg["BK4"]), PDL=True, INTERP=False, **cfg), num_warps=nw)
+        for joint in (False, True):
+            comp(w2a8._gemv_dp4a, dict(x_ptr=P(i32), sx_ptr=P(f32), w_ptr=P(i32), g_ptr=P(f32), out_ptr=P(bf)),
+                 dict(ITERS=triton.cdiv(K // 4, cfg["BK4"]), PDL=True, INTERP=False, JOINT=joint, **cfg),
+                 num_warps=nw)
     tc_types = dict(x_ptr=P(i8), sx_ptr=P(f32), w_ptr=P("u8"), g_ptr=P(f32), out_ptr=P(bf), ws_ptr=P(i32),
                     cnt_ptr=P(i32))
     for M, R, K in ((8, 960, 2560), (64, 640, 6912), (64, 3456, 2560), (2048, 3456, 2560), (2048, 960, 2560)):
