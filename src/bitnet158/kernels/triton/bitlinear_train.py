@@ -29,7 +29,7 @@ import torch
 import triton
 import triton.language as tl
 
-from .common import INTERPRET, cast, rint
+from .common import INTERPRET, cast, grouped_tile, rint
 from .norm_quant import act_quant
 
 # (BM, BN, BK, warps, stages) for large M on Hopper; small M takes a narrower tile.
@@ -63,12 +63,7 @@ def _i8_gemm_scaled(x_ptr, w_ptr, sx_ptr, g_ptr, out_ptr, M, N, K, C1, C2,
     pid = tl.program_id(0)
     n_m = tl.cdiv(M, BM)
     n_n = tl.cdiv(N, BN)
-    width = GROUP_M * n_n                         # programs per group of GROUP_M row tiles
-    group = pid // width
-    first_m = group * GROUP_M
-    size_m = tl.minimum(n_m - first_m, GROUP_M)
-    pid_m = first_m + (pid % width) % size_m
-    pid_n = (pid % width) // size_m
+    pid_m, pid_n = grouped_tile(pid, n_m, n_n, GROUP_M)
     ms = pid_m * BM + tl.arange(0, BM)
     ns = pid_n * BN + tl.arange(0, BN)
     ks = tl.arange(0, BK)

@@ -102,3 +102,13 @@ def rint(y, INTERP: tl.constexpr):
         return (y + 12582912.0) - 12582912.0
     else:
         return libdevice.rint(y)
+
+
+@triton.jit
+def grouped_tile(t, n_m, n_n, GROUP_M: tl.constexpr):
+    """Tile index t -> (row tile, column tile) of an [n_m, n_n] tile grid, walked in groups of
+    ``GROUP_M`` row tiles so that consecutive programs share column (weight) tiles in L2."""
+    width = GROUP_M * n_n                         # tiles per group of GROUP_M row tiles
+    first_m = (t // width) * GROUP_M
+    size_m = tl.minimum(n_m - first_m, GROUP_M)
+    return first_m + (t % width) % size_m, (t % width) // size_m

@@ -41,7 +41,7 @@ import triton
 import triton.language as tl
 
 from .bitlinear_train import _i8_gemm_scaled
-from .common import INTERPRET, cast, cdiv
+from .common import INTERPRET, cast, cdiv, grouped_tile
 from .gemm_tc import _cols, m_bucket
 
 try:  # host-side TMA descriptors (Triton >= 3.4)
@@ -63,15 +63,6 @@ def _unpack_i8(w_ptr, out_ptr, K, R_total, P1, P2, BR: tl.constexpr, BK: tl.cons
         cols, _ = _cols(rows, j, P1, P2, R_total, r0, BR, False)
         v = ((w >> (2 * j)) & 3).to(tl.int8) - 1
         tl.store(out_ptr + cols[:, None] * K + ks[None, :], v, mask=mask)
-
-
-@triton.jit
-def _tile_mn(t, n_m, n_n, GROUP_M: tl.constexpr):
-    """Tile index -> (row tile, column tile), ``GROUP_M`` row tiles a group (L2 reuse of weights)."""
-    width = GROUP_M * n_n
-    first_m = (t // width) * GROUP_M
-    size_m = tl.minimum(n_m - first_m, GROUP_M)
-    return first_m + (t % width) % size_m, (t % width) // size_m
 
 
 @triton.jit
@@ -126,25 +117,21 @@ def _i8_gemm_desc(x_desc, w_desc, sx_ptr, g_ptr, out_ptr, M, N, K, C1, C2, strid
     n_m = tl.cdiv(M, BM)
     n_n = tl.cdiv(N, BN)
     if NPROG == 0:
-        pid_m, pid_n = _tile_mn(tl.program_id(0), n_m, n_n, GROUP_M)
+        pid_m, pid_n = grouped_tile(tl.program_id(0), n_m, n_n, GROUP_M)
         acc = _k_loop(x_desc, w_desc, pid_m, pid_n, K, BM, BN, BK, K_ITERS, INTERP)
         _scaled_store(acc, pid_m, pid_n, sx_ptr, g_ptr, out_ptr, M, N, C1, C2, stride_om, BM, BN, INTERP)
     elif INTERP:
         for i in range(0, (TILES + NPROG - 1) // NPROG):
             t = tl.program_id(0) + i * NPROG
             if t < TILES:
-                pid_m, pid_n = _tile_mn(t, n_m, n_n, GROUP_M)
+                pid_m, pid_n = grouped_tile(t, n_m, n_n, GROUP_M)
                 acc = _k_loop(x_desc, w_desc, pid_m, pid_n, K, BM, BN, BK, K_ITERS, INTERP)
                 _scaled_store(acc, pid_m, pid_n, sx_ptr, g_ptr, out_ptr, M, N, C1, C2, stride_om, BM, BN,
                               INTERP)
     else:
         for t in tl.range(tl.program_id(0), n_m * n_n, NPROG, flatten=True, warp_specialize=WS):
-            pid_m, pid_n = _tile_mn(t, n_m, n_n, GROUP_M)
-            acc = tl.zeros((BM, BN), tl.int32)
-            for ki in range(0, tl.cdiv(K, BK)):
-                x = x_desc.load([pid_m * BM, ki * BK])
-                w = w_desc.load([pid_n * BN, ki * BK])
-                acc = tl.dot(x, w.T, acc, out_dtype=tl.int32)
+            pid_m, pid_n = grouped_tile(t, n_m, n_n, GROUP_M)
+            acc = _k_loop(x_desc, w_desc, pid_m, pid_n, K, BM, BN, BK, K_ITERS, INTERP)
             _scaled_store(acc, pid_m, pid_n, sx_ptr, g_ptr, out_ptr, M, N, C1, C2, stride_om, BM, BN, INTERP)
 
 # ---------------------------------------------------------------- host side

@@ -36,7 +36,7 @@ import torch
 import triton
 import triton.language as tl
 
-from .common import INTERPRET, PDL, cast, cdiv, gdc_launch_dependents, gdc_wait, next_pow2
+from .common import INTERPRET, PDL, cast, cdiv, gdc_launch_dependents, gdc_wait, grouped_tile, next_pow2
 from .gemm_i8 import i8_config, i8_linear, unpack_i8
 from .gemm_tc import tc_config, tc_linear
 
@@ -56,8 +56,9 @@ def _dp4a(a, b, c, INTERP: tl.constexpr):
 
 
 @triton.jit
-def _out_cols(rows, k: tl.constexpr, P1, P2, R_total):
-    """Output column of field k of packed rows ``rows`` in a weight of up to 3 segments."""
+def _out_cols(rows, k, P1, P2, R_total):
+    """Output column of field k (an int, or a tensor broadcasting with ``rows``) of packed rows
+    ``rows`` in a weight of up to 3 segments, and the segment index."""
     seg = (rows >= P1).to(tl.int32) + (rows >= P2).to(tl.int32)
     p0 = tl.where(seg == 0, 0, tl.where(seg == 1, P1, P2))
     p1 = tl.where(seg == 0, P1, tl.where(seg == 1, P2, R_total))
@@ -150,10 +151,7 @@ def _epilogue_joint(acc, m, rows, M, P1, P2, R_total, sx_ptr, g_ptr, out_ptr, st
     in one store (the same values as ``_epilogue``, field by field)."""
     r3 = rows[:, None, None]                                                        # [BR, 1, 1]
     k3 = tl.arange(0, 2)[None, :, None] + 2 * tl.arange(0, 2)[None, None, :]        # [1, 2, 2]
-    seg = (r3 >= P1).to(tl.int32) + (r3 >= P2).to(tl.int32)
-    p0 = tl.where(seg == 0, 0, tl.where(seg == 1, P1, P2))
-    p1 = tl.where(seg == 0, P1, tl.where(seg == 1, P2, R_total))
-    cols = 4 * p0 + k3 * (p1 - p0) + (r3 - p0)                                      # [BR, 2, 2]
+    cols, seg = _out_cols(r3, k3, P1, P2, R_total)                          # [BR, 2, 2], [BR, 1, 1]
     mvalid = m < M
     gamma = tl.load(g_ptr + seg)                                                    # fp32 [BR, 1, 1]
     sx = tl.load(sx_ptr + m, mask=mvalid, other=1.0)                                # fp32
@@ -240,13 +238,7 @@ def _gemm_dot(x_ptr, sx_ptr, w_ptr, g_ptr, out_ptr, ws_ptr, cnt_ptr,
     pid_k = tl.program_id(1)
     n_r = tl.cdiv(R_total, BR)
     n_m = tl.cdiv(M, BM)
-    # grouped ordering: consecutive programs share weight tiles while M is large
-    width = GROUP_M * n_r
-    group = pid // width
-    first_m = group * GROUP_M
-    gsize = tl.minimum(n_m - first_m, GROUP_M)
-    pid_m = first_m + (pid % width) % gsize
-    pid_r = (pid % width) // gsize
+    pid_m, pid_r = grouped_tile(pid, n_m, n_r, GROUP_M)     # consecutive programs share weight tiles
     ms = pid_m * BM + tl.arange(0, BM)
     rows = pid_r * BR + tl.arange(0, BR)
     acc0 = tl.zeros((BM, BR), tl.int32)
