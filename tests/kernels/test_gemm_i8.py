@@ -109,6 +109,11 @@ def test_descriptor_kernel_needs_aligned_rows(monkeypatch):
     _check(5, (4,), 36, _i8(T, T, 32, tma=True))
 
 
+def test_i8_dict_rejects_a_malformed_entry():
+    with pytest.raises(ValueError, match="7 fields"):
+        gemm_i8.i8_dict((128, 256, 128, 8, 8, 3, 1))
+
+
 def test_i8_dict_fields():
     assert gemm_i8.i8_dict((128, 256, 128, 8, 8, 3)) == _i8(128, 256, 128, 8, 8, 3)
     assert gemm_i8.i8_dict((128, 256, 128, 8, 8, 3, 1, -1, 0)) == _i8(128, 256, 128, 8, 8, 3, tma=True, nprog=-1)

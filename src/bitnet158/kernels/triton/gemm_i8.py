@@ -153,6 +153,9 @@ def i8_config(M: int, N: int, K: int) -> dict:
 
 def i8_dict(t) -> dict:
     """(BM, BN, BK, GROUP_M, num_warps, num_stages[, TMA, NPROG, WS]) -> a ``kind="i8"`` config."""
+    if len(t) not in (6, 9):
+        raise ValueError(f"gemm_i8: block-shape entry {tuple(t)} has {len(t)} fields; expected 6 (BM, BN, BK, "
+                         f"GROUP_M, num_warps, num_stages) or 9 (those + TMA, NPROG, WS)")
     bm, bn, bk, gm, nw, ns = t[:6]
     cfg = dict(kind="i8", BM=bm, BN=bn, BK=bk, GROUP_M=gm, num_warps=nw, num_stages=ns)
     if len(t) > 6:
