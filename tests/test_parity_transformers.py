@@ -264,10 +264,12 @@ def test_cached_decode_matches_reference_every_position(folders, cfg_name):
     cached_first = _first_flips(dec_in, full_in, *t.shape)
     assert sum(cached_first) >= 0.5 * t.numel(), f"activation flips too early to compare: {cached_first}"
     for r, p in enumerate(cached_first):
-        assert (dec[r, :p] - full[r, :p]).abs().max().item() <= FP32_TOL
+        if p:
+            assert (dec[r, :p] - full[r, :p]).abs().max().item() <= FP32_TOL
     for r, p in enumerate(first):
         p = min(p, cached_first[r])
-        assert (dec[r, :p] - ref[r, :p]).abs().max().item() <= FP32_TOL
+        if p:
+            assert (dec[r, :p] - ref[r, :p]).abs().max().item() <= FP32_TOL
 
 
 @pytest.mark.parametrize("layout", LAYOUTS)
