@@ -77,11 +77,6 @@ def i8_candidates(M: int) -> list[tuple]:
     return out
 
 
-def i8_dict(c: tuple) -> dict:
-    from bitnet158.kernels.triton.gemm_i8 import i8_dict as to_cfg
-    return to_cfg(c)
-
-
 def fp8_us(M: int, N: int, K: int, calls: int) -> float | None:
     """cuBLAS fp8 (e4m3) ``_scaled_mm`` at this shape: what 8-bit tensor cores give through the
     vendor library (a ceiling for the int8 kernels; not usable for int8 activations)."""
@@ -179,6 +174,7 @@ def main(argv=None) -> int:
         print("bench/gpu_gemm.py needs a CUDA device", file=sys.stderr)
         return 2
     from bitnet158.kernels.triton import gemm_i8, gemm_tc, w2a8
+    from bitnet158.kernels.triton.gemm_i8 import i8_dict
     from bitnet158.kernels.triton.w2a8 import w2a8_linear
     Ms = [int(m) for m in args.ms.split(",")]
     res: dict = {"device": torch.cuda.get_device_name()}
