@@ -102,7 +102,9 @@ def test_padded_prefill_matches_unpadded(dtype, reference_kernels):
         a = plain._prefill(toks, pos, r, fresh, int(pos.max()) + 1)
         bufs = padded._prefill_bufs(B, Tp)
         padded._pad_inputs(toks, start, r, bufs)
-        b = padded._prefill_padded(bufs, fresh, Lp)
+        out = torch.full((B, m.config.vocab_size), float("nan"), device=dev)    # a graph's logits buffer
+        b = padded._prefill_padded(bufs, fresh, Lp, out)
+        assert b.data_ptr() == out.data_ptr()
         torch.testing.assert_close(b, a, **tol)
         for ka, kb in zip(plain.k_cache + plain.v_cache, padded.k_cache + padded.v_cache):
             for row in range(B):
@@ -265,7 +267,7 @@ def test_cuda_prefill_graphs(reference_kernels, monkeypatch):
     logits (and the decode's after it) for lengths that share a graph and lengths that do not,
     from position 0 and continuing from a cached prefix, rows given or not (fp32: the padded
     attention rows are longer, so their sums may round differently); the least recently used
-    graph is dropped past PREFILL_GRAPHS."""
+    graph is dropped past PREFILL_GRAPHS; all graphs share one logits buffer."""
     from bitnet158.kernels.triton import runner as runner_mod
     monkeypatch.setattr(runner_mod, "PREFILL_GRAPHS", 2)
     monkeypatch.setattr(runner_mod, "PREFILL_SPAN", 128)       # the tiny model's cache holds 256
@@ -291,6 +293,10 @@ def test_cuda_prefill_graphs(reference_kernels, monkeypatch):
         torch.testing.assert_close(tr.decode(nt, p, rows), eager.decode(nt, p, rows), rtol=1e-4, atol=1e-4,
                                    msg=f"decode {(B, s0, T)}")
     assert list(tr._prefill_graphs) == [(1, 64, 128, False), (2, 64, 64, True)]
+    # every kept graph, prefill or decode, writes its logits into the one shared buffer
+    assert {e[1].data_ptr() for e in tr._prefill_graphs.values()} == {tr._graph_out.data_ptr()}
+    assert sorted(tr._graphs) == [1, 2]
+    assert {e[1].data_ptr() for e in tr._graphs.values()} == {tr._graph_out.data_ptr()}
 
 
 @pytest.mark.cuda

@@ -359,15 +359,16 @@ class PersistentStep:
                 r.attn.pml, r.attn.gcnt, self.bar[i:], P["qkv"], P["o"], P["gu"], P["down"], r.D ** -0.5, r.eps,
                 **self._consts(has_d, first, last), **_pdl)
 
-    def __call__(self, tok: torch.Tensor, pos: torch.Tensor, rows: torch.Tensor) -> torch.Tensor:
-        """tok long [1], pos / rows int32 [1] (device buffers) -> float32 logits [1, V]."""
+    def __call__(self, tok: torch.Tensor, pos: torch.Tensor, rows: torch.Tensor, out=None) -> torch.Tensor:
+        """tok long [1], pos / rows int32 [1] (device buffers) -> float32 logits [1, V] (in ``out``
+        when given)."""
         r = self.r
         x0 = r.x_buf[0]
         self.x1.copy_(torch.nn.functional.embedding(tok, r.embed)[0])
         for i in range(len(r.layers)):
             self.layer(i, x0, rows, pos, has_d=i > 0)
         self.bar.zero_()
-        return r._head(r.x_buf[:1], self.d[None])
+        return r._head(r.x_buf[:1], self.d[None], out)
 
 
 __all__ = ["PersistentStep", "DEFAULT_CONFIG"]

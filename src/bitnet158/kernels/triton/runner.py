@@ -187,7 +187,8 @@ class TritonRunner:
         self.prefill_graphs = self.graphs and PREFILL_GRAPHS_DEFAULT
         self._prefill_graphs: OrderedDict = OrderedDict()
         self._prefill_seen: set = set()
-        self._pool = None
+        self._pool = None                # memory pool of every captured graph (_graph_memory)
+        self._graph_out = None           # [batch, V] float32 logits of every captured graph
 
     # ------------------------------------------------------------------ helpers
     def reset(self) -> None:
@@ -225,11 +226,24 @@ class TritonRunner:
             return norm_quant(x, w, self.eps, **kw)
         return (norm_quant(x, w, self.eps, quant=False, **kw), None)
 
-    def _head(self, x, delta):
+    def _head(self, x, delta, out=None):
+        """Final norm + head -> float32 logits [n, V], written into ``out`` when given."""
         y = norm_quant(x, self.final_norm, self.eps, residual=delta, h_out=x, quant=False)
         if self.head_q is not None:
-            return int8_head(y, self.head_q, self.head_s)
-        return F.linear(y.to(self.head.dtype), self.head).float()
+            return int8_head(y, self.head_q, self.head_s, out=out)
+        logits = F.linear(y.to(self.head.dtype), self.head)
+        return logits.float() if out is None else out.copy_(logits)
+
+    def _graph_memory(self):
+        """(pool, logits buffer) shared by every captured graph: they replay one at a time, each
+        writes its intermediates before reading them, and each caller copies its logits rows out,
+        so a graph per batch size or prompt shape adds no memory of its own (a [n, V] output each
+        would be 33 MB at 64 rows of 2B4T)."""
+        if self._pool is None:
+            self._pool = torch.cuda.graph_pool_handle()
+            self._graph_out = torch.empty((self.batch, self.head.shape[0]), dtype=torch.float32,
+                                          device=self.device)
+        return self._pool, self._graph_out
 
     # ------------------------------------------------------------------ decode
     def _step_kind(self, n: int) -> str:
@@ -246,7 +260,7 @@ class TritonRunner:
         return decode_layer.fused_linear(a, norm_w, lin.packed, lin.gammas, lin.segs, self.eps,
                                          style=self.fused_style, **kw)
 
-    def _decode_step_fused(self, tok, pos, rows):
+    def _decode_step_fused(self, tok, pos, rows, out=None):
         """5 kernels a layer: QKV(x + d) -> attention -> O(sub-norm) -> gate|up(x + d) -> down(relu^2).
 
         The residual stream ping-pongs between two buffers (a program never writes the row other
@@ -277,9 +291,9 @@ class TritonRunner:
                 gu = self._fl(L["gu"], bufs[cur], L["post_norm"], mode=1, d=d, h_out=bufs[1 - cur])
                 cur = 1 - cur
             d = self._fl(L["down"], gu, L["ffn_norm"], mode=2)
-        return self._head(bufs[cur], d)
+        return self._head(bufs[cur], d, out)
 
-    def _decode_step_tail(self, tok, pos, rows):
+    def _decode_step_tail(self, tok, pos, rows, out=None):
         """5 kernels a layer: QKV -> attention (+ attn_sub_norm, quant) -> O (+ x += d, norm, quant)
         -> gate|up (+ relu^2 gate, ffn_sub_norm, quant) -> down (+ x += d, next input_layernorm,
         quant): each norm + quant runs in the last program of the kernel before it."""
@@ -304,20 +318,21 @@ class TritonRunner:
                                style=st["down"])
             else:
                 d = tail(q, s, L["down"], style=st["down"])
-        return self._head(x, d)
+        return self._head(x, d, out)
 
-    def _decode_step(self, tok, pos, rows):
-        """tok long [n], pos int32 [n], rows int32 [n] (device buffers) -> float32 logits [n, V]."""
+    def _decode_step(self, tok, pos, rows, out=None):
+        """tok long [n], pos int32 [n], rows int32 [n] (device buffers) -> float32 logits [n, V]
+        (in ``out`` when given)."""
         n = tok.shape[0]
         kind = self._step_kind(n)
         if kind == "prologue":
-            return self._decode_step_fused(tok, pos, rows)
+            return self._decode_step_fused(tok, pos, rows, out)
         if kind == "tail":
-            return self._decode_step_tail(tok, pos, rows)
+            return self._decode_step_tail(tok, pos, rows, out)
         if kind == "persistent":
             if self._persistent is None:
                 self._persistent = decode_persistent.PersistentStep(self)
-            return self._persistent(tok, pos, rows)
+            return self._persistent(tok, pos, rows, out)
         x = self.x_buf[:n]
         x.copy_(F.embedding(tok, self.embed))
         delta = None
@@ -335,7 +350,7 @@ class TritonRunner:
             gu = self._lin(L["gu"], q, s)
             q, s = self._nq(gu, L["ffn_norm"], gated=True)
             delta = self._lin(L["down"], q, s)
-        return self._head(x, delta)
+        return self._head(x, delta, out)
 
     @torch.inference_mode()
     def decode(self, tokens: torch.Tensor, pos: torch.Tensor, rows: torch.Tensor | None = None) -> torch.Tensor:
@@ -350,7 +365,8 @@ class TritonRunner:
         if not self.graphs:
             return self._decode_step(*args)
         if n not in self._graphs:
-            self._graphs[n] = self._capture(args)
+            pool, out = self._graph_memory()
+            self._graphs[n] = self._capture(args + (out[:n],), pool=pool)
         g, out = self._graphs[n]
         g.replay()
         return out.clone()
@@ -427,8 +443,8 @@ class TritonRunner:
                     rows=torch.zeros(B, dtype=torch.long, device=dev),
                     last=torch.zeros(B, dtype=torch.long, device=dev))
 
-    def _prefill_padded(self, bufs, fresh: bool, Lp: int) -> torch.Tensor:
-        return self._prefill(bufs["tok"], bufs["pos"], bufs["rows"], fresh, Lp, last=bufs["last"])
+    def _prefill_padded(self, bufs, fresh: bool, Lp: int, out=None) -> torch.Tensor:
+        return self._prefill(bufs["tok"], bufs["pos"], bufs["rows"], fresh, Lp, last=bufs["last"], out=out)
 
     def _prefill_graph(self, tokens, start, s_max: int, r, fresh: bool) -> torch.Tensor | None:
         """A prompt chunk [B, T] at consecutive positions from ``start`` [B] (the largest:
@@ -444,9 +460,8 @@ class TritonRunner:
                 return None
             bufs = self._prefill_bufs(B, Tp)
             self._pad_inputs(tokens, start, r, bufs)
-            if self._pool is None:
-                self._pool = torch.cuda.graph_pool_handle()
-            g, out = self._capture((bufs, fresh, Lp), self._prefill_padded, pool=self._pool)
+            pool, out = self._graph_memory()
+            g, out = self._capture((bufs, fresh, Lp, out[:B]), self._prefill_padded, pool=pool)
             entry = self._prefill_graphs[key] = (g, out, bufs)
             while len(self._prefill_graphs) > PREFILL_GRAPHS:
                 self._prefill_graphs.popitem(last=False)
@@ -457,11 +472,11 @@ class TritonRunner:
         return entry[1].clone()
 
     @torch.inference_mode()
-    def _prefill(self, tokens, pos, r, fresh: bool, L_: int, last=None) -> torch.Tensor:
+    def _prefill(self, tokens, pos, r, fresh: bool, L_: int, last=None, out=None) -> torch.Tensor:
         """The prefill's device work, without host synchronization (a CUDA graph can capture it):
         tokens, pos long [B, T], r long [B] cache rows, L_: cache slots a continuing chunk's
         attention reads (at least the last real position + 1); ``last`` long [B]: the flat index
-        (b * T + t) whose logits each row returns (default: t = T - 1)."""
+        (b * T + t) whose logits each row returns (default: t = T - 1), into ``out`` when given."""
         B, T = tokens.shape
         H, HKV, D = self.H, self.HKV, self.D
         x = F.embedding(tokens, self.embed).reshape(B * T, -1).contiguous()
@@ -497,7 +512,7 @@ class TritonRunner:
             delta = self._lin(Ly["down"], q, s)
         if last is None:
             last = torch.arange(B, device=self.device) * T + (T - 1)
-        return self._head(x[last].contiguous(), delta[last].contiguous())
+        return self._head(x[last].contiguous(), delta[last].contiguous(), out)
 
     # ------------------------------------------------------------------ sizes
     def weight_bytes(self) -> dict:
