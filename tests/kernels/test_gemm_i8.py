@@ -162,3 +162,12 @@ def test_gemm_i8_2b4t_shapes(M, segs, K, cfg):
     y_tc = w2a8.w2a8_linear(x_q.cuda(), s.cuda(), w.cuda(), g.cuda(), segs,
                             config=gemm_tc.tc_config(M, sum(segs), K))
     assert torch.equal(y, y_tc)
+
+
+def test_persistent_config_fits_shared_memory():
+    """The table's persistent gate|up tile fits with a bf16 output and not with fp32 (the sm_90
+    compile needs 278552 bytes of 232448): an fp32 output runs it one tile a program."""
+    cfg = gemm_i8.i8_config(2048, 13824, 2560)
+    assert cfg["NPROG"] == -1
+    assert gemm_i8.persistent_fits(cfg, 2)
+    assert not gemm_i8.persistent_fits(cfg, 4)

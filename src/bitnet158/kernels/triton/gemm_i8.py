@@ -136,10 +136,17 @@ def _i8_gemm_desc(x_desc, w_desc, sx_ptr, g_ptr, out_ptr, M, N, K, C1, C2, strid
 
 # ---------------------------------------------------------------- host side
 
-# Block shapes (BM, BN, BK, GROUP_M, num_warps, num_stages) by (M bucket, N, K), to be filled from
-# ``bench/gpu_gemm.py`` (its ``i8_tuned``) on an H100; ``i8_config`` falls back to DEFAULT, not yet
-# timed on this path.
-TUNED: dict = {}
+# Block shapes (BM, BN, BK, GROUP_M, num_warps, num_stages, TMA, NPROG, WS) by (M bucket, N, K):
+# the fastest of ``bench/gpu_gemm.py --ms 2048 --i8-only`` on an H100 (2026-12-07), all descriptor
+# kernels; us with the unpack / bf16 cuBLAS / fp8 cuBLAS: q|k|v 45.7 / 55.1 / 33.7, o 37.8 / 36.7 /
+# 21.7, gate|up 155.3 / 189.2 / 110.0 (persistent), down 85.6 / 90.5 / 51.3. Other shapes fall back
+# to DEFAULT.
+TUNED: dict = {
+    (2048, 3840, 2560): (128, 256, 128, 16, 8, 3, True, 0, False),
+    (2048, 2560, 2560): (128, 128, 256, 8, 8, 3, True, 0, False),
+    (2048, 13824, 2560): (128, 256, 128, 8, 8, 3, True, -1, False),
+    (2048, 2560, 6912): (128, 128, 256, 8, 8, 3, True, 0, False),
+}
 DEFAULT = (128, 128, 128, 8, 8, 4)       # the training GEMM's large-M tile (bitlinear_train)
 
 
@@ -183,12 +190,26 @@ def _descriptor_ok(t: torch.Tensor) -> bool:
     return TensorDescriptor is not None and t.stride(1) == 1 and t.stride(0) % 16 == 0 and t.data_ptr() % 16 == 0
 
 
+# shared memory a block may use on sm_90 (227 KB)
+SMEM_LIMIT = 232448
+
+
+def persistent_fits(cfg: dict, out_bytes: int) -> bool:
+    """Whether a persistent descriptor kernel fits in shared memory: its loop keeps the
+    ``num_stages`` operand buffers while the epilogue converts the [BM, BN] tile's layout through
+    shared memory (a one-tile program reuses the buffers). The 2B4T gate|up tile (128 x 256, BK 128,
+    3 stages) needs 212 KB with a bf16 output and 272 KB with fp32 (sm_90 compile: 278552 bytes)."""
+    ops = cfg["num_stages"] * (cfg["BM"] + cfg["BN"]) * cfg["BK"]
+    return ops + cfg["BM"] * cfg["BN"] * out_bytes <= SMEM_LIMIT
+
+
 def i8_linear(x_q, s_x, w, gammas, P1: int, P2: int, out, cfg: dict):
     """out [M, 4R] = (x_q [M, K] @ W_t^T) * gamma_seg / s_x via a transient int8 weight matrix.
 
     ``cfg``: BM, BN, BK, GROUP_M, num_warps, num_stages; optional ``TMA`` (the descriptor kernel,
     where the rows are 16-byte aligned), ``NPROG`` (persistent programs; -1: one an SM) and ``WS``
-    (warp specialization of the persistent loop)."""
+    (warp specialization of the persistent loop); a persistent configuration that would not fit in
+    shared memory with this output dtype (``persistent_fits``) runs one tile a program."""
     M, K = x_q.shape
     N = 4 * w.shape[0]
     cfg = dict(cfg)
@@ -200,6 +221,8 @@ def i8_linear(x_q, s_x, w, gammas, P1: int, P2: int, out, cfg: dict):
     if tma and _descriptor_ok(x_q) and _descriptor_ok(w8):
         if nprog == -1:
             nprog = _sm_count(x_q.device) if x_q.is_cuda else 2
+        if nprog and not persistent_fits(cfg, out.element_size()):
+            nprog = 0
         nprog = min(nprog, tiles)
         xd = TensorDescriptor.from_tensor(x_q, [cfg["BM"], cfg["BK"]])
         wd = TensorDescriptor.from_tensor(w8, [cfg["BN"], cfg["BK"]])
@@ -212,4 +235,4 @@ def i8_linear(x_q, s_x, w, gammas, P1: int, P2: int, out, cfg: dict):
     return out
 
 
-__all__ = ["DEFAULT", "TUNED", "i8_config", "i8_dict", "i8_linear", "unpack_i8"]
+__all__ = ["DEFAULT", "TUNED", "i8_config", "i8_dict", "i8_linear", "persistent_fits", "unpack_i8"]
