@@ -41,6 +41,7 @@ CASES = [  # (M, segments (packed rows each), K, config or None); split-K cases 
     (5, (16,), 132, dict(kind="gemv", BR=8, BK4=16, MB=2, num_warps=4)),    # 2 rows a program
     (2, (5, 3, 2), 68, dict(kind="gemv", BR=4, BK4=4, MB=1, num_warps=4, JOINT=True)),  # one reduction, 5 K tiles
     (3, (6,), 36, dict(kind="gemv", BR=2, BK4=16, MB=3, num_warps=4, JOINT=True)),      # rows masked, 3 a program
+    (1, (7, 2), 68, dict(kind="gemv", BR=1, BK4=4, MB=1, num_warps=8, JOINT=True)),     # one row a program
     (6, (4, 4), 100, dict(kind="dot", BM=16, BR=16, BK=32, SPLIT_K=3, num_warps=4, num_stages=2)),
     (20, (4, 2), 64, None),                                                  # dot, split-K
     (37, (3, 5, 9), 96, None),

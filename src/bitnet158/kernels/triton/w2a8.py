@@ -13,10 +13,10 @@ Two kernels, one epilogue (``y = acc * (gamma_s / s_x)``, exactly the reference'
   once, and one ``dp4a`` multiplies them with 4 int8 activations: ``x . w = x . u - sum(x)``, 3 ALU
   ops per packed byte instead of ~16 for byte-wise unpacking. A program holds the whole K of its
   rows in one tile, loaded before it waits on the previous kernel (programmatic dependent launch).
-  Config ``JOINT=True`` (off until timed on a GPU): each lane starts its ``dp4a`` from minus its own
-  activation sum, the four fields are summed in one cross-thread reduction of a ``[BR, K, 2, 2]``
-  join and stored in one epilogue, which leaves 4 barriers after the wait instead of 14-22 (sm_90
-  PTX of the 2B4T GEMVs); bit-identical results.
+  ``JOINT`` (``GEMV_JOINT``, on): each lane starts its ``dp4a`` from minus its own activation sum,
+  the four fields are summed in one cross-thread reduction of a ``[BR, K, 2, 2]`` join and stored
+  in one epilogue, which leaves 4 barriers after the wait instead of 14-22 (sm_90 PTX of the 2B4T
+  GEMVs); bit-identical results, and the batch-1 step 2-3.5 % faster on an H100 (below).
 - ``_gemm_dot``: prefill and batched decode. Unpacks each ``[BK, BR]`` byte tile into four int8
   code tiles and runs ``tl.dot`` int8 x int8 -> int32 on the tensor cores (M padded to 16). It can
   split K over ``SPLIT_K`` programs: partial int32 sums go atomically into a workspace; the last
@@ -25,7 +25,7 @@ Two kernels, one epilogue (``y = acc * (gamma_s / s_x)``, exactly the reference'
 
 Integer results are exact. :mod:`.gemm_i8` (transient int8 unpack + shared-memory int8 GEMM) serves
 prefill from ``I8_MIN_M`` rows; ``unpack_i8`` + ``torch._int_mm`` + ``_scale_rows`` is an optional
-large-M path on cuBLAS int8 (both off by default, see ``I8_MIN_M`` and ``INTMM_MIN_M``).
+large-M path on cuBLAS int8 (off by default, see ``INTMM_MIN_M``).
 
 Run the tests: ``TRITON_INTERPRET=1 pytest tests/kernels/test_triton_kernels.py`` (CPU) or on a GPU.
 """
@@ -302,10 +302,16 @@ def _intmm_linear(x_q, s_x, w, gammas, P1, P2, out):
 # default: on an H100 a 2048-token prefill took 52 ms this way against 40 ms with the Triton kernel.
 INTMM_MIN_M = 1 << 62
 # From this many activation rows on (prefill), :mod:`.gemm_i8`: weights unpacked into a transient
-# int8 matrix, then an int8 GEMM with both operands in shared memory. Off: on an H100 it took
-# 144 / 417 us of projections a layer at 512 / 2048 rows against the tensor-core kernel's 138 / 377
-# (``bench/gpu_gemm.py --ms 512,2048``; ``bench/gpu.py --i8-min-m`` runs the engine with it).
-I8_MIN_M = 1 << 62
+# int8 matrix, then the descriptor (TMA) int8 GEMM with both operands in shared memory. From 513
+# rows, where its table (``gemm_i8.TUNED``, tuned at 2048 rows) applies: on an H100 (2026-12-07) a
+# 2048-token prefill took 14.1 ms of GPU time this way against 15.6 ms on the tensor-core kernel and
+# 15.5 ms for bf16 cuBLAS (``bench/gpu.py --i8-min-m``). The pointer kernel it replaces lost to the
+# tensor-core kernel at 512 and 2048 rows (144 / 417 us of projections a layer against 138 / 377).
+I8_MIN_M = 513
+# the dp4a GEMV's one-reduction epilogue: H100 (2026-12-07, bench/gpu_breakdown.py --variants
+# gemv_joint, two rounds in one run) batch-1 step at ctx 1024 1.179 / 1.175 ms against 1.204 /
+# 1.219 without
+GEMV_JOINT = True
 GEMV_MAX_M = 4      # up to this many rows the dp4a GEMV (weights read once, rows looped); from 5
                     # rows on the tensor-core kernel: batch-8 decode on an H100 took 2.26 ms/step
                     # that way against 4.67 ms with the GEMV (bench/gpu.py, decode_b8_w2a8_tc_ms)
@@ -346,11 +352,15 @@ def pick_config(M: int, R: int, K: int, n_sm: int = 132) -> dict:
         return i8_config(M, 4 * R, K)
     if M <= GEMV_MAX_M:
         bk4 = min(next_pow2(max(K // 4, 1)), 2048)
-        if bk4 >= 2048:          # K = 6912 (down): 2 rows a program, 8 warps (3.0 us on an H100)
-            br, nw = 2, 8
-        else:                    # K = 2560: 4 rows while that still fills the SMs, else 8
-            br, nw = (4 if R <= 1024 else 8), 4
-        return dict(kind="gemv", BR=br, BK4=bk4, MB=M, num_warps=nw)
+        # rows a program: half of what was fastest for the GEMVs alone (down 2, others 4 / 8),
+        # because inside the batch-1 step more, smaller programs overlap the previous kernel's
+        # tail better: H100 (2026-12-07, bench/gpu_breakdown.py --variants gemv_br_half) 1.157 /
+        # 1.158 ms a step at ctx 1024 against 1.179 / 1.180
+        if bk4 >= 2048:          # K = 6912 (down): 1 row a program, 8 warps
+            br, nw = 1, 8
+        else:                    # K = 2560: 2 rows while that still fills the SMs, else 4
+            br, nw = (2 if R <= 1024 else 4), 4
+        return dict(kind="gemv", BR=br, BK4=bk4, MB=M, num_warps=nw, JOINT=GEMV_JOINT)
     return tc_config(M, R, K, n_sm)
 
 
