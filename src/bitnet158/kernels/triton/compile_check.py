@@ -65,6 +65,7 @@ def main() -> int:
     for M, R, K in ((1, 960, 2560), (1, 3456, 2560), (1, 640, 6912), (w2a8.GEMV_MAX_M, 640, 6912)):
         cfg = w2a8.pick_config(M, R, K)
         cfg.pop("kind")
+        cfg.pop("JOINT")
         nw = cfg.pop("num_warps")
         for joint in (False, True):
             comp(w2a8._gemv_dp4a, dict(x_ptr=P(i32), sx_ptr=P(f32), w_ptr=P(i32), g_ptr=P(f32), out_ptr=P(bf)),

@@ -137,11 +137,16 @@ def _i8_gemm_desc(x_desc, w_desc, sx_ptr, g_ptr, out_ptr, M, N, K, C1, C2, strid
 # ---------------------------------------------------------------- host side
 
 # Block shapes (BM, BN, BK, GROUP_M, num_warps, num_stages, TMA, NPROG, WS) by (M bucket, N, K):
-# the fastest of ``bench/gpu_gemm.py --ms 2048 --i8-only`` on an H100 (2026-12-07), all descriptor
-# kernels; us with the unpack / bf16 cuBLAS / fp8 cuBLAS: q|k|v 45.7 / 55.1 / 33.7, o 37.8 / 36.7 /
-# 21.7, gate|up 155.3 / 189.2 / 110.0 (persistent), down 85.6 / 90.5 / 51.3. Other shapes fall back
-# to DEFAULT.
+# the fastest of ``bench/gpu_gemm.py --i8-only`` on an H100 (2026-12-07), all descriptor kernels.
+# 2048 rows, us with the unpack / bf16 cuBLAS / fp8 cuBLAS: q|k|v 45.7 / 55.1 / 33.7, o 37.8 / 36.7
+# / 21.7, gate|up 155.3 / 189.2 / 110.0 (persistent), down 85.6 / 90.5 / 51.3. 512 rows, against the
+# tensor-core kernel's best in the same run: q|k|v 16.9 / 20.7, o 15.1 / 20.2, gate|up 59.2 / 54.5,
+# down 32.6 / 42.9 (124 against 138 us a layer). Other shapes fall back to DEFAULT.
 TUNED: dict = {
+    (512, 3840, 2560): (64, 128, 128, 8, 4, 4, True, 0, False),
+    (512, 2560, 2560): (64, 128, 128, 8, 4, 4, True, 0, False),
+    (512, 13824, 2560): (128, 256, 128, 8, 8, 3, True, -1, False),
+    (512, 2560, 6912): (64, 128, 128, 8, 4, 4, True, 0, False),
     (2048, 3840, 2560): (128, 256, 128, 16, 8, 3, True, 0, False),
     (2048, 2560, 2560): (128, 128, 256, 8, 8, 3, True, 0, False),
     (2048, 13824, 2560): (128, 256, 128, 8, 8, 3, True, -1, False),

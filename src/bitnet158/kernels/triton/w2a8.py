@@ -302,12 +302,13 @@ def _intmm_linear(x_q, s_x, w, gammas, P1, P2, out):
 # default: on an H100 a 2048-token prefill took 52 ms this way against 40 ms with the Triton kernel.
 INTMM_MIN_M = 1 << 62
 # From this many activation rows on (prefill), :mod:`.gemm_i8`: weights unpacked into a transient
-# int8 matrix, then the descriptor (TMA) int8 GEMM with both operands in shared memory. From 513
-# rows, where its table (``gemm_i8.TUNED``, tuned at 2048 rows) applies: on an H100 (2026-12-07) a
-# 2048-token prefill took 14.1 ms of GPU time this way against 15.6 ms on the tensor-core kernel and
-# 15.5 ms for bf16 cuBLAS (``bench/gpu.py --i8-min-m``). The pointer kernel it replaces lost to the
-# tensor-core kernel at 512 and 2048 rows (144 / 417 us of projections a layer against 138 / 377).
-I8_MIN_M = 513
+# int8 matrix, then the descriptor (TMA) int8 GEMM with both operands in shared memory, on its
+# table (``gemm_i8.TUNED``, tuned at 512 and 2048 rows). On an H100 (2026-12-07) a 2048-token
+# prefill took 14.1 ms of GPU time this way against 15.6 ms on the tensor-core kernel and 15.5 ms
+# for bf16 cuBLAS (``bench/gpu.py --i8-min-m``); a layer's projections took 124 / 206 us at 512 /
+# 1024 rows against the tensor-core kernel's 138 / 211 (``bench/gpu_gemm.py --ms 512,1024``).
+# Fewer rows were not timed. The pointer kernel it replaces lost to the tensor-core kernel.
+I8_MIN_M = 512
 # the dp4a GEMV's one-reduction epilogue: H100 (2026-12-07, bench/gpu_breakdown.py --variants
 # gemv_joint, two rounds in one run) batch-1 step at ctx 1024 1.179 / 1.175 ms against 1.204 /
 # 1.219 without
