@@ -15,10 +15,12 @@ residual stream changes the numbers, not the work.
 
 ``--variants`` also times the step with launch parameters tuned on kernels alone changed inside
 the chain: the M = 1 GEMVs with their four fields and ``sum(x)`` in one cross-thread reduction and
-one store (``JOINT``: 4 barriers after the wait instead of 14-22 in the sm_90 PTX), with half or
-twice the rows a program or 8 warps; norm + quant on 4 or 16 warps (default 8 at these widths);
+one store (``JOINT``: 4 barriers after the wait instead of 14-22 in the sm_90 PTX; the default
+since it was timed, so this variant is the step again), with half or twice the default rows a
+program or 8 warps; norm + quant on 4 or 16 warps (default 8 at these widths);
 the decode attention with 128- or 256-slot chunks (fewer partial programs, fewer chunks to merge;
-default 64). Prints a table and one JSON line. Needs CUDA.
+default 64), or its merge over the live chunks only, 8 or 16 at a time (``merge_block``; default:
+one tile padded to every chunk of the cache). Prints a table and one JSON line. Needs CUDA.
 """
 
 from __future__ import annotations
@@ -98,6 +100,10 @@ def variant(r, name: str):
         return _gemv(lambda c: dict(c, num_warps=8))
     if name == "gemv_joint":
         return _gemv(lambda c: dict(c, JOINT=True))
+    if name.startswith("attn_merge"):
+        a = r.attn
+        return _setattr(r, "attn", attention.DecodeAttention(a.H, a.HKV, a.D, 1, r.max_len, r.device,
+                                                             merge_block=int(name[10:])))
     if name.startswith("attn_chunk"):
         a = r.attn
         return _setattr(r, "attn", attention.DecodeAttention(a.H, a.HKV, a.D, 1, r.max_len, r.device,
@@ -105,7 +111,8 @@ def variant(r, name: str):
     raise SystemExit(f"unknown variant {name!r}")
 
 
-VARIANTS = "gemv_joint,nq_w4,nq_w16,gemv_br_half,gemv_br_double,gemv_w8,attn_chunk128,attn_chunk256"
+VARIANTS = ("gemv_joint,nq_w4,nq_w16,gemv_br_half,gemv_br_double,gemv_w8,attn_chunk128,attn_chunk256,"
+            "attn_merge8,attn_merge16")
 
 
 def step_ms(r, step, ctx: int, iters: int) -> float:

@@ -54,3 +54,11 @@ def test_doubled_attention_keeps_the_logits(runner):
     """The attention only writes its own outputs and this position's cache slot: issued twice, the
     same logits (the doubled step does the step's work, once more)."""
     assert torch.equal(gpu_breakdown.step_doubling(runner, "attn")(*_args()), runner._decode_step(*_args()))
+
+
+def test_every_variant_name_is_known(runner):
+    """``--variants all`` names only variants the bench can build (else a GPU call would stop
+    halfway with "unknown variant")."""
+    for name in gpu_breakdown.VARIANTS.split(","):
+        with gpu_breakdown.variant(runner, name):
+            pass

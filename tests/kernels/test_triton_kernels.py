@@ -151,7 +151,8 @@ def _attn_reference(qkv, kc, vc, pos, cos_t, sin_t, H, HKV, D, norm):
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32])
 @pytest.mark.parametrize("chunk", [16, 32])           # 32: two tiles a chunk (a run-time loop compiled)
 @pytest.mark.parametrize("prefetch", [True, False])   # first tile loaded before the wait, or not
-def test_decode_attention(dtype, chunk, prefetch):
+@pytest.mark.parametrize("merge_block", [0, 1])       # 1: the merge loops over the live chunks
+def test_decode_attention(dtype, chunk, prefetch, merge_block):
     from bitnet158.model import rope_tables
     torch.manual_seed(2)
     H, HKV, D, B, S = 4, 2, 16, 3, 40
@@ -163,7 +164,9 @@ def test_decode_attention(dtype, chunk, prefetch):
     norm = RMSNorm(H * D, 1e-5).to(dtype)
     norm.weight.data = (torch.rand(H * D) + 0.5).to(dtype)
     ref = _attn_reference(qkv, kc.clone(), vc.clone(), pos, cos_t, sin_t, H, HKV, D, norm)
-    att = DecodeAttention(H, HKV, D, B, S, DEV, chunk=chunk, block_n=16, prefetch=prefetch)
+    att = DecodeAttention(H, HKV, D, B, S, DEV, chunk=chunk, block_n=16, prefetch=prefetch,
+                          merge_block=merge_block)
+    assert att.merge_block == merge_block
     kd, vd = kc.clone().to(DEV), vc.clone().to(DEV)
     rows = torch.arange(B, dtype=torch.int32, device=DEV)
     y = att(qkv.to(DEV), kd, vd, rows, pos.to(DEV), cos_t.to(DEV), sin_t.to(DEV), norm.weight.to(DEV),

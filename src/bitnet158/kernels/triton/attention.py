@@ -183,9 +183,11 @@ def _softmax_step(qd, k, v, valid, scale, m_i, l_i, acc, IEEE: tl.constexpr, INT
 def _attn_combine(po_ptr, pml_ptr, pos_ptr, w_ptr, ob_ptr, cnt_ptr, y_ptr, q_ptr, s_ptr, stride_y,
                   stride_q, eps, H: tl.constexpr, HP: tl.constexpr, D: tl.constexpr, CHUNK: tl.constexpr,
                   NCH: tl.constexpr, NCHP: tl.constexpr, QUANT: tl.constexpr, PDL: tl.constexpr,
-                  INTERP: tl.constexpr):
-    """Grid (B, H): merge one head's chunks in one shot; the last head of a row to finish (a
-    per-row counter) applies attn_sub_norm over the whole row and quantizes it."""
+                  INTERP: tl.constexpr, CB: tl.constexpr = 0):
+    """Grid (B, H): merge one head's chunks in one shot (``CB`` = 0: a [NCHP, D] tile, padded to
+    every chunk of the cache) or ``CB`` live chunks at a time (only the chunks up to pos, with the
+    weights of the one-shot merge; the sum runs in another order); the last head of a row to
+    finish (a per-row counter) applies attn_sub_norm over the whole row and quantizes it."""
     b = tl.program_id(0)
     h = tl.program_id(1)
     if PDL:
@@ -199,10 +201,27 @@ def _attn_combine(po_ptr, pml_ptr, pos_ptr, w_ptr, ob_ptr, cnt_ptr, y_ptr, q_ptr
     cm = cs < nch
     base = (b * H + h) * NCH + cs
     m = tl.load(pml_ptr + base * 2, mask=cm, other=-float("inf"))
-    lsum = tl.load(pml_ptr + base * 2 + 1, mask=cm, other=0.0)
-    wgt = tl.where(cm, tl.exp(m - tl.max(m, axis=0)) * lsum, 0.0)                       # [NCHP]
-    o = tl.load(po_ptr + base[:, None] * D + d[None, :], mask=cm[:, None], other=0.0)  # [NCHP, D]
-    o = rnd(tl.sum(wgt[:, None] * o, axis=0) / tl.sum(wgt, axis=0), dt, INTERP)         # SDPA output
+    if CB == 0:
+        lsum = tl.load(pml_ptr + base * 2 + 1, mask=cm, other=0.0)
+        wgt = tl.where(cm, tl.exp(m - tl.max(m, axis=0)) * lsum, 0.0)                   # [NCHP]
+        o = tl.load(po_ptr + base[:, None] * D + d[None, :], mask=cm[:, None], other=0.0)  # [NCHP, D]
+        o = rnd(tl.sum(wgt[:, None] * o, axis=0) / tl.sum(wgt, axis=0), dt, INTERP)     # SDPA output
+    else:
+        mx = tl.max(m, axis=0)
+        acc = tl.zeros((D,), tl.float32)
+        wsum = tl.zeros((CB,), tl.float32)
+        for i in range(0, NCHP // CB):
+            if i * CB < nch:                                 # only the blocks with live chunks
+                cb = i * CB + tl.arange(0, CB)
+                bm = cb < nch
+                bb = (b * H + h) * NCH + cb
+                mb = tl.load(pml_ptr + bb * 2, mask=bm, other=-float("inf"))
+                lb = tl.load(pml_ptr + bb * 2 + 1, mask=bm, other=0.0)
+                wb = tl.where(bm, tl.exp(mb - mx) * lb, 0.0)                            # [CB]
+                ob = tl.load(po_ptr + bb[:, None] * D + d[None, :], mask=bm[:, None], other=0.0)  # [CB, D]
+                acc += tl.sum(wb[:, None] * ob, axis=0)
+                wsum += wb
+        o = rnd(acc / tl.sum(wsum, axis=0), dt, INTERP)                                  # SDPA output
     tl.store(ob_ptr + (b * H + h) * D + d, o)
     tl.debug_barrier()
     done = tl.atomic_add(cnt_ptr + b, 1)                      # acq_rel: our row slice is visible
@@ -401,7 +420,7 @@ class DecodeAttention:
 
     def __init__(self, n_heads: int, n_kv: int, head_dim: int, batch: int, max_len: int, device,
                  chunk: int | None = None, block_n: int = 64, combine_warps: int | None = None,
-                 prefetch: bool | None = None):
+                 prefetch: bool | None = None, merge_block: int = 0):
         if head_dim & (head_dim - 1):
             raise ValueError(f"decode attention: head_dim={head_dim} must be a power of two")
         self.H, self.HKV, self.D = n_heads, n_kv, head_dim
@@ -413,6 +432,10 @@ class DecodeAttention:
         self.nch = cdiv(max_len, self.chunk)
         self.combine_warps = COMBINE_WARPS if combine_warps is None else combine_warps   # None: per call
         self.prefetch = PARTIAL_PREFETCH if prefetch is None else prefetch
+        # live chunks the merge takes at a time; 0 (or as many as the cache has): all in one tile
+        if merge_block < 0 or merge_block & (merge_block - 1):
+            raise ValueError(f"decode attention: merge_block={merge_block} must be 0 or a power of two")
+        self.merge_block = merge_block if merge_block < next_pow2(self.nch) else 0
         self.po = torch.empty((batch, n_heads, self.nch, head_dim), dtype=torch.float32, device=device)
         self.pml = torch.empty((batch, n_heads, self.nch, 2), dtype=torch.float32, device=device)
         self.ob = torch.empty((batch, n_heads * head_dim), dtype=torch.float32, device=device)
@@ -451,8 +474,8 @@ class DecodeAttention:
             self.po, self.pml, pos, norm_weight, self.ob, self.cnt, y_out, q_out, s_out, y_out.stride(0),
             q_out.stride(0), eps,
             H=self.H, HP=next_pow2(self.H), D=self.D, CHUNK=self.chunk, NCH=self.nch,
-            NCHP=next_pow2(self.nch), QUANT=quant, PDL=PDL, INTERP=INTERPRET,
-            num_warps=self.combine_warps or merge_warps(B * self.H, next_pow2(self.nch)),
+            NCHP=next_pow2(self.nch), QUANT=quant, PDL=PDL, INTERP=INTERPRET, CB=self.merge_block,
+            num_warps=self.combine_warps or merge_warps(B * self.H, self.merge_block or next_pow2(self.nch)),
             **_pdl)
         return (q_out, s_out) if quant else y_out
 

@@ -41,11 +41,11 @@ def main() -> int:
 
     P = lambda t: "*" + t  # noqa: E731
     bf, f32, i8, i32 = "bf16", "fp32", "i8", "i32"
-    for quant in (True, False):
+    for quant, cb in ((True, 0), (False, 0), (True, 16)):
         comp(attention._attn_combine, dict(po_ptr=P(f32), pml_ptr=P(f32), pos_ptr=P(i32), w_ptr=P(bf),
                                            ob_ptr=P(f32), cnt_ptr=P(i32), y_ptr=P(bf), q_ptr=P(i8),
                                            s_ptr=P(f32), eps=f32),
-             dict(H=20, HP=32, D=128, CHUNK=64, NCH=64, NCHP=64, QUANT=quant, PDL=True, INTERP=False),
+             dict(H=20, HP=32, D=128, CHUNK=64, NCH=64, NCHP=64, QUANT=quant, PDL=True, INTERP=False, CB=cb),
              num_warps=8)
     for dt, ieee, chunk in ((bf, False, 64), (f32, True, 64), (bf, False, 128), (bf, False, 256)):
         comp(attention._attn_partial, dict(qkv_ptr=P(dt), kc_ptr=P(dt), vc_ptr=P(dt), rows_ptr=P(i32),
