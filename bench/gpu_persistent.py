@@ -61,7 +61,8 @@ def tie_layers(r) -> None:
 
 def barrier_us(spin: int, n: int = 256) -> float:
     """Microseconds a grid barrier costs: one program an SM passing n barriers in one kernel."""
-    from bitnet158.kernels.triton.decode_persistent import _sync_chain, sm_count
+    from bitnet158.kernels.triton.common import sm_count
+    from bitnet158.kernels.triton.decode_persistent import _sync_chain
 
     nprog = sm_count("cuda")
     bar = torch.zeros(1, dtype=torch.int32, device="cuda")

@@ -11,6 +11,7 @@ the torch reference, so both are spelled out here behind the ``INTERP`` constexp
 
 from __future__ import annotations
 
+import functools
 import os
 
 import triton
@@ -28,6 +29,13 @@ def _pdl_supported() -> bool:
         return torch.cuda.is_available() and torch.cuda.get_device_capability()[0] >= 9
     except Exception:  # pragma: no cover
         return False
+
+
+@functools.lru_cache(maxsize=None)
+def sm_count(device) -> int:
+    """Streaming multiprocessors of a CUDA device (persistent kernels launch one program each)."""
+    import torch
+    return torch.cuda.get_device_properties(device).multi_processor_count
 
 
 # Kernels launched with PDL start while the previous kernel drains; each calls ``gdc_wait`` before

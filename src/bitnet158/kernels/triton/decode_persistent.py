@@ -49,7 +49,7 @@ import triton
 import triton.language as tl
 
 from .attention import _chunk_merge
-from .common import INTERPRET, PDL, cdiv, gdc_launch_dependents, gdc_wait, next_pow2
+from .common import INTERPRET, PDL, cdiv, gdc_launch_dependents, gdc_wait, next_pow2, sm_count
 from .decode_layer import _masked_fields, _pack_row, _prologue
 
 _pdl = dict(launch_pdl=True) if PDL else {}
@@ -277,10 +277,6 @@ def _sync_chain(bar_ptr, N: tl.constexpr, NPROG: tl.constexpr, SPIN: tl.constexp
 # SPIN / PREFETCH: see the module docstring. 16 warps timed faster (ctx 1024: 2.29-2.34 against
 # 2.61-2.67 ms, three calls) but its logits have not been checked on a GPU, so 8 stays the default
 DEFAULT_CONFIG = dict(BR_QKV=8, BR_O=8, BR_GU=16, BR_DOWN=4, SPIN=1, PREFETCH=0, num_warps=8)
-
-
-def sm_count(device) -> int:
-    return torch.cuda.get_device_properties(device).multi_processor_count
 
 
 class PersistentStep:
