@@ -87,11 +87,19 @@ def _gemv(change):
     return _setattr(w2a8, "pick_config", pick)
 
 
+def _number(name: str, prefix: str) -> int:
+    """The number that ends variant ``name`` after ``prefix`` (``attn_chunk128`` -> 128)."""
+    tail = name[len(prefix):]
+    if not tail.isdigit():
+        raise SystemExit(f"variant {name!r}: expected a number after {prefix!r}")
+    return int(tail)
+
+
 def variant(r, name: str):
     """A context in which runner ``r``'s step launches with variant ``name``'s parameters."""
     from bitnet158.kernels.triton import attention, norm_quant
     if name.startswith("nq_w"):
-        return _setattr(norm_quant, "_warps", lambda block, w=int(name[4:]): w)
+        return _setattr(norm_quant, "_warps", lambda block, w=_number(name, "nq_w"): w)
     if name == "gemv_br_half":
         return _gemv(lambda c: dict(c, BR=max(1, c["BR"] // 2)))
     if name == "gemv_br_double":
@@ -103,11 +111,11 @@ def variant(r, name: str):
     if name.startswith("attn_merge"):
         a = r.attn
         return _setattr(r, "attn", attention.DecodeAttention(a.H, a.HKV, a.D, 1, r.max_len, r.device,
-                                                             merge_block=int(name[10:])))
+                                                             merge_block=_number(name, "attn_merge")))
     if name.startswith("attn_chunk"):
         a = r.attn
         return _setattr(r, "attn", attention.DecodeAttention(a.H, a.HKV, a.D, 1, r.max_len, r.device,
-                                                             chunk=int(name[10:])))
+                                                             chunk=_number(name, "attn_chunk")))
     raise SystemExit(f"unknown variant {name!r}")
 
 

@@ -62,3 +62,10 @@ def test_every_variant_name_is_known(runner):
     for name in gpu_breakdown.VARIANTS.split(","):
         with gpu_breakdown.variant(runner, name):
             pass
+
+
+def test_unknown_or_malformed_variant_is_a_clear_error(runner):
+    with pytest.raises(SystemExit, match="unknown variant"):
+        gpu_breakdown.variant(runner, "gemv_fast")
+    with pytest.raises(SystemExit, match="expected a number"):
+        gpu_breakdown.variant(runner, "attn_chunkX")
