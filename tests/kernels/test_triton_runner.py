@@ -232,6 +232,30 @@ def test_cuda_2b4t_full_depth_within_reference_spread(reference_kernels):
 
 @pytest.mark.cuda
 @pytest.mark.skipif(not CUDA, reason="needs CUDA")
+def test_cuda_host_inputs_match_device_inputs(reference_kernels):
+    """Tokens, positions and rows given on the host (checked there, copied without a device wait)
+    give the logits of the same inputs given on the device; a bad host position is still refused."""
+    m = _tiny(torch.float32, layers=2, device="cuda")
+    a, b = TritonRunner(m, batch=3, max_len=64), TritonRunner(m, batch=3, max_len=64)
+    prompt = torch.randint(0, m.config.vocab_size, (2, 9))
+    pos, rows = torch.arange(9)[None].expand(2, 9), torch.tensor([2, 0])
+    for _ in range(2):                                        # eager, then the prefill graph
+        la = a.prefill(prompt.cuda(), pos.cuda(), rows.cuda())
+        lb = b.prefill(prompt, pos, rows)
+        assert torch.equal(la, lb)
+    for i in range(4):
+        nt = la.argmax(-1)
+        la = a.decode(nt, torch.full((2,), 9 + i, device="cuda"), rows.cuda())
+        lb = b.decode(nt.cpu(), torch.full((2,), 9 + i), rows)
+        assert torch.equal(la, lb)
+    with pytest.raises(ValueError, match="position 64 outside"):
+        b.decode(nt.cpu(), torch.tensor([64, 3]), rows)
+    with pytest.raises(ValueError, match="out of range"):
+        b.decode(nt.cpu(), torch.tensor([13, 13]), torch.tensor([0, 3]))
+
+
+@pytest.mark.cuda
+@pytest.mark.skipif(not CUDA, reason="needs CUDA")
 def test_cuda_rows_at_different_positions_and_subsets(reference_kernels):
     m = _tiny(torch.float32, layers=2, device="cuda")
     B = 4

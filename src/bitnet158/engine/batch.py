@@ -211,9 +211,9 @@ class BatchEngine:
             h.sampler = Sampler(h.params, r.vocab_size, h.prompt, device=dev)
         a = h.prefilled
         b = min(len(h.prompt), a + self.prefill_chunk)
-        toks = torch.tensor([h.prompt[a:b]], dtype=torch.long, device=dev)              # [1, c]
-        pos = torch.arange(a, b, dtype=torch.long, device=dev)[None]                    # [1, c]
-        logits = r.prefill(toks, pos, torch.tensor([h.row], device=dev))[0]             # [V]
+        toks = torch.tensor([h.prompt[a:b]], dtype=torch.long)                          # [1, c] host
+        pos = torch.arange(a, b, dtype=torch.long)[None]                                # [1, c]
+        logits = r.prefill(toks, pos, torch.tensor([h.row]))[0]                         # [V]
         h.prefilled = b
         if b == len(h.prompt):
             self._emit(h, h.sampler(logits))
@@ -222,7 +222,7 @@ class BatchEngine:
         live = [h for h in self.slots if h is not None and not h.done and h.next_token is not None]
         if not live:
             return
-        r, dev = self.runner, self.runner.device
+        r = self.runner
         lo = min(h.row for h in live)
         hi = max(h.row for h in live) + 1
         toks = torch.zeros(hi - lo, dtype=torch.long)                                 # [b]
@@ -234,8 +234,8 @@ class BatchEngine:
         for h in live:
             toks[h.row - lo] = h.next_token
             pos[h.row - lo] = len(h.prompt) + len(h.tokens) - 1    # position of the token fed back
-        rows = torch.arange(lo, hi, device=dev)
-        logits = r.decode(toks.to(dev), pos.to(dev), rows)                             # [b, V]
+        rows = torch.arange(lo, hi)                        # host tensors: checked without a device wait
+        logits = r.decode(toks, pos, rows)                                             # [b, V]
         self.steps += 1
         for h in live:
             self._emit(h, h.sampler(logits[h.row - lo]))

@@ -11,6 +11,9 @@ row has its own positions (``pos`` is per row), so a server can keep rows at dif
 rows only, e.g. to prefill one new request while the others wait. A call at positions ``pos`` writes
 those KV slots and attends to slots ``0..pos`` of its row: slots past a row's position are never
 read, so re-using a cached prefix only means prefilling from the first position that differs.
+``tokens``, ``pos`` and ``rows`` may live on the host or on the runner's device: a GPU runner checks
+host tensors without waiting for the device (device ones cost it one synchronization), so a
+generation loop that keeps them on the host lets the GPU run ahead.
 
 Other engines register themselves from their own modules::
 
@@ -97,7 +100,7 @@ class TorchRunner:
                 raise ValueError(f"runner: got {n} rows but the runner has batch={self.batch}; "
                                  f"pass rows= to run on a subset")
             return self.cache
-        r = [int(i) for i in rows]
+        r = on_host(torch.as_tensor(rows)).reshape(-1).tolist()
         if len(r) != n:
             raise ValueError(f"runner: rows has {len(r)} entries for {n} input rows")
         if any(not 0 <= i < self.batch for i in r):
@@ -107,16 +110,19 @@ class TorchRunner:
         raise ValueError(f"runner: rows {r} must be contiguous (call once per row otherwise)")
 
     def _check_pos(self, pos: torch.Tensor) -> None:
-        hi = int(pos.max())
-        if hi >= self.max_len or int(pos.min()) < 0:
-            raise ValueError(f"runner: position {hi} outside the KV cache (max_len={self.max_len})")
+        p = on_host(pos)
+        hi, lo = int(p.max()), int(p.min())
+        if hi >= self.max_len or lo < 0:
+            raise ValueError(f"runner: position {hi if hi >= self.max_len else lo} outside the KV cache "
+                             f"(max_len={self.max_len})")
 
     @torch.inference_mode()
     def prefill(self, tokens: torch.Tensor, pos: torch.Tensor,
                 rows: torch.Tensor | None = None) -> torch.Tensor:
-        """tokens, pos [B, T] -> float32 logits [B, V] of the last position of each row."""
+        """tokens, pos [B, T] (host or device) -> float32 logits [B, V] of the last position of each row."""
         self._check_pos(pos)
         cache = self._caches(rows, tokens.shape[0])
+        tokens, pos = tokens.to(self.device), pos.to(self.device)
         h = self.model.hidden(tokens, pos, cache)                # [B, T, D]
         return self.model.logits(h[:, -1]).float()               # head on the last position only
 
@@ -125,6 +131,12 @@ class TorchRunner:
                rows: torch.Tensor | None = None) -> torch.Tensor:
         """tokens, pos [B] -> float32 logits [B, V]."""
         return self.prefill(tokens[:, None], pos[:, None], rows)
+
+
+def on_host(t: torch.Tensor) -> torch.Tensor:
+    """An index tensor to check on the host: a CPU tensor as it is (no wait), a device one copied
+    (one synchronization; check everything on this copy rather than syncing per check)."""
+    return t if t.device.type == "cpu" else t.cpu()
 
 
 # ---------------------------------------------------------------- registry
@@ -193,4 +205,4 @@ def make_runner(model, batch: int = 1, max_len: int | None = None, backend: str 
 
 register_runner("torch", TorchRunner, lambda model: True, priority=0)
 
-__all__ = ["Runner", "TorchRunner", "register_runner", "make_runner", "runners", "RunnerSpec"]
+__all__ = ["Runner", "TorchRunner", "register_runner", "make_runner", "runners", "RunnerSpec", "on_host"]

@@ -168,7 +168,7 @@ def measure_latency(model, prompt_tokens: int = 128, gen_tokens: int = 32, repea
         steps = []
         for i in range(gen_tokens):
             s0 = time.perf_counter()
-            logits = runner.decode(tok, torch.tensor([prompt_tokens + i], device=dev))
+            logits = runner.decode(tok, torch.tensor([prompt_tokens + i]))   # position from the host
             tok = logits.argmax(-1)
             _sync(dev)
             steps.append(time.perf_counter() - s0)

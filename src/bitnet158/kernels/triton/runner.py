@@ -49,7 +49,7 @@ import torch
 import torch.nn.functional as F
 
 from ... import quant
-from ...engine.runner import register_runner
+from ...engine.runner import on_host, register_runner
 from ...errors import ConfigError
 from . import decode_layer, decode_persistent
 from .attention import DecodeAttention, rope_cache_write
@@ -180,6 +180,7 @@ class TritonRunner:
         self.tok_buf = torch.zeros(batch, dtype=torch.long, device=dev)
         self.pos_buf = torch.zeros(batch, dtype=torch.int32, device=dev)
         self.rows_buf = torch.zeros(batch, dtype=torch.int32, device=dev)
+        self._all_rows = torch.arange(batch, device=dev)                    # rows=None: every row
         self.x_buf = torch.zeros((batch, cfg.hidden_size), dtype=dt, device=dev)
         self.x2_buf = torch.zeros((batch, cfg.hidden_size), dtype=dt, device=dev)   # fused: ping-pong
         self._graphs: dict[int, tuple] = {}
@@ -199,15 +200,16 @@ class TritonRunner:
             if n != self.batch:
                 raise ValueError(f"triton runner: got {n} rows but the runner has batch={self.batch}; "
                                  f"pass rows= to run on a subset")
-            return torch.arange(n, device=self.device)
-        rows = torch.as_tensor(rows, device=self.device).long().reshape(-1)
+            return self._all_rows[:n]
+        rows = on_host(torch.as_tensor(rows)).long().reshape(-1)       # checked on the host
         if rows.numel() != n:
             raise ValueError(f"triton runner: rows has {rows.numel()} entries for {n} input rows")
         if n and (int(rows.min()) < 0 or int(rows.max()) >= self.batch):
             raise ValueError(f"triton runner: rows {rows.tolist()} out of range for batch={self.batch}")
-        return rows
+        return rows.to(self.device, non_blocking=True)
 
     def _check_pos(self, pos: torch.Tensor) -> None:
+        """``pos``: a host tensor (see :func:`on_host`)."""
         hi, lo = int(pos.max()), int(pos.min())
         if hi >= self.max_len or lo < 0:
             raise ValueError(f"triton runner: position {hi if hi >= self.max_len else lo} outside the "
@@ -357,9 +359,9 @@ class TritonRunner:
         """tokens, pos [n] -> float32 logits [n, V]; one graph replay on CUDA."""
         n = tokens.shape[0]
         r = self._rows(rows, n)
-        self._check_pos(pos)
-        self.tok_buf[:n].copy_(tokens.reshape(-1))
-        self.pos_buf[:n].copy_(pos.reshape(-1))
+        self._check_pos(on_host(pos))
+        self.tok_buf[:n].copy_(tokens.reshape(-1), non_blocking=True)   # from the host: no wait
+        self.pos_buf[:n].copy_(pos.reshape(-1), non_blocking=True)
         self.rows_buf[:n].copy_(r)
         args = (self.tok_buf[:n], self.pos_buf[:n], self.rows_buf[:n])
         if not self.graphs:
@@ -397,7 +399,7 @@ class TritonRunner:
             raise ValueError("triton runner: prefill got no tokens (tokens has shape "
                              f"{tuple(tokens.shape)})")
         r = self._rows(rows, B)
-        pos = pos.to(self.device).long()
+        pos = on_host(pos).long()                          # every check below on the host copy
         if pos.dim() == 1:
             pos = pos[None]
         if pos.shape == (1, T):                            # one row of positions for every row
@@ -406,15 +408,16 @@ class TritonRunner:
             raise ValueError(f"triton runner: pos has shape {tuple(pos.shape)}, tokens {(B, T)}")
         self._check_pos(pos)
         start = pos[:, 0]
-        steps = bool((pos == start[:, None] + torch.arange(T, device=self.device)).all())  # consecutive
+        steps = bool((pos == start[:, None] + torch.arange(T)).all())                # consecutive
         starts = start.tolist()
         fresh = steps and not any(starts)                                             # causal from 0
-        tokens = tokens.to(self.device)
+        tokens = tokens.to(self.device, non_blocking=True)
         if steps and self.prefill_graphs and self.device.type == "cuda":
-            out = self._prefill_graph(tokens, start, max(starts), r, fresh)
+            out = self._prefill_graph(tokens, start.to(self.device, non_blocking=True), max(starts), r, fresh)
             if out is not None:
                 return out
-        return self._prefill(tokens, pos, r, fresh, int(pos.max()) + 1)
+        L_ = int(pos.max()) + 1
+        return self._prefill(tokens, pos.to(self.device, non_blocking=True), r, fresh, L_)
 
     def _padded_shape(self, T: int, s_max: int, fresh: bool) -> tuple[int, int]:
         """(Tp, Lp): the T new tokens padded to a multiple of PREFILL_ALIGN (never past the cache
