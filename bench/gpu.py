@@ -9,7 +9,9 @@ gate|up); the W2A8 pipeline reads the 2-bit weights. Measured (median of repeats
 
 - copy bandwidth (device-to-device, bytes read + written) and from it the floor of a decode step:
   (packed weights + head + KV bytes at that context) / bandwidth, with a bf16 and an int8 head;
-- batch-1 decode ms/token at context 128 / 1024 / 4096 (graph replays, back to back);
+- batch-1 decode ms/token at context 128 / 1024 / 4096 (``runner.decode`` back to back, inputs
+  from the host; at 1024 also from the device), and greedy generation through ``generate``
+  (128 tokens after a 128-token prompt: tok/s, sampling and its synchronization included);
 - batch 8 and 64 decode throughput (rows at staggered positions around 1024);
 - a 2048-token prefill (head on the last position only, as the runner returns): eager, the host's
   time to enqueue it, with prefill graphs (``runner.prefill_graphs``: the prompt replays its
@@ -102,12 +104,27 @@ def load_table(path: str, key: str | None = None) -> dict:
     return {tuple(int(v) for v in k.split(",")): tuple(c) for k, c in table.items()}
 
 
-def decode_ms(runner, pos_list, iters=50) -> float:
+def decode_ms(runner, pos_list, iters=50, where="cpu") -> float:
+    """ms a ``runner.decode`` call, back to back; tokens and positions on the host (as generation
+    passes them: no device wait) or, ``where="cuda"``, on the device (one wait a call to check them)."""
     n = len(pos_list)
-    tok = torch.randint(0, runner.vocab_size, (n,), device="cuda")
-    pos = torch.tensor(pos_list, device="cuda")
+    tok = torch.randint(0, runner.vocab_size, (n,), device=where)
+    pos = torch.tensor(pos_list, device=where)
     runner.decode(tok, pos)                               # capture (first call for this row count)
     return events_ms(lambda: runner.decode(tok, pos), iters)
+
+
+def generate_tok_s(runner, prompt_len=128, new=128) -> float:
+    """Greedy generation through ``generate`` at batch 1: decode steps a second, the sampler's
+    argmax and its one synchronization a token included (the prefill excluded)."""
+    from bitnet158.engine.generate import generate
+    prompt = torch.randint(0, runner.vocab_size, (prompt_len,), generator=torch.Generator().manual_seed(0))
+    best = 0.0
+    for _ in range(3):                                    # the first run captures the graph
+        g = generate(runner, prompt.tolist(), max_new_tokens=new, temperature=0.0, stop_ids=())
+        g.run()
+        best = max(best, g.decode_tok_s)
+    return best
 
 
 def record_b1(res: dict, runner, key: str, ctxs, iters=100) -> None:
@@ -480,6 +497,13 @@ def main(argv=None) -> int:
                 res[f"floor_b1_ctx{ctx}_ms"] = round(nbytes / (bw * 1e9) * 1e3, 4)
                 res[f"floor_b1_ctx{ctx}_int8_head_ms"] = round((nbytes - wb["head"] / 2) / (bw * 1e9) * 1e3, 4)
             print(f"[{mode}] decode b1 ctx {ctx}: {ms:.3f} ms", flush=True)
+            save()
+        if ctxs:
+            res[f"decode_b1_ctx1024_{mode}_device_inputs_ms"] = round(decode_ms(r, [1023], 100, "cuda"), 4)
+            res[f"tg128_b1_{mode}_tok_s"] = round(generate_tok_s(r), 1)
+            print(f"[{mode}] decode b1 ctx 1024, inputs on the device: "
+                  f"{res[f'decode_b1_ctx1024_{mode}_device_inputs_ms']:.3f} ms; greedy generation "
+                  f"(128 after 128): {res[f'tg128_b1_{mode}_tok_s']:.0f} tok/s", flush=True)
             save()
         if mode == "w2a8" and ctxs:        # the optional int8 head, same cache length
             del r

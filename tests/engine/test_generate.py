@@ -246,3 +246,39 @@ def test_runner_kept_on_packed_model_and_not_shared():
     m2 = copy.deepcopy(m)                                      # copies start without a runner
     assert m2._engine_runner.runner is None
     assert list(generate(m2, [0, 1, 2], p)) == a
+
+
+def _step_by_step(runner, ids, n) -> list[int]:
+    """Greedy ids from the runner's own prefill / decode, one synchronous step at a time."""
+    logits = runner.prefill(torch.tensor([ids]), torch.arange(len(ids))[None])
+    out = []
+    for i in range(n):
+        out.append(int(logits[0].argmax()))
+        logits = runner.decode(torch.tensor(out[-1:]), torch.tensor([len(ids) + i]))
+    return out
+
+
+@pytest.mark.cuda
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+@pytest.mark.parametrize("backend", ["torch", "auto"])
+def test_cuda_queued_greedy_matches_step_by_step(backend):
+    """On a GPU greedy steps are queued ahead of the host: same ids, stops, lengths and cache."""
+    m = tiny_model(packed=True, seed=1).cuda()
+    ids = [0, 17, 42, 99, 7]
+    free = _step_by_step(make_runner(m, max_len=64, backend=backend), ids, 24)
+    runner = make_runner(m, max_len=64, backend=backend)
+    gen = generate(runner, ids, SamplingParams(max_new_tokens=24, stop_ids=[]))
+    assert list(gen) == free and gen.finish_reason == "length" and gen.decode_steps == 23
+    assert gen.cache_tokens == ids + free[:-1]
+    stop = free[5]
+    gen = generate(runner, ids, SamplingParams(max_new_tokens=24, stop_ids=[stop]))
+    first = free.index(stop)
+    assert list(gen) == free[:first] and gen.finish_reason == "stop"
+    assert gen.cache_tokens == ids + free[:first]
+    sess = Session(m, max_len=64, backend=backend)
+    g = sess.generate(ids, SamplingParams(max_new_tokens=20, stop_ids=[]))
+    got = [next(g) for _ in range(4)]
+    g.close()
+    nxt = ids + got + [5]
+    assert list(sess.generate(nxt, SamplingParams(max_new_tokens=6, stop_ids=[]))) == \
+        _step_by_step(make_runner(m, max_len=64, backend=backend), nxt, 6)

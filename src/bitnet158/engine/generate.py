@@ -65,6 +65,13 @@ def _sampler(params: SamplingParams, runner, prompt: list[int]) -> Callable:
     return Sampler(params, runner.vocab_size, prompt, device=runner.device)
 
 
+def _queued_greedy(runner, params: SamplingParams) -> bool:
+    """Greedy decoding on a CUDA runner: steps are queued ahead of the host (``_steps_queued``)."""
+    dev = getattr(runner, "device", None)
+    return (not _numpy_runner(runner) and getattr(dev, "type", None) == "cuda" and params.greedy
+            and params.repetition_penalty == 1.0)
+
+
 def _prompt_list(prompt_ids) -> list[int]:
     torch = sys.modules.get("torch")        # a tensor prompt means torch is loaded already
     if torch is not None and isinstance(prompt_ids, torch.Tensor):
@@ -115,7 +122,7 @@ class Generation:
             self.rows = [row]
         else:
             import torch
-            self.rows = torch.tensor([row], device=runner.device)
+            self.rows = torch.tensor([row])                 # on the host: checked without a device wait
         self.max_new_tokens = min(params.max_new_tokens, ctx - P)
         self.clamped = self.max_new_tokens < params.max_new_tokens
         stop = params.stop_ids
@@ -179,16 +186,21 @@ class Generation:
             fill = np.ndarray.fill
         else:
             import torch
-            no_grad, dev = torch.inference_mode, r.device
-            toks = torch.tensor([self.prompt[start:]], dtype=torch.long, device=dev)      # [1, T]
-            pos = torch.arange(start, P, dtype=torch.long, device=dev)[None]             # [1, T]
-            tok_buf = torch.empty(1, dtype=torch.long, device=dev)                       # [1]
-            pos_buf = torch.empty(1, dtype=torch.long, device=dev)
+            no_grad = torch.inference_mode
+            # inputs stay on the host: the runner checks them there and copies them without waiting
+            # for the device, so the only synchronization of a step is the sampler's
+            toks = torch.tensor([self.prompt[start:]], dtype=torch.long)                  # [1, T]
+            pos = torch.arange(start, P, dtype=torch.long)[None]                         # [1, T]
+            tok_buf = torch.empty(1, dtype=torch.long)                                   # [1]
+            pos_buf = torch.empty(1, dtype=torch.long)
             fill = torch.Tensor.fill_
         with no_grad():
             t0 = time.perf_counter()
             logits = r.prefill(toks, pos, self.rows)[0]                                    # [V]
             self.cache_tokens = list(self.prompt)
+            if _queued_greedy(r, self.params):
+                yield from self._steps_queued(logits, pos_buf, fill, t0)
+                return
             tok = sample(logits)
             self.prefill_s = time.perf_counter() - t0
         while True:
@@ -211,6 +223,53 @@ class Generation:
                 tok = sample(logits)
             self.decode_s += time.perf_counter() - t0
             self.decode_steps += 1
+
+    def _steps_queued(self, logits, pos_buf, fill, t0: float) -> Iterator[int]:
+        """Greedy decode on a GPU with the next step queued before the host reads this token.
+
+        The argmax stays on the device and feeds the next step; each token comes back through a
+        pinned copy behind an event, so the host waits for the step that made it, not for the one
+        queued after it, and handles the token (stop test, the consumer's work) while the GPU runs
+        that next step. A token that turns out to be a stop id has had one step queued for it:
+        that step writes a cache slot past ``cache_tokens``, which is never read before it is
+        overwritten. Same tokens as the synchronous loop (the same argmax of the same logits)."""
+        import torch
+        r, P = self.runner, self.prompt_tokens
+        host = torch.empty(2, dtype=torch.long, pin_memory=True)       # the tokens of two steps
+        done = [torch.cuda.Event(), torch.cuda.Event()]
+        with torch.inference_mode():
+            cur = logits.argmax(-1, keepdim=True)                      # [1] the first new token
+            host[0:1].copy_(cur, non_blocking=True)
+            done[0].record()
+        done[0].synchronize()                                          # the prefill's time: to this token
+        self.prefill_s = time.perf_counter() - t0
+        k = 0
+        while True:
+            t0 = time.perf_counter()
+            c = self.completion_tokens                                 # ``cur`` is token c of the reply
+            queued = c + 1 < self.max_new_tokens
+            if queued:                                                 # its step, at position P + c
+                with torch.inference_mode():
+                    fill(pos_buf, P + c)
+                    cur = r.decode(cur, pos_buf, self.rows)[0].argmax(-1, keepdim=True)
+                    host[1 - k:2 - k].copy_(cur, non_blocking=True)
+                    done[1 - k].record()
+                self.decode_steps += 1
+            done[k].synchronize()
+            tok = int(host[k])
+            self.decode_s += time.perf_counter() - t0
+            if tok in self.stop_ids:
+                self.finish_reason = "stop"
+                return
+            self.tokens.append(tok)
+            self.completion_tokens += 1
+            if not queued:
+                self.finish_reason = "length"
+                yield tok
+                return
+            self.cache_tokens.append(tok)
+            yield tok
+            k = 1 - k
 
     @property
     def decode_tok_s(self) -> float:
