@@ -6,6 +6,8 @@ equality, stop ids, max tokens, context errors, prefix re-use, runner registry.
 
 from __future__ import annotations
 
+import sys
+
 import pytest
 import torch
 
@@ -258,12 +260,9 @@ def _step_by_step(runner, ids, n) -> list[int]:
     return out
 
 
-@pytest.mark.cuda
-@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
-@pytest.mark.parametrize("backend", ["torch", "auto"])
-def test_cuda_queued_greedy_matches_step_by_step(backend):
-    """On a GPU greedy steps are queued ahead of the host: same ids, stops, lengths and cache."""
-    m = tiny_model(packed=True, seed=1).cuda()
+def _check_queued_greedy(m, backend):
+    """Greedy generation (queued on a GPU) against the runner's own synchronous steps: same ids,
+    stop and length endings, cache contents, and a session that continues after an early close."""
     ids = [0, 17, 42, 99, 7]
     free = _step_by_step(make_runner(m, max_len=64, backend=backend), ids, 24)
     runner = make_runner(m, max_len=64, backend=backend)
@@ -275,10 +274,28 @@ def test_cuda_queued_greedy_matches_step_by_step(backend):
     first = free.index(stop)
     assert list(gen) == free[:first] and gen.finish_reason == "stop"
     assert gen.cache_tokens == ids + free[:first]
+    gen = generate(runner, ids, SamplingParams(max_new_tokens=1, stop_ids=[]))
+    assert list(gen) == free[:1] and gen.finish_reason == "length" and gen.decode_steps == 0
     sess = Session(m, max_len=64, backend=backend)
     g = sess.generate(ids, SamplingParams(max_new_tokens=20, stop_ids=[]))
     got = [next(g) for _ in range(4)]
     g.close()
+    assert got == free[:4]
     nxt = ids + got + [5]
     assert list(sess.generate(nxt, SamplingParams(max_new_tokens=6, stop_ids=[]))) == \
         _step_by_step(make_runner(m, max_len=64, backend=backend), nxt, 6)
+
+
+def test_queued_greedy_loop_on_cpu(packed_model, monkeypatch):
+    """The queued greedy loop's bookkeeping, run in order on the CPU."""
+    module = sys.modules["bitnet158.engine.generate"]         # the package re-exports the function
+    monkeypatch.setattr(module, "_queued_greedy", lambda runner, params: params.greedy)
+    _check_queued_greedy(packed_model, "torch")
+
+
+@pytest.mark.cuda
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+@pytest.mark.parametrize("backend", ["torch", "auto"])
+def test_cuda_queued_greedy_matches_step_by_step(backend):
+    """On a GPU greedy steps are queued ahead of the host."""
+    _check_queued_greedy(tiny_model(packed=True, seed=1).cuda(), backend)

@@ -72,6 +72,16 @@ def _queued_greedy(runner, params: SamplingParams) -> bool:
             and params.repetition_penalty == 1.0)
 
 
+class _Done:
+    """An event stand-in where the work is done in order (a CPU runner)."""
+
+    def record(self) -> None:
+        pass
+
+    def synchronize(self) -> None:
+        pass
+
+
 def _prompt_list(prompt_ids) -> list[int]:
     torch = sys.modules.get("torch")        # a tensor prompt means torch is loaded already
     if torch is not None and isinstance(prompt_ids, torch.Tensor):
@@ -235,8 +245,9 @@ class Generation:
         overwritten. Same tokens as the synchronous loop (the same argmax of the same logits)."""
         import torch
         r, P = self.runner, self.prompt_tokens
-        host = torch.empty(2, dtype=torch.long, pin_memory=True)       # the tokens of two steps
-        done = [torch.cuda.Event(), torch.cuda.Event()]
+        cuda = r.device.type == "cuda"                                 # else in order (the tests' CPU)
+        host = torch.empty(2, dtype=torch.long, pin_memory=cuda)       # the tokens of two steps
+        done = [torch.cuda.Event(), torch.cuda.Event()] if cuda else [_Done(), _Done()]
         with torch.inference_mode():
             cur = logits.argmax(-1, keepdim=True)                      # [1] the first new token
             host[0:1].copy_(cur, non_blocking=True)
