@@ -83,6 +83,12 @@ class SamplingParams:
     def greedy(self) -> bool:
         return self.temperature == 0.0
 
+    @property
+    def argmax(self) -> bool:
+        """Greedy without a repetition penalty: the next id is the argmax of the raw logits, so it
+        can be taken on the device for many rows or steps at once."""
+        return self.greedy and self.repetition_penalty == 1.0
+
     def replace(self, **changes) -> "SamplingParams":
         return replace(self, **changes)
 

@@ -289,7 +289,7 @@ def _check_queued_greedy(m, backend):
 def test_queued_greedy_loop_on_cpu(packed_model, monkeypatch):
     """The queued greedy loop's bookkeeping, run in order on the CPU."""
     module = sys.modules["bitnet158.engine.generate"]         # the package re-exports the function
-    monkeypatch.setattr(module, "_queued_greedy", lambda runner, params: params.greedy)
+    monkeypatch.setattr(module, "_queued_greedy", lambda runner, params: params.argmax)
     _check_queued_greedy(packed_model, "torch")
 
 

@@ -237,8 +237,14 @@ class BatchEngine:
         rows = torch.arange(lo, hi)                        # host tensors: checked without a device wait
         logits = r.decode(toks, pos, rows)                                             # [b, V]
         self.steps += 1
+        # plain greedy rows: one argmax and one device-to-host copy for all of them (a row's own
+        # Sampler would give the same id, with a launch and a synchronization per row)
+        ids = logits.argmax(-1).tolist() if any(h.params.argmax for h in live) else None    # [b]
         for h in live:
-            self._emit(h, h.sampler(logits[h.row - lo]))
+            if h.params.argmax:
+                self._emit(h, ids[h.row - lo])
+            else:
+                self._emit(h, h.sampler(logits[h.row - lo]))
 
     def _loop(self) -> None:
         while True:

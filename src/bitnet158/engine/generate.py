@@ -68,8 +68,7 @@ def _sampler(params: SamplingParams, runner, prompt: list[int]) -> Callable:
 def _queued_greedy(runner, params: SamplingParams) -> bool:
     """Greedy decoding on a CUDA runner: steps are queued ahead of the host (``_steps_queued``)."""
     dev = getattr(runner, "device", None)
-    return (not _numpy_runner(runner) and getattr(dev, "type", None) == "cuda" and params.greedy
-            and params.repetition_penalty == 1.0)
+    return not _numpy_runner(runner) and getattr(dev, "type", None) == "cuda" and params.argmax
 
 
 class _Done:
