@@ -75,6 +75,11 @@ class PackedLinear(nn.Module):
         self.kernel_state = None
         return super()._apply(fn, recurse)
 
+    def __getstate__(self):  # copies and pickles rebuild backend layouts (a backend is a module)
+        state = self.__dict__.copy()
+        state["kernel_state"] = None
+        return state
+
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return kernels.packed_linear(x, self)
 

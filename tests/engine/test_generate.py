@@ -224,6 +224,20 @@ def test_bf16_runner_close_to_fp32():
     assert torch.allclose(out, ref, atol=0.15 * ref.abs().max().item())
 
 
+def test_packed_model_copies_after_a_backend_ran():
+    """A backend's weight layout (cached on the layer, naming the backend module) is not copied:
+    a model that has run can still be deep-copied, and the copy computes the same logits."""
+    import copy
+    m = tiny_model(packed=True, seed=4)
+    r = make_runner(m, backend="torch")
+    want = r.prefill(torch.tensor([[0, 1, 2]]), torch.arange(3)[None])
+    assert any(getattr(mod, "kernel_state", None) is not None for mod in m.modules())
+    m2 = copy.deepcopy(m)
+    assert all(getattr(mod, "kernel_state", None) is None for mod in m2.modules())
+    got = make_runner(m2, backend="torch").prefill(torch.tensor([[0, 1, 2]]), torch.arange(3)[None])
+    assert torch.equal(got, want)
+
+
 def test_runner_kept_on_packed_model_and_not_shared():
     import copy
     m = tiny_model(packed=True, seed=4)
