@@ -274,9 +274,11 @@ def _step_by_step(runner, ids, n) -> list[int]:
     return out
 
 
-def _check_queued_greedy(m, backend):
-    """Greedy generation (queued on a GPU) against the runner's own synchronous steps: same ids,
-    stop and length endings, cache contents, and a session that continues after an early close."""
+def _check_queued(m, backend, monkeypatch):
+    """Generation with steps queued ahead of the host (on a GPU) against synchronous steps: greedy
+    ids as the runner's own steps give them, stop and length endings, cache contents, a session
+    that continues after an early close; sampled ids (seeded draws, top-p, repetition penalty) as
+    the synchronous loop draws them."""
     ids = [0, 17, 42, 99, 7]
     free = _step_by_step(make_runner(m, max_len=64, backend=backend), ids, 24)
     runner = make_runner(m, max_len=64, backend=backend)
@@ -298,18 +300,24 @@ def _check_queued_greedy(m, backend):
     nxt = ids + got + [5]
     assert list(sess.generate(nxt, SamplingParams(max_new_tokens=6, stop_ids=[]))) == \
         _step_by_step(make_runner(m, max_len=64, backend=backend), nxt, 6)
+    sampled = SamplingParams(temperature=0.9, top_p=0.95, repetition_penalty=1.2, seed=3,
+                             max_new_tokens=20, stop_ids=[])
+    queued = list(generate(runner, ids, sampled))
+    with monkeypatch.context() as mp:
+        mp.setattr(sys.modules["bitnet158.engine.generate"], "_queued", lambda runner: False)
+        assert list(generate(runner, ids, sampled)) == queued
 
 
-def test_queued_greedy_loop_on_cpu(packed_model, monkeypatch):
-    """The queued greedy loop's bookkeeping, run in order on the CPU."""
+def test_queued_loop_on_cpu(packed_model, monkeypatch):
+    """The queued loop's bookkeeping, run in order on the CPU."""
     module = sys.modules["bitnet158.engine.generate"]         # the package re-exports the function
-    monkeypatch.setattr(module, "_queued_greedy", lambda runner, params: params.argmax)
-    _check_queued_greedy(packed_model, "torch")
+    monkeypatch.setattr(module, "_queued", lambda runner: True)
+    _check_queued(packed_model, "torch", monkeypatch)
 
 
 @pytest.mark.cuda
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
 @pytest.mark.parametrize("backend", ["torch", "auto"])
-def test_cuda_queued_greedy_matches_step_by_step(backend):
-    """On a GPU greedy steps are queued ahead of the host."""
-    _check_queued_greedy(tiny_model(packed=True, seed=1).cuda(), backend)
+def test_cuda_queued_matches_synchronous(backend, monkeypatch):
+    """On a GPU decode steps are queued ahead of the host."""
+    _check_queued(tiny_model(packed=True, seed=1).cuda(), backend, monkeypatch)

@@ -65,10 +65,10 @@ def _sampler(params: SamplingParams, runner, prompt: list[int]) -> Callable:
     return Sampler(params, runner.vocab_size, prompt, device=runner.device)
 
 
-def _queued_greedy(runner, params: SamplingParams) -> bool:
-    """Greedy decoding on a CUDA runner: steps are queued ahead of the host (``_steps_queued``)."""
+def _queued(runner) -> bool:
+    """A CUDA runner: decode steps are queued ahead of the host (``Generation._steps_queued``)."""
     dev = getattr(runner, "device", None)
-    return not _numpy_runner(runner) and getattr(dev, "type", None) == "cuda" and params.argmax
+    return not _numpy_runner(runner) and getattr(dev, "type", None) == "cuda"
 
 
 class _Done:
@@ -207,8 +207,8 @@ class Generation:
             t0 = time.perf_counter()
             logits = r.prefill(toks, pos, self.rows)[0]                                    # [V]
             self.cache_tokens = list(self.prompt)
-            if _queued_greedy(r, self.params):
-                yield from self._steps_queued(logits, pos_buf, fill, t0)
+            if _queued(r):
+                yield from self._steps_queued(logits, sample, pos_buf, fill, t0)
                 return
             tok = sample(logits)
             self.prefill_s = time.perf_counter() - t0
@@ -233,22 +233,24 @@ class Generation:
             self.decode_s += time.perf_counter() - t0
             self.decode_steps += 1
 
-    def _steps_queued(self, logits, pos_buf, fill, t0: float) -> Iterator[int]:
-        """Greedy decode on a GPU with the next step queued before the host reads this token.
+    def _steps_queued(self, logits, sample, pos_buf, fill, t0: float) -> Iterator[int]:
+        """Decode on a GPU with the next step queued before the host reads this token.
 
-        The argmax stays on the device and feeds the next step; each token comes back through a
-        pinned copy behind an event, so the host waits for the step that made it, not for the one
-        queued after it, and handles the token (stop test, the consumer's work) while the GPU runs
-        that next step. A token that turns out to be a stop id has had one step queued for it:
-        that step writes a cache slot past ``cache_tokens``, which is never read before it is
-        overwritten. Same tokens as the synchronous loop (the same argmax of the same logits)."""
+        The sampled id (``Sampler.next_id``: the argmax, or a draw of the request's generator)
+        stays on the device and feeds the next step; each token comes back through a pinned copy
+        behind an event, so the host waits for the step that made it, not for the one queued
+        after it, and handles the token (stop test, the consumer's work) while the GPU runs that
+        next step. A token that turns out to be a stop id has had one step queued for it (and
+        one more draw): that step writes a cache slot past ``cache_tokens``, which is never read
+        before it is overwritten. Same tokens as the synchronous loop (same logits, same draws
+        in the same order)."""
         import torch
         r, P = self.runner, self.prompt_tokens
         cuda = r.device.type == "cuda"                                 # else in order (the tests' CPU)
         host = torch.empty(2, dtype=torch.long, pin_memory=cuda)       # the tokens of two steps
         done = [torch.cuda.Event(), torch.cuda.Event()] if cuda else [_Done(), _Done()]
         with torch.inference_mode():
-            cur = logits.argmax(-1, keepdim=True)                      # [1] the first new token
+            cur = sample.next_id(logits)                               # [1] the first new token
             host[0:1].copy_(cur, non_blocking=True)
             done[0].record()
         done[0].synchronize()                                          # the prefill's time: to this token
@@ -261,7 +263,7 @@ class Generation:
             if queued:                                                 # its step, at position P + c
                 with torch.inference_mode():
                     fill(pos_buf, P + c)
-                    cur = r.decode(cur, pos_buf, self.rows)[0].argmax(-1, keepdim=True)
+                    cur = sample.next_id(r.decode(cur, pos_buf, self.rows)[0])
                     host[1 - k:2 - k].copy_(cur, non_blocking=True)
                     done[1 - k].record()
                 self.decode_steps += 1

@@ -93,16 +93,23 @@ class Sampler:
         if self.seen is not None and 0 <= token < self.vocab_size:
             self.seen[token] = True
 
-    def __call__(self, logits: torch.Tensor) -> int:
-        """logits float32 [V] (row of the last position) -> next token id; records it as seen."""
+    def next_id(self, logits: torch.Tensor) -> torch.Tensor:
+        """logits float32 [V] -> the next id as a long tensor [1] on the logits' device, recorded
+        as seen there: no synchronization, so a GPU loop can feed it to the next step before the
+        host reads it. The same draws as :meth:`__call__`."""
         x = process_logits(logits, self.params, self.seen)
         if self.params.greedy:
-            tok = int(torch.argmax(x))
+            tok = torch.argmax(x, dim=-1, keepdim=True)                          # [1]
         else:
             probs = torch.softmax(x.float(), dim=-1)
-            tok = int(torch.multinomial(probs, 1, generator=self.generator))
-        self.observe(tok)
+            tok = torch.multinomial(probs, 1, generator=self.generator)          # [1]
+        if self.seen is not None:
+            self.seen[tok] = True
         return tok
+
+    def __call__(self, logits: torch.Tensor) -> int:
+        """logits float32 [V] (row of the last position) -> next token id; records it as seen."""
+        return int(self.next_id(logits))
 
 
 __all__ = ["SamplingParams", "GenerationError", "SamplingError", "Sampler", "apply_repetition_penalty", "top_k_mask",
