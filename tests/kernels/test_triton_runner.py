@@ -144,6 +144,10 @@ def test_runner_rejects_unpacked_and_bad_positions():
     torch.testing.assert_close(two.prefill(toks, torch.arange(3)[None]), two.prefill(toks, torch.arange(3)))
     with pytest.raises(ValueError, match="outside the KV cache"):
         tr.prefill(torch.zeros((1, 3), dtype=torch.long), torch.arange(6, 9)[None])
+    with pytest.raises(ValueError, match="1 tokens but 2 positions"):
+        tr.decode(torch.zeros(1, dtype=torch.long), torch.tensor([3, 4]))
+    with pytest.raises(ValueError, match="position 8 outside"):
+        tr.decode(torch.zeros(1, dtype=torch.long), torch.tensor([8]))
 
 
 # ---------------------------------------------------------------- CUDA

@@ -109,18 +109,11 @@ class TorchRunner:
             return [_RowsView(c, r[0], r[0] + n) for c in self.cache]
         raise ValueError(f"runner: rows {r} must be contiguous (call once per row otherwise)")
 
-    def _check_pos(self, pos: torch.Tensor) -> None:
-        p = on_host(pos)
-        hi, lo = int(p.max()), int(p.min())
-        if hi >= self.max_len or lo < 0:
-            raise ValueError(f"runner: position {hi if hi >= self.max_len else lo} outside the KV cache "
-                             f"(max_len={self.max_len})")
-
     @torch.inference_mode()
     def prefill(self, tokens: torch.Tensor, pos: torch.Tensor,
                 rows: torch.Tensor | None = None) -> torch.Tensor:
         """tokens, pos [B, T] (host or device) -> float32 logits [B, V] of the last position of each row."""
-        self._check_pos(pos)
+        check_pos(pos, self.max_len)
         cache = self._caches(rows, tokens.shape[0])
         tokens, pos = tokens.to(self.device), pos.to(self.device)
         h = self.model.hidden(tokens, pos, cache)                # [B, T, D]
@@ -137,6 +130,17 @@ def on_host(t: torch.Tensor) -> torch.Tensor:
     """An index tensor to check on the host: a CPU tensor as it is (no wait), a device one copied
     (one synchronization; check everything on this copy rather than syncing per check)."""
     return t if t.device.type == "cpu" else t.cpu()
+
+
+def check_pos(pos: torch.Tensor, max_len: int, who: str = "runner") -> int:
+    """The largest of ``pos`` (host or device, see :func:`on_host`); a clear error naming ``who``
+    unless every position lies in the KV cache ``[0, max_len)``."""
+    p = on_host(pos)
+    hi, lo = int(p.max()), int(p.min())
+    if hi >= max_len or lo < 0:
+        raise ValueError(f"{who}: position {hi if hi >= max_len else lo} outside the KV cache "
+                         f"(max_len={max_len})")
+    return hi
 
 
 # ---------------------------------------------------------------- registry
@@ -205,4 +209,4 @@ def make_runner(model, batch: int = 1, max_len: int | None = None, backend: str 
 
 register_runner("torch", TorchRunner, lambda model: True, priority=0)
 
-__all__ = ["Runner", "TorchRunner", "register_runner", "make_runner", "runners", "RunnerSpec", "on_host"]
+__all__ = ["Runner", "TorchRunner", "register_runner", "make_runner", "runners", "RunnerSpec", "on_host", "check_pos"]

@@ -95,8 +95,8 @@ class Sampler:
 
     def next_id(self, logits: torch.Tensor) -> torch.Tensor:
         """logits float32 [V] -> the next id as a long tensor [1] on the logits' device, recorded
-        as seen there: no synchronization, so a GPU loop can feed it to the next step before the
-        host reads it. The same draws as :meth:`__call__`."""
+        as seen there without reading it on the host, so a GPU loop can feed it to the next step
+        before the host reads it. The same draws as :meth:`__call__`."""
         x = process_logits(logits, self.params, self.seen)
         if self.params.greedy:
             tok = torch.argmax(x, dim=-1, keepdim=True)                          # [1]

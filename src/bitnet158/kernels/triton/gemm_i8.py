@@ -27,8 +27,9 @@ computes the per-segment scales once per row (three ``gamma / s_x`` divisions a 
 per output element; the same correctly rounded values), and optionally runs persistent
 (``NPROG`` programs loop over the tiles, ``WS``: Triton's warp specialization of that loop; for
 sm_90 Triton 3.6 compiles it to the same kernel as without). It is bit-identical to the pointer
-kernel (tests) and faster than it and than :mod:`.gemm_tc` at 512-2048 rows on an H100, so every
-entry of ``TUNED`` selects it.
+kernel (tests) and faster than it on an H100; against :mod:`.gemm_tc` a layer's projections are
+faster at 512-2048 rows (gate|up alone at 512 rows is not, see ``TUNED``), so every entry of
+``TUNED`` selects it.
 
 Tests: ``tests/kernels/test_gemm_i8.py`` (interpreter on CPU, compiled on CUDA).
 """

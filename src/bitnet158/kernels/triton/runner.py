@@ -49,7 +49,7 @@ import torch
 import torch.nn.functional as F
 
 from ... import quant
-from ...engine.runner import on_host, register_runner
+from ...engine.runner import check_pos, on_host, register_runner
 from ...errors import ConfigError
 from . import decode_layer, decode_persistent
 from .attention import DecodeAttention, rope_cache_write
@@ -196,6 +196,8 @@ class TritonRunner:
         """Forget every row (slots are overwritten before they are read, so nothing is zeroed)."""
 
     def _rows(self, rows, n: int) -> torch.Tensor:
+        """Cache rows of n input rows, checked: ``rows`` on the host, or every row (None) on the
+        device; the caller copies them where the call needs them (one copy, no wait)."""
         if rows is None:
             if n != self.batch:
                 raise ValueError(f"triton runner: got {n} rows but the runner has batch={self.batch}; "
@@ -206,14 +208,7 @@ class TritonRunner:
             raise ValueError(f"triton runner: rows has {rows.numel()} entries for {n} input rows")
         if n and (int(rows.min()) < 0 or int(rows.max()) >= self.batch):
             raise ValueError(f"triton runner: rows {rows.tolist()} out of range for batch={self.batch}")
-        return rows.to(self.device, non_blocking=True)
-
-    def _check_pos(self, pos: torch.Tensor) -> None:
-        """``pos``: a host tensor (see :func:`on_host`)."""
-        hi, lo = int(pos.max()), int(pos.min())
-        if hi >= self.max_len or lo < 0:
-            raise ValueError(f"triton runner: position {hi if hi >= self.max_len else lo} outside the "
-                             f"KV cache (max_len={self.max_len})")
+        return rows
 
     def _lin(self, lin: _Linear, q, s):
         if (self.gemv == "masked" and lin.packed is not None and q.shape[0] <= 8
@@ -358,11 +353,13 @@ class TritonRunner:
     def decode(self, tokens: torch.Tensor, pos: torch.Tensor, rows: torch.Tensor | None = None) -> torch.Tensor:
         """tokens, pos [n] -> float32 logits [n, V]; one graph replay on CUDA."""
         n = tokens.shape[0]
+        if pos.numel() != n:
+            raise ValueError(f"triton runner: decode got {n} tokens but {pos.numel()} positions")
         r = self._rows(rows, n)
-        self._check_pos(on_host(pos))
+        check_pos(pos, self.max_len, "triton runner")
         self.tok_buf[:n].copy_(tokens.reshape(-1), non_blocking=True)   # from the host: no wait
         self.pos_buf[:n].copy_(pos.reshape(-1), non_blocking=True)
-        self.rows_buf[:n].copy_(r)
+        self.rows_buf[:n].copy_(r, non_blocking=True)
         args = (self.tok_buf[:n], self.pos_buf[:n], self.rows_buf[:n])
         if not self.graphs:
             return self._decode_step(*args)
@@ -398,7 +395,7 @@ class TritonRunner:
         if T == 0:
             raise ValueError("triton runner: prefill got no tokens (tokens has shape "
                              f"{tuple(tokens.shape)})")
-        r = self._rows(rows, B)
+        r = self._rows(rows, B).to(self.device, non_blocking=True)
         pos = on_host(pos).long()                          # every check below on the host copy
         if pos.dim() == 1:
             pos = pos[None]
@@ -406,7 +403,7 @@ class TritonRunner:
             pos = pos.expand(B, T)
         if pos.shape != (B, T):
             raise ValueError(f"triton runner: pos has shape {tuple(pos.shape)}, tokens {(B, T)}")
-        self._check_pos(pos)
+        hi = check_pos(pos, self.max_len, "triton runner")
         start = pos[:, 0]
         steps = bool((pos == start[:, None] + torch.arange(T)).all())                # consecutive
         starts = start.tolist()
@@ -416,8 +413,7 @@ class TritonRunner:
             out = self._prefill_graph(tokens, start.to(self.device, non_blocking=True), max(starts), r, fresh)
             if out is not None:
                 return out
-        L_ = int(pos.max()) + 1
-        return self._prefill(tokens, pos.to(self.device, non_blocking=True), r, fresh, L_)
+        return self._prefill(tokens, pos.to(self.device, non_blocking=True), r, fresh, hi + 1)
 
     def _padded_shape(self, T: int, s_max: int, fresh: bool) -> tuple[int, int]:
         """(Tp, Lp): the T new tokens padded to a multiple of PREFILL_ALIGN (never past the cache
