@@ -20,7 +20,9 @@ since it was timed, so this variant is the step again), with half or twice the d
 program or 8 warps; norm + quant on 4 or 16 warps (default 8 at these widths);
 the decode attention with 128- or 256-slot chunks (fewer partial programs, fewer chunks to merge;
 default 64), or its merge over the live chunks only, 8 or 16 at a time (``merge_block``; default:
-one tile padded to every chunk of the cache). Prints a table and one JSON line. Needs CUDA.
+one tile padded to every chunk of the cache), or launched for the first N cache slots only
+(``attn_spanN``: the partials' grid and the merge's tile cover N slots, as a step captured for
+contexts up to N would; N must cover ``--ctx``). Prints a table and one JSON line. Needs CUDA.
 """
 
 from __future__ import annotations
@@ -116,6 +118,10 @@ def variant(r, name: str):
         a = r.attn
         return _setattr(r, "attn", attention.DecodeAttention(a.H, a.HKV, a.D, 1, r.max_len, r.device,
                                                              chunk=_number(name, "attn_chunk")))
+    if name.startswith("attn_span"):
+        a = r.attn
+        return _setattr(r, "attn", attention.DecodeAttention(a.H, a.HKV, a.D, 1, _number(name, "attn_span"),
+                                                             r.device, chunk=a.chunk))
     raise SystemExit(f"unknown variant {name!r}")
 
 

@@ -188,6 +188,35 @@ def test_decode_attention(dtype, chunk, prefetch, merge_block):
     assert int((q.cpu().int() - rq.int()).abs().max()) <= 2
 
 
+@pytest.mark.parametrize("merge_block", [0, 2])
+def test_decode_attention_span(merge_block):
+    """A call told that every position lies below ``span`` launches and merges only the chunks up
+    to it (2 of the cache's 5 here) and gives the whole-cache call's result; one span past the
+    cache is the whole cache."""
+    from bitnet158.model import rope_tables
+    torch.manual_seed(3)
+    H, HKV, D, B, S = 4, 2, 16, 2, 80
+    cos_t, sin_t = rope_tables(D, S, 10000.0)
+    qkv = torch.randn(B, (H + 2 * HKV) * D)
+    kc, vc = torch.randn(B, HKV, S, D), torch.randn(B, HKV, S, D)
+    pos = torch.tensor([3, 20], dtype=torch.int32)
+    norm = RMSNorm(H * D, 1e-5)
+    norm.weight.data = torch.rand(H * D) + 0.5
+    ref = _attn_reference(qkv, kc.clone(), vc.clone(), pos, cos_t, sin_t, H, HKV, D, norm)
+    att = DecodeAttention(H, HKV, D, B, S, DEV, chunk=16, block_n=16, merge_block=merge_block)
+    assert (att.nch, att.chunks(21), att.chunks(32), att.chunks(33), att.chunks(1000), att.chunks(None)) == \
+        (5, 2, 2, 3, 5, 5)
+    rows = torch.arange(B, dtype=torch.int32, device=DEV)
+    args = (rows, pos.to(DEV), cos_t.to(DEV), sin_t.to(DEV), norm.weight.to(DEV), 1e-5)
+    outs = []
+    for span in (21, None):
+        kd, vd = kc.clone().to(DEV), vc.clone().to(DEV)
+        att.po.fill_(float("nan"))                           # chunks past the span are never read
+        outs.append(att(qkv.to(DEV), kd, vd, *args, quant=False, span=span).cpu())
+        torch.testing.assert_close(outs[-1], ref, rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(outs[0], outs[1], rtol=1e-6, atol=1e-6)
+
+
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32])
 def test_prefill_rope_cache_write(dtype):
     """RoPE of q and k and the cache write of a prefill against model.apply_rope + index_put: two

@@ -127,6 +127,34 @@ def test_padded_prefill_matches_unpadded(dtype, reference_kernels):
     assert big._padded_shape(300, 1690, False) == (310, 2000)
 
 
+def test_decode_spans_match_the_whole_cache(reference_kernels, monkeypatch):
+    """Decode steps launched for the smallest attention span that holds their positions (8, 32
+    slots here; then the whole 40-slot cache, on CUDA) give the reference runner's logits; on CUDA
+    each (rows, span) gets its own graph."""
+    from bitnet158.kernels.triton import runner as runner_mod
+    from bitnet158.kernels.triton.attention import DecodeAttention
+    monkeypatch.setattr(runner_mod, "DECODE_SPAN_MIN", 8)
+    m = _tiny(torch.float32, layers=1, device="cuda" if CUDA else "cpu")
+    dev, cfg = m.device, m.config
+    tr = TritonRunner(m, batch=2, max_len=40, graphs=CUDA)
+    tr.attn = DecodeAttention(cfg.num_attention_heads, cfg.num_key_value_heads,
+                              cfg.hidden_size // cfg.num_attention_heads, 2, 40, dev, chunk=16, block_n=16)
+    assert tr.decode_spans and tr.attn.nch == 3                       # 3 chunks of 16 slots
+    assert [tr._span(1, h) for h in (0, 7, 8, 31, 32, 39)] == [8, 8, 32, 32, None, None]
+    ref = TorchRunner(m, batch=2, max_len=40)
+    toks = torch.randint(0, cfg.vocab_size, (2, 36), device=dev)
+    pos = torch.arange(36, device=dev)[None].expand(2, 36)
+    tr.prefill(toks, pos)
+    ref.prefill(toks, pos)
+    for p in ([3, 6], [3, 20]) + (([35, 2],) if CUDA else ()):   # a step rewrites slot p, reads those below
+        nt, pt = torch.tensor([7, 9], device=dev), torch.tensor(p)
+        torch.testing.assert_close(tr.decode(nt, pt), ref.decode(nt, pt), rtol=1e-4, atol=1e-4, msg=f"decode at {p}")
+    if CUDA:
+        assert set(tr._graphs) == {(2, 8), (2, 32), (2, None)}
+    tr.decode_spans = False
+    assert tr._span(1, 5) is None
+
+
 def test_runner_rejects_unpacked_and_bad_positions():
     cfg = ModelConfig.from_name("tiny", num_hidden_layers=1)
     with pytest.raises(Exception, match="packed"):
@@ -323,7 +351,7 @@ def test_cuda_prefill_graphs(reference_kernels, monkeypatch):
     assert list(tr._prefill_graphs) == [(1, 64, 128, False), (2, 64, 64, True)]
     # every kept graph, prefill or decode, writes its logits into the one shared buffer
     assert {e[1].data_ptr() for e in tr._prefill_graphs.values()} == {tr._graph_out.data_ptr()}
-    assert sorted(tr._graphs) == [1, 2]
+    assert sorted(n for n, _ in tr._graphs) == [1, 2]
     assert {e[1].data_ptr() for e in tr._graphs.values()} == {tr._graph_out.data_ptr()}
 
 

@@ -442,20 +442,29 @@ class DecodeAttention:
         self.cnt = torch.zeros(batch, dtype=torch.int32, device=device)   # left zeroed by each call
         self.gcnt = torch.zeros(batch * n_kv, dtype=torch.int32, device=device)   # fused kernel's
 
+    def chunks(self, span: int | None) -> int:
+        """Chunks a call launches for positions below ``span`` (None: every chunk of the cache)."""
+        return self.nch if span is None else max(1, min(self.nch, cdiv(span, self.chunk)))
+
     def __call__(self, qkv: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor,
                  rows: torch.Tensor, pos: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor,
                  norm_weight: torch.Tensor, eps: float, quant: bool = True, y_out=None, q_out=None,
-                 s_out=None):
+                 s_out=None, span: int | None = None):
         """qkv [B, (H+2Hkv)D]; caches [rows, Hkv, S, D]; rows, pos int32 [B]; cos/sin fp32 [P, D].
+        ``span``: every ``pos`` is below it (the caller's promise), so only the chunks up to it are
+        launched and merged (a [next_pow2(chunks), D] merge tile instead of one padded to the cache).
 
         Returns (q int8 [B, H*D], s fp32 [B]) or, with ``quant=False``, y [B, H*D].
         """
         B = qkv.shape[0]
+        nch = self.chunks(span)
+        nchp = next_pow2(nch)
+        cb = self.merge_block if self.merge_block < nchp else 0
         HD = self.H * self.D
         if k_cache.stride(3) != 1 or k_cache.stride() != v_cache.stride():
             raise ValueError("decode attention: caches must share strides, unit stride on head_dim")
         ieee = k_cache.dtype == torch.float32
-        _attn_partial[(B * self.HKV, self.nch)](
+        _attn_partial[(B * self.HKV, nch)](
             qkv, qkv.stride(0), k_cache, v_cache, k_cache.stride(0), k_cache.stride(1),
             k_cache.stride(2), rows, pos, cos, sin, self.po, self.pml, self.D ** -0.5,
             H=self.H, HKV=self.HKV, D=self.D, GROUP=self.group, GP=max(16, next_pow2(self.group)),
@@ -474,8 +483,8 @@ class DecodeAttention:
             self.po, self.pml, pos, norm_weight, self.ob, self.cnt, y_out, q_out, s_out, y_out.stride(0),
             q_out.stride(0), eps,
             H=self.H, HP=next_pow2(self.H), D=self.D, CHUNK=self.chunk, NCH=self.nch,
-            NCHP=next_pow2(self.nch), QUANT=quant, PDL=PDL, INTERP=INTERPRET, CB=self.merge_block,
-            num_warps=self.combine_warps or merge_warps(B * self.H, self.merge_block or next_pow2(self.nch)),
+            NCHP=nchp, QUANT=quant, PDL=PDL, INTERP=INTERPRET, CB=cb,
+            num_warps=self.combine_warps or merge_warps(B * self.H, cb or nchp),
             **_pdl)
         return (q_out, s_out) if quant else y_out
 

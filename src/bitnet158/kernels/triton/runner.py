@@ -23,8 +23,10 @@ of one program an SM whose stages are separated by grid barriers (:mod:`.decode_
 All three measured slower than the 9-kernel step on an H100 (a kernel boundary with PDL costs
 ~0.8 us; the fused kernels lose more than that inside, the persistent one's stages on one
 program an SM are slower still), so ``"unfused"`` is the default. The whole step is captured in a CUDA graph per
-number of rows, with tokens, positions and cache rows in device buffers, so any prompt and output
-length replays the same graph. Prefill runs the same kernels (tensor-core W2A8 GEMM) with SDPA
+number of rows and attention span (the cache slots up to which the attention launches programs
+and merges chunks: 256, 1024, 4096, ... slots, the smallest that holds every position), with
+tokens, positions and cache rows in device buffers, so any prompt and output length replays one
+of a few graphs. Prefill runs the same kernels (tensor-core W2A8 GEMM) with SDPA
 attention, RoPE and the cache write in one kernel (``attention.rope_cache_write``). Eager, a
 2048-token prefill's ~400 launches cost the host more time than the GPU needs for them (H100),
 so with CUDA graphs (``runner.prefill_graphs``, on by default: 19.2 -> 16.2 ms on an H100) a
@@ -43,6 +45,7 @@ benchmark instead: the same graph, cache, attention and norms, but every project
 
 from __future__ import annotations
 
+import functools
 from collections import OrderedDict
 
 import torch
@@ -100,6 +103,15 @@ PREFILL_ALIGN = 64
 PREFILL_SPAN = 512
 PREFILL_GRAPHS = 32
 PREFILL_GRAPHS_DEFAULT = True     # H100, 2048 tokens: 19.2 -> 16.2 ms (host-bound eager)
+# decode graphs per (rows, span): a step whose positions all lie below ``span`` launches the
+# attention's partial programs and merges chunks up to that slot only (the 9-kernel step; the
+# fused and persistent steps read the whole cache). Spans grow DECODE_SPAN_GROWTH-fold from
+# DECODE_SPAN_MIN slots; one at or past the cache is the whole cache. So a row count has at most
+# log4(max_len / 256) + 1 graphs (4 at 2B4T's 4096 slots), each replayed from the smallest span
+# that holds the step's positions.
+DECODE_SPANS_DEFAULT = True
+DECODE_SPAN_MIN = 256
+DECODE_SPAN_GROWTH = 4
 TAIL_STYLES = {"qkv": "w8", "o": "w8", "gu": "w8", "down": "w8"}      # the best whole step of those tried
 DEFAULT_GEMV = "w2a8"
 
@@ -183,7 +195,8 @@ class TritonRunner:
         self._all_rows = torch.arange(batch, device=dev)                    # rows=None: every row
         self.x_buf = torch.zeros((batch, cfg.hidden_size), dtype=dt, device=dev)
         self.x2_buf = torch.zeros((batch, cfg.hidden_size), dtype=dt, device=dev)   # fused: ping-pong
-        self._graphs: dict[int, tuple] = {}
+        self._graphs: dict[tuple, tuple] = {}        # (rows, span) -> (graph, logits)
+        self.decode_spans = DECODE_SPANS_DEFAULT
         # prefill chunks replay a graph per padded shape (with CUDA graphs, PREFILL_GRAPHS_DEFAULT)
         self.prefill_graphs = self.graphs and PREFILL_GRAPHS_DEFAULT
         self._prefill_graphs: OrderedDict = OrderedDict()
@@ -317,9 +330,19 @@ class TritonRunner:
                 d = tail(q, s, L["down"], style=st["down"])
         return self._head(x, d, out)
 
-    def _decode_step(self, tok, pos, rows, out=None):
+    def _span(self, n: int, hi: int) -> int | None:
+        """Cache slots the decode step's attention covers when no position exceeds ``hi``
+        (``DECODE_SPAN_MIN`` times a power of ``DECODE_SPAN_GROWTH``); None: the whole cache."""
+        if not self.decode_spans or self._step_kind(n) != "unfused":
+            return None
+        span = DECODE_SPAN_MIN
+        while span <= hi:
+            span *= DECODE_SPAN_GROWTH
+        return span if span < self.max_len else None
+
+    def _decode_step(self, tok, pos, rows, out=None, span=None):
         """tok long [n], pos int32 [n], rows int32 [n] (device buffers) -> float32 logits [n, V]
-        (in ``out`` when given)."""
+        (in ``out`` when given); ``span``: every position lies below it (see ``_span``)."""
         n = tok.shape[0]
         kind = self._step_kind(n)
         if kind == "prologue":
@@ -338,10 +361,10 @@ class TritonRunner:
             qkv = self._lin(L["qkv"], q, s)
             if self.mode == "w2a8":
                 q, s = self.attn(qkv, self.k_cache[i], self.v_cache[i], rows, pos, self.cos, self.sin,
-                                 L["attn_norm"], self.eps)
+                                 L["attn_norm"], self.eps, span=span)
             else:
                 q, s = self.attn(qkv, self.k_cache[i], self.v_cache[i], rows, pos, self.cos, self.sin,
-                                 L["attn_norm"], self.eps, quant=False), None
+                                 L["attn_norm"], self.eps, quant=False, span=span), None
             delta = self._lin(L["o"], q, s)
             q, s = self._nq(x, L["post_norm"], residual=delta, h_out=x)
             gu = self._lin(L["gu"], q, s)
@@ -356,17 +379,18 @@ class TritonRunner:
         if pos.numel() != n:
             raise ValueError(f"triton runner: decode got {n} tokens but {pos.numel()} positions")
         r = self._rows(rows, n)
-        check_pos(pos, self.max_len, "triton runner")
+        span = self._span(n, check_pos(pos, self.max_len, "triton runner"))
         self.tok_buf[:n].copy_(tokens.reshape(-1), non_blocking=True)   # from the host: no wait
         self.pos_buf[:n].copy_(pos.reshape(-1), non_blocking=True)
         self.rows_buf[:n].copy_(r, non_blocking=True)
         args = (self.tok_buf[:n], self.pos_buf[:n], self.rows_buf[:n])
         if not self.graphs:
-            return self._decode_step(*args)
-        if n not in self._graphs:
+            return self._decode_step(*args, span=span)
+        if (n, span) not in self._graphs:
             pool, out = self._graph_memory()
-            self._graphs[n] = self._capture(args + (out[:n],), pool=pool)
-        g, out = self._graphs[n]
+            step = functools.partial(self._decode_step, span=span)
+            self._graphs[n, span] = self._capture(args + (out[:n],), step, pool=pool)
+        g, out = self._graphs[n, span]
         g.replay()
         return out.clone()
 
