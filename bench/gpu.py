@@ -12,7 +12,8 @@ gate|up); the W2A8 pipeline reads the 2-bit weights. Measured (median of repeats
 - batch-1 decode ms/token at context 128 / 1024 / 4096 (``runner.decode`` back to back, inputs
   from the host; at 1024 also from the device; where the step's attention span is shorter than
   the cache, W2A8 also with the attention over the whole cache), and greedy generation through ``generate``
-  (128 tokens after a 128-token prompt: tok/s, sampling and its synchronization included);
+  (128 tokens after a 128-token prompt: tok/s, sampling and its synchronization included), and
+  sampled generation the same way (temperature 0.8, top-p 0.95);
 - batch 8 and 64 decode throughput (rows at staggered positions around 1024);
 - a 2048-token prefill (head on the last position only, as the runner returns): eager, the host's
   time to enqueue it, with prefill graphs (``runner.prefill_graphs``: the prompt replays its
@@ -115,14 +116,16 @@ def decode_ms(runner, pos_list, iters=50, where="cpu") -> float:
     return events_ms(lambda: runner.decode(tok, pos), iters)
 
 
-def generate_tok_s(runner, prompt_len=128, new=128) -> float:
-    """Greedy generation through ``generate`` at batch 1: decode steps a second, the sampler's
-    argmax and its one synchronization a token included (the prefill excluded)."""
+def generate_tok_s(runner, prompt_len=128, new=128, **sampling) -> float:
+    """Generation through ``generate`` at batch 1, greedy unless ``sampling`` says otherwise
+    (temperature, top_k, top_p, ...): decode steps a second, the sampler's work and its one
+    synchronization a token included (the prefill excluded)."""
     from bitnet158.engine.generate import generate
     prompt = torch.randint(0, runner.vocab_size, (prompt_len,), generator=torch.Generator().manual_seed(0))
+    sampling = dict(dict(temperature=0.0), **sampling)
     best = 0.0
     for _ in range(3):                                    # the first run captures the graph
-        g = generate(runner, prompt.tolist(), max_new_tokens=new, temperature=0.0, stop_ids=())
+        g = generate(runner, prompt.tolist(), max_new_tokens=new, stop_ids=(), seed=0, **sampling)
         g.run()
         best = max(best, g.decode_tok_s)
     return best
@@ -507,9 +510,11 @@ def main(argv=None) -> int:
         if ctxs:
             res[f"decode_b1_ctx1024_{mode}_device_inputs_ms"] = round(decode_ms(r, [1023], 100, "cuda"), 4)
             res[f"tg128_b1_{mode}_tok_s"] = round(generate_tok_s(r), 1)
+            res[f"tg128_b1_{mode}_sampled_tok_s"] = round(generate_tok_s(r, temperature=0.8, top_p=0.95), 1)
             print(f"[{mode}] decode b1 ctx 1024, inputs on the device: "
                   f"{res[f'decode_b1_ctx1024_{mode}_device_inputs_ms']:.3f} ms; greedy generation "
-                  f"(128 after 128): {res[f'tg128_b1_{mode}_tok_s']:.0f} tok/s", flush=True)
+                  f"(128 after 128): {res[f'tg128_b1_{mode}_tok_s']:.0f} tok/s, sampled (temperature 0.8, "
+                  f"top-p 0.95): {res[f'tg128_b1_{mode}_sampled_tok_s']:.0f} tok/s", flush=True)
             save()
         if mode == "w2a8" and ctxs:        # the optional int8 head, same cache length
             del r
