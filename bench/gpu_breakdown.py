@@ -22,7 +22,8 @@ the decode attention with 128- or 256-slot chunks (fewer partial programs, fewer
 default 64), or its merge over the live chunks only, 8 or 16 at a time (``merge_block``; default:
 one tile padded to every chunk of the cache), or launched for the first N cache slots only
 (``attn_spanN``: the partials' grid and the merge's tile cover N slots, as a step captured for
-contexts up to N would; N must cover ``--ctx``). Prints a table and one JSON line. Needs CUDA.
+contexts up to N would; N must cover ``--ctx``), or as one kernel (``attn_fused``, ``attn_fused4``:
+the fused steps' attention, the merges in the last programs, on 8 or 4 warps). Prints a table and one JSON line. Needs CUDA.
 """
 
 from __future__ import annotations
@@ -97,6 +98,20 @@ def _number(name: str, prefix: str) -> int:
     return int(tail)
 
 
+class _OneKernelAttention:
+    """``DecodeAttention.fused`` in the place of the two-kernel attention: the partials, then in
+    the last chunk program of a KV head the group's merge, in the last KV head's the sub-norm and
+    quant of the row."""
+
+    def __init__(self, attn, warps: int):
+        self.attn, self.warps = attn, warps
+
+    def __call__(self, qkv, k_cache, v_cache, rows, pos, cos, sin, norm_weight, eps):
+        _, q, s = self.attn.fused(qkv, k_cache, v_cache, rows, pos, cos, sin, num_warps=self.warps,
+                                  norm_weight=norm_weight, eps=eps)
+        return q, s
+
+
 def variant(r, name: str):
     """A context in which runner ``r``'s step launches with variant ``name``'s parameters."""
     from bitnet158.kernels.triton import attention, norm_quant
@@ -118,6 +133,9 @@ def variant(r, name: str):
         a = r.attn
         return _setattr(r, "attn", attention.DecodeAttention(a.H, a.HKV, a.D, 1, r.max_len, r.device,
                                                              chunk=_number(name, "attn_chunk")))
+    if name.startswith("attn_fused"):
+        warps = _number(name, "attn_fused") if name != "attn_fused" else 8
+        return _setattr(r, "attn", _OneKernelAttention(r.attn, warps))
     if name.startswith("attn_span"):
         a = r.attn
         return _setattr(r, "attn", attention.DecodeAttention(a.H, a.HKV, a.D, 1, _number(name, "attn_span"),
@@ -126,7 +144,7 @@ def variant(r, name: str):
 
 
 VARIANTS = ("gemv_joint,nq_w4,nq_w16,gemv_br_half,gemv_br_double,gemv_w8,attn_chunk128,attn_chunk256,"
-            "attn_merge8,attn_merge16")
+            "attn_merge8,attn_merge16,attn_fused,attn_fused4")
 
 
 def step_ms(r, step, ctx: int, iters: int) -> float:

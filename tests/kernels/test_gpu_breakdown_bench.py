@@ -56,6 +56,15 @@ def test_doubled_attention_keeps_the_logits(runner):
     assert torch.equal(gpu_breakdown.step_doubling(runner, "attn")(*_args()), runner._decode_step(*_args()))
 
 
+@pytest.mark.parametrize("name", ["attn_fused", "attn_span16", "attn_merge1"])
+def test_attention_variants_keep_the_logits(runner, name):
+    """The attention variants compute the step's attention (sums in another order, so within fp32
+    rounding): they time the same step, not another one."""
+    with gpu_breakdown.variant(runner, name):
+        got = gpu_breakdown.step_doubling(runner, None)(*_args())
+    torch.testing.assert_close(got, runner._decode_step(*_args()), rtol=1e-5, atol=1e-5)
+
+
 def test_every_variant_name_is_known(runner):
     """``--variants all`` names only variants the bench can build (else a GPU call would stop
     halfway with "unknown variant")."""
@@ -69,3 +78,5 @@ def test_unknown_or_malformed_variant_is_a_clear_error(runner):
         gpu_breakdown.variant(runner, "gemv_fast")
     with pytest.raises(SystemExit, match="expected a number"):
         gpu_breakdown.variant(runner, "attn_chunkX")
+    with pytest.raises(SystemExit, match="expected a number"):
+        gpu_breakdown.variant(runner, "attn_fusedX")
