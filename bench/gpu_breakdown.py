@@ -23,7 +23,8 @@ default 64), or its merge over the live chunks only, 8 or 16 at a time (``merge_
 one tile padded to every chunk of the cache), or launched for the first N cache slots only
 (``attn_spanN``: the partials' grid and the merge's tile cover N slots, as a step captured for
 contexts up to N would; N must cover ``--ctx``), or as one kernel (``attn_fused``, ``attn_fused4``:
-the fused steps' attention, the merges in the last programs, on 8 or 4 warps). Prints a table and one JSON line. Needs CUDA.
+the fused steps' attention, the merges in the last programs, on 8 or 4 warps), or with its
+partial programs on 2 or 8 warps (``attn_pw2``, ``attn_pw8``; default 4). Prints a table and one JSON line. Needs CUDA.
 """
 
 from __future__ import annotations
@@ -133,6 +134,8 @@ def variant(r, name: str):
         a = r.attn
         return _setattr(r, "attn", attention.DecodeAttention(a.H, a.HKV, a.D, 1, r.max_len, r.device,
                                                              chunk=_number(name, "attn_chunk")))
+    if name.startswith("attn_pw"):
+        return _setattr(r.attn, "partial_warps", _number(name, "attn_pw"))
     if name.startswith("attn_fused"):
         warps = _number(name, "attn_fused") if name != "attn_fused" else 8
         return _setattr(r, "attn", _OneKernelAttention(r.attn, warps))
@@ -144,7 +147,7 @@ def variant(r, name: str):
 
 
 VARIANTS = ("gemv_joint,nq_w4,nq_w16,gemv_br_half,gemv_br_double,gemv_w8,attn_chunk128,attn_chunk256,"
-            "attn_merge8,attn_merge16,attn_fused,attn_fused4")
+            "attn_merge8,attn_merge16,attn_fused,attn_fused4,attn_pw2,attn_pw8")
 
 
 def step_ms(r, step, ctx: int, iters: int) -> float:

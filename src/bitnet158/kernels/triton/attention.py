@@ -432,6 +432,7 @@ class DecodeAttention:
         self.nch = cdiv(max_len, self.chunk)
         self.combine_warps = COMBINE_WARPS if combine_warps is None else combine_warps   # None: per call
         self.prefetch = PARTIAL_PREFETCH if prefetch is None else prefetch
+        self.partial_warps = 4           # warps of a partial program ([16, D] queries, 64-slot tiles)
         # live chunks the merge takes at a time; 0 (or as many as the cache has): all in one tile
         if merge_block < 0 or merge_block & (merge_block - 1):
             raise ValueError(f"decode attention: merge_block={merge_block} must be 0 or a power of two")
@@ -471,7 +472,7 @@ class DecodeAttention:
             CHUNK=self.chunk, BLOCK_N=self.block_n, NCH=self.nch, IEEE=ieee,
             DYN=self.chunk > self.block_n and not INTERPRET,
             PREFETCH=self.prefetch,
-            PDL=PDL, INTERP=INTERPRET, num_warps=4, **_pdl)
+            PDL=PDL, INTERP=INTERPRET, num_warps=self.partial_warps, **_pdl)
         if quant:
             q_out = q_out if q_out is not None else torch.empty((B, HD), dtype=torch.int8, device=qkv.device)
             s_out = s_out if s_out is not None else torch.empty((B,), dtype=torch.float32, device=qkv.device)
