@@ -23,7 +23,8 @@ default 64), or its merge over the live chunks only, 8 or 16 at a time (``merge_
 one tile padded to every chunk of the cache), or launched for the first N cache slots only
 (``attn_spanN``: the partials' grid and the merge's tile cover N slots, as a step captured for
 contexts up to N would; N must cover ``--ctx``), or as one kernel (``attn_fused``, ``attn_fused4``:
-the fused steps' attention, the merges in the last programs, on 8 or 4 warps), or with its
+the fused steps' attention, the merges in the last programs, on 8 or 4 warps; ``attn_fused_spanN``:
+on 8 warps over the first N slots), or with its
 partial programs on 2 or 8 warps (``attn_pw2``, ``attn_pw8``; default 4). Prints a table and one JSON line. Needs CUDA.
 """
 
@@ -104,12 +105,12 @@ class _OneKernelAttention:
     the last chunk program of a KV head the group's merge, in the last KV head's the sub-norm and
     quant of the row."""
 
-    def __init__(self, attn, warps: int):
-        self.attn, self.warps = attn, warps
+    def __init__(self, attn, warps: int, span: int | None = None):
+        self.attn, self.warps, self.span = attn, warps, span
 
     def __call__(self, qkv, k_cache, v_cache, rows, pos, cos, sin, norm_weight, eps):
         _, q, s = self.attn.fused(qkv, k_cache, v_cache, rows, pos, cos, sin, num_warps=self.warps,
-                                  norm_weight=norm_weight, eps=eps)
+                                  norm_weight=norm_weight, eps=eps, span=self.span)
         return q, s
 
 
@@ -136,6 +137,8 @@ def variant(r, name: str):
                                                              chunk=_number(name, "attn_chunk")))
     if name.startswith("attn_pw"):
         return _setattr(r.attn, "partial_warps", _number(name, "attn_pw"))
+    if name.startswith("attn_fused_span"):
+        return _setattr(r, "attn", _OneKernelAttention(r.attn, 8, _number(name, "attn_fused_span")))
     if name.startswith("attn_fused"):
         warps = _number(name, "attn_fused") if name != "attn_fused" else 8
         return _setattr(r, "attn", _OneKernelAttention(r.attn, warps))

@@ -56,7 +56,7 @@ def test_doubled_attention_keeps_the_logits(runner):
     assert torch.equal(gpu_breakdown.step_doubling(runner, "attn")(*_args()), runner._decode_step(*_args()))
 
 
-@pytest.mark.parametrize("name", ["attn_fused", "attn_span16", "attn_merge1"])
+@pytest.mark.parametrize("name", ["attn_fused", "attn_fused_span16", "attn_span16", "attn_merge1", "attn_pw2"])
 def test_attention_variants_keep_the_logits(runner, name):
     """The attention variants compute the step's attention (sums in another order, so within fp32
     rounding): they time the same step, not another one."""

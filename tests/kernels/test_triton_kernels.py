@@ -192,7 +192,7 @@ def test_decode_attention(dtype, chunk, prefetch, merge_block):
 def test_decode_attention_span(merge_block):
     """A call told that every position lies below ``span`` launches and merges only the chunks up
     to it (2 of the cache's 5 here) and gives the whole-cache call's result; one span past the
-    cache is the whole cache."""
+    cache is the whole cache. The same for the one-kernel attention."""
     from bitnet158.model import rope_tables
     torch.manual_seed(3)
     H, HKV, D, B, S = 4, 2, 16, 2, 80
@@ -215,6 +215,11 @@ def test_decode_attention_span(merge_block):
         outs.append(att(qkv.to(DEV), kd, vd, *args, quant=False, span=span).cpu())
         torch.testing.assert_close(outs[-1], ref, rtol=1e-5, atol=1e-5)
     torch.testing.assert_close(outs[0], outs[1], rtol=1e-6, atol=1e-6)
+    fused = []                                               # the one-kernel attention, the same way
+    for span in (21, None):
+        kd, vd = kc.clone().to(DEV), vc.clone().to(DEV)
+        fused.append(att.fused(qkv.to(DEV), kd, vd, *args[:4], span=span, norm_weight=args[4], eps=1e-5)[0].cpu())
+    torch.testing.assert_close(fused[0], fused[1], rtol=1e-6, atol=1e-6)
 
 
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32])

@@ -491,11 +491,13 @@ class DecodeAttention:
 
     def fused(self, qkv: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, rows: torch.Tensor,
               pos: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, out: torch.Tensor | None = None,
-              num_warps: int = 8, norm_weight: torch.Tensor | None = None, eps: float = 1e-5):
+              num_warps: int = 8, norm_weight: torch.Tensor | None = None, eps: float = 1e-5,
+              span: int | None = None):
         """One kernel: qkv [B, (H+2Hkv)D] -> attention output o [B, H*D] in the caches' dtype
         (before attn_sub_norm); with ``norm_weight``: (o, q int8 [B, H*D], s fp32 [B]), the row
-        normed and quantized for o_proj. Same cache write and chunking as ``__call__``."""
+        normed and quantized for o_proj. Same cache write, chunking and ``span`` as ``__call__``."""
         B = qkv.shape[0]
+        nch = self.chunks(span)
         if k_cache.stride(3) != 1 or k_cache.stride() != v_cache.stride():
             raise ValueError("decode attention: caches must share strides, unit stride on head_dim")
         out = out if out is not None else torch.empty((B, self.H * self.D), dtype=k_cache.dtype,
@@ -506,13 +508,13 @@ class DecodeAttention:
             s = torch.empty((B,), dtype=torch.float32, device=qkv.device)
         else:
             q, s = out, out
-        _attn_fused[(B * self.HKV, self.nch)](
+        _attn_fused[(B * self.HKV, nch)](
             qkv, qkv.stride(0), k_cache, v_cache, k_cache.stride(0), k_cache.stride(1),
             k_cache.stride(2), rows, pos, cos, sin, self.po, self.pml, self.gcnt, out, out.stride(0),
             self.D ** -0.5, norm_weight if quant else out, self.cnt, q, s, q.stride(0), eps,
             H=self.H, HKV=self.HKV, D=self.D, GROUP=self.group,
             GP=max(16, next_pow2(self.group)), CHUNK=self.chunk, BLOCK_N=self.block_n,
-            NCH=self.nch, NCHP=next_pow2(self.nch), HP=next_pow2(self.H),
+            NCH=self.nch, NCHP=next_pow2(nch), HP=next_pow2(self.H),
             QUANT=quant, IEEE=k_cache.dtype == torch.float32, PDL=PDL, INTERP=INTERPRET,
             num_warps=num_warps, **_pdl)
         return (out, q, s) if quant else out
