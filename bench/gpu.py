@@ -11,7 +11,7 @@ gate|up); the W2A8 pipeline reads the 2-bit weights. Measured (median of repeats
   (packed weights + head + KV bytes at that context) / bandwidth, with a bf16 and an int8 head;
 - batch-1 decode ms/token at context 128 / 1024 / 4096 (``runner.decode`` back to back, inputs
   from the host; at 1024 also from the device; where the step's attention span is shorter than
-  the cache, W2A8 also with the attention over the whole cache), and greedy generation through ``generate``
+  the cache, W2A8 also with decode spans on and off: ``_spans_ms``, ``_whole_cache_ms``), and greedy generation through ``generate``
   (128 tokens after a 128-token prompt: tok/s, sampling and its synchronization included), and
   sampled generation the same way (temperature 0.8, top-p 0.95);
 - batch 8 and 64 decode throughput (rows at staggered positions around 1024);
@@ -501,11 +501,13 @@ def main(argv=None) -> int:
                 res[f"floor_b1_ctx{ctx}_ms"] = round(nbytes / (bw * 1e9) * 1e3, 4)
                 res[f"floor_b1_ctx{ctx}_int8_head_ms"] = round((nbytes - wb["head"] / 2) / (bw * 1e9) * 1e3, 4)
             print(f"[{mode}] decode b1 ctx {ctx}: {ms:.3f} ms", flush=True)
-            if mode == "w2a8" and r._span(1, ctx - 1) is not None:     # the step over the whole cache
-                r.decode_spans = False
-                ms = res[f"decode_b1_ctx{ctx}_w2a8_whole_cache_ms"] = round(decode_ms(r, [ctx - 1], iters=100), 4)
-                r.decode_spans = True
-                print(f"[{mode}] decode b1 ctx {ctx}, attention over the whole cache: {ms:.3f} ms", flush=True)
+            default, r.decode_spans = r.decode_spans, True
+            if mode == "w2a8" and r._span(1, ctx - 1) is not None:    # attention span against whole cache
+                for key, on in (("spans", True), ("whole_cache", False)):
+                    r.decode_spans = on
+                    ms = res[f"decode_b1_ctx{ctx}_w2a8_{key}_ms"] = round(decode_ms(r, [ctx - 1], iters=100), 4)
+                    print(f"[{mode}] decode b1 ctx {ctx}, attention {key}: {ms:.3f} ms", flush=True)
+            r.decode_spans = default
             save()
         if ctxs:
             res[f"decode_b1_ctx1024_{mode}_device_inputs_ms"] = round(decode_ms(r, [1023], 100, "cuda"), 4)
