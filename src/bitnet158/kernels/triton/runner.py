@@ -23,10 +23,10 @@ of one program an SM whose stages are separated by grid barriers (:mod:`.decode_
 All three measured slower than the 9-kernel step on an H100 (a kernel boundary with PDL costs
 ~0.8 us; the fused kernels lose more than that inside, the persistent one's stages on one
 program an SM are slower still), so ``"unfused"`` is the default. The whole step is captured in a CUDA graph per
-number of rows and attention span (the cache slots up to which the attention launches programs
-and merges chunks: 256, 1024, 4096, ... slots, the smallest that holds every position), with
-tokens, positions and cache rows in device buffers, so any prompt and output length replays one
-of a few graphs. Prefill runs the same kernels (tensor-core W2A8 GEMM) with SDPA
+number of rows (with ``runner.decode_spans``, per number of rows and attention span: the cache
+slots up to which the attention launches programs and merges chunks, 256, 1024, 4096, ... slots,
+the smallest that holds every position), with tokens, positions and cache rows in device
+buffers, so any prompt and output length replays the same graph (or one of a few). Prefill runs the same kernels (tensor-core W2A8 GEMM) with SDPA
 attention, RoPE and the cache write in one kernel (``attention.rope_cache_write``). Eager, a
 2048-token prefill's ~400 launches cost the host more time than the GPU needs for them (H100),
 so with CUDA graphs (``runner.prefill_graphs``, on by default: 19.2 -> 16.2 ms on an H100) a
@@ -109,7 +109,7 @@ PREFILL_GRAPHS_DEFAULT = True     # H100, 2048 tokens: 19.2 -> 16.2 ms (host-bou
 # DECODE_SPAN_MIN slots; one at or past the cache is the whole cache. So a row count has at most
 # log4(max_len / 256) + 1 graphs (3 at 2B4T's 4096 slots: 256, 1024, all), each replayed for
 # the smallest span that holds the step's positions.
-DECODE_SPANS_DEFAULT = True
+DECODE_SPANS_DEFAULT = False      # not yet timed on a GPU (bench/gpu.py: _spans_ms, _whole_cache_ms)
 DECODE_SPAN_MIN = 256
 DECODE_SPAN_GROWTH = 4
 TAIL_STYLES = {"qkv": "w8", "o": "w8", "gu": "w8", "down": "w8"}      # the best whole step of those tried
