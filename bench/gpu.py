@@ -11,9 +11,10 @@ gate|up); the W2A8 pipeline reads the 2-bit weights. Measured (median of repeats
   (packed weights + head + KV bytes at that context) / bandwidth, with a bf16 and an int8 head;
 - batch-1 decode ms/token at context 128 / 1024 / 4096 (``runner.decode`` back to back, inputs
   from the host; at 1024 also from the device; where the step's attention span is shorter than
-  the cache, W2A8 also with decode spans on and off: ``_spans_ms``, ``_whole_cache_ms``), and greedy generation through ``generate``
-  (128 tokens after a 128-token prompt: tok/s, sampling and its synchronization included), and
-  sampled generation the same way (temperature 0.8, top-p 0.95);
+  the cache, W2A8 also with decode spans on and off: ``_spans_ms``, ``_whole_cache_ms``), and
+  greedy generation through ``generate`` (128 tokens after a 128-token prompt: tok/s, sampling
+  and its synchronization included), and sampled generation the same way (temperature 0.8,
+  top-p 0.95);
 - batch 8 and 64 decode throughput (rows at staggered positions around 1024);
 - a 2048-token prefill (head on the last position only, as the runner returns): eager, the host's
   time to enqueue it, with prefill graphs (``runner.prefill_graphs``: the prompt replays its

@@ -24,8 +24,8 @@ one tile padded to every chunk of the cache), or launched for the first N cache 
 (``attn_spanN``: the partials' grid and the merge's tile cover N slots, as a step captured for
 contexts up to N would; N must cover ``--ctx``), or as one kernel (``attn_fused``, ``attn_fused4``:
 the fused steps' attention, the merges in the last programs, on 8 or 4 warps; ``attn_fused_spanN``:
-on 8 warps over the first N slots), or with its
-partial programs on 2 or 8 warps (``attn_pw2``, ``attn_pw8``; default 4). Prints a table and one JSON line. Needs CUDA.
+on 8 warps over the first N slots), or with its partial programs on 2 or 8 warps (``attn_pw2``,
+``attn_pw8``; default 4). Prints a table and one JSON line. Needs CUDA.
 """
 
 from __future__ import annotations

@@ -20,22 +20,22 @@ selectable for batch 1 (``step="tail"`` / ``"prologue"``, :mod:`.decode_layer`):
 with each norm + quant in the last program of the kernel before it ("tail"), or recomputed by
 every program of the GEMV after it ("prologue"); ``step="persistent"`` runs a layer as one kernel
 of one program an SM whose stages are separated by grid barriers (:mod:`.decode_persistent`).
-All three measured slower than the 9-kernel step on an H100 (a kernel boundary with PDL costs
-~0.8 us; the fused kernels lose more than that inside, the persistent one's stages on one
-program an SM are slower still), so ``"unfused"`` is the default. The whole step is captured in a CUDA graph per
+All three measured slower than the 9-kernel step on an H100 (a kernel boundary with PDL costs ~0.8
+us; the fused kernels lose more than that inside, the persistent one's stages on one program an SM
+are slower still), so ``"unfused"`` is the default. The whole step is captured in a CUDA graph per
 number of rows (with ``runner.decode_spans``, per number of rows and attention span: the cache
 slots up to which the attention launches programs and merges chunks, 256, 1024, 4096, ... slots,
-the smallest that holds every position), with tokens, positions and cache rows in device
-buffers, so any prompt and output length replays the same graph (or one of a few). Prefill runs the same kernels (tensor-core W2A8 GEMM) with SDPA
-attention, RoPE and the cache write in one kernel (``attention.rope_cache_write``). Eager, a
-2048-token prefill's ~400 launches cost the host more time than the GPU needs for them (H100),
-so with CUDA graphs (``runner.prefill_graphs``, on by default: 19.2 -> 16.2 ms on an H100) a
-prompt chunk at consecutive positions is padded to a multiple of ``PREFILL_ALIGN`` tokens and, from the second
-time its padded shape comes, replays a CUDA graph of that shape. The padding tokens come after
-every prompt token, so causal attention keeps them out of the prompt's logits; they write cache
-slots past the prompt, which a decode step or the next chunk overwrites before reading them.
-q/k/v and gate/up weights are concatenated once at load and the model's own buffers become views
-of them: the packed weights exist once.
+the smallest that holds every position), with tokens, positions and cache rows in device buffers,
+so any prompt and output length replays the same graph (or one of a few). Prefill runs the same
+kernels (tensor-core W2A8 GEMM) with SDPA attention, RoPE and the cache write in one kernel
+(``attention.rope_cache_write``). Eager, a 2048-token prefill's ~400 launches cost the host more
+time than the GPU needs for them (H100), so with CUDA graphs (``runner.prefill_graphs``, on by
+default: 19.2 -> 16.2 ms on an H100) a prompt chunk at consecutive positions is padded to a
+multiple of ``PREFILL_ALIGN`` tokens and, from the second time its padded shape comes, replays a
+CUDA graph of that shape. The padding tokens come after every prompt token, so causal attention
+keeps them out of the prompt's logits; they write cache slots past the prompt, which a decode step
+or the next chunk overwrites before reading them. q/k/v and gate/up weights are concatenated once
+at load and the model's own buffers become views of them: the packed weights exist once.
 
 ``int8_head=True`` reads an int8 copy of the head with per-row scales (half the head's bytes,
 an approximation of the model). ``linear="bf16"`` builds the comparison pipeline of the
