@@ -502,13 +502,13 @@ def main(argv=None) -> int:
                 res[f"floor_b1_ctx{ctx}_ms"] = round(nbytes / (bw * 1e9) * 1e3, 4)
                 res[f"floor_b1_ctx{ctx}_int8_head_ms"] = round((nbytes - wb["head"] / 2) / (bw * 1e9) * 1e3, 4)
             print(f"[{mode}] decode b1 ctx {ctx}: {ms:.3f} ms", flush=True)
-            default, r.decode_spans = r.decode_spans, True
-            if mode == "w2a8" and r._span(1, ctx - 1) is not None:    # attention span against whole cache
-                for key, on in (("spans", True), ("whole_cache", False)):
+            if mode == "w2a8":         # attention spans on and off where a span is shorter than the cache
+                default, r.decode_spans = r.decode_spans, True
+                for key, on in ((("spans", True), ("whole_cache", False)) if r._span(1, ctx - 1) else ()):
                     r.decode_spans = on
                     ms = res[f"decode_b1_ctx{ctx}_w2a8_{key}_ms"] = round(decode_ms(r, [ctx - 1], iters=100), 4)
                     print(f"[{mode}] decode b1 ctx {ctx}, attention {key}: {ms:.3f} ms", flush=True)
-            r.decode_spans = default
+                r.decode_spans = default
             save()
         if ctxs:
             res[f"decode_b1_ctx1024_{mode}_device_inputs_ms"] = round(decode_ms(r, [1023], 100, "cuda"), 4)

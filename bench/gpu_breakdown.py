@@ -114,9 +114,13 @@ class _OneKernelAttention:
         return q, s
 
 
-def variant(r, name: str):
-    """A context in which runner ``r``'s step launches with variant ``name``'s parameters."""
+def variant(r, name: str, ctx: int | None = None):
+    """A context in which runner ``r``'s step launches with variant ``name``'s parameters (``ctx``:
+    the context timed, which a span variant must cover)."""
     from bitnet158.kernels.triton import attention, norm_quant
+    for prefix in ("attn_fused_span", "attn_span"):
+        if name.startswith(prefix) and ctx is not None and _number(name, prefix) < ctx:
+            raise SystemExit(f"variant {name!r}: the span must cover --ctx {ctx} (positions up to {ctx - 1})")
     if name.startswith("nq_w"):
         return _setattr(norm_quant, "_warps", lambda block, w=_number(name, "nq_w"): w)
     if name == "gemv_br_half":
@@ -196,7 +200,7 @@ def main(argv=None) -> int:
             res[f"{kind}_doubled_step_ms_r{rnd}"] = round(ms, 4)
             res[f"{kind}_marginal_us_r{rnd}"] = round((ms - base) * 1e3 / per, 2)
         for name in [v for v in (VARIANTS if args.variants == "all" else args.variants).split(",") if v]:
-            with variant(r, name):
+            with variant(r, name, args.ctx):
                 ms = step_ms(r, step_doubling(r, None), args.ctx, args.iters)
             res[f"variant_{name}_step_ms_r{rnd}"] = round(ms, 4)
             res[f"variant_{name}_vs_step_r{rnd}"] = round(ms / base, 3)

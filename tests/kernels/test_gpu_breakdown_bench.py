@@ -80,3 +80,5 @@ def test_unknown_or_malformed_variant_is_a_clear_error(runner):
         gpu_breakdown.variant(runner, "attn_chunkX")
     with pytest.raises(SystemExit, match="expected a number"):
         gpu_breakdown.variant(runner, "attn_fusedX")
+    with pytest.raises(SystemExit, match="must cover --ctx 1024"):
+        gpu_breakdown.variant(runner, "attn_span128", ctx=1024)

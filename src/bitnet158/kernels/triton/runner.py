@@ -106,9 +106,9 @@ PREFILL_GRAPHS_DEFAULT = True     # H100, 2048 tokens: 19.2 -> 16.2 ms (host-bou
 # decode graphs per (rows, span): a step whose positions all lie below ``span`` launches the
 # attention's partial programs and merges chunks up to that slot only (the 9-kernel step; the
 # fused and persistent steps read the whole cache). Spans grow DECODE_SPAN_GROWTH-fold from
-# DECODE_SPAN_MIN slots; one at or past the cache is the whole cache. So a row count has at most
-# log4(max_len / 256) + 1 graphs (3 at 2B4T's 4096 slots: 256, 1024, all), each replayed for
-# the smallest span that holds the step's positions.
+# DECODE_SPAN_MIN slots; one at or past the cache is the whole cache. So a row count has a few
+# graphs (3 at 2B4T's 4096 slots: 256, 1024, all), each replayed for the smallest span that
+# holds the step's positions.
 DECODE_SPANS_DEFAULT = False      # not yet timed on a GPU (bench/gpu.py: _spans_ms, _whole_cache_ms)
 DECODE_SPAN_MIN = 256
 DECODE_SPAN_GROWTH = 4
