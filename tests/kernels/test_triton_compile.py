@@ -1,4 +1,5 @@
-"""Every GPU-engine Triton kernel compiles for sm_90 (H100) on a machine without a GPU.
+"""Every GPU-engine Triton kernel compiles for sm_90 (H100), sm_80 (A100) and sm_89 (L4, RTX 40xx)
+on a machine without a GPU, within each architecture's shared memory.
 
 Runs :mod:`bitnet158.kernels.triton.compile_check` in a subprocess without TRITON_INTERPRET (the
 interpreter used by the other CPU tests misses compiler-only errors). Skipped without Triton.
@@ -19,12 +20,13 @@ if importlib.util.find_spec("triton") is None:
 
 
 @pytest.mark.slow
-def test_kernels_compile_for_sm90():
+@pytest.mark.parametrize("arch", [90, 80, 89])
+def test_kernels_compile(arch):
     env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
     src = str(Path(__file__).resolve().parents[2] / "src")
     env["PYTHONPATH"] = src + os.pathsep + env.get("PYTHONPATH", "")
-    p = subprocess.run([sys.executable, "-m", "bitnet158.kernels.triton.compile_check"], env=env,
-                       capture_output=True, text=True, timeout=600)
+    p = subprocess.run([sys.executable, "-m", "bitnet158.kernels.triton.compile_check", "--arch", str(arch)],
+                       env=env, capture_output=True, text=True, timeout=600)
     log = (p.stdout + p.stderr).lower()
     if p.returncode != 0 and "ptxas" in log and "not found" in log:
         pytest.skip("no ptxas in this Triton install")

@@ -179,6 +179,30 @@ def test_runner_rejects_unpacked_and_bad_positions():
         tr.decode(torch.zeros(1, dtype=torch.long), torch.tensor([8]))
 
 
+def test_gpus_older_than_sm80_are_refused_clearly(monkeypatch):
+    """An sm_75 GPU (T4): the runner is not picked automatically, naming it directly is a clear
+    error, and a PackedLinear on it falls through to the reference backend."""
+    import bitnet158.kernels.triton as tk
+    from bitnet158.kernels.triton import runner as triton_runner
+    monkeypatch.setattr(common, "_capability", lambda index: (7, 5))
+    monkeypatch.setattr(torch.cuda, "get_device_name", lambda device=None: "Tesla T4")
+    why = common.gpu_unsupported("cuda:0")
+    assert "Tesla T4 is sm_75" in why and "sm_80" in why
+    assert common.gpu_unsupported("cpu") is None
+
+    class OnT4:  # the attributes the runner reads before it touches the device
+        packed, device = True, torch.device("cuda", 0)
+    assert not triton_runner._available(OnT4())
+    with pytest.raises(Exception, match="Tesla T4 is sm_75.*backend='torch'"):
+        TritonRunner(OnT4(), batch=1)
+    class ActivationsOnT4:  # what the backend's check reads of a tensor
+        is_cuda, dtype, shape, device = True, torch.bfloat16, (2, 8), torch.device("cuda", 0)
+    x = ActivationsOnT4()
+    assert not tk.available(x)
+    monkeypatch.setattr(common, "_capability", lambda index: (8, 9))
+    assert common.gpu_unsupported("cuda:0") is None and tk.available(x)
+
+
 # ---------------------------------------------------------------- CUDA
 
 def _greedy(runner, prompt, steps):

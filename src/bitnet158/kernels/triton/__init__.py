@@ -14,6 +14,7 @@ import torch
 import triton  # noqa: F401  (ImportError here means: no GPU backend)
 
 from .. import register
+from .common import gpu_unsupported
 from .norm_quant import act_quant
 from .w2a8 import w2a8_linear
 
@@ -21,7 +22,9 @@ name = "triton"
 
 
 def available(x: torch.Tensor) -> bool:
-    return x.is_cuda and x.dtype in (torch.bfloat16, torch.float16, torch.float32) and x.shape[-1] > 0
+    """CUDA tensors on sm_80 or newer (older GPUs fall through to the torch reference)."""
+    return (x.is_cuda and x.dtype in (torch.bfloat16, torch.float16, torch.float32) and x.shape[-1] > 0
+            and gpu_unsupported(x.device) is None)
 
 
 def prepare(layer):

@@ -31,6 +31,32 @@ def _pdl_supported() -> bool:
         return False
 
 
+# The kernels need int8 tensor-core dots and bf16 (Triton has neither below sm_80), and are compiled
+# and checked for sm_80, sm_89 and sm_90 (``compile_check --arch``); timed on sm_90 only.
+MIN_CAPABILITY = (8, 0)
+
+
+def gpu_unsupported(device) -> str | None:
+    """Why the engine cannot run on CUDA ``device`` (an older GPU than sm_80), else None.
+    Not CUDA (the interpreter's CPU tensors) is never refused here."""
+    import torch
+    device = torch.device(device)
+    if device.type != "cuda":
+        return None
+    cap = _capability(device.index if device.index is not None else torch.cuda.current_device())
+    if cap >= MIN_CAPABILITY:
+        return None
+    name = torch.cuda.get_device_name(device)
+    return (f"{name} is sm_{cap[0]}{cap[1]}; the Triton W2A8 kernels need sm_{MIN_CAPABILITY[0]}"
+            f"{MIN_CAPABILITY[1]} or newer (int8 tensor-core dots, bf16)")
+
+
+@functools.lru_cache(maxsize=None)
+def _capability(index: int) -> tuple[int, int]:
+    import torch
+    return torch.cuda.get_device_capability(index)
+
+
 @functools.lru_cache(maxsize=None)
 def sm_count(device) -> int:
     """Streaming multiprocessors of a CUDA device (persistent kernels launch one program each)."""

@@ -1,19 +1,31 @@
-"""Compile every Triton kernel of the GPU engine for sm_90 without a GPU (frontend, LLVM, ptxas).
+"""Compile every Triton kernel of the GPU engine without a GPU (frontend, LLVM, ptxas).
 
-    python3 -m bitnet158.kernels.triton.compile_check          # prints one line per kernel
+    python3 -m bitnet158.kernels.triton.compile_check              # sm_90 (H100), one line a kernel
+    python3 -m bitnet158.kernels.triton.compile_check --arch 80    # A100; 89: L4 / RTX 40xx
 
 The interpreter (``TRITON_INTERPRET=1``, used by the CPU tests) runs kernels as Python and misses
 errors that only the compiler sees (e.g. a variable re-bound to another shape inside an ``if``).
-This compiles the kernels at their 2B4T launch shapes for an H100 target. Exit code 1 on error.
+This compiles the kernels at their 2B4T launch shapes for one target, with programmatic dependent
+launch only where the engine uses it (sm_90 and newer), and checks each kernel's shared memory
+against what a block may use on that architecture (a launch would fail with ``OutOfResources``).
+Exit code 1 on error.
 """
 
 from __future__ import annotations
 
+import argparse
 import os
 import sys
 
+# shared memory a block may opt into, by compute capability (CUDA programming guide, bytes)
+SMEM_LIMIT = {80: 166912, 86: 101376, 89: 101376, 90: 232448}
 
-def main() -> int:
+
+def main(argv: list[str] | None = None) -> int:
+    ap = argparse.ArgumentParser(prog="python3 -m bitnet158.kernels.triton.compile_check")
+    ap.add_argument("--arch", type=int, default=90, choices=sorted(SMEM_LIMIT),
+                    help="compute capability to compile for, as major*10 + minor (default 90)")
+    arch = ap.parse_args(argv).arch
     if os.environ.get("TRITON_INTERPRET") == "1":
         print("compile_check: unset TRITON_INTERPRET first", file=sys.stderr)
         return 2
@@ -24,17 +36,24 @@ def main() -> int:
     from . import (attention, bitlinear_train, decode_layer, decode_persistent, gemm_i8, gemm_tc, head,
                    norm_quant, w2a8)
 
-    target = GPUTarget("cuda", 90, 32)
+    target = GPUTarget("cuda", arch, 32)
+    pdl = arch >= 90  # griddepcontrol is sm_90+; the engine launches without it below (common.PDL)
     errors = 0
 
     def comp(fn, types: dict, consts: dict, **opts):
         nonlocal errors
         sig = {n: ("constexpr" if n in consts else types.get(n, "i32")) for n in fn.arg_names}
         cst = {(fn.arg_names.index(k),): v for k, v in consts.items()}
+        if "PDL" in consts:
+            consts = {**consts, "PDL": pdl}
+            cst = {(fn.arg_names.index(k),): v for k, v in consts.items()}
         try:
             k = triton.compile(ASTSource(fn=fn, signature=sig, constexprs=cst), target=target, options=opts)
             regs = f" ({k.n_regs} registers, {k.n_spills} spilled)" if getattr(k, "n_regs", None) else ""
-            print(f"ok    {fn.__name__} {consts}{regs}")
+            smem = k.metadata.shared
+            if smem > SMEM_LIMIT[arch]:
+                raise RuntimeError(f"needs {smem} bytes of shared memory, sm_{arch} has {SMEM_LIMIT[arch]}")
+            print(f"ok    {fn.__name__} {consts}{regs}, {smem} B shared")
         except Exception as e:  # report every kernel, then fail
             errors += 1
             print(f"ERROR {fn.__name__} {consts}\n{e}")
@@ -121,8 +140,9 @@ def main() -> int:
     layer_types.update({f"{n}_ptr": P(f32) for n in ("gqkv", "go", "ggu", "gd", "cos", "sin", "po", "pml")})
     layer_types.update(scale=f32, eps=f32)
     cfg = decode_persistent.DEFAULT_CONFIG
-    for has_d, spin, prefetch in ((True, cfg["SPIN"], cfg["PREFETCH"]), (False, cfg["SPIN"], cfg["PREFETCH"]),
-                                  (True, 2, 1), (True, 1, 2)):
+    variants = [(True, cfg["SPIN"], cfg["PREFETCH"]), (False, cfg["SPIN"], cfg["PREFETCH"])]
+    variants += [(True, 2, 1), (True, 1, 2)] if arch >= 90 else []  # L2 bulk prefetch: sm_90 only
+    for has_d, spin, prefetch in variants:
         comp(decode_persistent._layer, layer_types,
              dict(HID=2560, FFN=6912, H=20, HKV=5, D=128, GROUP=4, GP=16, CHUNK=64, BLOCK_N=64, NCH=64, NCHP=64,
                   ITEMS=3, BR_QKV=cfg["BR_QKV"], BR_O=cfg["BR_O"], BR_GU=cfg["BR_GU"], BR_DOWN=cfg["BR_DOWN"],

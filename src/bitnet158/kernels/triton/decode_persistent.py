@@ -308,6 +308,11 @@ class PersistentStep:
         for key in ("SPIN", "PREFETCH"):
             if self.config[key] not in (0, 1, 2):
                 raise ValueError(f"persistent decode step: config {key}={self.config[key]!r} is not 0, 1 or 2")
+        cap = torch.cuda.get_device_capability(dev) if dev.type == "cuda" else (9, 0)
+        if self.config["PREFETCH"] and cap[0] < 9:
+            # cp.async.bulk.prefetch.L2 is an sm_90 instruction: ptxas rejects it for older GPUs
+            raise ValueError(f"persistent decode step: config PREFETCH={self.config['PREFETCH']} needs an "
+                             f"sm_90 (Hopper) or newer GPU; this one is sm_{cap[0]}{cap[1]}")
         # each stage its own launch (PDL between them) instead of barriers: the interpreter's
         # way, and on a GPU a comparison for the one-launch layer
         self.split = bool(self.config.pop("split", False))

@@ -56,6 +56,7 @@ from ...engine.runner import check_pos, on_host, register_runner
 from ...errors import ConfigError
 from . import decode_layer, decode_persistent
 from .attention import DecodeAttention, rope_cache_write
+from .common import gpu_unsupported
 from .head import int8_head, quantize_head
 from .norm_quant import norm_quant
 from .w2a8 import Workspace, w2a8_linear
@@ -128,6 +129,9 @@ class TritonRunner:
                               "with packed=True)")
         if linear not in ("w2a8", "bf16"):
             raise ConfigError(f"triton runner: linear={linear!r} is not 'w2a8' or 'bf16'")
+        why = gpu_unsupported(model.device)
+        if why:
+            raise ConfigError(f"triton runner: {why}; use backend='torch'")
         cfg = model.config
         self.model = model.eval()
         self.cfg = cfg
@@ -552,7 +556,7 @@ class TritonRunner:
 
 def _available(model) -> bool:
     try:
-        return model.device.type == "cuda" and model.packed
+        return model.device.type == "cuda" and model.packed and gpu_unsupported(model.device) is None
     except Exception:  # pragma: no cover - odd model objects
         return False
 
