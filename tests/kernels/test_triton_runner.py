@@ -203,6 +203,16 @@ def test_gpus_older_than_sm80_are_refused_clearly(monkeypatch):
     assert common.gpu_unsupported("cuda:0") is None and tk.available(x)
 
 
+def test_kernels_launch_on_the_model_gpu(monkeypatch):
+    """Triton, CUDA graphs and events use the current device: a model on another GPU than the
+    current one gets that GPU made current around its launches; off CUDA nothing changes."""
+    monkeypatch.setattr(torch.cuda, "current_device", lambda: 0)
+    ctx = common.on_device("cuda:1")
+    assert isinstance(ctx, torch.cuda.device) and ctx.idx == 1
+    for dev in ("cuda:0", "cpu", torch.device("cpu")):
+        assert not isinstance(common.on_device(dev), torch.cuda.device)
+
+
 # ---------------------------------------------------------------- CUDA
 
 def _greedy(runner, prompt, steps):
@@ -229,6 +239,24 @@ def test_cuda_greedy_tokens_identical_tiny_fp32(batch, reference_kernels):
     toks, last = _greedy(tr, prompt, 40)
     assert torch.equal(toks, ref_toks)
     torch.testing.assert_close(last, ref_last, rtol=1e-4, atol=1e-4)
+
+
+@pytest.mark.cuda
+@pytest.mark.skipif(torch.cuda.device_count() < 2, reason="needs 2 GPUs")
+def test_cuda_model_on_the_second_gpu(reference_kernels):
+    """The model on cuda:1 while cuda:0 is current: the same greedy tokens as the reference, and
+    greedy generation (events on the model's stream) the same tokens as the bare decode loop."""
+    from bitnet158.engine import SamplingParams, generate
+    m = _tiny(torch.float32, layers=2, device="cuda:1")
+    prompt = torch.randint(0, m.config.vocab_size, (1, 9), device="cuda:1")
+    assert torch.cuda.current_device() == 0
+    ref_toks, _ = _greedy(TorchRunner(m, batch=1, max_len=128), prompt, 20)
+    tr = TritonRunner(m, batch=1, max_len=128)
+    toks, _ = _greedy(tr, prompt, 20)
+    assert torch.equal(toks, ref_toks)
+    tr.reset()
+    out = list(generate(tr, prompt[0].tolist(), SamplingParams(max_new_tokens=20, stop_ids=[])))
+    assert out == ref_toks[0].tolist()
 
 
 def _rel(a, b):

@@ -74,7 +74,7 @@ def _queued(runner) -> bool:
 class _Done:
     """An event stand-in where the work is done in order (a CPU runner)."""
 
-    def record(self) -> None:
+    def record(self, stream=None) -> None:
         pass
 
     def synchronize(self) -> None:
@@ -249,10 +249,13 @@ class Generation:
         cuda = r.device.type == "cuda"                                 # else in order (the tests' CPU)
         host = torch.empty(2, dtype=torch.long, pin_memory=cuda)       # the tokens of two steps
         done = [torch.cuda.Event(), torch.cuda.Event()] if cuda else [_Done(), _Done()]
+        # the runner's device's stream: an event records on the current device's by default, and
+        # the model may sit on another GPU than the current one
+        stream = torch.cuda.current_stream(r.device) if cuda else None
         with torch.inference_mode():
             cur = sample.next_id(logits)                               # [1] the first new token
             host[0:1].copy_(cur, non_blocking=True)
-            done[0].record()
+            done[0].record(stream)
         done[0].synchronize()                                          # the prefill's time: to this token
         self.prefill_s = time.perf_counter() - t0
         k = 0
@@ -265,7 +268,7 @@ class Generation:
                     fill(pos_buf, P + c)
                     cur = sample.next_id(r.decode(cur, pos_buf, self.rows)[0])
                     host[1 - k:2 - k].copy_(cur, non_blocking=True)
-                    done[1 - k].record()
+                    done[1 - k].record(stream)
                 self.decode_steps += 1
             done[k].synchronize()
             tok = int(host[k])

@@ -142,7 +142,7 @@ def model_bytes(model) -> dict:
 
 def _sync(device) -> None:
     if torch.device(device).type == "cuda":
-        torch.cuda.synchronize()
+        torch.cuda.synchronize(device)
 
 
 @torch.inference_mode()

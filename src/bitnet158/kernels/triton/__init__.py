@@ -14,7 +14,7 @@ import torch
 import triton  # noqa: F401  (ImportError here means: no GPU backend)
 
 from .. import register
-from .common import gpu_unsupported
+from .common import gpu_unsupported, on_device
 from .norm_quant import act_quant
 from .w2a8 import w2a8_linear
 
@@ -37,8 +37,9 @@ def forward(x: torch.Tensor, layer, state) -> torch.Tensor:
     x2 = x.reshape(-1, x.shape[-1])
     if x2.stride(-1) != 1:
         x2 = x2.contiguous()
-    q, s = act_quant(x2)
-    y = w2a8_linear(q, s, w, gamma, (w.shape[0],), out_dtype=x.dtype)
+    with on_device(x.device):
+        q, s = act_quant(x2)
+        y = w2a8_linear(q, s, w, gamma, (w.shape[0],), out_dtype=x.dtype)
     return y.reshape(*x.shape[:-1], y.shape[-1])
 
 

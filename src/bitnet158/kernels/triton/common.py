@@ -11,6 +11,7 @@ the torch reference, so both are spelled out here behind the ``INTERP`` constexp
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import os
 
@@ -49,6 +50,26 @@ def gpu_unsupported(device) -> str | None:
     name = torch.cuda.get_device_name(device)
     return (f"{name} is sm_{cap[0]}{cap[1]}; the Triton W2A8 kernels need sm_{MIN_CAPABILITY[0]}"
             f"{MIN_CAPABILITY[1]} or newer (int8 tensor-core dots, bf16)")
+
+
+def on_device(device):
+    """A context making CUDA ``device`` the current one: Triton launches, CUDA graphs, streams and
+    events go to the current device, not to their tensors' (a model on cuda:1 would otherwise
+    launch its kernels on cuda:0). A no-op off CUDA or where ``device`` is current already."""
+    import torch
+    device = torch.device(device)
+    if device.type != "cuda" or device.index is None or device.index == torch.cuda.current_device():
+        return contextlib.nullcontext()
+    return torch.cuda.device(device)
+
+
+def device_current(method):
+    """Decorator: run a runner method (``self.device``) under :func:`on_device`."""
+    @functools.wraps(method)
+    def run(self, *args, **kw):
+        with on_device(self.device):
+            return method(self, *args, **kw)
+    return run
 
 
 @functools.lru_cache(maxsize=None)

@@ -56,7 +56,7 @@ from ...engine.runner import check_pos, on_host, register_runner
 from ...errors import ConfigError
 from . import decode_layer, decode_persistent
 from .attention import DecodeAttention, rope_cache_write
-from .common import gpu_unsupported
+from .common import device_current, gpu_unsupported
 from .head import int8_head, quantize_head
 from .norm_quant import norm_quant
 from .w2a8 import Workspace, w2a8_linear
@@ -377,6 +377,7 @@ class TritonRunner:
         return self._head(x, delta, out)
 
     @torch.inference_mode()
+    @device_current
     def decode(self, tokens: torch.Tensor, pos: torch.Tensor, rows: torch.Tensor | None = None) -> torch.Tensor:
         """tokens, pos [n] -> float32 logits [n, V]; one graph replay on CUDA."""
         n = tokens.shape[0]
@@ -413,6 +414,7 @@ class TritonRunner:
         return g, out
 
     # ------------------------------------------------------------------ prefill
+    @device_current
     @torch.inference_mode()
     def prefill(self, tokens: torch.Tensor, pos: torch.Tensor, rows: torch.Tensor | None = None) -> torch.Tensor:
         """tokens, pos [B, T] -> float32 logits [B, V] of each row's last position."""
