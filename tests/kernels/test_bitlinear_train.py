@@ -145,6 +145,22 @@ def test_torch_fallback_without_triton(monkeypatch):
         fused(x)
 
 
+@needs_triton
+def test_gpus_older_than_sm80_train_on_torch(monkeypatch):
+    """On an sm_75 GPU (T4) the fused layer's automatic backend is torch, and asking for Triton
+    by name says which GPU and why."""
+    from bitnet158.kernels.triton import bitlinear_train as tk, common
+    monkeypatch.setattr(tk, "INTERPRET", False)
+    monkeypatch.setattr(common, "_capability", lambda index: (7, 5))
+    monkeypatch.setattr(torch.cuda, "get_device_name", lambda device=None: "Tesla T4")
+
+    class OnT4:  # what the backend choice reads of a tensor
+        is_cuda, device = True, torch.device("cuda", 0)
+    assert not bt.triton_usable(OnT4()) and bt._resolve("auto", OnT4()) == "torch"
+    with pytest.raises(RuntimeError, match="sm_80 or newer GPU.*Tesla T4 is sm_75"):
+        bt._resolve("triton", OnT4())
+
+
 def test_bad_arguments():
     _, fused, _ = _pair(4, 37, seed=1)
     fused.backend = "cuda"

@@ -66,8 +66,10 @@ def _resolve(backend: str, x: torch.Tensor) -> str:
     if backend == "auto":   # Triton on CUDA; the interpreter only when asked for by name
         return "triton" if x.is_cuda and triton_usable(x) else "torch"
     if backend == "triton" and not triton_usable(x):
-        raise RuntimeError("fused BitLinear: backend='triton' needs Triton and a CUDA tensor "
-                           "(or TRITON_INTERPRET=1 set before Triton is imported)")
+        why = _tk.gpu_unsupported(x.device) if _tk is not None and x.is_cuda else None
+        raise RuntimeError("fused BitLinear: backend='triton' needs Triton and a CUDA tensor on an sm_80 or "
+                           "newer GPU (or TRITON_INTERPRET=1 set before Triton is imported)"
+                           + (f": {why}" if why else ""))
     return backend
 
 

@@ -29,7 +29,7 @@ import torch
 import triton
 import triton.language as tl
 
-from .common import INTERPRET, cast, grouped_tile, rint
+from .common import INTERPRET, cast, gpu_unsupported, grouped_tile, rint
 from .norm_quant import act_quant
 
 # (BM, BN, BK, warps, stages) for large M on Hopper; small M takes a narrower tile.
@@ -213,5 +213,6 @@ def dequant_rows(x_q: torch.Tensor, s: torch.Tensor, dtype: torch.dtype) -> torc
 
 
 def usable(x: torch.Tensor) -> bool:
-    """The kernels can run on x: a CUDA tensor, or any tensor under the interpreter."""
-    return x.is_cuda or INTERPRET
+    """The kernels can run on x: a CUDA tensor on an sm_80 or newer GPU, or any tensor under the
+    interpreter."""
+    return (x.is_cuda and gpu_unsupported(x.device) is None) or INTERPRET
