@@ -122,6 +122,19 @@ def test_generate_cli_errors(model_dir, capsys, tmp_path):
     assert code == 1 and "nope" in err
 
 
+def test_device_option_errors(monkeypatch):
+    from bitnet158.commands.common import pick_device
+    from bitnet158.errors import ConfigError
+    assert pick_device("cpu") == torch.device("cpu")
+    with pytest.raises(ConfigError, match="--device 'gpu'"):
+        pick_device("gpu")
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: 2)
+    assert pick_device("cuda:1") == torch.device("cuda", 1)
+    with pytest.raises(ConfigError, match=r"--device 'cuda:2': this machine has 2 CUDA devices \(cuda:0 .. cuda:1\)"):
+        pick_device("cuda:2")
+
+
 def test_default_model_message(capsys, monkeypatch, tmp_path):
     from bitnet158.commands import common
     monkeypatch.setattr(common, "DEFAULT_MODEL", tmp_path / "absent")

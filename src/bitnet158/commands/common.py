@@ -80,6 +80,10 @@ def pick_device(name: str):
         raise ConfigError(f"--device {name!r}: {e}") from None
     if dev.type == "cuda" and not torch.cuda.is_available():
         raise ConfigError(f"--device {name!r}: no CUDA device is available")
+    if dev.type == "cuda" and dev.index is not None and dev.index >= torch.cuda.device_count():
+        n = torch.cuda.device_count()
+        raise ConfigError(f"--device {name!r}: this machine has {n} CUDA device{'s' if n > 1 else ''} "
+                          f"(cuda:0{f' .. cuda:{n - 1}' if n > 1 else ''})")
     return dev
 
 
