@@ -88,6 +88,7 @@ class TorchRunner:
         self.max_len = min(max_len or cfg.max_position_embeddings, cfg.max_position_embeddings)
         self.vocab_size = cfg.vocab_size
         self.device = model.device
+        check_cache_fits(cfg, batch, self.max_len, model.dtype, self.device, "torch runner")
         with torch.no_grad():
             self.cache = model.new_cache(batch, self.max_len)   # list of KVCache [B, Hkv, S, D]
 
@@ -141,6 +142,22 @@ def check_pos(pos: torch.Tensor, max_len: int, who: str = "runner") -> int:
         raise ValueError(f"{who}: position {hi if hi >= max_len else lo} outside the KV cache "
                          f"(max_len={max_len})")
     return hi
+
+
+def check_cache_fits(cfg, batch: int, max_len: int, dtype: torch.dtype, device, who: str = "runner") -> None:
+    """A KV cache of ``batch`` rows x ``max_len`` positions that cannot fit in the free memory of
+    CUDA ``device`` is a clear error before anything is allocated, not an out-of-memory error
+    deep inside the allocation. Off CUDA nothing is checked (the host swaps or the OS says no)."""
+    device = torch.device(device)
+    if device.type != "cuda":
+        return
+    need = 2 * cfg.num_hidden_layers * batch * cfg.num_key_value_heads * max_len * cfg.head_dim
+    need *= torch.empty((), dtype=dtype).element_size()
+    free, total = torch.cuda.mem_get_info(device)
+    if need > free:
+        raise ConfigError(f"{who}: a KV cache of {batch} rows x {max_len} positions needs {need / 1e9:.2f} GB, "
+                          f"but {free / 1e9:.2f} of {total / 1e9:.2f} GB are free on {device}; use fewer rows "
+                          f"(batch, serve --max-batch) or positions (max_len, --context)")
 
 
 # ---------------------------------------------------------------- registry
@@ -209,4 +226,4 @@ def make_runner(model, batch: int = 1, max_len: int | None = None, backend: str 
 
 register_runner("torch", TorchRunner, lambda model: True, priority=0)
 
-__all__ = ["Runner", "TorchRunner", "register_runner", "make_runner", "runners", "RunnerSpec", "on_host", "check_pos"]
+__all__ = ["Runner", "TorchRunner", "check_cache_fits", "register_runner", "make_runner", "runners", "RunnerSpec", "on_host", "check_pos"]

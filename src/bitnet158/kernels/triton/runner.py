@@ -52,7 +52,7 @@ import torch
 import torch.nn.functional as F
 
 from ... import quant
-from ...engine.runner import check_pos, on_host, register_runner
+from ...engine.runner import check_cache_fits, check_pos, on_host, register_runner
 from ...errors import ConfigError
 from . import decode_layer, decode_persistent
 from .attention import DecodeAttention, rope_cache_write
@@ -140,6 +140,7 @@ class TritonRunner:
         self.vocab_size = cfg.vocab_size
         self.device = model.device
         self.dtype = model.dtype
+        check_cache_fits(cfg, batch, self.max_len, self.dtype, self.device, "triton runner")
         self.mode = linear
         self.eps = cfg.rms_norm_eps
         self.graphs = self.device.type == "cuda" if graphs is None else graphs
