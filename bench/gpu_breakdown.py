@@ -175,7 +175,7 @@ def main(argv=None) -> int:
     ap.add_argument("--iters", type=int, default=200)
     ap.add_argument("--rounds", type=int, default=2, help="time the whole set this many times (noise)")
     ap.add_argument("--variants", default="", help=f"launch-parameter variants of the step to time "
-                    f"(comma-separated; 'all': {VARIANTS})")
+                    f"(comma-separated, 'a+b' for both; 'all': {VARIANTS})")
     ap.add_argument("--no-doubling", action="store_true", help="only the step and its variants")
     args = ap.parse_args(argv)
     if not torch.cuda.is_available():
@@ -200,7 +200,9 @@ def main(argv=None) -> int:
             res[f"{kind}_doubled_step_ms_r{rnd}"] = round(ms, 4)
             res[f"{kind}_marginal_us_r{rnd}"] = round((ms - base) * 1e3 / per, 2)
         for name in [v for v in (VARIANTS if args.variants == "all" else args.variants).split(",") if v]:
-            with variant(r, name, args.ctx):
+            with contextlib.ExitStack() as stack:
+                for part in name.split("+"):            # "a+b": both, applied in that order
+                    stack.enter_context(variant(r, part, args.ctx))
                 ms = step_ms(r, step_doubling(r, None), args.ctx, args.iters)
             res[f"variant_{name}_step_ms_r{rnd}"] = round(ms, 4)
             res[f"variant_{name}_vs_step_r{rnd}"] = round(ms / base, 3)

@@ -9,7 +9,7 @@ import pytest
 import torch
 
 from bitnet158.engine import GenerationError, Sampler, SamplingParams
-from bitnet158.engine.sampling import apply_repetition_penalty, process_logits, top_k_mask, top_p_mask
+from bitnet158.engine.sampling import apply_repetition_penalty, draw, process_logits, top_k_mask, top_p_mask
 from bitnet158.errors import BitNetError
 
 
@@ -19,6 +19,24 @@ def test_greedy_is_argmax():
         logits = torch.randn(1000)
         s = Sampler(SamplingParams(), 1000)
         assert s(logits) == int(logits.argmax())
+
+
+@pytest.mark.parametrize("device", ["cpu", pytest.param("cuda", marks=pytest.mark.cuda)])
+def test_draw_is_torch_multinomial(device):
+    """The sampler's draw takes the same ids as torch.multinomial from the same generator state
+    (dense, peaked and masked distributions; vocabularies of 5 to 128256), without its host reads."""
+    if device == "cuda" and not torch.cuda.is_available():
+        pytest.skip("needs CUDA")
+    for seed, V in enumerate([5, 1000, 128256] * 4):
+        g = torch.Generator().manual_seed(seed)
+        logits = torch.randn(V, generator=g) * (seed % 4 * 3)
+        if seed % 2:
+            logits[torch.rand(V, generator=g) < 0.5] = float("-inf")
+            logits[0] = 1.0
+        probs = torch.softmax(logits, -1).to(device)
+        ga, gb = (torch.Generator(device=device).manual_seed(seed + 7) for _ in range(2))
+        for _ in range(4):
+            assert torch.equal(draw(probs, ga), torch.multinomial(probs, 1, generator=gb))
 
 
 def test_top_k_mask_keeps_k_largest():

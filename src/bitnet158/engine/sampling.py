@@ -65,6 +65,15 @@ def process_logits(logits: torch.Tensor, params: SamplingParams, seen: torch.Ten
     return top_p_mask(logits, params.top_p)
 
 
+def draw(probs: torch.Tensor, generator: torch.Generator | None) -> torch.Tensor:
+    """One id from probs [V] -> long [1]: ``torch.multinomial(probs, 1, generator=generator)``'s
+    draw (the same exponential race, so the same ids from the same generator state) without its
+    validity checks, which read two values on the host and so wait for the device: on a GPU that
+    wait stopped the generation loop from queueing the next step before the host read the token."""
+    q = torch.empty_like(probs).exponential_(1, generator=generator)       # [V], Exp(1)
+    return torch.argmax(probs / q, dim=-1, keepdim=True)                   # argmax p_i / q_i ~ probs
+
+
 # ---------------------------------------------------------------- per-request sampler
 
 class Sampler:
@@ -101,8 +110,7 @@ class Sampler:
         if self.params.greedy:
             tok = torch.argmax(x, dim=-1, keepdim=True)                          # [1]
         else:
-            probs = torch.softmax(x.float(), dim=-1)
-            tok = torch.multinomial(probs, 1, generator=self.generator)          # [1]
+            tok = draw(torch.softmax(x.float(), dim=-1), self.generator)         # [1]
         if self.seen is not None:
             self.seen[tok] = True
         return tok
@@ -113,4 +121,4 @@ class Sampler:
 
 
 __all__ = ["SamplingParams", "GenerationError", "SamplingError", "Sampler", "apply_repetition_penalty", "top_k_mask",
-           "top_p_mask", "process_logits"]
+           "top_p_mask", "process_logits", "draw"]

@@ -110,7 +110,8 @@ PREFILL_GRAPHS_DEFAULT = True     # H100, 2048 tokens: 19.2 -> 16.2 ms (host-bou
 # DECODE_SPAN_MIN slots; one at or past the cache is the whole cache. So a row count has a few
 # graphs (3 at 2B4T's 4096 slots: 256, 1024, all), each replayed for the smallest span that
 # holds the step's positions.
-DECODE_SPANS_DEFAULT = False      # not yet timed on a GPU (bench/gpu.py: _spans_ms, _whole_cache_ms)
+DECODE_SPANS_DEFAULT = True       # H100 (2026-12-07, bench/gpu.py): batch 1 ctx 128 / 1024 1.105 / 1.145 ms
+                                  # a step with spans against 1.145 / 1.168 over the whole cache
 DECODE_SPAN_MIN = 256
 DECODE_SPAN_GROWTH = 4
 TAIL_STYLES = {"qkv": "w8", "o": "w8", "gu": "w8", "down": "w8"}      # the best whole step of those tried
