@@ -239,12 +239,15 @@ class BatchEngine:
         self.steps += 1
         # plain greedy rows: one argmax and one device-to-host copy for all of them (a row's own
         # Sampler would give the same id, with a launch and a synchronization per row)
-        ids = logits.argmax(-1).tolist() if any(h.params.argmax for h in live) else None    # [b]
+        ids = logits.argmax(-1).tolist() if any(h.params.argmax for h in live) else [0] * (hi - lo)  # [b]
+        # the other rows: each drawn by its own Sampler on the device, all read in one copy
+        drawn = [h for h in live if not h.params.argmax]
+        if drawn:
+            got = torch.cat([h.sampler.next_id(logits[h.row - lo]) for h in drawn]).tolist()
+            for h, t in zip(drawn, got):
+                ids[h.row - lo] = t
         for h in live:
-            if h.params.argmax:
-                self._emit(h, ids[h.row - lo])
-            else:
-                self._emit(h, h.sampler(logits[h.row - lo]))
+            self._emit(h, ids[h.row - lo])
 
     def _loop(self) -> None:
         while True:
