@@ -68,8 +68,9 @@ def process_logits(logits: torch.Tensor, params: SamplingParams, seen: torch.Ten
 def draw(probs: torch.Tensor, generator: torch.Generator | None) -> torch.Tensor:
     """One id from probs [V] -> long [1]: ``torch.multinomial(probs, 1, generator=generator)``'s
     draw (the same exponential race, so the same ids from the same generator state) without its
-    validity checks, which read two values on the host and so wait for the device: on a GPU that
-    wait stopped the generation loop from queueing the next step before the host read the token."""
+    validity checks, which recent torch runs as ~8 extra kernels with device-side asserts (a
+    failed one ends the process's CUDA context) and older torch as host reads that wait for the
+    device. Like the greedy argmax, NaN probabilities give an id rather than an error."""
     q = torch.empty_like(probs).exponential_(1, generator=generator)       # [V], Exp(1)
     return torch.argmax(probs / q, dim=-1, keepdim=True)                   # argmax p_i / q_i ~ probs
 
