@@ -14,7 +14,8 @@ gate|up); the W2A8 pipeline reads the 2-bit weights. Measured (median of repeats
   the cache, W2A8 also with decode spans on and off: ``_spans_ms``, ``_whole_cache_ms``), and
   greedy generation through ``generate`` (128 tokens after a 128-token prompt: tok/s, sampling
   and its synchronization included), and sampled generation the same way (temperature 0.8,
-  top-p 0.95);
+  with and without top-p 0.95), and the sampler's ``next_id`` alone on 128256 logits (greedy,
+  temperature, top-p, top-k + top-p: ``sampler_<case>_us`` back to back and ``_host_us`` to issue);
 - batch 8 and 64 decode throughput (rows at staggered positions around 1024);
 - a 2048-token prefill (head on the last position only, as the runner returns): eager, the host's
   time to enqueue it, with prefill graphs (``runner.prefill_graphs``: the prompt replays its
@@ -130,6 +131,29 @@ def generate_tok_s(runner, prompt_len=128, new=128, **sampling) -> float:
         g.run()
         best = max(best, g.decode_tok_s)
     return best
+
+
+SAMPLER_CASES = {"greedy": dict(temperature=0.0), "temperature": dict(temperature=0.8),
+                 "top_p": dict(temperature=0.8, top_p=0.95), "top_k_top_p": dict(temperature=0.8, top_k=50, top_p=0.95)}
+
+
+def sampler_us(vocab: int, iters: int = 200, **params) -> tuple[float, float]:
+    """One ``Sampler.next_id`` on random fp32 logits [vocab] on the GPU: (us a call back to back by
+    CUDA events, us of host time to issue a call). Near each other: the host's launches bound it."""
+    import time
+    from bitnet158.engine.sampling import Sampler, SamplingParams
+    s = Sampler(SamplingParams(seed=0, **params), vocab, device="cuda")
+    logits = torch.randn(vocab, device="cuda") * 3
+    for _ in range(10):
+        s.next_id(logits)
+    gpu = events_ms(lambda: s.next_id(logits), iters) * 1e3
+    torch.cuda.synchronize()
+    t0 = time.perf_counter()
+    for _ in range(40):                 # few enough calls that the launch queue never fills
+        s.next_id(logits)
+    host = (time.perf_counter() - t0) / 40 * 1e6
+    torch.cuda.synchronize()
+    return gpu, host
 
 
 def record_b1(res: dict, runner, key: str, ctxs, iters=100) -> None:
@@ -514,6 +538,12 @@ def main(argv=None) -> int:
             res[f"decode_b1_ctx1024_{mode}_device_inputs_ms"] = round(decode_ms(r, [1023], 100, "cuda"), 4)
             res[f"tg128_b1_{mode}_tok_s"] = round(generate_tok_s(r), 1)
             res[f"tg128_b1_{mode}_sampled_tok_s"] = round(generate_tok_s(r, temperature=0.8, top_p=0.95), 1)
+            res[f"tg128_b1_{mode}_temperature_tok_s"] = round(generate_tok_s(r, temperature=0.8), 1)
+            if mode == "w2a8":                 # the sampler alone (the same for both pipelines)
+                for case, params in SAMPLER_CASES.items():
+                    gpu, host = sampler_us(r.vocab_size, **params)
+                    res[f"sampler_{case}_us"], res[f"sampler_{case}_host_us"] = round(gpu, 1), round(host, 1)
+                    print(f"sampler {case}: {gpu:.1f} us a call back to back, {host:.1f} us of host time", flush=True)
             print(f"[{mode}] decode b1 ctx 1024, inputs on the device: "
                   f"{res[f'decode_b1_ctx1024_{mode}_device_inputs_ms']:.3f} ms; greedy generation "
                   f"(128 after 128): {res[f'tg128_b1_{mode}_tok_s']:.0f} tok/s, sampled (temperature 0.8, "

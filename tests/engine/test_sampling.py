@@ -21,22 +21,68 @@ def test_greedy_is_argmax():
         assert s(logits) == int(logits.argmax())
 
 
-@pytest.mark.parametrize("device", ["cpu", pytest.param("cuda", marks=pytest.mark.cuda)])
-def test_draw_is_torch_multinomial(device):
-    """The sampler's draw takes the same ids as torch.multinomial from the same generator state
-    (dense, peaked and masked distributions; vocabularies of 5 to 128256), without its host reads."""
-    if device == "cuda" and not torch.cuda.is_available():
-        pytest.skip("needs CUDA")
-    for seed, V in enumerate([5, 1000, 128256] * 4):
+def _distributions(n=12):
+    """(seed, probs) pairs: dense, peaked and masked distributions over 5 to 128256 ids."""
+    for seed, V in enumerate([5, 1000, 128256] * (n // 3)):
         g = torch.Generator().manual_seed(seed)
         logits = torch.randn(V, generator=g) * (seed % 4 * 3)
         if seed % 2:
             logits[torch.rand(V, generator=g) < 0.5] = float("-inf")
             logits[0] = 1.0
-        probs = torch.softmax(logits, -1).to(device)
-        ga, gb = (torch.Generator(device=device).manual_seed(seed + 7) for _ in range(2))
+        yield seed, torch.softmax(logits, -1)
+
+
+@pytest.mark.cuda
+def test_draw_on_cuda_is_torch_multinomial():
+    """On a GPU the sampler's draw takes the same ids as torch.multinomial from the same generator
+    state, without its checks."""
+    if not torch.cuda.is_available():
+        pytest.skip("needs CUDA")
+    for seed, probs in _distributions():
+        probs = probs.cuda()
+        ga, gb = (torch.Generator(device="cuda").manual_seed(seed + 7) for _ in range(2))
         for _ in range(4):
             assert torch.equal(draw(probs, ga), torch.multinomial(probs, 1, generator=gb))
+
+
+def test_draw_on_cpu_follows_probs():
+    """On the CPU (inversion): never a zero-probability id, the same ids from the same seed, and
+    frequencies within 5 standard deviations of the probabilities."""
+    for seed, probs in _distributions(6):
+        ga, gb = (torch.Generator().manual_seed(seed) for _ in range(2))
+        a = torch.cat([draw(probs, ga) for _ in range(300)])
+        assert torch.equal(a, torch.cat([draw(probs, gb) for _ in range(300)]))
+        assert bool((probs[a] > 0).all())
+    probs = torch.tensor([0.5, 0.0, 0.2, 0.25, 0.0, 0.05])
+    g = torch.Generator().manual_seed(1)
+    n = 20000
+    freq = torch.bincount(torch.cat([draw(probs, g) for _ in range(n)]), minlength=6).double() / n
+    sd = (probs.double() * (1 - probs.double()) / n).sqrt()
+    assert bool(((freq - probs.double()).abs() <= 5 * sd + 1e-12).all()), freq
+
+
+def test_top_p_candidates_match_the_full_sort(monkeypatch):
+    """The CPU's top-candidates path keeps exactly what the full sort keeps: peaked
+    distributions (nucleus among the candidates), flat ones (past them: the full sort), ties at
+    the boundary (kept whole), several rows at once."""
+    from bitnet158.engine import sampling
+    g = torch.Generator().manual_seed(0)
+    cases = [torch.randn(4, 5000, generator=g) * s for s in (0.3, 1.0, 4.0, 12.0)]
+    tied = torch.full((5000,), -5.0)
+    tied[:3] = torch.tensor([3.0, 2.0, 2.0])                               # 2.0 twice at the boundary
+    cases.append(tied)
+    for logits in cases:
+        for p in (0.1, 0.35, 0.5, 0.9, 0.99):
+            fast = top_p_mask(logits, p)
+            monkeypatch.setattr(sampling, "TOP_P_CANDIDATES", 10 ** 9)
+            assert torch.equal(fast, top_p_mask(logits, p))
+            monkeypatch.setattr(sampling, "TOP_P_CANDIDATES", 64)
+            assert torch.equal(fast, top_p_mask(logits, p))
+            monkeypatch.undo()
+    probs = torch.softmax(tied, -1)                                        # 0.293, 0.108, 0.108, ...
+    assert probs[0] < 0.35 < probs[0] + probs[1]        # in sort order the second 2.0 would be dropped
+    kept = torch.isfinite(top_p_mask(tied, 0.35)).nonzero().flatten().tolist()
+    assert kept == [0, 1, 2]                                               # both tied tokens, not one
 
 
 def test_top_k_mask_keeps_k_largest():

@@ -37,21 +37,36 @@ def top_k_mask(logits: torch.Tensor, k: int) -> torch.Tensor:
     return logits.masked_fill(logits < kth, float("-inf"))
 
 
-def top_p_mask(logits: torch.Tensor, p: float) -> torch.Tensor:
-    """Nucleus filter: keep the smallest set of most likely tokens whose probability mass >= p.
+# On the CPU the nucleus is first looked for among this many most likely tokens (topk: ~1 ms on
+# 128256 logits on 2 cores against ~12 ms for the full sort); the full sort when it ends past them
+TOP_P_CANDIDATES = 1024
 
-    A token is dropped when the mass of the tokens strictly more likely than it already reaches p;
-    the most likely token is always kept.
+
+def top_p_mask(logits: torch.Tensor, p: float) -> torch.Tensor:
+    """Nucleus filter: keep the most likely tokens, in order, while the probability mass of those
+    before them is below p (the most likely token always); every token exactly as likely as the
+    last one kept is kept too, so ties are never split by sort order. logits [..., V].
     """
     if p >= 1.0:
         return logits
-    sorted_logits, idx = torch.sort(logits, dim=-1, descending=True)
-    probs = torch.softmax(sorted_logits, dim=-1)
-    mass_before = torch.cumsum(probs, dim=-1) - probs                    # [..., V]
-    drop_sorted = mass_before >= p
-    drop_sorted[..., 0] = False
-    drop = torch.zeros_like(drop_sorted).scatter_(-1, idx, drop_sorted)
-    return logits.masked_fill(drop, float("-inf"))
+    probs = torch.softmax(logits, dim=-1)                                  # [..., V]
+    V = logits.shape[-1]
+    mass_before = None
+    if logits.device.type == "cpu" and V > TOP_P_CANDIDATES:
+        # the host can read the tensors here without waiting on a device: use the top candidates
+        # when the nucleus provably ends among them (the same prefix sums as the full sort's)
+        vals, idx = torch.topk(logits, TOP_P_CANDIDATES, dim=-1)          # [..., C] descending
+        pr = probs.gather(-1, idx)
+        before = torch.cumsum(pr, dim=-1) - pr
+        if bool((before[..., -1] >= p).all()):
+            mass_before = before
+    if mass_before is None:
+        vals, idx = torch.sort(logits, dim=-1, descending=True)           # [..., V]
+        pr = probs.gather(-1, idx)
+        mass_before = torch.cumsum(pr, dim=-1) - pr
+    kept = (mass_before < p).to(torch.int32).cumprod(dim=-1).sum(dim=-1, keepdim=True).clamp_(min=1)
+    last = vals.gather(-1, kept - 1)                                       # [..., 1] value of the last kept
+    return logits.masked_fill(logits < last, float("-inf"))
 
 
 def process_logits(logits: torch.Tensor, params: SamplingParams, seen: torch.Tensor | None) -> torch.Tensor:
@@ -66,13 +81,22 @@ def process_logits(logits: torch.Tensor, params: SamplingParams, seen: torch.Ten
 
 
 def draw(probs: torch.Tensor, generator: torch.Generator | None) -> torch.Tensor:
-    """One id from probs [V] -> long [1]: ``torch.multinomial(probs, 1, generator=generator)``'s
-    draw (the same exponential race, so the same ids from the same generator state) without its
-    validity checks, which recent torch runs as ~8 extra kernels with device-side asserts (a
-    failed one ends the process's CUDA context) and older torch as host reads that wait for the
-    device. Like the greedy argmax, NaN probabilities give an id rather than an error."""
-    q = torch.empty_like(probs).exponential_(1, generator=generator)       # [V], Exp(1)
-    return torch.argmax(probs / q, dim=-1, keepdim=True)                   # argmax p_i / q_i ~ probs
+    """One id from probs [V] (summing to ~1, zeros for masked tokens) -> long [1].
+
+    On a GPU ``torch.multinomial(probs, 1, generator=generator)``'s draw: the same exponential
+    race (``argmax(p / q)``, ``q ~ Exp(1)``), so the same ids from the same generator state,
+    without its validity checks (recent torch runs them as ~8 kernels with device-side asserts,
+    older torch as host reads that wait for the device). On the CPU by inversion, one uniform
+    against the cumulative sum (~0.2 ms on 128256 probabilities against ~3.7 ms for the race's V
+    exponentials on 2 cores); the sequential sum is flat across zeros, so a masked token is never
+    drawn. Like the greedy argmax, NaN probabilities give an id rather than an error."""
+    if probs.device.type != "cpu":
+        q = torch.empty_like(probs).exponential_(1, generator=generator)   # [V], Exp(1)
+        return torch.argmax(probs / q, dim=-1, keepdim=True)               # argmax p_i / q_i ~ probs
+    c = torch.cumsum(probs, dim=-1, dtype=torch.float64)                   # [V]
+    u = torch.rand(1, generator=generator, dtype=torch.float64)            # [1] in [0, 1)
+    i = torch.searchsorted(c, u * c[-1:], right=True)                      # first c_i > u * total
+    return torch.minimum(i, torch.argmax(c, dim=-1, keepdim=True))         # u * total rounded up to it
 
 
 # ---------------------------------------------------------------- per-request sampler
