@@ -53,6 +53,8 @@ def main(argv=None) -> int:
     ap.add_argument("--device", default="cpu")
     ap.add_argument("--out", default=None, help="write the JSON result here")
     args = ap.parse_args(argv)
+    if args.vocab < 2 or args.tokens < 1:
+        ap.error(f"--vocab must be >= 2 and --tokens >= 1 (got {args.vocab}, {args.tokens})")
     res = {"device": torch.cuda.get_device_name() if args.device.startswith("cuda") else cpu_name(),
            "threads": torch.get_num_threads(), "vocab": args.vocab, "torch": torch.__version__}
     candidates = sampling.TOP_P_CANDIDATES

@@ -50,20 +50,21 @@ def top_p_mask(logits: torch.Tensor, p: float) -> torch.Tensor:
     if p >= 1.0:
         return logits
     probs = torch.softmax(logits, dim=-1)                                  # [..., V]
-    V = logits.shape[-1]
+
+    def ranked(vals_idx):          # (values descending, ids) -> the values, the mass before each
+        vals, idx = vals_idx
+        pr = probs.gather(-1, idx)
+        return vals, torch.cumsum(pr, dim=-1) - pr
+
     mass_before = None
-    if logits.device.type == "cpu" and V > TOP_P_CANDIDATES:
+    if logits.device.type == "cpu" and logits.shape[-1] > TOP_P_CANDIDATES:
         # the host can read the tensors here without waiting on a device: use the top candidates
         # when the nucleus provably ends among them (the same prefix sums as the full sort's)
-        vals, idx = torch.topk(logits, TOP_P_CANDIDATES, dim=-1)          # [..., C] descending
-        pr = probs.gather(-1, idx)
-        before = torch.cumsum(pr, dim=-1) - pr
+        vals, before = ranked(torch.topk(logits, TOP_P_CANDIDATES, dim=-1))   # [..., C]
         if bool((before[..., -1] >= p).all()):
             mass_before = before
     if mass_before is None:
-        vals, idx = torch.sort(logits, dim=-1, descending=True)           # [..., V]
-        pr = probs.gather(-1, idx)
-        mass_before = torch.cumsum(pr, dim=-1) - pr
+        vals, mass_before = ranked(torch.sort(logits, dim=-1, descending=True))  # [..., V]
     kept = (mass_before < p).to(torch.int32).cumprod(dim=-1).sum(dim=-1, keepdim=True).clamp_(min=1)
     last = vals.gather(-1, kept - 1)                                       # [..., 1] value of the last kept
     return logits.masked_fill(logits < last, float("-inf"))
@@ -88,15 +89,17 @@ def draw(probs: torch.Tensor, generator: torch.Generator | None) -> torch.Tensor
     without its validity checks (recent torch runs them as ~8 kernels with device-side asserts,
     older torch as host reads that wait for the device). On the CPU by inversion, one uniform
     against the cumulative sum (~0.2 ms on 128256 probabilities against ~3.7 ms for the race's V
-    exponentials on 2 cores); the sequential sum is flat across zeros, so a masked token is never
-    drawn. Like the greedy argmax, NaN probabilities give an id rather than an error."""
+    exponentials on 2 cores); the sequential sum is flat across zeros and the target stays below
+    the total, so a masked token is never drawn. Like the greedy argmax, NaN probabilities give an
+    id rather than an error."""
     if probs.device.type != "cpu":
         q = torch.empty_like(probs).exponential_(1, generator=generator)   # [V], Exp(1)
         return torch.argmax(probs / q, dim=-1, keepdim=True)               # argmax p_i / q_i ~ probs
     c = torch.cumsum(probs, dim=-1, dtype=torch.float64)                   # [V]
     u = torch.rand(1, generator=generator, dtype=torch.float64)            # [1] in [0, 1)
-    i = torch.searchsorted(c, u * c[-1:], right=True)                      # first c_i > u * total
-    return torch.minimum(i, torch.argmax(c, dim=-1, keepdim=True))         # u * total rounded up to it
+    total = c[-1:]
+    target = torch.minimum(u * total, torch.nextafter(total, torch.zeros_like(total)))  # < total
+    return torch.searchsorted(c, target, right=True)                       # first c_i > target
 
 
 # ---------------------------------------------------------------- per-request sampler
