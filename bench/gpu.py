@@ -19,7 +19,9 @@ gate|up); the W2A8 pipeline reads the 2-bit weights. Measured (median of repeats
 - batch 8 and 64 decode throughput (rows at staggered positions around 1024);
 - a 2048-token prefill (head on the last position only, as the runner returns): eager, the host's
   time to enqueue it, with prefill graphs (``runner.prefill_graphs``: the prompt replays its
-  padded shape's graph, input copies included), and the bare graph replay (the GPU's time alone);
+  padded shape's graph, input copies included), and the bare graph replay (the GPU's time alone),
+  for W2A8 also with the weights unpacked on a side stream ahead of the GEMMs and in line
+  (``_graph_unpack_ahead_ms``, ``_graph_unpack_inline_ms``, each twice, alternating);
 - the host time of each op of a prefill layer (what the eager prefill waits on);
 - the decode attention alone at batch 64 per chunk length, beside its KV bytes' floor;
 - resident weight + head bytes and peak memory of each pipeline;
@@ -563,6 +565,17 @@ def main(argv=None) -> int:
         eager, host, with_graphs = prefill_ms(r)
         res[f"peak_mem_b1_{mode}_gb"] = round(torch.cuda.max_memory_allocated() / 1e9, 3)
         graph = prefill_graph_ms(r)
+        if mode == "w2a8":          # the weights' unpack on a side stream ahead of the GEMMs, and in line
+            default = r.unpack_ahead
+            for again in ("", "_again"):            # alternating, twice
+                for on, name in ((True, "unpack_ahead"), (False, "unpack_inline")):
+                    r.unpack_ahead = on
+                    res[f"prefill2048_w2a8_graph_{name}{again}_ms"] = round(prefill_graph_ms(r), 2)
+            r.unpack_ahead = default
+            print("[w2a8] prefill 2048 graph, unpack ahead / in line: "
+                  f"{res['prefill2048_w2a8_graph_unpack_ahead_ms']} / {res['prefill2048_w2a8_graph_unpack_inline_ms']}"
+                  f" ms (again {res['prefill2048_w2a8_graph_unpack_ahead_again_ms']} / "
+                  f"{res['prefill2048_w2a8_graph_unpack_inline_again_ms']})", flush=True)
         prefill_host_us(r, res, mode)
         res[f"prefill2048_{mode}_ms"] = round(eager, 2)
         res[f"prefill2048_{mode}_host_ms"] = round(host, 2)

@@ -79,6 +79,30 @@ def test_prefill_on_the_int8_gemm_path(dtype, reference_kernels, monkeypatch):
         torch.testing.assert_close(b, TorchRunner(m, batch=2, max_len=32).prefill(toks, pos), rtol=1e-6, atol=1e-6)
 
 
+def test_prefill_unpack_ahead_is_bit_identical(reference_kernels, monkeypatch):
+    """Weights unpacked ahead of their GEMMs (a side stream on CUDA, in line on the CPU; buffers
+    rotating over 4 projections a layer, 3 layers) give the in-line unpack's logits bit for bit,
+    eager and, on CUDA, replayed from a captured prefill graph; an M the int8 GEMM does not take
+    uses no unpack-ahead."""
+    from bitnet158.kernels.triton import w2a8
+    m = _tiny(torch.bfloat16, layers=3, device="cuda" if CUDA else "cpu")
+    toks = torch.randint(0, m.config.vocab_size, (2, 5), device=m.device)
+    pos = torch.arange(5, device=m.device)[None].expand(2, 5)
+    monkeypatch.setattr(w2a8, "I8_MIN_M", 4)
+    inline = TritonRunner(m, batch=2, max_len=32, graphs=False)
+    ahead = TritonRunner(m, batch=2, max_len=32, graphs=False)
+    ahead.unpack_ahead = True
+    assert ahead._ahead(3) is None and ahead._ahead(10) is not None
+    want = inline.prefill(toks, pos)
+    assert torch.equal(ahead.prefill(toks, pos), want)
+    if CUDA:
+        rows = torch.arange(2, device="cuda")
+        g, out = ahead._capture((toks, pos, rows, True, 5), ahead._prefill)
+        out.zero_()
+        g.replay()
+        assert torch.equal(out, want)
+
+
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 def test_padded_prefill_matches_unpadded(dtype, reference_kernels):
     """The graph prefill's padding (tokens after the chunk, logits of the last real position),

@@ -204,8 +204,9 @@ def persistent_fits(cfg: dict, out_bytes: int) -> bool:
     return ops + cfg["BM"] * cfg["BN"] * out_bytes <= SMEM_LIMIT
 
 
-def i8_linear(x_q, s_x, w, gammas, P1: int, P2: int, out, cfg: dict):
-    """out [M, 4R] = (x_q [M, K] @ W_t^T) * gamma_seg / s_x via a transient int8 weight matrix.
+def i8_linear(x_q, s_x, w, gammas, P1: int, P2: int, out, cfg: dict, w8=None):
+    """out [M, 4R] = (x_q [M, K] @ W_t^T) * gamma_seg / s_x via a transient int8 weight matrix
+    (``w8`` int8 [4R, K]: that matrix unpacked already, e.g. by :mod:`.unpack_ahead`).
 
     ``cfg``: BM, BN, BK, GROUP_M, num_warps, num_stages; optional ``TMA`` (the descriptor kernel,
     where the rows are 16-byte aligned), ``NPROG`` (persistent programs; -1: one an SM) and ``WS``
@@ -216,7 +217,10 @@ def i8_linear(x_q, s_x, w, gammas, P1: int, P2: int, out, cfg: dict):
     cfg = dict(cfg)
     cfg.pop("kind", None)
     tma, nprog, ws = cfg.pop("TMA", False), cfg.pop("NPROG", 0), cfg.pop("WS", False)
-    w8 = unpack_i8(w, P1, P2)
+    if w8 is None:
+        w8 = unpack_i8(w, P1, P2)
+    elif w8.shape != (N, K) or w8.dtype != torch.int8:
+        raise ValueError(f"i8_linear: unpacked weights are {w8.dtype} {tuple(w8.shape)}; expected int8 {(N, K)}")
     tiles = cdiv(M, cfg["BM"]) * cdiv(N, cfg["BN"])
     k_iters = cdiv(K, cfg["BK"]) if INTERPRET else 0
     if tma and _descriptor_ok(x_q) and _descriptor_ok(w8):

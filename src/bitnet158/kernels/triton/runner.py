@@ -59,7 +59,8 @@ from .attention import DecodeAttention, rope_cache_write
 from .common import device_current, gpu_unsupported
 from .head import int8_head, quantize_head
 from .norm_quant import norm_quant
-from .w2a8 import Workspace, w2a8_linear
+from .unpack_ahead import UnpackAhead
+from .w2a8 import Workspace, uses_unpacked, w2a8_linear
 
 
 class _Linear:
@@ -84,10 +85,10 @@ class _Linear:
                 self.dense = torch.cat([(quant.unpack_hf(m.weight).float() * m.weight_scale.float())
                                         .to(dtype) for m in mods])
 
-    def __call__(self, x_or_q, s=None, ws=None, out_dtype=None):
+    def __call__(self, x_or_q, s=None, ws=None, out_dtype=None, w8=None):
         if self.dense is not None:
             return F.linear(x_or_q, self.dense)
-        return w2a8_linear(x_or_q, s, self.packed, self.gammas, self.segs, out_dtype=out_dtype, ws=ws)
+        return w2a8_linear(x_or_q, s, self.packed, self.gammas, self.segs, out_dtype=out_dtype, ws=ws, w8=w8)
 
 
 STEPS = ("unfused", "tail", "prologue", "persistent")
@@ -114,6 +115,9 @@ DECODE_SPANS_DEFAULT = True       # H100 (2026-12-07, bench/gpu.py): batch 1 ctx
                                   # a step with spans against 1.145 / 1.168 over the whole cache
 DECODE_SPAN_MIN = 256
 DECODE_SPAN_GROWTH = 4
+# prefill projections on the int8 GEMM path (from w2a8.I8_MIN_M rows) get their weights unpacked on
+# a side stream two projections ahead (unpack_ahead.UnpackAhead) instead of in line before each GEMM
+PREFILL_UNPACK_AHEAD = False
 TAIL_STYLES = {"qkv": "w8", "o": "w8", "gu": "w8", "down": "w8"}      # the best whole step of those tried
 DEFAULT_GEMV = "w2a8"
 
@@ -205,6 +209,8 @@ class TritonRunner:
         self.decode_spans = DECODE_SPANS_DEFAULT
         # prefill chunks replay a graph per padded shape (with CUDA graphs, PREFILL_GRAPHS_DEFAULT)
         self.prefill_graphs = self.graphs and PREFILL_GRAPHS_DEFAULT
+        self.unpack_ahead = PREFILL_UNPACK_AHEAD
+        self._side = None                # the unpack-ahead side stream, made on first use
         self._prefill_graphs: OrderedDict = OrderedDict()
         self._prefill_seen: set = set()
         self._pool = None                # memory pool of every captured graph (_graph_memory)
@@ -229,7 +235,13 @@ class TritonRunner:
             raise ValueError(f"triton runner: rows {rows.tolist()} out of range for batch={self.batch}")
         return rows
 
-    def _lin(self, lin: _Linear, q, s):
+    def _lin(self, lin: _Linear, q, s, ahead=None, j: int = 0):
+        """q [M, K] -> [M, N] through ``lin``; ``ahead`` (an :class:`UnpackAhead` started with the
+        prefill's projections) supplies projection j's unpacked weights and is told it is queued."""
+        if ahead is not None:
+            out = lin(q, s, ws=self.ws, out_dtype=self.dtype, w8=ahead.take(j))
+            ahead.done(j)
+            return out
         if (self.gemv == "masked" and lin.packed is not None and q.shape[0] <= 8
                 and decode_layer.supported(q.shape[0], q.shape[1]) and q.stride(0) % 4 == 0):
             return decode_layer.linear_tail(q, s, lin.packed, lin.gammas, lin.segs, self.cnt,
@@ -517,12 +529,14 @@ class TritonRunner:
             keys = torch.arange(L_, device=self.device)
             mask = (keys[None, None, :] <= pos[:, :, None])[:, None]                   # [B, 1, T, L]
         delta = None
+        ahead = self._ahead(B * T)
+        lin = functools.partial(self._lin, ahead=ahead)
         for i, Ly in enumerate(self.layers):
             if delta is not None:
                 q, s = self._nq(x, Ly["in_norm"], residual=delta, h_out=x)
             else:
                 q, s = self._nq(x, Ly["in_norm"])
-            qkv = self._lin(Ly["qkv"], q, s)                                            # [B*T, (H+2Hkv)D]
+            qkv = lin(Ly["qkv"], q, s, j=4 * i)                                         # [B*T, (H+2Hkv)D]
             # RoPE of q and k, k and v written into the cache: one kernel
             qr, kr = rope_cache_write(qkv, self.k_cache[i], self.v_cache[i], r32, pos32, self.cos,
                                       self.sin, H, HKV, D)
@@ -536,14 +550,30 @@ class TritonRunner:
                 o = F.scaled_dot_product_attention(qh, kc, vc, attn_mask=mask, enable_gqa=True)
             o = o.transpose(1, 2).reshape(B * T, H * D)
             q, s = self._nq(o, Ly["attn_norm"])
-            delta = self._lin(Ly["o"], q, s)
+            delta = lin(Ly["o"], q, s, j=4 * i + 1)
             q, s = self._nq(x, Ly["post_norm"], residual=delta, h_out=x)
-            gu = self._lin(Ly["gu"], q, s)
+            gu = lin(Ly["gu"], q, s, j=4 * i + 2)
             q, s = self._nq(gu, Ly["ffn_norm"], gated=True)
-            delta = self._lin(Ly["down"], q, s)
+            delta = lin(Ly["down"], q, s, j=4 * i + 3)
+        if ahead is not None:
+            ahead.finish()
         if last is None:
             last = torch.arange(B, device=self.device) * T + (T - 1)
         return self._head(x[last].contiguous(), delta[last].contiguous(), out)
+
+    def _ahead(self, M: int) -> UnpackAhead | None:
+        """An :class:`UnpackAhead` started with the prefill's projections (4 a layer, in call
+        order) when ``unpack_ahead`` is on and every one of them runs the int8 GEMM at M rows."""
+        if not self.unpack_ahead or self.mode != "w2a8":
+            return None
+        lins = [Ly[k] for Ly in self.layers for k in ("qkv", "o", "gu", "down")]
+        if not all(uses_unpacked(M, *lin.packed.shape) for lin in lins):
+            return None
+        if self._side is None and self.device.type == "cuda":
+            self._side = torch.cuda.Stream(self.device)
+        ahead = UnpackAhead(self._side)
+        ahead.start(lins)
+        return ahead
 
     # ------------------------------------------------------------------ sizes
     def weight_bytes(self) -> dict:

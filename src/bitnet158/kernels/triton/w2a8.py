@@ -365,6 +365,12 @@ def pick_config(M: int, R: int, K: int, n_sm: int = 132) -> dict:
     return tc_config(M, R, K, n_sm)
 
 
+def uses_unpacked(M: int, R: int, K: int) -> bool:
+    """Whether an [M, K] x [4R, K] product with the default configuration reads an int8 [4R, K]
+    unpack of the weights (the prefill GEMM of :mod:`.gemm_i8`), which ``w8`` may supply."""
+    return M < INTMM_MIN_M and pick_config(M, R, K)["kind"] == "i8"
+
+
 def _tc(x_q, s_x, w, gammas, P1, P2, out, cfg, ws):
     ws = ws or workspace(x_q.device)
     return tc_linear(x_q, s_x, w, gammas, P1, P2, out, cfg, ws.cnt)
@@ -383,11 +389,13 @@ def seg_bounds(seg_rows: tuple[int, ...], R: int, who: str) -> tuple[int, int]:
 def w2a8_linear(x_q: torch.Tensor, s_x: torch.Tensor, w: torch.Tensor, gammas: torch.Tensor,
                 seg_rows: tuple[int, ...], out: torch.Tensor | None = None,
                 out_dtype: torch.dtype = torch.bfloat16, config: dict | None = None,
-                ws: Workspace | None = None) -> torch.Tensor:
+                ws: Workspace | None = None, w8: torch.Tensor | None = None) -> torch.Tensor:
     """y [M, 4R] = (x_q [M, K] @ W_t^T) * gamma_seg / s_x for packed ``w`` uint8 [R, K].
 
     ``x_q`` int8 (row stride free, unit column stride), ``s_x`` fp32 [M] (or [M, 1]),
     ``gammas`` fp32 [n_seg], ``seg_rows``: the packed-row count of each segment (sum = R, <= 3).
+    ``w8``: ``w`` unpacked already (int8 [4R, K]), used where the configuration is :mod:`.gemm_i8`'s
+    (``uses_unpacked``), else ignored.
     """
     M, K = x_q.shape
     R, Kw = w.shape
@@ -409,7 +417,7 @@ def w2a8_linear(x_q: torch.Tensor, s_x: torch.Tensor, w: torch.Tensor, gammas: t
     if kind == "tc":
         return _tc(x_q, s_x, w, gammas, P1, P2, out, cfg, ws)
     if kind == "i8":
-        return i8_linear(x_q, s_x, w, gammas, P1, P2, out, cfg)
+        return i8_linear(x_q, s_x, w, gammas, P1, P2, out, cfg, w8=w8)
     pdl = dict(launch_pdl=True) if PDL else {}
     if kind == "gemv" and K % 4 == 0 and x_q.stride(0) % 4 == 0 and x_q.data_ptr() % 4 == 0:
         K4 = K // 4
