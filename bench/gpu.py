@@ -442,6 +442,8 @@ def main(argv=None) -> int:
                     "unpack + int8 GEMM kernel (gemm_i8) instead of the built-in threshold")
     ap.add_argument("--batched-only", action="store_true", help="only prefill and batch 8 / 64 decode")
     ap.add_argument("--batches", default="8,64", help="batched decode sizes")
+    ap.add_argument("--b8-gemv-rows", default="1,2", help="batch 8 also on the dp4a GEMV at these rows a "
+                    "program (decode_b8_w2a8_gemv_rows<n>_ms); '' for none")
     ap.add_argument("--modes", default="w2a8,bf16", help="pipelines to time (w2a8, bf16)")
     ap.add_argument("--b8-other", action="store_true", help="batch 8 also on the other kernel (dp4a GEMV)")
     ap.add_argument("--no-gemv", action="store_true", help="skip the per-projection M=1 table")
@@ -601,6 +603,17 @@ def main(argv=None) -> int:
                 res[f"decode_b8_w2a8_{other}_ms"] = round(decode_ms(r2, pos, iters=30), 4)
                 _w.GEMV_MAX_M = keep
                 del r2
+            if mode == "w2a8" and B == 8:
+                from bitnet158.kernels.triton import w2a8 as _w
+                for mb in [int(v) for v in args.b8_gemv_rows.split(",") if v]:   # GEMV, mb rows a program
+                    keep, _w.GEMV_MAX_M, _w.GEMV_ROWS = (_w.GEMV_MAX_M, _w.GEMV_ROWS), 8, mb
+                    r2 = TritonRunner(model, batch=B, max_len=1280, linear=mode)
+                    fill_cache(r2)
+                    res[f"decode_b8_w2a8_gemv_rows{mb}_ms"] = round(decode_ms(r2, pos, iters=30), 4)
+                    _w.GEMV_MAX_M, _w.GEMV_ROWS = keep
+                    print(f"[w2a8] decode b8, dp4a GEMV at {mb} rows a program: "
+                          f"{res[f'decode_b8_w2a8_gemv_rows{mb}_ms']:.3f} ms/step", flush=True)
+                    del r2
             res[f"decode_b{B}_{mode}_tok_s"] = round(B / ms * 1e3, 1)
             print(f"[{mode}] decode b{B}: {ms:.3f} ms/step, {B / ms * 1e3:.0f} tok/s", flush=True)
             if B == 64:                   # short context: projections weigh more than the KV reads

@@ -274,6 +274,11 @@ def test_w2a8_2b4t_shapes_exact(M, segs, K):
         y = w2a8.w2a8_linear(x_q.cuda(), s.cuda(), w.cuda(), g.cuda(), segs, out_dtype=torch.bfloat16,
                              config=dict(w2a8.pick_config(M, sum(segs), K), JOINT=True))
         assert torch.equal(y.cpu(), ref)
+    if M <= 8:  # the GEMV at 1 and 2 activation rows a program (programs over the rows)
+        for mb in (1, 2):
+            y = w2a8.w2a8_linear(x_q.cuda(), s.cuda(), w.cuda(), g.cuda(), segs, out_dtype=torch.bfloat16,
+                                 config=dict(w2a8.pick_config(1, sum(segs), K), MB=mb))
+            assert torch.equal(y.cpu(), ref), mb
     if M > 8:   # the Triton tensor-core kernel too, whatever the default picks at this M
         cfg = w2a8.pick_config(min(M, 64), sum(segs), K) if M <= 64 else dict(
             kind="dot", BM=128, BR=64, BK=128, SPLIT_K=1, num_warps=8, num_stages=3)

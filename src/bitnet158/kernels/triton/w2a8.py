@@ -316,6 +316,9 @@ GEMV_JOINT = True
 GEMV_MAX_M = 4      # up to this many rows the dp4a GEMV (weights read once, rows looped); from 5
                     # rows on the tensor-core kernel: batch-8 decode on an H100 took 2.26 ms/step
                     # that way against 4.67 ms with the GEMV (bench/gpu.py, decode_b8_w2a8_tc_ms)
+# activation rows a GEMV program takes (None: all M, the weights read once and the rows looped,
+# one reduction each; fewer: more programs, each reading the weights again from L2)
+GEMV_ROWS: int | None = None
 
 
 # ---------------------------------------------------------------- host side
@@ -361,7 +364,7 @@ def pick_config(M: int, R: int, K: int, n_sm: int = 132) -> dict:
             br, nw = 1, 8
         else:                    # K = 2560: 2 rows while that still fills the SMs, else 4
             br, nw = (2 if R <= 1024 else 4), 4
-        return dict(kind="gemv", BR=br, BK4=bk4, MB=M, num_warps=nw, JOINT=GEMV_JOINT)
+        return dict(kind="gemv", BR=br, BK4=bk4, MB=min(M, GEMV_ROWS or M), num_warps=nw, JOINT=GEMV_JOINT)
     return tc_config(M, R, K, n_sm)
 
 
