@@ -82,8 +82,8 @@ def test_prefill_on_the_int8_gemm_path(dtype, reference_kernels, monkeypatch):
 def test_prefill_unpack_ahead_is_bit_identical(reference_kernels, monkeypatch):
     """Weights unpacked ahead of their GEMMs (a side stream on CUDA, in line on the CPU; buffers
     rotating over 4 projections a layer, 3 layers) give the in-line unpack's logits bit for bit,
-    eager and, on CUDA, replayed from a captured prefill graph; an M the int8 GEMM does not take
-    uses no unpack-ahead."""
+    eager and, on CUDA, replayed from a captured prefill graph (with ``"graphs"``: there only); an
+    M the int8 GEMM does not take uses no unpack-ahead."""
     from bitnet158.kernels.triton import w2a8
     m = _tiny(torch.bfloat16, layers=3, device="cuda" if CUDA else "cpu")
     toks = torch.randint(0, m.config.vocab_size, (2, 5), device=m.device)
@@ -95,6 +95,8 @@ def test_prefill_unpack_ahead_is_bit_identical(reference_kernels, monkeypatch):
     assert ahead._ahead(3) is None and ahead._ahead(10) is not None
     want = inline.prefill(toks, pos)
     assert torch.equal(ahead.prefill(toks, pos), want)
+    ahead.unpack_ahead = "graphs"               # captured prefills only
+    assert ahead._ahead(10) is None
     if CUDA:
         rows = torch.arange(2, device="cuda")
         g, out = ahead._capture((toks, pos, rows, True, 5), ahead._prefill)

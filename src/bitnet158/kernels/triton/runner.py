@@ -116,8 +116,10 @@ DECODE_SPANS_DEFAULT = True       # H100 (2026-12-07, bench/gpu.py): batch 1 ctx
 DECODE_SPAN_MIN = 256
 DECODE_SPAN_GROWTH = 4
 # prefill projections on the int8 GEMM path (from w2a8.I8_MIN_M rows) get their weights unpacked on
-# a side stream two projections ahead (unpack_ahead.UnpackAhead) instead of in line before each GEMM
-PREFILL_UNPACK_AHEAD = False
+# a side stream two projections ahead (unpack_ahead.UnpackAhead) instead of in line before each
+# GEMM: True always, "graphs" in captured prefills only (an eager prefill is bound by the host's
+# launches, to which the side stream's events add), False never
+PREFILL_UNPACK_AHEAD: bool | str = False
 TAIL_STYLES = {"qkv": "w8", "o": "w8", "gu": "w8", "down": "w8"}      # the best whole step of those tried
 DEFAULT_GEMV = "w2a8"
 
@@ -563,8 +565,12 @@ class TritonRunner:
 
     def _ahead(self, M: int) -> UnpackAhead | None:
         """An :class:`UnpackAhead` started with the prefill's projections (4 a layer, in call
-        order) when ``unpack_ahead`` is on and every one of them runs the int8 GEMM at M rows."""
+        order) when ``unpack_ahead`` says so (True; "graphs": while a CUDA graph is captured) and
+        every one of them runs the int8 GEMM at M rows."""
         if not self.unpack_ahead or self.mode != "w2a8":
+            return None
+        if self.unpack_ahead == "graphs" and not (self.device.type == "cuda"
+                                                  and torch.cuda.is_current_stream_capturing()):
             return None
         lins = [Ly[k] for Ly in self.layers for k in ("qkv", "o", "gu", "down")]
         if not all(uses_unpacked(M, *lin.packed.shape) for lin in lins):
