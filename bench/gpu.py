@@ -15,7 +15,8 @@ gate|up); the W2A8 pipeline reads the 2-bit weights. Measured (median of repeats
   greedy generation through ``generate`` (128 tokens after a 128-token prompt: tok/s, sampling
   and its synchronization included), and sampled generation the same way (temperature 0.8,
   with and without top-p 0.95), and the sampler's ``next_id`` alone on 128256 logits (greedy,
-  temperature, top-p, top-k + top-p: ``sampler_<case>_us`` back to back and ``_host_us`` to issue);
+  temperature, top-p, top-k + top-p: ``sampler_<case>_us`` back to back and ``_host_us`` to issue;
+  ``_eager`` with the sampler's CUDA graph off, and sampled generation that way too);
 - batch 8 and 64 decode throughput (rows at staggered positions around 1024);
 - a 2048-token prefill (head on the last position only, as the runner returns): eager, the host's
   time to enqueue it, with prefill graphs (``runner.prefill_graphs``: the prompt replays its
@@ -544,10 +545,20 @@ def main(argv=None) -> int:
             res[f"tg128_b1_{mode}_sampled_tok_s"] = round(generate_tok_s(r, temperature=0.8, top_p=0.95), 1)
             res[f"tg128_b1_{mode}_temperature_tok_s"] = round(generate_tok_s(r, temperature=0.8), 1)
             if mode == "w2a8":                 # the sampler alone (the same for both pipelines)
-                for case, params in SAMPLER_CASES.items():
-                    gpu, host = sampler_us(r.vocab_size, **params)
-                    res[f"sampler_{case}_us"], res[f"sampler_{case}_host_us"] = round(gpu, 1), round(host, 1)
-                    print(f"sampler {case}: {gpu:.1f} us a call back to back, {host:.1f} us of host time", flush=True)
+                from bitnet158.engine import sampling
+                keep = sampling.GRAPHS
+                for graphs, tag in ((True, ""), (False, "_eager")):      # replayed graph / eager ops
+                    sampling.GRAPHS = graphs
+                    for case, params in SAMPLER_CASES.items():
+                        gpu, host = sampler_us(r.vocab_size, **params)
+                        res[f"sampler_{case}{tag}_us"] = round(gpu, 1)
+                        res[f"sampler_{case}{tag}_host_us"] = round(host, 1)
+                        print(f"sampler {case}{tag}: {gpu:.1f} us a call back to back, {host:.1f} us of host "
+                              "time", flush=True)
+                    if not graphs:
+                        res["tg128_b1_w2a8_sampled_eager_sampler_tok_s"] = round(
+                            generate_tok_s(r, temperature=0.8, top_p=0.95), 1)
+                sampling.GRAPHS = keep
             print(f"[{mode}] decode b1 ctx 1024, inputs on the device: "
                   f"{res[f'decode_b1_ctx1024_{mode}_device_inputs_ms']:.3f} ms; greedy generation "
                   f"(128 after 128): {res[f'tg128_b1_{mode}_tok_s']:.0f} tok/s, sampled (temperature 0.8, "

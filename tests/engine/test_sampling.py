@@ -45,6 +45,39 @@ def test_draw_on_cuda_is_torch_multinomial():
             assert torch.equal(draw(probs, ga), torch.multinomial(probs, 1, generator=gb))
 
 
+@pytest.mark.cuda
+@pytest.mark.parametrize("params", [dict(temperature=0.8), dict(temperature=0.8, top_p=0.95),
+                                    dict(temperature=1.3, top_k=50, top_p=0.9),
+                                    dict(temperature=0.7, top_p=0.9, repetition_penalty=1.3)])
+def test_graphed_sampler_draws_the_eager_ids(params, monkeypatch):
+    """From a request's second token the GPU sampler replays a CUDA graph: the same ids as the
+    eager ops for the same seed, for two requests sharing the cached graph, one of them with
+    another seed; the first token of a request never captures."""
+    from bitnet158.engine import sampling, sampling_graph
+    if not torch.cuda.is_available():
+        pytest.skip("needs CUDA")
+    monkeypatch.setattr(sampling_graph, "_graphs", type(sampling_graph._graphs)())
+    V, gen = 128256, torch.Generator().manual_seed(3)
+    logits = [(torch.randn(V, generator=gen) * 4).cuda() for _ in range(12)]
+
+    def ids(seed, graphs):
+        monkeypatch.setattr(sampling, "GRAPHS", graphs)
+        s = Sampler(SamplingParams(seed=seed, **params), V, prompt_ids=[5, 9], device="cuda")
+        out = []
+        for x in logits:
+            t = s.next_id(x)
+            out.append(int(t))
+        return out
+
+    want_a, want_b = ids(0, False), ids(1, False)
+    assert not sampling_graph._graphs
+    assert ids(0, True) == want_a and ids(1, True) == want_b
+    assert len(sampling_graph._graphs) == 1
+    monkeypatch.setattr(sampling, "GRAPHS", True)
+    Sampler(SamplingParams(seed=0, temperature=0.5), V, device="cuda").next_id(logits[0])
+    assert len(sampling_graph._graphs) == 1                    # one token: no capture
+
+
 def test_draw_on_cpu_follows_probs():
     """On the CPU (inversion): never a zero-probability id, the same ids from the same seed, and
     frequencies within 5 standard deviations of the probabilities."""

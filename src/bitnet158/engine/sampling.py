@@ -104,6 +104,12 @@ def draw(probs: torch.Tensor, generator: torch.Generator | None) -> torch.Tensor
 
 # ---------------------------------------------------------------- per-request sampler
 
+# On a GPU a sampled (not greedy) token's transforms and draw replay a CUDA graph from a request's
+# GRAPH_FROM_CALL-th token on (sampling_graph: one launch for ~20 ops whose host launches cost more
+# than their GPU time; the same ids). A request of one token never captures.
+GRAPHS = True
+GRAPH_FROM_CALL = 2
+
 class Sampler:
     """Stateful sampler of one request: its RNG and the set of tokens seen so far (prompt + output)."""
 
@@ -118,6 +124,7 @@ class Sampler:
                 self.generator.seed()
             else:
                 self.generator.manual_seed(params.seed)
+        self.calls = 0
         self.seen: torch.Tensor | None = None
         if params.repetition_penalty != 1.0:
             self.seen = torch.zeros(vocab_size, dtype=torch.bool, device=device)  # [V]
@@ -134,11 +141,17 @@ class Sampler:
         """logits float32 [V] -> the next id as a long tensor [1] on the logits' device, recorded
         as seen there without reading it on the host, so a GPU loop can feed it to the next step
         before the host reads it. The same draws as :meth:`__call__`."""
-        x = process_logits(logits, self.params, self.seen)
-        if self.params.greedy:
-            tok = torch.argmax(x, dim=-1, keepdim=True)                          # [1]
+        self.calls += 1
+        if (GRAPHS and self.calls >= GRAPH_FROM_CALL and logits.is_cuda and not self.params.greedy
+                and logits.dim() == 1 and logits.dtype == torch.float32):
+            from .sampling_graph import graphed           # the same ops, replayed from a CUDA graph
+            tok = graphed(self.params, logits.shape[-1], logits.device).run(logits, self.generator, self.seen)
         else:
-            tok = draw(torch.softmax(x.float(), dim=-1), self.generator)         # [1]
+            x = process_logits(logits, self.params, self.seen)
+            if self.params.greedy:
+                tok = torch.argmax(x, dim=-1, keepdim=True)                      # [1]
+            else:
+                tok = draw(torch.softmax(x.float(), dim=-1), self.generator)     # [1]
         if self.seen is not None:
             self.seen[tok] = True
         return tok
