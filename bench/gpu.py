@@ -443,8 +443,8 @@ def main(argv=None) -> int:
                     "unpack + int8 GEMM kernel (gemm_i8) instead of the built-in threshold")
     ap.add_argument("--batched-only", action="store_true", help="only prefill and batch 8 / 64 decode")
     ap.add_argument("--batches", default="8,64", help="batched decode sizes")
-    ap.add_argument("--b8-gemv-rows", default="1,2,4", help="batch 8 also on the dp4a GEMV at these rows a "
-                    "program (decode_b8_w2a8_gemv_rows<n>_ms); '' for none")
+    ap.add_argument("--b8-gemv-rows", default="", help="batch 8 also on the dp4a GEMV at these rows a "
+                    "program, e.g. 1,2,4 (decode_b8_w2a8_gemv_rows<n>_ms)")
     ap.add_argument("--modes", default="w2a8,bf16", help="pipelines to time (w2a8, bf16)")
     ap.add_argument("--b8-other", action="store_true", help="batch 8 also on the other kernel (dp4a GEMV)")
     ap.add_argument("--no-gemv", action="store_true", help="skip the per-projection M=1 table")

@@ -90,6 +90,7 @@ def test_prefill_unpack_ahead_is_bit_identical(reference_kernels, monkeypatch):
     pos = torch.arange(5, device=m.device)[None].expand(2, 5)
     monkeypatch.setattr(w2a8, "I8_MIN_M", 4)
     inline = TritonRunner(m, batch=2, max_len=32, graphs=False)
+    inline.unpack_ahead = False
     ahead = TritonRunner(m, batch=2, max_len=32, graphs=False)
     ahead.unpack_ahead = True
     assert ahead._ahead(3) is None and ahead._ahead(10) is not None

@@ -118,8 +118,9 @@ DECODE_SPAN_GROWTH = 4
 # prefill projections on the int8 GEMM path (from w2a8.I8_MIN_M rows) get their weights unpacked on
 # a side stream two projections ahead (unpack_ahead.UnpackAhead) instead of in line before each
 # GEMM: True always, "graphs" in captured prefills only (an eager prefill is bound by the host's
-# launches, to which the side stream's events add), False never
-PREFILL_UNPACK_AHEAD: bool | str = False
+# launches, to which the side stream's events add), False never. H100 (2026-12-07, bench/gpu.py,
+# two rounds alternating): a 2048-token prefill graph 13.90 / 13.89 ms against 14.17 / 14.13 in line
+PREFILL_UNPACK_AHEAD: bool | str = "graphs"
 TAIL_STYLES = {"qkv": "w8", "o": "w8", "gu": "w8", "down": "w8"}      # the best whole step of those tried
 DEFAULT_GEMV = "w2a8"
 

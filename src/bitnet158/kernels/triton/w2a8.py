@@ -317,7 +317,9 @@ GEMV_MAX_M = 4      # up to this many rows the dp4a GEMV (weights read once, row
                     # rows on the tensor-core kernel: batch-8 decode on an H100 took 2.26 ms/step
                     # that way against 4.67 ms with the GEMV (bench/gpu.py, decode_b8_w2a8_tc_ms)
 # activation rows a GEMV program takes (None: all M, the weights read once and the rows looped,
-# one reduction each; fewer: more programs, each reading the weights again from L2)
+# one reduction each; fewer: more programs, each reading the weights again from L2). At batch 8 on
+# an H100 (2026-12-07, bench/gpu.py --b8-gemv-rows) the GEMV took 2.93 / 2.92 / 2.73 ms a step at
+# 1 / 2 / 4 rows a program against 2.11 on the tensor-core kernel, so GEMV_MAX_M stays 4
 GEMV_ROWS: int | None = None
 
 
