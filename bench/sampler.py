@@ -46,13 +46,40 @@ def per_token_ms(params: SamplingParams, logits: list[torch.Tensor], device: str
     return (time.perf_counter() - t0) / len(logits) * 1e3
 
 
+def profile(vocab: int, device: str, calls: int = 20) -> int:
+    """Per-op device and host time of ``calls`` eager sampled tokens (the CUDA graph off)."""
+    from torch.profiler import ProfilerActivity
+    from torch.profiler import profile as torch_profile
+    keep, sampling.GRAPHS = sampling.GRAPHS, False
+    try:
+        logits = (torch.randn(vocab, generator=torch.Generator().manual_seed(0)) * 4).to(device)
+        s = Sampler(SamplingParams(seed=0, temperature=0.8, top_p=0.95), vocab, device=device)
+        for _ in range(3):
+            s.next_id(logits)
+        acts = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if device.startswith("cuda") else [])
+        with torch_profile(activities=acts) as prof:
+            for _ in range(calls):
+                s.next_id(logits)
+            if device.startswith("cuda"):
+                torch.cuda.synchronize()
+        key = "device_time_total" if device.startswith("cuda") else "cpu_time_total"
+        print(prof.key_averages().table(sort_by=key, row_limit=30, max_name_column_width=60))
+    finally:
+        sampling.GRAPHS = keep
+    return 0
+
+
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--vocab", type=int, default=128256)
     ap.add_argument("--tokens", type=int, default=30, help="logits rows timed per case")
     ap.add_argument("--device", default="cpu")
     ap.add_argument("--out", default=None, help="write the JSON result here")
+    ap.add_argument("--profile", action="store_true", help="print the per-op table (torch.profiler) of "
+                    "the eager sampler with top-p on --device, then exit")
     args = ap.parse_args(argv)
+    if args.profile:
+        return profile(args.vocab, args.device)
     if args.vocab < 2 or args.tokens < 1:
         ap.error(f"--vocab must be >= 2 and --tokens >= 1 (got {args.vocab}, {args.tokens})")
     res = {"device": torch.cuda.get_device_name() if args.device.startswith("cuda") else cpu_name(),
