@@ -105,8 +105,8 @@ def draw(probs: torch.Tensor, generator: torch.Generator | None) -> torch.Tensor
 # ---------------------------------------------------------------- per-request sampler
 
 # On a GPU a sampled (not greedy) token's transforms and draw replay a CUDA graph from a request's
-# GRAPH_FROM_CALL-th token on (sampling_graph: one launch for ~20 ops whose host launches cost more
-# than their GPU time; the same ids). A request of one token never captures.
+# GRAPH_FROM_CALL-th token on (sampling_graph: one launch for ~20 ops, the same ids; H100 machine,
+# top-p: 33 us of host time a token against 243 eager). A request of one token never captures.
 GRAPHS = True
 GRAPH_FROM_CALL = 2
 

@@ -4,10 +4,12 @@
     tok = g.run(logits, generator, seen)     # long [1]: the same id as Sampler's eager ops
 
 A sampled token on a GPU runs ~20 small torch ops (temperature, top-k, top-p's sort, softmax,
-cumulative sums and masks, the draw). Each costs the host ~10-15 us to launch, so the sampler alone
-took ~0.28 ms of host time a token with top-p on an H100 machine, in the way of the decode loop
-that queues the next step while the GPU runs this one. Here those ops are captured once into a
-CUDA graph over static buffers; a token costs four launches: the logits copied in, the draw's
+cumulative sums and masks, the draw). Each costs the host ~10-15 us to launch: with top-p the
+sampler alone took 243 us of host time a token on an H100 machine (33 us replayed from the
+graph). Batch-1 generation queues the next decode step first and so hides that behind the step;
+where the host is the bound (the batch scheduler draws each sampled row in turn) it adds up. Here
+those ops are captured once into a CUDA graph over static buffers; a token costs four launches:
+the logits copied in, the draw's
 ``Exp(1)`` variates from the request's own generator (outside the graph, so every request keeps
 its own RNG stream and seeded requests stay reproducible), the replay, and the id copied out. The
 graph replays the eager ops' kernels on the same inputs, so the ids are the eager sampler's.
