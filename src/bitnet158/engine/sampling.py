@@ -17,6 +17,7 @@ from typing import Iterable
 import torch
 
 from ..sampling_params import GenerationError, SamplingError, SamplingParams  # noqa: F401 (re-exported)
+from . import row_ops
 
 
 # ---------------------------------------------------------------- logit transforms (pure functions)
@@ -49,7 +50,7 @@ def top_p_mask(logits: torch.Tensor, p: float) -> torch.Tensor:
     """
     if p >= 1.0:
         return logits
-    probs = torch.softmax(logits, dim=-1)                                  # [..., V]
+    probs = row_ops.softmax(logits)                                        # [..., V]
 
     def ranked(vals_idx):          # (values descending, ids) -> the values, the mass before each
         vals, idx = vals_idx
@@ -65,7 +66,7 @@ def top_p_mask(logits: torch.Tensor, p: float) -> torch.Tensor:
             mass_before = before
     if mass_before is None:
         vals, mass_before = ranked(torch.sort(logits, dim=-1, descending=True))  # [..., V]
-    kept = (mass_before < p).to(torch.int32).cumprod(dim=-1).sum(dim=-1, keepdim=True).clamp_(min=1)
+    kept = row_ops.int_sum((mass_before < p).to(torch.int32).cumprod(dim=-1)).clamp_(min=1)
     last = vals.gather(-1, kept - 1)                                       # [..., 1] value of the last kept
     return logits.masked_fill(logits < last, float("-inf"))
 
@@ -94,7 +95,7 @@ def draw(probs: torch.Tensor, generator: torch.Generator | None) -> torch.Tensor
     id rather than an error."""
     if probs.device.type != "cpu":
         q = torch.empty_like(probs).exponential_(1, generator=generator)   # [V], Exp(1)
-        return torch.argmax(probs / q, dim=-1, keepdim=True)               # argmax p_i / q_i ~ probs
+        return row_ops.argmax(probs / q)                                   # argmax p_i / q_i ~ probs
     c = torch.cumsum(probs, dim=-1, dtype=torch.float64)                   # [V]
     u = torch.rand(1, generator=generator, dtype=torch.float64)            # [1] in [0, 1)
     total = c[-1:]
@@ -149,9 +150,9 @@ class Sampler:
         else:
             x = process_logits(logits, self.params, self.seen)
             if self.params.greedy:
-                tok = torch.argmax(x, dim=-1, keepdim=True)                      # [1]
+                tok = row_ops.argmax(x)                                          # [1]
             else:
-                tok = draw(torch.softmax(x.float(), dim=-1), self.generator)     # [1]
+                tok = draw(row_ops.softmax(x.float()), self.generator)           # [1]
         if self.seen is not None:
             self.seen[tok] = True
         return tok

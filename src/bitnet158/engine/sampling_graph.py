@@ -37,6 +37,7 @@ class GraphedSampler:
     """One captured sampler: static logits, Exp(1) and seen buffers in, the drawn id out."""
 
     def __init__(self, params: SamplingParams, vocab: int, device: torch.device):
+        from . import row_ops
         from .sampling import process_logits       # sampling imports this module lazily
         self.device = device
         with torch.cuda.device(device), torch.inference_mode():
@@ -47,8 +48,8 @@ class GraphedSampler:
 
             def body() -> torch.Tensor:              # the eager path of Sampler.next_id + draw
                 x = process_logits(self.logits, params, self.seen)
-                probs = torch.softmax(x.float(), dim=-1)
-                return torch.argmax(probs / self.q, dim=-1, keepdim=True)                 # [1]
+                probs = row_ops.softmax(x.float())
+                return row_ops.argmax(probs / self.q)                                     # [1]
 
             side = torch.cuda.Stream(device)         # warm up off the current stream, then capture
             side.wait_stream(torch.cuda.current_stream(device))
