@@ -2,6 +2,7 @@
 
     python3 bench/sampler.py                                  # CPU, V = 128256
     python3 bench/sampler.py --out bench/results/sampler-2026-12-07-epyc-2core.json
+    python3 bench/sampler.py --profile --device cuda         # per-op table of one sampled token
 
 ``Sampler.next_id`` on random logits ``N(0, scale^2)`` (scale 2: flat, the nucleus runs past the
 top candidates; 4 and 8: peaked, as a trained model's usually are) with the embedded default
