@@ -82,6 +82,17 @@ def process_logits(logits: torch.Tensor, params: SamplingParams, seen: torch.Ten
     return top_p_mask(logits, params.top_p)
 
 
+def sampling_probs(logits: torch.Tensor, params: SamplingParams, seen: torch.Tensor | None) -> torch.Tensor:
+    """The probabilities a sampled (not greedy) token is drawn from: float32 [V]."""
+    return row_ops.softmax(process_logits(logits, params, seen).float())
+
+
+def race(probs: torch.Tensor, q: torch.Tensor) -> torch.Tensor:
+    """The exponential race: ``argmax(p_i / q_i)`` for ``q ~ Exp(1)`` [V] is an id drawn from
+    probs [V] -> long [1] (``torch.multinomial``'s draw on a GPU)."""
+    return row_ops.argmax(probs / q)
+
+
 def draw(probs: torch.Tensor, generator: torch.Generator | None) -> torch.Tensor:
     """One id from probs [V] (summing to ~1, zeros for masked tokens) -> long [1].
 
@@ -94,8 +105,7 @@ def draw(probs: torch.Tensor, generator: torch.Generator | None) -> torch.Tensor
     the total, so a masked token is never drawn. Like the greedy argmax, NaN probabilities give an
     id rather than an error."""
     if probs.device.type != "cpu":
-        q = torch.empty_like(probs).exponential_(1, generator=generator)   # [V], Exp(1)
-        return row_ops.argmax(probs / q)                                   # argmax p_i / q_i ~ probs
+        return race(probs, torch.empty_like(probs).exponential_(1, generator=generator))
     c = torch.cumsum(probs, dim=-1, dtype=torch.float64)                   # [V]
     u = torch.rand(1, generator=generator, dtype=torch.float64)            # [1] in [0, 1)
     total = c[-1:]
@@ -147,12 +157,10 @@ class Sampler:
                 and logits.dim() == 1 and logits.dtype == torch.float32):
             from .sampling_graph import graphed           # the same ops, replayed from a CUDA graph
             tok = graphed(self.params, logits.shape[-1], logits.device).run(logits, self.generator, self.seen)
+        elif self.params.greedy:
+            tok = row_ops.argmax(process_logits(logits, self.params, self.seen))        # [1]
         else:
-            x = process_logits(logits, self.params, self.seen)
-            if self.params.greedy:
-                tok = row_ops.argmax(x)                                          # [1]
-            else:
-                tok = draw(row_ops.softmax(x.float()), self.generator)           # [1]
+            tok = draw(sampling_probs(logits, self.params, self.seen), self.generator)  # [1]
         if self.seen is not None:
             self.seen[tok] = True
         return tok
@@ -163,4 +171,4 @@ class Sampler:
 
 
 __all__ = ["SamplingParams", "GenerationError", "SamplingError", "Sampler", "apply_repetition_penalty", "top_k_mask",
-           "top_p_mask", "process_logits", "draw"]
+           "top_p_mask", "process_logits", "sampling_probs", "race", "draw"]

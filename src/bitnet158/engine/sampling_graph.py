@@ -8,8 +8,8 @@ cumulative sums and masks, the draw). Each costs the host ~10-15 us to launch: w
 sampler alone took 243 us of host time a token on an H100 machine (33 us replayed from the
 graph). Batch-1 generation queues the next decode step first and so hides that behind the step;
 where the host is the bound (the batch scheduler draws each sampled row in turn) it adds up. Here
-those ops are captured once into a CUDA graph over static buffers; a token costs four launches:
-the logits copied in, the draw's
+those ops are captured once into a CUDA graph over static buffers; a token costs four launches
+(five with a repetition penalty, whose seen set is copied in too): the logits copied in, the draw's
 ``Exp(1)`` variates from the request's own generator (outside the graph, so every request keeps
 its own RNG stream and seeded requests stay reproducible), the replay, and the id copied out. The
 graph replays the eager ops' kernels on the same inputs, so the ids are the eager sampler's.
@@ -37,8 +37,7 @@ class GraphedSampler:
     """One captured sampler: static logits, Exp(1) and seen buffers in, the drawn id out."""
 
     def __init__(self, params: SamplingParams, vocab: int, device: torch.device):
-        from . import row_ops
-        from .sampling import process_logits       # sampling imports this module lazily
+        from .sampling import race, sampling_probs     # sampling imports this module lazily
         self.device = device
         with torch.cuda.device(device), torch.inference_mode():
             self.logits = torch.zeros(vocab, dtype=torch.float32, device=device)          # [V]
@@ -47,9 +46,7 @@ class GraphedSampler:
                          if params.repetition_penalty != 1.0 else None)                   # [V]
 
             def body() -> torch.Tensor:              # the eager path of Sampler.next_id + draw
-                x = process_logits(self.logits, params, self.seen)
-                probs = row_ops.softmax(x.float())
-                return row_ops.argmax(probs / self.q)                                     # [1]
+                return race(sampling_probs(self.logits, params, self.seen), self.q)        # [1]
 
             side = torch.cuda.Stream(device)         # warm up off the current stream, then capture
             side.wait_stream(torch.cuda.current_stream(device))

@@ -45,7 +45,7 @@ class UnpackAhead:
     def _stream(self):
         return torch.cuda.stream(self.side) if self.side is not None else contextlib.nullcontext()
 
-    def _event(self, stream=None):
+    def _event(self, stream):
         if self.side is None:
             return None
         ev = torch.cuda.Event()
