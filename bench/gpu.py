@@ -16,7 +16,9 @@ gate|up); the W2A8 pipeline reads the 2-bit weights. Measured (median of repeats
   and its synchronization included), and sampled generation the same way (temperature 0.8,
   with and without top-p 0.95), and the sampler's ``next_id`` alone on 128256 logits (greedy,
   temperature, top-p, top-k + top-p: ``sampler_<case>_us`` back to back and ``_host_us`` to issue;
-  ``_eager`` with the sampler's CUDA graph off, and sampled generation that way too);
+  ``_eager`` with the sampler's CUDA graph off, and sampled generation that way too), and the
+  batch scheduler's draw of 64 sampled rows a step, together and one by one
+  (``sampler_rows64_<case>_us``, ``_each_us``);
 - batch 8 and 64 decode throughput (rows at staggered positions around 1024);
 - a 2048-token prefill (head on the last position only, as the runner returns): eager, the host's
   time to enqueue it, with prefill graphs (``runner.prefill_graphs``: the prompt replays its
@@ -157,6 +159,28 @@ def sampler_us(vocab: int, iters: int = 200, **params) -> tuple[float, float]:
     host = (time.perf_counter() - t0) / 40 * 1e6
     torch.cuda.synchronize()
     return gpu, host
+
+
+def sampler_rows_us(vocab: int, rows: int = 64, iters: int = 20, together: bool = True, **params) -> float:
+    """The batch scheduler's draw of ``rows`` sampled rows of fp32 logits [rows, vocab]: us a step
+    back to back (host and GPU), all rows together (``sampling.next_ids``) or each by its own
+    sampler in turn (its graph from the second call on)."""
+    import time
+    from bitnet158.engine import sampling
+    from bitnet158.engine.sampling import Sampler, SamplingParams
+    ss = [Sampler(SamplingParams(seed=i, **params), vocab, device="cuda") for i in range(rows)]
+    logits = torch.randn(rows, vocab, device="cuda") * 3
+    keep, sampling.BATCH_DRAW = sampling.BATCH_DRAW, together
+    try:
+        for _ in range(3):
+            sampling.next_ids(ss, logits)
+        torch.cuda.synchronize()
+        t0 = time.perf_counter()
+        for _ in range(iters):
+            sampling.next_ids(ss, logits).tolist()        # the scheduler reads the ids every step
+        return (time.perf_counter() - t0) / iters * 1e6
+    finally:
+        sampling.BATCH_DRAW = keep
 
 
 def record_b1(res: dict, runner, key: str, ctxs, iters=100) -> None:
@@ -559,6 +583,12 @@ def main(argv=None) -> int:
                         res["tg128_b1_w2a8_sampled_eager_sampler_tok_s"] = round(
                             generate_tok_s(r, temperature=0.8, top_p=0.95), 1)
                 sampling.GRAPHS = keep
+                for case in ("temperature", "top_p"):        # 64 sampled rows of the batch scheduler
+                    for together, tag in ((True, ""), (False, "_each")):
+                        us = sampler_rows_us(r.vocab_size, together=together, **SAMPLER_CASES[case])
+                        res[f"sampler_rows64_{case}{tag}_us"] = round(us, 1)
+                        print(f"sampler, 64 rows, {case}, {'together' if together else 'one by one'}: "
+                              f"{us:.0f} us a step", flush=True)
             print(f"[{mode}] decode b1 ctx 1024, inputs on the device: "
                   f"{res[f'decode_b1_ctx1024_{mode}_device_inputs_ms']:.3f} ms; greedy generation "
                   f"(128 after 128): {res[f'tg128_b1_{mode}_tok_s']:.0f} tok/s, sampled (temperature 0.8, "

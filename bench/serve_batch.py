@@ -3,20 +3,25 @@
     python3 bench/serve_batch.py                                  # random 2B4T shapes, CPU, 1/2/4 clients
     python3 bench/serve_batch.py --device cuda --concurrency 1,4,16,32 --gen-tokens 64 --save
     python3 bench/serve_batch.py --model path/to/folder          # a real model folder
+    python3 bench/serve_batch.py --device cuda --concurrency 8,64 --sampling greedy,top_p,top_p_rows
 
 Drives :class:`bitnet158.engine.batch.BatchEngine` (what ``bitnet158 serve`` runs behind HTTP) with
 ``c`` requests submitted at once on a runner of ``c`` rows: each request has its own random
 ``--prompt-tokens`` prompt and decodes ``--gen-tokens`` tokens (end-of-text ignored). Reported per
 concurrency: wall time, aggregate tokens/s (all requests), per-request tokens/s, time to first
 token (median / max, including the wait for the other prompts' prefills) and ms per decode step.
-Prints a table, then one JSON line; ``--save`` writes
-``bench/results/serve_batch-2026-11-25-<machine>.json``. No HTTP: the server adds per-token
-JSON/SSE work on top; this isolates the engine.
+``--sampling`` picks how the requests sample: ``greedy``; ``top_p`` (temperature 0.8, top-p 0.95,
+a seed per request: the rows drawn together, ``sampling.next_ids``); ``top_p_rows`` (the same,
+each row drawn by its own sampler in turn, as before the batched draw). Prints a table, then one
+JSON line (keys ``c<clients>_<quantity>`` for greedy, ``c<clients>_<sampling>_<quantity>``
+otherwise); ``--save`` writes ``bench/results/serve_batch-<date>-<machine>.json``, ``--out`` a
+given path. No HTTP: the server adds per-token JSON/SSE work on top; this isolates the engine.
 """
 
 from __future__ import annotations
 
 import argparse
+import datetime
 import json
 import platform
 import statistics
@@ -26,8 +31,10 @@ from pathlib import Path
 
 import torch
 
-from bitnet158.engine import SamplingParams, make_runner
+from bitnet158.engine import SamplingParams, make_runner, sampling
 from bitnet158.engine.batch import BatchEngine
+
+SAMPLING = {"greedy": dict(), "top_p": dict(temperature=0.8, top_p=0.95), "top_p_rows": dict(temperature=0.8, top_p=0.95)}
 
 
 def build_model(args):
@@ -38,14 +45,19 @@ def build_model(args):
     return random_packed_model("2b4t", seed=0, device=args.device)
 
 
-def run_level(model, c: int, prompt_tokens: int, gen_tokens: int, backend: str, seed: int) -> dict:
+def run_level(model, c: int, prompt_tokens: int, gen_tokens: int, backend: str, seed: int,
+              mode: str = "greedy") -> dict:
+    sampling.BATCH_DRAW = mode != "top_p_rows"
     runner = make_runner(model, batch=c, max_len=prompt_tokens + gen_tokens + 1, backend=backend)
     eng = BatchEngine(runner, max_queue=c).start()
     g = torch.Generator().manual_seed(seed)
     V = model.config.vocab_size
     prompts = [torch.randint(0, V, (prompt_tokens,), generator=g).tolist() for _ in range(c)]
-    params = SamplingParams(max_new_tokens=gen_tokens, stop_ids=frozenset())   # greedy, no early stop
+    params = [SamplingParams(max_new_tokens=gen_tokens, stop_ids=frozenset(),     # no early stop
+                             seed=(seed * 1000 + i) if SAMPLING[mode] else None, **SAMPLING[mode])
+              for i in range(c)]
     first, done, counts = [None] * c, [threading.Event() for _ in range(c)], [0] * c
+    toks = [[] for _ in range(c)]
     steps0 = eng.steps
     t0 = time.perf_counter()
 
@@ -54,10 +66,11 @@ def run_level(model, c: int, prompt_tokens: int, gen_tokens: int, backend: str, 
             if first[i] is None:
                 first[i] = time.perf_counter() - t0
             counts[i] += 1
+            toks[i].append(tok)
         return f
 
     for i, p in enumerate(prompts):
-        eng.submit(p, params, on_token(i), lambda r, e, i=i: done[i].set())
+        eng.submit(p, params[i], on_token(i), lambda r, e, i=i: done[i].set())
     for ev in done:
         ev.wait(3600)
     wall = time.perf_counter() - t0
@@ -66,7 +79,7 @@ def run_level(model, c: int, prompt_tokens: int, gen_tokens: int, backend: str, 
     total = sum(counts)
     ttft = [f for f in first if f is not None]
     decode_s = wall - max(ttft)              # after the last first token every row is decoding
-    return {"concurrency": c, "wall_s": wall, "tokens": total, "agg_tok_s": total / wall,
+    return {"concurrency": c, "sampling": mode, "tokens_out": toks, "wall_s": wall, "tokens": total, "agg_tok_s": total / wall,
             "per_request_tok_s": gen_tokens / wall, "ttft_median_s": statistics.median(ttft),
             "ttft_max_s": max(ttft), "decode_steps": steps,
             "step_ms": 1e3 * decode_s / max(1, gen_tokens - 1)}
@@ -81,35 +94,50 @@ def main() -> None:
     ap.add_argument("--concurrency", default="1,2,4")
     ap.add_argument("--prompt-tokens", type=int, default=32)
     ap.add_argument("--gen-tokens", type=int, default=16)
+    ap.add_argument("--sampling", default="greedy", help="comma list of " + ", ".join(SAMPLING))
     ap.add_argument("--save", action="store_true")
+    ap.add_argument("--out", default=None, help="write the JSON line here")
     args = ap.parse_args()
     if args.threads:
         torch.set_num_threads(args.threads)
     model = build_model(args)
     levels = [int(x) for x in args.concurrency.split(",")]
+    modes = args.sampling.split(",")
+    bad = [m for m in modes if m not in SAMPLING]
+    if bad:
+        ap.error(f"--sampling: unknown {bad}; choose from {', '.join(SAMPLING)}")
     run_level(model, 1, 8, 2, args.backend, 123)                       # warm-up (kernels, caches)
-    rows = [run_level(model, c, args.prompt_tokens, args.gen_tokens, args.backend, c) for c in levels]
+    for m in modes:
+        run_level(model, 2, 8, 3, args.backend, 124, m)
+    rows = [run_level(model, c, args.prompt_tokens, args.gen_tokens, args.backend, c, m)
+            for c in levels for m in modes]
     dev = torch.cuda.get_device_name() if args.device.startswith("cuda") else platform.processor() or "cpu"
     print(f"batch engine on {dev} ({args.device}, backend {args.backend}, {torch.get_num_threads()} threads), "
           f"prompt {args.prompt_tokens}, gen {args.gen_tokens}")
-    print(f"{'clients':>8}{'wall s':>9}{'agg tok/s':>11}{'req tok/s':>11}{'ttft p50':>10}{'ttft max':>10}"
+    print(f"{'clients':>8}{'sampling':>11}{'wall s':>9}{'agg tok/s':>11}{'req tok/s':>11}{'ttft p50':>10}{'ttft max':>10}"
           f"{'step ms':>9}")
     for r in rows:
-        print(f"{r['concurrency']:>8}{r['wall_s']:>9.2f}{r['agg_tok_s']:>11.2f}{r['per_request_tok_s']:>11.2f}"
+        print(f"{r['concurrency']:>8}{r['sampling']:>11}{r['wall_s']:>9.2f}{r['agg_tok_s']:>11.2f}{r['per_request_tok_s']:>11.2f}"
               f"{r['ttft_median_s']:>10.3f}{r['ttft_max_s']:>10.3f}{r['step_ms']:>9.2f}")
     out = {"device": dev, "backend": args.backend, "threads": torch.get_num_threads(),
            "model": args.model or "random-2b4t", "prompt_tokens": args.prompt_tokens,
            "gen_tokens": args.gen_tokens}
     for r in rows:
-        c = r["concurrency"]
+        c = r["concurrency"] if r["sampling"] == "greedy" else f"{r['concurrency']}_{r['sampling']}"
         out.update({f"c{c}_agg_tok_s": r["agg_tok_s"], f"c{c}_req_tok_s": r["per_request_tok_s"],
                     f"c{c}_ttft_p50_s": r["ttft_median_s"], f"c{c}_ttft_max_s": r["ttft_max_s"],
                     f"c{c}_step_ms": r["step_ms"]})
+    for c in levels:                 # the batched draw gives every request the ids of the row-by-row one
+        got = {r["sampling"]: r["tokens_out"] for r in rows if r["concurrency"] == c}
+        if "top_p" in got and "top_p_rows" in got:
+            out[f"c{c}_top_p_same_tokens_as_rows"] = got["top_p"] == got["top_p_rows"]
+            print(f"{c} clients: top_p tokens {'==' if got['top_p'] == got['top_p_rows'] else '!='} top_p_rows tokens")
     line = json.dumps(out)
     print(line)
-    if args.save:
+    if args.save or args.out:
         machine = "gpu-" + dev.split()[-1].lower() if args.device.startswith("cuda") else platform.node()
-        path = Path(__file__).resolve().parent / "results" / f"serve_batch-2026-11-25-{machine}.json"
+        day = datetime.date.today().isoformat()
+        path = Path(args.out) if args.out else Path(__file__).resolve().parent / "results" / f"serve_batch-{day}-{machine}.json"
         path.write_text(line + "\n")
 
 

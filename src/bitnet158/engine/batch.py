@@ -31,7 +31,7 @@ from typing import Callable
 import torch
 
 from ..errors import BitNetError, ContextLengthError
-from .sampling import Sampler, SamplingParams
+from .sampling import Sampler, SamplingParams, next_ids
 
 
 class QueueFullError(BitNetError):
@@ -240,10 +240,12 @@ class BatchEngine:
         # plain greedy rows: one argmax and one device-to-host copy for all of them (a row's own
         # Sampler would give the same id, with a launch and a synchronization per row)
         ids = logits.argmax(-1).tolist() if any(h.params.argmax for h in live) else [0] * (hi - lo)  # [b]
-        # the other rows: each drawn by its own Sampler on the device, all read in one copy
+        # the other rows: drawn on the device by their own Samplers (together where the row ops
+        # allow: the same ids as one by one), all read in one copy
         drawn = [h for h in live if not h.params.argmax]
         if drawn:
-            got = torch.cat([h.sampler.next_id(logits[h.row - lo]) for h in drawn]).tolist()
+            sel = logits if len(drawn) == hi - lo else logits[[h.row - lo for h in drawn]]    # [d, V]
+            got = next_ids([h.sampler for h in drawn], sel).tolist()
             for h, t in zip(drawn, got):
                 ids[h.row - lo] = t
         for h in live:

@@ -1,64 +1,66 @@
-"""Softmax, argmax and sum over one long row of logits on a GPU, as two-level reductions.
+"""Softmax, argmax and top-p's cut over rows of logits: Triton row kernels on a GPU, torch ops elsewhere.
 
-    p = softmax(x)            # x float [V] -> [V]
-    i = argmax(x)             # x [V] -> long [1], the first index of the maximum (as torch.argmax)
-    n = int_sum(c)            # c integer [V] -> [1]
+    p = softmax(x)                 # x float [V] or [n, V] -> the same shape
+    i = argmax(x)                  # x [V] -> long [1]; [n, V] -> long [n] (the first index of the maximum)
+    k = first_reaching(ps, p)      # ps [V] / [n, V], most likely first -> long [1] / [n]: top-p's cut
 
-PyTorch reduces a single row of V elements with one thread block: on an H100 a softmax over
-V = 128256 logits took 44 us, an argmax 28 us and a sum 15 us (``bench/sampler.py --profile``),
-most of a sampled token's 0.22 ms. Here the row is viewed as ``[G, V / G]`` (``G = gcd(V,
-1024)``: 256 rows of 501 for the Llama-3 vocabulary), reduced along the rows by G blocks, then
-the G partials. The argmax and the integer sum give exactly torch's results (the first index of
-the maximum, NaN counting as the maximum; integer sums do not depend on the order); the softmax
-sums its exponentials in another order, so its values may differ from ``torch.softmax``'s by
-float32 rounding (up to ~2e-5 relative at 128256 logits, against the CPU's softmax). Off CUDA, for other shapes, or when V has fewer than ``MIN_ROWS`` such rows, the
-torch ops run unchanged.
+On a CUDA float32 tensor these run :mod:`bitnet158.kernels.triton.rows`: each row is reduced in
+chunks by many programs (torch reduces one 128256-logit row with a single thread block: softmax
+44 us, argmax 28 us on an H100), and a row's result does not depend on how many rows run with it,
+so the batch scheduler can draw all its rows at once and still give each request exactly the ids
+it would get alone (:func:`batch_invariant`). Elsewhere (CPU, no Triton) the torch ops run; the
+CPU's results are the reference the GPU's are tested against (argmax exactly, the softmax and
+the cut within float32 rounding of the sums).
+
+``first_reaching`` is top-p's boundary: with ``ps`` the probabilities in decreasing order, the
+number of leading positions whose mass before them (the sum of the probabilities ahead of
+them) is below ``p``; ``V`` where the whole row is.
 """
 
 from __future__ import annotations
 
-import math
-
 import torch
 
-MIN_ROWS = 8
+
+def _kernels(x: torch.Tensor):
+    """The Triton row kernels for a CUDA float32 [V] / [n, V] tensor, else None (torch ops)."""
+    if not x.is_cuda or x.dtype != torch.float32 or x.dim() not in (1, 2):
+        return None
+    try:
+        from ..kernels.triton import rows
+    except ImportError:                   # no Triton: torch's ops, drawn row by row (batch_invariant)
+        return None
+    return rows
 
 
-def _rows(x: torch.Tensor) -> int:
-    """G of the [G, V / G] view, or 0 where the torch op runs as it is."""
-    if not x.is_cuda or x.dim() != 1 or not x.is_contiguous():
-        return 0
-    g = math.gcd(x.numel(), 1024)
-    return g if g >= MIN_ROWS else 0
+def batch_invariant(x: torch.Tensor) -> bool:
+    """Whether rows of x drawn together give the same bits as each row alone (the row kernels)."""
+    return _kernels(x) is not None
 
 
 def softmax(x: torch.Tensor) -> torch.Tensor:
-    """softmax over the last dim; a contiguous CUDA row [V] two-level (exp(x - max) / sum)."""
-    g = _rows(x)
-    if not g:
-        return torch.softmax(x, dim=-1)
-    m = x.view(g, -1).amax(dim=1).amax()                        # [] the max: order-free
-    e = torch.exp(x - m)                                         # [V]
-    return e / e.view(g, -1).sum(dim=1).sum()
+    """softmax over the last dim."""
+    k = _kernels(x)
+    return k.softmax(x) if k is not None else torch.softmax(x, dim=-1)
 
 
 def argmax(x: torch.Tensor) -> torch.Tensor:
-    """torch.argmax(x, dim=-1, keepdim=True); a contiguous CUDA row [V] -> long [1], two-level."""
-    g = _rows(x)
-    if not g:
-        return torch.argmax(x, dim=-1, keepdim=True)
-    xv = x.view(g, -1)                                           # [G, V/G]
-    vals, cols = xv.max(dim=1)                                   # [G] first maximum of each row
-    r = torch.argmax(vals, dim=0, keepdim=True)                  # [1] first row holding the maximum
-    return r * xv.shape[1] + cols.gather(0, r)
+    """torch.argmax over the last dim: [V] -> long [1], [n, V] -> long [n]; NaN counts as the maximum."""
+    k = _kernels(x)
+    if k is not None:
+        return k.argmax(x)
+    return torch.argmax(x, dim=-1, keepdim=x.dim() == 1)
 
 
-def int_sum(c: torch.Tensor) -> torch.Tensor:
-    """c.sum(dim=-1, keepdim=True) of an integer tensor; a contiguous CUDA row [V] two-level."""
-    g = _rows(c)
-    if not g:
-        return c.sum(dim=-1, keepdim=True)
-    return c.view(g, -1).sum(dim=1).sum(dim=0, keepdim=True)
+def first_reaching(ps: torch.Tensor, p: float) -> torch.Tensor:
+    """ps [V] / [n, V] in decreasing order -> long [1] / [n]: the leading positions whose mass
+    before them is below p (V where all are)."""
+    k = _kernels(ps)
+    if k is not None:
+        return k.first_reaching(ps, p)
+    before = torch.cumsum(ps, dim=-1) - ps                                 # [..., V]
+    kept = (before < p).to(torch.int32).cumprod(dim=-1).sum(dim=-1)       # the leading run
+    return kept.view(-1).long()
 
 
-__all__ = ["MIN_ROWS", "argmax", "int_sum", "softmax"]
+__all__ = ["argmax", "batch_invariant", "first_reaching", "softmax"]

@@ -52,21 +52,20 @@ def top_p_mask(logits: torch.Tensor, p: float) -> torch.Tensor:
         return logits
     probs = row_ops.softmax(logits)                                        # [..., V]
 
-    def ranked(vals_idx):          # (values descending, ids) -> the values, the mass before each
+    def ranked(vals_idx):          # (values descending, ids) -> the values, the kept count [n]
         vals, idx = vals_idx
-        pr = probs.gather(-1, idx)
-        return vals, torch.cumsum(pr, dim=-1) - pr
+        return vals, row_ops.first_reaching(probs.gather(-1, idx), p)
 
-    mass_before = None
+    kept = None
     if logits.device.type == "cpu" and logits.shape[-1] > TOP_P_CANDIDATES:
         # the host can read the tensors here without waiting on a device: use the top candidates
         # when the nucleus provably ends among them (the same prefix sums as the full sort's)
-        vals, before = ranked(torch.topk(logits, TOP_P_CANDIDATES, dim=-1))   # [..., C]
-        if bool((before[..., -1] >= p).all()):
-            mass_before = before
-    if mass_before is None:
-        vals, mass_before = ranked(torch.sort(logits, dim=-1, descending=True))  # [..., V]
-    kept = row_ops.int_sum((mass_before < p).to(torch.int32).cumprod(dim=-1)).clamp_(min=1)
+        vals, kept = ranked(torch.topk(logits, TOP_P_CANDIDATES, dim=-1))   # [..., C], [n]
+        if not bool((kept < TOP_P_CANDIDATES).all()):
+            kept = None
+    if kept is None:
+        vals, kept = ranked(torch.sort(logits, dim=-1, descending=True))  # [..., V], [n]
+    kept = kept.clamp_(min=1).view(*vals.shape[:-1], 1)                    # [..., 1]
     last = vals.gather(-1, kept - 1)                                       # [..., 1] value of the last kept
     return logits.masked_fill(logits < last, float("-inf"))
 
@@ -170,5 +169,55 @@ class Sampler:
         return int(self.next_id(logits))
 
 
+# The batch scheduler's sampled rows drawn together where the row ops allow (next_ids); False: each
+# row by its own sampler in turn (the same ids; bench/serve_batch.py times both)
+BATCH_DRAW = True
+
+
+def next_ids(samplers: list[Sampler], logits: torch.Tensor) -> torch.Tensor:
+    """Row i of logits float32 [n, V] drawn by samplers[i] -> long [n] on the logits' device: the
+    ids each ``samplers[i].next_id(logits[i])`` gives, recorded as seen the same way.
+
+    Where the row ops are batch-invariant (CUDA with Triton: ``row_ops.batch_invariant``) the rows
+    that share their transform parameters go through the transforms and the draw together, one
+    sort and one softmax for all of them, each row's ``Exp(1)`` variates still drawn from its own
+    generator; at batch 64 with top-p that is ~25 launches a step instead of 64 replays of the
+    sampler's graph, each a single row. Elsewhere the samplers run one by one."""
+    n = logits.shape[0]
+    if len(samplers) != n:
+        raise ValueError(f"next_ids: {len(samplers)} samplers for {n} rows of logits")
+    if n <= 1 or not BATCH_DRAW or logits.dim() != 2 or not row_ops.batch_invariant(logits):
+        return torch.cat([s.next_id(logits[i]) for i, s in enumerate(samplers)]) if n else \
+            torch.empty(0, dtype=torch.long, device=logits.device)
+    groups: dict = {}
+    for i, s in enumerate(samplers):
+        p = s.params
+        groups.setdefault((p.greedy, p.temperature, p.top_k, p.top_p, p.repetition_penalty), []).append(i)
+    out = torch.empty(n, dtype=torch.long, device=logits.device)
+    for rows in groups.values():
+        members = [samplers[i] for i in rows]
+        params = members[0].params
+        idx = torch.tensor(rows, device=logits.device)
+        lg = logits.index_select(0, idx)                                  # [k, V]
+        seen = torch.stack([s.seen for s in members]) if members[0].seen is not None else None
+        if params.greedy:
+            tok = row_ops.argmax(process_logits(lg, params, seen))          # [k]
+        else:
+            probs = sampling_probs(lg, params, seen)                          # [k, V]
+            if probs.is_cuda:
+                q = torch.empty_like(probs)
+                for j, s in enumerate(members):         # each row's variates from its own stream
+                    q[j].exponential_(1, generator=s.generator)
+                tok = race(probs, q)                                          # [k]
+            else:                                       # draw's inversion, row by row
+                tok = torch.cat([draw(probs[j], s.generator) for j, s in enumerate(members)])
+        out.index_copy_(0, idx, tok)
+        for j, s in enumerate(members):
+            s.calls += 1
+            if s.seen is not None:
+                s.seen[tok[j:j + 1]] = True
+    return out
+
+
 __all__ = ["SamplingParams", "GenerationError", "SamplingError", "Sampler", "apply_repetition_penalty", "top_k_mask",
-           "top_p_mask", "process_logits", "sampling_probs", "race", "draw"]
+           "top_p_mask", "process_logits", "sampling_probs", "race", "draw", "next_ids", "BATCH_DRAW"]

@@ -34,7 +34,7 @@ def main(argv: list[str] | None = None) -> int:
     from triton.compiler import ASTSource
 
     from . import (attention, bitlinear_train, decode_layer, decode_persistent, gemm_i8, gemm_tc, head,
-                   norm_quant, w2a8)
+                   norm_quant, rows, w2a8)
 
     target = GPUTarget("cuda", arch, 32)
     pdl = arch >= 90  # griddepcontrol is sm_90+; the engine launches without it below (common.PDL)
@@ -169,6 +169,15 @@ def main(argv: list[str] | None = None) -> int:
              num_warps=nw, num_stages=ns)
     comp(w2a8._scale_rows, dict(acc_ptr=P(i32), sx_ptr=P(f32), g_ptr=P(f32), out_ptr=P(bf)),
          dict(BM=16, BN=256, INTERP=False), num_warps=4)
+    blk, nbp = dict(BLOCK=rows.BLOCK), dict(BLOCK=rows.BLOCK, NBP=128)      # the sampler's row kernels
+    comp(rows._softmax_part, dict(x_ptr=P(f32), pm_ptr=P(f32), ps_ptr=P(f32)), blk, num_warps=rows.WARPS)
+    comp(rows._softmax_out, dict(x_ptr=P(f32), pm_ptr=P(f32), ps_ptr=P(f32), out_ptr=P(f32)), nbp,
+         num_warps=rows.WARPS)
+    comp(rows._argmax_part, dict(x_ptr=P(f32), pv_ptr=P(f32), pi_ptr=P(i32)), blk, num_warps=rows.WARPS)
+    comp(rows._argmax_fold, dict(pv_ptr=P(f32), pi_ptr=P(i32), out_ptr=P("i64")), dict(NBP=128),
+         num_warps=rows.WARPS)
+    comp(rows._chunk_sum, dict(x_ptr=P(f32), cs_ptr=P(f32)), blk, num_warps=rows.WARPS)
+    comp(rows._first_reaching, dict(x_ptr=P(f32), cs_ptr=P(f32), out_ptr=P("i64"), p=f32), nbp, num_warps=rows.WARPS)
     return 1 if errors else 0
 
 

@@ -1,0 +1,178 @@
+"""Row reductions of the GPU sampler, float32 [n, V]: softmax, argmax and top-p's boundary.
+
+    p = softmax(x)                 # x [n, V] -> [n, V]
+    i = argmax(x)                  # x [n, V] -> long [n]: the first index of the maximum (NaN the maximum)
+    k = first_reaching(ps, p)      # ps [n, V] (probabilities, most likely first) -> long [n]
+
+Each row is cut into ``BLOCK``-element chunks, one program a (row, chunk), and the chunks' partial
+results are combined in a fixed order (``tl.sum`` / ``tl.max`` trees over the padded chunk list).
+So a row's floating-point result depends on the row and ``V`` only, never on how many rows run
+together: a request drawn alone and the same request drawn in a batch of 64 get the same bits,
+which torch's own reductions do not promise (``torch.cumsum`` of one row is cub's scan, of a
+batch of rows another kernel). At batch 1 the 126 chunks of a 128256-logit row run on as many
+SMs: torch reduces a single row with one thread block (``torch.softmax`` 44 us, ``torch.argmax``
+28 us on an H100, against a few us here).
+
+``first_reaching`` is top-p's cut: the first position whose mass before it (the sum of every
+probability ahead of it, exclusive) is not below ``p``, or ``V`` where none is: the length of the
+leading run of positions kept. The mass before a
+position is the chunk's prefix (the sum of the earlier chunks' sums) plus a scan of the chunk's
+earlier elements; the first such position is taken with an integer ``atomic_min``, exact in any
+order.
+
+Tests: ``tests/kernels/test_triton_rows.py`` (interpreter on CPU, compiled on CUDA).
+"""
+
+from __future__ import annotations
+
+import torch
+import triton
+import triton.language as tl
+
+from .common import cdiv, next_pow2
+
+BLOCK = 1024        # a program's slice of a row: 126 programs a row at V = 128256
+WARPS = 4
+
+
+@triton.jit
+def _softmax_part(x_ptr, pm_ptr, ps_ptr, V, NB, BLOCK: tl.constexpr):
+    """Chunk (row, c): its maximum m_c (NaN if it holds one) and sum of exp(x - m_c)."""
+    row = tl.program_id(0).to(tl.int64)
+    c = tl.program_id(1)
+    offs = c * BLOCK + tl.arange(0, BLOCK)
+    ok = offs < V
+    x = tl.load(x_ptr + row * V + offs, mask=ok, other=float("-inf"))
+    nan = x != x
+    m = tl.max(tl.where(nan, float("-inf"), x), 0)
+    m0 = tl.where(m == float("-inf"), 0.0, m)                    # a fully masked chunk sums to 0
+    s = tl.sum(tl.where(ok & (x > float("-inf")), tl.exp(x - m0), 0.0), 0)
+    m = tl.where(tl.max(nan.to(tl.int32), 0) > 0, float("nan"), m)
+    tl.store(pm_ptr + row * NB + c, m)
+    tl.store(ps_ptr + row * NB + c, s)
+
+
+@triton.jit
+def _softmax_out(x_ptr, pm_ptr, ps_ptr, out_ptr, V, NB, BLOCK: tl.constexpr, NBP: tl.constexpr):
+    """Chunk (row, c) of exp(x - m) / s; every program folds the row's NB partials itself."""
+    row = tl.program_id(0).to(tl.int64)
+    c = tl.program_id(1)
+    j = tl.arange(0, NBP)
+    pm = tl.load(pm_ptr + row * NB + j, mask=j < NB, other=float("-inf"))       # [NBP]
+    ps = tl.load(ps_ptr + row * NB + j, mask=j < NB, other=0.0)
+    nan = pm != pm
+    m = tl.max(tl.where(nan, float("-inf"), pm), 0)
+    m0 = tl.where(m == float("-inf"), 0.0, m)
+    s = tl.sum(tl.where(pm > float("-inf"), ps * tl.exp(pm - m0), 0.0), 0)
+    m0 = tl.where(tl.max(nan.to(tl.int32), 0) > 0, float("nan"), m0)           # NaN anywhere: NaN row
+    offs = c * BLOCK + tl.arange(0, BLOCK)
+    ok = offs < V
+    x = tl.load(x_ptr + row * V + offs, mask=ok, other=float("-inf"))
+    tl.store(out_ptr + row * V + offs, tl.exp(x - m0) / s, mask=ok)
+
+
+@triton.jit
+def _argmax_part(x_ptr, pv_ptr, pi_ptr, V, NB, BLOCK: tl.constexpr):
+    """Chunk (row, c): its maximum and the first index holding it (the first NaN if any)."""
+    row = tl.program_id(0).to(tl.int64)
+    c = tl.program_id(1)
+    offs = c * BLOCK + tl.arange(0, BLOCK)
+    ok = offs < V
+    x = tl.load(x_ptr + row * V + offs, mask=ok, other=float("-inf"))
+    nan = ok & (x != x)
+    first_nan = tl.min(tl.where(nan, offs, 2147483647), 0)
+    m = tl.max(tl.where(nan, float("-inf"), x), 0)
+    first_max = tl.min(tl.where(ok & (x == m), offs, 2147483647), 0)
+    has_nan = first_nan < 2147483647
+    tl.store(pv_ptr + row * NB + c, tl.where(has_nan, float("nan"), m))
+    tl.store(pi_ptr + row * NB + c, tl.where(has_nan, first_nan, first_max))
+
+
+@triton.jit
+def _argmax_fold(pv_ptr, pi_ptr, out_ptr, NB, NBP: tl.constexpr):
+    """Row: the first chunk index of a NaN, else of the largest chunk maximum (indices are global,
+    so the smallest of the tied ones is the first)."""
+    row = tl.program_id(0).to(tl.int64)
+    j = tl.arange(0, NBP)
+    v = tl.load(pv_ptr + row * NB + j, mask=j < NB, other=float("-inf"))
+    i = tl.load(pi_ptr + row * NB + j, mask=j < NB, other=2147483647)
+    nan = v != v
+    first_nan = tl.min(tl.where(nan, i, 2147483647), 0)
+    m = tl.max(tl.where(nan, float("-inf"), v), 0)
+    first_max = tl.min(tl.where((j < NB) & (v == m), i, 2147483647), 0)
+    tl.store(out_ptr + row, tl.where(first_nan < 2147483647, first_nan, first_max).to(tl.int64))
+
+
+@triton.jit
+def _chunk_sum(x_ptr, cs_ptr, V, NB, BLOCK: tl.constexpr):
+    """Chunk (row, c): the sum of its elements."""
+    row = tl.program_id(0).to(tl.int64)
+    c = tl.program_id(1)
+    offs = c * BLOCK + tl.arange(0, BLOCK)
+    x = tl.load(x_ptr + row * V + offs, mask=offs < V, other=0.0)
+    tl.store(cs_ptr + row * NB + c, tl.sum(x, 0))
+
+
+@triton.jit
+def _first_reaching(x_ptr, cs_ptr, out_ptr, p, V, NB, BLOCK: tl.constexpr, NBP: tl.constexpr):
+    """Chunk (row, c): the first position whose exclusive prefix sum reaches p, into out[row]
+    by atomic_min (out starts at V)."""
+    row = tl.program_id(0).to(tl.int64)
+    c = tl.program_id(1)
+    j = tl.arange(0, NBP)
+    before = tl.sum(tl.load(cs_ptr + row * NB + j, mask=j < c, other=0.0), 0)  # earlier chunks
+    offs = c * BLOCK + tl.arange(0, BLOCK)
+    prev = tl.load(x_ptr + row * V + offs - 1, mask=(offs > c * BLOCK) & (offs < V), other=0.0)
+    mass = before + tl.cumsum(prev, 0)           # [BLOCK] exclusive: non-decreasing in the chunk
+    hit = (offs < V) & ~(mass < p)               # NaN mass ends the run too, as on the CPU
+    first = tl.min(tl.where(hit, offs, 2147483647), 0)
+    if first < 2147483647:
+        tl.atomic_min(out_ptr + row, first.to(tl.int64))
+
+
+def _rows2d(x: torch.Tensor, name: str) -> torch.Tensor:
+    if x.dtype != torch.float32 or x.dim() not in (1, 2) or x.shape[-1] == 0:
+        raise ValueError(f"rows.{name}: expected a float32 [V] or [n, V] tensor, got {x.dtype} {tuple(x.shape)}")
+    return x.reshape(-1, x.shape[-1]).contiguous()
+
+
+def softmax(x: torch.Tensor) -> torch.Tensor:
+    """softmax over the last dim of float32 x [V] or [n, V] (NaN anywhere in a row: a NaN row)."""
+    x2 = _rows2d(x, "softmax")
+    n, V = x2.shape
+    nb = cdiv(V, BLOCK)
+    pm = torch.empty(n, nb, dtype=torch.float32, device=x2.device)
+    ps = torch.empty_like(pm)
+    out = torch.empty_like(x2)
+    _softmax_part[(n, nb)](x2, pm, ps, V, nb, BLOCK=BLOCK, num_warps=WARPS)
+    _softmax_out[(n, nb)](x2, pm, ps, out, V, nb, BLOCK=BLOCK, NBP=next_pow2(nb), num_warps=WARPS)
+    return out.view(x.shape)
+
+
+def argmax(x: torch.Tensor) -> torch.Tensor:
+    """torch.argmax(x, dim=-1) of float32 x [V] -> long [1], [n, V] -> long [n]."""
+    x2 = _rows2d(x, "argmax")
+    n, V = x2.shape
+    nb = cdiv(V, BLOCK)
+    pv = torch.empty(n, nb, dtype=torch.float32, device=x2.device)
+    pi = torch.empty(n, nb, dtype=torch.int32, device=x2.device)
+    out = torch.empty(n, dtype=torch.long, device=x2.device)
+    _argmax_part[(n, nb)](x2, pv, pi, V, nb, BLOCK=BLOCK, num_warps=WARPS)
+    _argmax_fold[(n,)](pv, pi, out, nb, NBP=next_pow2(nb), num_warps=WARPS)
+    return out
+
+
+def first_reaching(ps: torch.Tensor, p: float) -> torch.Tensor:
+    """ps float32 [V] or [n, V] -> long [1] or [n]: the first position whose mass before it
+    reaches p, V where none does (with ps sorted most likely first: how many tokens top-p keeps)."""
+    x2 = _rows2d(ps, "first_reaching")
+    n, V = x2.shape
+    nb = cdiv(V, BLOCK)
+    cs = torch.empty(n, nb, dtype=torch.float32, device=x2.device)
+    out = torch.full((n,), V, dtype=torch.long, device=x2.device)
+    _chunk_sum[(n, nb)](x2, cs, V, nb, BLOCK=BLOCK, num_warps=WARPS)
+    _first_reaching[(n, nb)](x2, cs, out, float(p), V, nb, BLOCK=BLOCK, NBP=next_pow2(nb), num_warps=WARPS)
+    return out
+
+
+__all__ = ["BLOCK", "argmax", "first_reaching", "softmax"]

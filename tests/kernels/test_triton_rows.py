@@ -1,0 +1,109 @@
+"""The sampler's Triton row kernels (:mod:`bitnet158.kernels.triton.rows`) against torch.
+
+On CPU the kernels run under ``TRITON_INTERPRET=1`` with 64-element chunks on awkward row lengths
+(one chunk, a ragged last chunk, many chunks); on CUDA compiled, with the default chunks, at the
+Llama-3 vocabulary too. Argmax exactly ``torch.argmax`` (ties, NaN, masked rows); the softmax
+within float32 rounding of a float64 softmax; top-p's cut equal to the float64 count except
+where the mass is within rounding of p. Every result of a row is bit-identical alone and in a
+batch of rows.
+
+    python3 -m pytest -q tests/kernels/test_triton_rows.py
+"""
+
+import os
+
+import pytest
+import torch
+
+if not torch.cuda.is_available():
+    os.environ.setdefault("TRITON_INTERPRET", "1")
+pytest.importorskip("triton")
+
+from bitnet158.kernels.triton import common, rows  # noqa: E402
+
+DEV = "cuda" if torch.cuda.is_available() else "cpu"
+if DEV == "cpu" and not common.INTERPRET:
+    pytest.skip("Triton kernels were imported before TRITON_INTERPRET=1 was set", allow_module_level=True)
+
+pytestmark = pytest.mark.filterwarnings("ignore:invalid value encountered:RuntimeWarning")  # 0/0 rows
+VOCABS = [1, 63, 1000, 1001] + ([32000, 128256] if DEV == "cuda" else [])
+
+
+@pytest.fixture(autouse=True)
+def small_chunks(monkeypatch):
+    if DEV == "cpu":                       # many chunks on short rows, quickly under the interpreter
+        monkeypatch.setattr(rows, "BLOCK", 64)
+
+
+def _batch(V: int, seed: int) -> torch.Tensor:
+    """[6, V] logits: plain, ties of the maximum across chunks and inside one, NaN, mostly
+    masked, the maximum last."""
+    g = torch.Generator().manual_seed(seed)
+    x = torch.randn(6, V, generator=g) * 4
+    top = float(x.max()) + 1
+    x[1, [0, V // 2, V - 1]] = top
+    x[2, [V // 3, min(V // 3 + 1, V - 1)]] = top
+    x[3, [V // 3, V - 1]] = float("nan")
+    x[4, torch.rand(V, generator=g) < 0.9] = float("-inf")
+    x[5, -1] = top
+    return x.to(DEV)
+
+
+@pytest.mark.parametrize("V", VOCABS)
+def test_argmax_is_torch_argmax(V):
+    x = _batch(V, V)
+    got = rows.argmax(x)
+    assert torch.equal(got, torch.argmax(x, dim=-1))
+    for i in range(x.shape[0]):                                   # alone: the same index
+        assert torch.equal(rows.argmax(x[i]), got[i:i + 1])
+    masked = torch.full((2, V), float("-inf"), device=DEV)         # every logit masked: index 0
+    assert torch.equal(rows.argmax(masked), torch.argmax(masked, dim=-1))
+
+
+@pytest.mark.parametrize("V", VOCABS)
+def test_softmax_within_rounding_and_batch_invariant(V):
+    x = _batch(V, V + 1)
+    p = rows.softmax(x)
+    want = torch.softmax(x.double(), dim=-1).float()
+    for i in range(x.shape[0]):
+        alone = rows.softmax(x[i])
+        assert torch.equal(alone.view(torch.int32), p[i].view(torch.int32)), i   # the same bits, NaN too
+        if i == 3:
+            assert torch.isnan(alone).all()                       # NaN anywhere: a NaN row, as torch
+            continue
+        torch.testing.assert_close(alone, want[i], rtol=2e-6 * max(1.0, V ** 0.5), atol=1e-12, equal_nan=True)
+        if not torch.isnan(want[i]).any():                        # (a fully masked row is NaN)
+            assert abs(float(alone.double().sum()) - 1.0) < 1e-5
+    assert torch.isnan(rows.softmax(torch.full((V,), float("-inf"), device=DEV))).all()  # 0 / 0, as torch
+
+
+def _count64(ps: torch.Tensor, p: float) -> tuple[int, torch.Tensor]:
+    before = torch.cumsum(ps.double(), dim=-1) - ps.double()
+    return int((before < p).int().cumprod(dim=-1).sum()), before
+
+
+@pytest.mark.parametrize("V", VOCABS)
+def test_first_reaching_is_the_top_p_count(V):
+    g = torch.Generator().manual_seed(V + 2)
+    logits = torch.randn(5, V, generator=g) * torch.tensor([0.5, 2.0, 4.0, 8.0, 1.0])[:, None]
+    ps = torch.softmax(logits, dim=-1).sort(dim=-1, descending=True).values.to(DEV)   # [5, V]
+    for p in (0.05, 0.5, 0.9, 0.95, 0.999, 1.5):
+        got = rows.first_reaching(ps, p)
+        for i in range(ps.shape[0]):
+            assert torch.equal(rows.first_reaching(ps[i], p), got[i:i + 1])           # alone: the same
+            k = int(got[i])
+            want, before = _count64(ps[i].cpu(), p)
+            if k != want:                     # only where float32 rounding puts the mass at p
+                edge = before[min(k, want)]
+                assert abs(float(edge) - p) < 1e-5 * max(1.0, V ** 0.5), (i, p, k, want)
+    zeros = torch.zeros(2, V, device=DEV)                          # never reaching p: every position
+    assert rows.first_reaching(zeros, 0.5).tolist() == [V, V]
+    nan = torch.full((V,), float("nan"), device=DEV)               # a NaN mass ends the run: the first kept
+    assert rows.first_reaching(nan, 0.5).tolist() == [1]
+
+
+def test_bad_input_is_named():
+    with pytest.raises(ValueError, match="rows.softmax: expected a float32"):
+        rows.softmax(torch.zeros(4, dtype=torch.float64, device=DEV))
+    with pytest.raises(ValueError, match="rows.argmax"):
+        rows.argmax(torch.zeros(2, 3, 4, device=DEV))
