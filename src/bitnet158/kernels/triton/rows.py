@@ -36,13 +36,19 @@ WARPS = 4
 
 
 @triton.jit
+def _load_chunk(x_ptr, V, other, BLOCK: tl.constexpr):
+    """Program (row, c)'s chunk of row ``row`` of x [n, V]: (row, offsets, in-row mask, values)."""
+    row = tl.program_id(0).to(tl.int64)
+    offs = tl.program_id(1) * BLOCK + tl.arange(0, BLOCK)
+    ok = offs < V
+    return row, offs, ok, tl.load(x_ptr + row * V + offs, mask=ok, other=other)
+
+
+@triton.jit
 def _softmax_part(x_ptr, pm_ptr, ps_ptr, V, NB, BLOCK: tl.constexpr):
     """Chunk (row, c): its maximum m_c (NaN if it holds one) and sum of exp(x - m_c)."""
-    row = tl.program_id(0).to(tl.int64)
+    row, offs, ok, x = _load_chunk(x_ptr, V, float("-inf"), BLOCK)
     c = tl.program_id(1)
-    offs = c * BLOCK + tl.arange(0, BLOCK)
-    ok = offs < V
-    x = tl.load(x_ptr + row * V + offs, mask=ok, other=float("-inf"))
     nan = x != x
     m = tl.max(tl.where(nan, float("-inf"), x), 0)
     m0 = tl.where(m == float("-inf"), 0.0, m)                    # a fully masked chunk sums to 0
@@ -56,7 +62,6 @@ def _softmax_part(x_ptr, pm_ptr, ps_ptr, V, NB, BLOCK: tl.constexpr):
 def _softmax_out(x_ptr, pm_ptr, ps_ptr, out_ptr, V, NB, BLOCK: tl.constexpr, NBP: tl.constexpr):
     """Chunk (row, c) of exp(x - m) / s; every program folds the row's NB partials itself."""
     row = tl.program_id(0).to(tl.int64)
-    c = tl.program_id(1)
     j = tl.arange(0, NBP)
     pm = tl.load(pm_ptr + row * NB + j, mask=j < NB, other=float("-inf"))       # [NBP]
     ps = tl.load(ps_ptr + row * NB + j, mask=j < NB, other=0.0)
@@ -65,20 +70,15 @@ def _softmax_out(x_ptr, pm_ptr, ps_ptr, out_ptr, V, NB, BLOCK: tl.constexpr, NBP
     m0 = tl.where(m == float("-inf"), 0.0, m)
     s = tl.sum(tl.where(pm > float("-inf"), ps * tl.exp(pm - m0), 0.0), 0)
     m0 = tl.where(tl.max(nan.to(tl.int32), 0) > 0, float("nan"), m0)           # NaN anywhere: NaN row
-    offs = c * BLOCK + tl.arange(0, BLOCK)
-    ok = offs < V
-    x = tl.load(x_ptr + row * V + offs, mask=ok, other=float("-inf"))
+    row, offs, ok, x = _load_chunk(x_ptr, V, float("-inf"), BLOCK)
     tl.store(out_ptr + row * V + offs, tl.exp(x - m0) / s, mask=ok)
 
 
 @triton.jit
 def _argmax_part(x_ptr, pv_ptr, pi_ptr, V, NB, BLOCK: tl.constexpr):
     """Chunk (row, c): its maximum and the first index holding it (the first NaN if any)."""
-    row = tl.program_id(0).to(tl.int64)
+    row, offs, ok, x = _load_chunk(x_ptr, V, float("-inf"), BLOCK)
     c = tl.program_id(1)
-    offs = c * BLOCK + tl.arange(0, BLOCK)
-    ok = offs < V
-    x = tl.load(x_ptr + row * V + offs, mask=ok, other=float("-inf"))
     nan = ok & (x != x)
     first_nan = tl.min(tl.where(nan, offs, 2147483647), 0)
     m = tl.max(tl.where(nan, float("-inf"), x), 0)
@@ -106,11 +106,8 @@ def _argmax_fold(pv_ptr, pi_ptr, out_ptr, NB, NBP: tl.constexpr):
 @triton.jit
 def _chunk_sum(x_ptr, cs_ptr, V, NB, BLOCK: tl.constexpr):
     """Chunk (row, c): the sum of its elements."""
-    row = tl.program_id(0).to(tl.int64)
-    c = tl.program_id(1)
-    offs = c * BLOCK + tl.arange(0, BLOCK)
-    x = tl.load(x_ptr + row * V + offs, mask=offs < V, other=0.0)
-    tl.store(cs_ptr + row * NB + c, tl.sum(x, 0))
+    row, offs, ok, x = _load_chunk(x_ptr, V, 0.0, BLOCK)
+    tl.store(cs_ptr + row * NB + tl.program_id(1), tl.sum(x, 0))
 
 
 @triton.jit
