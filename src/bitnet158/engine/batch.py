@@ -31,7 +31,7 @@ from typing import Callable
 import torch
 
 from ..errors import BitNetError, ContextLengthError
-from .sampling import Sampler, SamplingParams, next_ids
+from .sampling import Sampler, SamplingParams, device_index, next_ids
 
 
 class QueueFullError(BitNetError):
@@ -237,16 +237,20 @@ class BatchEngine:
         rows = torch.arange(lo, hi)                        # host tensors: checked without a device wait
         logits = r.decode(toks, pos, rows)                                             # [b, V]
         self.steps += 1
-        # plain greedy rows: one argmax and one device-to-host copy for all of them (a row's own
-        # Sampler would give the same id, with a launch and a synchronization per row)
-        ids = logits.argmax(-1).tolist() if any(h.params.argmax for h in live) else [0] * (hi - lo)  # [b]
-        # the other rows: drawn on the device by their own Samplers (together where the row ops
-        # allow: the same ids as one by one), all read in one copy
+        # plain greedy rows: one argmax for all of them (a row's own Sampler would give the same
+        # id, with a launch per row); the other rows drawn on the device by their own Samplers
+        # (together where the row ops allow: the same ids as one by one); both queued before
+        # the host reads either, one copy each
+        greedy = logits.argmax(-1) if any(h.params.argmax for h in live) else None          # [b]
         drawn = [h for h in live if not h.params.argmax]
+        got = None
         if drawn:
-            sel = logits if len(drawn) == hi - lo else logits[[h.row - lo for h in drawn]]    # [d, V]
-            got = next_ids([h.sampler for h in drawn], sel).tolist()
-            for h, t in zip(drawn, got):
+            sel = (logits if len(drawn) == hi - lo else
+                   logits.index_select(0, device_index([h.row - lo for h in drawn], logits.device)))  # [d, V]
+            got = next_ids([h.sampler for h in drawn], sel)                                  # [d]
+        ids = greedy.tolist() if greedy is not None else [0] * (hi - lo)
+        if got is not None:
+            for h, t in zip(drawn, got.tolist()):
                 ids[h.row - lo] = t
         for h in live:
             self._emit(h, ids[h.row - lo])

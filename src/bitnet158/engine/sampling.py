@@ -169,6 +169,15 @@ class Sampler:
         return int(self.next_id(logits))
 
 
+def device_index(rows: list[int], device: torch.device) -> torch.Tensor:
+    """rows as a long tensor on device, copied from pinned memory without waiting for the device
+    (``torch.tensor(rows, device=...)`` from pageable memory waits for the queued decode step)."""
+    idx = torch.tensor(rows, dtype=torch.long)
+    if torch.device(device).type != "cuda":
+        return idx.to(device)
+    return idx.pin_memory().to(device, non_blocking=True)
+
+
 # The batch scheduler's sampled rows drawn together where the row ops allow (next_ids); False: each
 # row by its own sampler in turn (the same ids; bench/serve_batch.py times both)
 BATCH_DRAW = True
@@ -197,8 +206,11 @@ def next_ids(samplers: list[Sampler], logits: torch.Tensor) -> torch.Tensor:
     for rows in groups.values():
         members = [samplers[i] for i in rows]
         params = members[0].params
-        idx = torch.tensor(rows, device=logits.device)
-        lg = logits.index_select(0, idx)                                  # [k, V]
+        if len(rows) == n:                               # one group: every row, in order
+            idx, lg = None, logits                                          # [n, V]
+        else:
+            idx = device_index(rows, logits.device)
+            lg = logits.index_select(0, idx)                                # [k, V]
         seen = torch.stack([s.seen for s in members]) if members[0].seen is not None else None
         if params.greedy:
             tok = row_ops.argmax(process_logits(lg, params, seen))          # [k]
@@ -211,7 +223,10 @@ def next_ids(samplers: list[Sampler], logits: torch.Tensor) -> torch.Tensor:
                 tok = race(probs, q)                                          # [k]
             else:                                       # draw's inversion, row by row
                 tok = torch.cat([draw(probs[j], s.generator) for j, s in enumerate(members)])
-        out.index_copy_(0, idx, tok)
+        if idx is None:
+            out = tok
+        else:
+            out.index_copy_(0, idx, tok)
         for j, s in enumerate(members):
             s.calls += 1
             if s.seen is not None:
