@@ -107,3 +107,26 @@ def test_bad_input_is_named():
         rows.softmax(torch.zeros(4, dtype=torch.float64, device=DEV))
     with pytest.raises(ValueError, match="rows.argmax"):
         rows.argmax(torch.zeros(2, 3, 4, device=DEV))
+
+
+def test_race_draws_from_the_probabilities():
+    """Keyed exponential race: the frequencies of 400 draws (different draw numbers; 8192 on CUDA)
+    follow p, masked tokens are never drawn, a (key, draw) always gives the same id, alone or in
+    a batch."""
+    p = torch.tensor([0.5, 0.0, 0.3, 0.15, 0.0, 0.05], device=DEV)
+    n = 8192 if DEV == "cuda" else 400
+    probs = p.expand(n, -1).contiguous()
+    state = torch.stack([torch.full((n,), 12345), torch.arange(n)], dim=1).to(DEV)   # one key, draws 0..n-1
+    ids = rows.race(probs, state).cpu()
+    freq = torch.bincount(ids, minlength=p.numel()).double() / n
+    assert freq[p.cpu() == 0].sum() == 0                                            # masked: never
+    assert (freq - p.cpu().double()).abs().max() < 4.5 * (0.25 / n) ** 0.5         # 4.5 sigma at p = 0.5
+    again = rows.race(probs[:7], state[:7])
+    assert torch.equal(again.cpu(), ids[:7])                                        # the same draws
+    for i in (0, 5):
+        assert torch.equal(rows.race(probs[i], state[i:i + 1]).cpu(), ids[i:i + 1])
+    other_key = state.clone()
+    other_key[:, 0] = 999
+    assert not torch.equal(rows.race(probs[:64], other_key[:64]).cpu(), ids[:64])    # another stream
+    with pytest.raises(ValueError, match="state must be int64"):
+        rows.race(probs[:2], state[:3])

@@ -31,7 +31,7 @@ from typing import Callable
 import torch
 
 from ..errors import BitNetError, ContextLengthError
-from .sampling import Sampler, SamplingParams, device_index, next_ids
+from .sampling import Sampler, SamplingParams, next_ids, to_device
 
 
 class QueueFullError(BitNetError):
@@ -246,7 +246,7 @@ class BatchEngine:
         got = None
         if drawn:
             sel = (logits if len(drawn) == hi - lo else
-                   logits.index_select(0, device_index([h.row - lo for h in drawn], logits.device)))  # [d, V]
+                   logits.index_select(0, to_device([h.row - lo for h in drawn], logits.device)))  # [d, V]
             got = next_ids([h.sampler for h in drawn], sel)                                  # [d]
         ids = greedy.tolist() if greedy is not None else [0] * (hi - lo)
         if got is not None:

@@ -3,6 +3,7 @@
     p = softmax(x)                 # x float [V] or [n, V] -> the same shape
     i = argmax(x)                  # x [V] -> long [1]; [n, V] -> long [n] (the first index of the maximum)
     k = first_reaching(ps, p)      # ps [V] / [n, V], most likely first -> long [1] / [n]: top-p's cut
+    t = race(probs, state)         # probs [V] / [n, V], state int64 [n, 2] (key, draw) -> long [1] / [n]
 
 On a CUDA float32 tensor these run :mod:`bitnet158.kernels.triton.rows`: each row is reduced in
 chunks by many programs (torch reduces one 128256-logit row with a single thread block: softmax
@@ -52,6 +53,21 @@ def argmax(x: torch.Tensor) -> torch.Tensor:
     return torch.argmax(x, dim=-1, keepdim=x.dim() == 1)
 
 
+def race(probs: torch.Tensor, state: torch.Tensor) -> torch.Tensor:
+    """An id drawn from each row of probs [V] / [n, V] -> long [1] / [n] by the exponential race,
+    row r's Exp(1) variates keyed by ``state[r] = (key, draw)`` (int64 [n, 2]): the Triton
+    kernel's Philox streams; without the kernels, a torch generator seeded from (key, draw)."""
+    k = _kernels(probs)
+    if k is not None:
+        return k.race(probs, state)
+    p2 = probs.reshape(-1, probs.shape[-1])
+    out = []
+    for row, (key, draw) in zip(p2, state.tolist()):
+        g = torch.Generator(device=probs.device).manual_seed((key + draw * 0x9E3779B97F4A7C15) % 2**63)
+        out.append(torch.argmax(row / torch.empty_like(row).exponential_(1, generator=g)).view(1))
+    return torch.cat(out)
+
+
 def first_reaching(ps: torch.Tensor, p: float) -> torch.Tensor:
     """ps [V] / [n, V] in decreasing order -> long [1] / [n]: the leading positions whose mass
     before them is below p (V where all are)."""
@@ -63,4 +79,4 @@ def first_reaching(ps: torch.Tensor, p: float) -> torch.Tensor:
     return kept.view(-1).long()
 
 
-__all__ = ["argmax", "batch_invariant", "first_reaching", "softmax"]
+__all__ = ["argmax", "batch_invariant", "first_reaching", "race", "softmax"]

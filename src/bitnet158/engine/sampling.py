@@ -6,12 +6,15 @@
 
 The order of the logit transforms is Hugging Face's: repetition penalty, temperature, top-k, top-p.
 ``temperature == 0`` means greedy (argmax after the repetition penalty). Each request owns its own
-``torch.Generator`` (seeded from ``seed`` when given), so concurrent requests never share RNG state
-and a seeded request is reproducible whatever else runs.
+random stream, so concurrent requests never share RNG state and a seeded request is reproducible
+whatever else runs: on a GPU with the Triton row kernels a key mixed from ``seed`` and a draw
+counter (``row_ops.race``: Philox, one launch for any number of rows), elsewhere a
+``torch.Generator`` seeded from ``seed``.
 """
 
 from __future__ import annotations
 
+import secrets
 from typing import Iterable
 
 import torch
@@ -120,14 +123,34 @@ def draw(probs: torch.Tensor, generator: torch.Generator | None) -> torch.Tensor
 GRAPHS = True
 GRAPH_FROM_CALL = 2
 
+
+def request_key(seed: int | None) -> int:
+    """A request's 63-bit key for the keyed draw: a fixed mix of its seed (splitmix64), random
+    without one."""
+    if seed is None:
+        return secrets.randbits(63)
+    z = (seed + 0x9E3779B97F4A7C15) % 2**64
+    z = ((z ^ (z >> 30)) * 0xBF58476D1CE4E5B9) % 2**64
+    z = ((z ^ (z >> 27)) * 0x94D049BB133111EB) % 2**64
+    return (z ^ (z >> 31)) >> 1
+
+
 class Sampler:
-    """Stateful sampler of one request: its RNG and the set of tokens seen so far (prompt + output)."""
+    """Stateful sampler of one request: its RNG and the set of tokens seen so far (prompt + output).
+
+    Where the row kernels run (CUDA with Triton: ``row_ops.batch_invariant``) a sampled token is
+    drawn by the keyed exponential race (``row_ops.race``): its variates come from the request's
+    key (:func:`request_key`) and the number of draws so far, so a request's ids do not depend on
+    what is drawn beside it, in a batch or alone. Elsewhere from the request's ``torch.Generator``
+    (:func:`draw`)."""
 
     def __init__(self, params: SamplingParams, vocab_size: int, prompt_ids: Iterable[int] = (),
                  device: torch.device | str = "cpu"):
         self.params = params
         self.vocab_size = vocab_size
         self.generator: torch.Generator | None = None
+        self.key = request_key(params.seed)
+        self.draws = 0
         if not params.greedy:
             self.generator = torch.Generator(device=device)
             if params.seed is None:
@@ -142,6 +165,11 @@ class Sampler:
             if ids:
                 self.seen[torch.tensor(ids, device=device)] = True
 
+    def take_state(self) -> list[int]:
+        """(key, draw number) of the next keyed draw; counts the draw."""
+        self.draws += 1
+        return [self.key, self.draws - 1]
+
     def observe(self, token: int) -> None:
         """Record a generated token (the repetition penalty then applies to it)."""
         if self.seen is not None and 0 <= token < self.vocab_size:
@@ -152,12 +180,15 @@ class Sampler:
         as seen there without reading it on the host, so a GPU loop can feed it to the next step
         before the host reads it. The same draws as :meth:`__call__`."""
         self.calls += 1
-        if (GRAPHS and self.calls >= GRAPH_FROM_CALL and logits.is_cuda and not self.params.greedy
-                and logits.dim() == 1 and logits.dtype == torch.float32):
+        keyed = not self.params.greedy and logits.dim() == 1 and row_ops.batch_invariant(logits)
+        if keyed and GRAPHS and self.calls >= GRAPH_FROM_CALL and logits.is_cuda:
             from .sampling_graph import graphed           # the same ops, replayed from a CUDA graph
-            tok = graphed(self.params, logits.shape[-1], logits.device).run(logits, self.generator, self.seen)
+            tok = graphed(self.params, logits.shape[-1], logits.device).run(logits, self.take_state(), self.seen)
         elif self.params.greedy:
             tok = row_ops.argmax(process_logits(logits, self.params, self.seen))        # [1]
+        elif keyed:
+            state = to_device([self.take_state()], logits.device)                       # [1, 2]
+            tok = row_ops.race(sampling_probs(logits, self.params, self.seen), state)   # [1]
         else:
             tok = draw(sampling_probs(logits, self.params, self.seen), self.generator)  # [1]
         if self.seen is not None:
@@ -169,13 +200,14 @@ class Sampler:
         return int(self.next_id(logits))
 
 
-def device_index(rows: list[int], device: torch.device) -> torch.Tensor:
-    """rows as a long tensor on device, copied from pinned memory without waiting for the device
-    (``torch.tensor(rows, device=...)`` from pageable memory waits for the queued decode step)."""
-    idx = torch.tensor(rows, dtype=torch.long)
+def to_device(values: list, device: torch.device) -> torch.Tensor:
+    """A (nested) list of ints as a long tensor on device, copied from pinned memory without
+    waiting for the device (``torch.tensor(values, device=...)`` from pageable memory waits for
+    the queued work, e.g. the decode step whose logits are being sampled)."""
+    t = torch.tensor(values, dtype=torch.long)
     if torch.device(device).type != "cuda":
-        return idx.to(device)
-    return idx.pin_memory().to(device, non_blocking=True)
+        return t.to(device)
+    return t.pin_memory().to(device, non_blocking=True)
 
 
 # The batch scheduler's sampled rows drawn together where the row ops allow (next_ids); False: each
@@ -188,9 +220,9 @@ def next_ids(samplers: list[Sampler], logits: torch.Tensor) -> torch.Tensor:
     ids each ``samplers[i].next_id(logits[i])`` gives, recorded as seen the same way.
 
     Where the row ops are batch-invariant (CUDA with Triton: ``row_ops.batch_invariant``) the rows
-    that share their transform parameters go through the transforms and the draw together, one
-    sort and one softmax for all of them, each row's ``Exp(1)`` variates still drawn from its own
-    generator; at batch 64 with top-p that is ~25 launches a step instead of 64 replays of the
+    that share their transform parameters go through the transforms and the draw together: one
+    sort, one softmax and one keyed race for all of them, each row's variates from its own key
+    and draw number; ~20 launches a step at batch 64 with top-p instead of 64 replays of the
     sampler's graph, each a single row. Elsewhere the samplers run one by one."""
     n = logits.shape[0]
     if len(samplers) != n:
@@ -209,20 +241,15 @@ def next_ids(samplers: list[Sampler], logits: torch.Tensor) -> torch.Tensor:
         if len(rows) == n:                               # one group: every row, in order
             idx, lg = None, logits                                          # [n, V]
         else:
-            idx = device_index(rows, logits.device)
+            idx = to_device(rows, logits.device)
             lg = logits.index_select(0, idx)                                # [k, V]
         seen = torch.stack([s.seen for s in members]) if members[0].seen is not None else None
         if params.greedy:
             tok = row_ops.argmax(process_logits(lg, params, seen))          # [k]
         else:
             probs = sampling_probs(lg, params, seen)                          # [k, V]
-            if probs.is_cuda:
-                q = torch.empty_like(probs)
-                for j, s in enumerate(members):         # each row's variates from its own stream
-                    q[j].exponential_(1, generator=s.generator)
-                tok = race(probs, q)                                          # [k]
-            else:                                       # draw's inversion, row by row
-                tok = torch.cat([draw(probs[j], s.generator) for j, s in enumerate(members)])
+            state = to_device([s.take_state() for s in members], logits.device)  # [k, 2] keys, draws
+            tok = row_ops.race(probs, state)                                  # [k]
         if idx is None:
             out = tok
         else:
@@ -235,4 +262,4 @@ def next_ids(samplers: list[Sampler], logits: torch.Tensor) -> torch.Tensor:
 
 
 __all__ = ["SamplingParams", "GenerationError", "SamplingError", "Sampler", "apply_repetition_penalty", "top_k_mask",
-           "top_p_mask", "process_logits", "sampling_probs", "race", "draw", "next_ids", "BATCH_DRAW"]
+           "top_p_mask", "process_logits", "sampling_probs", "race", "draw", "next_ids", "request_key", "to_device", "BATCH_DRAW"]

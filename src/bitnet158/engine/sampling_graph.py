@@ -1,17 +1,17 @@
 """The sampler's logit transforms and draw replayed from a CUDA graph (one launch instead of ~20).
 
     g = graphed(params, V, device)           # cached per (device, V, transform parameters)
-    tok = g.run(logits, generator, seen)     # long [1]: the same id as Sampler's eager ops
+    tok = g.run(logits, state, seen)         # long [1]: the same id as Sampler's eager ops
 
 A sampled token on a GPU runs ~20 small torch ops (temperature, top-k, top-p's sort, softmax,
 cumulative sums and masks, the draw). Each costs the host ~10-15 us to launch: with top-p the
 sampler alone took 243 us of host time a token on an H100 machine (33 us replayed from the
 graph). Batch-1 generation queues the next decode step first and so hides that behind the step;
 where the host is the bound (the batch scheduler draws each sampled row in turn) it adds up. Here
-those ops are captured once into a CUDA graph over static buffers; a token costs four launches
-(five with a repetition penalty, whose seen set is copied in too): the logits copied in, the draw's
-``Exp(1)`` variates from the request's own generator (outside the graph, so every request keeps
-its own RNG stream and seeded requests stay reproducible), the replay, and the id copied out. The
+those ops are captured once into a CUDA graph over static buffers; a token costs four copies or
+launches (five with a repetition penalty, whose seen set is copied in too): the logits copied in,
+the request's (key, draw number) of the keyed draw copied in (so every request keeps its own
+random stream and seeded requests stay reproducible), the replay, and the id copied out. The
 graph replays the eager ops' kernels on the same inputs, so the ids are the eager sampler's.
 
 A graph is cached per (device, vocabulary size, temperature, top-k, top-p, repetition penalty):
@@ -37,16 +37,17 @@ class GraphedSampler:
     """One captured sampler: static logits, Exp(1) and seen buffers in, the drawn id out."""
 
     def __init__(self, params: SamplingParams, vocab: int, device: torch.device):
-        from .sampling import race, sampling_probs     # sampling imports this module lazily
+        from . import row_ops
+        from .sampling import sampling_probs           # sampling imports this module lazily
         self.device = device
         with torch.cuda.device(device), torch.inference_mode():
             self.logits = torch.zeros(vocab, dtype=torch.float32, device=device)          # [V]
-            self.q = torch.ones(vocab, dtype=torch.float32, device=device)                # [V] Exp(1)
+            self.state = torch.zeros(1, 2, dtype=torch.long, device=device)              # [1, 2] key, draw
             self.seen = (torch.zeros(vocab, dtype=torch.bool, device=device)
                          if params.repetition_penalty != 1.0 else None)                   # [V]
 
-            def body() -> torch.Tensor:              # the eager path of Sampler.next_id + draw
-                return race(sampling_probs(self.logits, params, self.seen), self.q)        # [1]
+            def body() -> torch.Tensor:              # the eager path of Sampler.next_id, keyed
+                return row_ops.race(sampling_probs(self.logits, params, self.seen), self.state)  # [1]
 
             side = torch.cuda.Stream(device)         # warm up off the current stream, then capture
             side.wait_stream(torch.cuda.current_stream(device))
@@ -57,12 +58,13 @@ class GraphedSampler:
             with torch.cuda.graph(self.graph, capture_error_mode="thread_local"):
                 self.out = body()
 
-    def run(self, logits: torch.Tensor, generator: torch.Generator | None,
-            seen: torch.Tensor | None) -> torch.Tensor:
-        """logits float32 [V] on this device -> long [1], queued on the current stream."""
+    def run(self, logits: torch.Tensor, state: list[int], seen: torch.Tensor | None) -> torch.Tensor:
+        """logits float32 [V] on this device, state (key, draw number) of the request's keyed
+        draw -> long [1], queued on the current stream."""
+        st = torch.tensor([state], dtype=torch.long).pin_memory()                         # [1, 2]
         with _lock, torch.cuda.device(self.device), torch.inference_mode():
             self.logits.copy_(logits)
-            self.q.exponential_(1, generator=generator)        # = sampling.draw's variates
+            self.state.copy_(st, non_blocking=True)
             if self.seen is not None:
                 self.seen.copy_(seen)
             self.graph.replay()

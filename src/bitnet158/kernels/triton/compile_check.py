@@ -174,6 +174,8 @@ def main(argv: list[str] | None = None) -> int:
     comp(rows._softmax_out, dict(x_ptr=P(f32), pm_ptr=P(f32), ps_ptr=P(f32), out_ptr=P(f32)), nbp,
          num_warps=rows.WARPS)
     comp(rows._argmax_part, dict(x_ptr=P(f32), pv_ptr=P(f32), pi_ptr=P(i32)), blk, num_warps=rows.WARPS)
+    comp(rows._race_part, dict(p_ptr=P(f32), st_ptr=P("i64"), pv_ptr=P(f32), pi_ptr=P(i32)), blk,
+         num_warps=rows.WARPS)
     comp(rows._argmax_fold, dict(pv_ptr=P(f32), pi_ptr=P(i32), out_ptr=P("i64")), dict(NBP=128),
          num_warps=rows.WARPS)
     comp(rows._chunk_sum, dict(x_ptr=P(f32), cs_ptr=P(f32)), blk, num_warps=rows.WARPS)

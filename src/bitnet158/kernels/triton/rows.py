@@ -2,6 +2,7 @@
 
     p = softmax(x)                 # x [n, V] -> [n, V]
     i = argmax(x)                  # x [n, V] -> long [n]: the first index of the maximum (NaN the maximum)
+    t = race(probs, state)         # probs [n, V], state int64 [n, 2] (key, draw) -> long [n], drawn
     k = first_reaching(ps, p)      # ps [n, V] (probabilities, most likely first) -> long [n]
 
 Each row is cut into ``BLOCK``-element chunks, one program a (row, chunk), and the chunks' partial
@@ -12,6 +13,12 @@ which torch's own reductions do not promise (``torch.cumsum`` of one row is cub'
 batch of rows another kernel). At batch 1 the 126 chunks of a 128256-logit row run on as many
 SMs: torch reduces a single row with one thread block (``torch.softmax`` 44 us, ``torch.argmax``
 28 us on an H100, against a few us here).
+
+``race`` draws an id from each row by the exponential race (``argmax(p_i / q_i)`` with
+``q_i ~ Exp(1)`` picks i with probability ``p_i / sum(p)``), its variates from Triton's Philox
+keyed by the row's own key and draw number, computed where they are used: one launch for all
+rows instead of one ``exponential_`` a row from each request's ``torch.Generator`` (~15 us of
+host time each). A row's ids depend on its probabilities, key and draw number only.
 
 ``first_reaching`` is top-p's cut: the first position whose mass before it (the sum of every
 probability ahead of it, exclusive) is not below ``p``, or ``V`` where none is: the length of the
@@ -75,17 +82,37 @@ def _softmax_out(x_ptr, pm_ptr, ps_ptr, out_ptr, V, NB, BLOCK: tl.constexpr, NBP
 
 
 @triton.jit
+def _chunk_argmax(x, offs, ok):
+    """A chunk's maximum and the first index holding it (NaN as the maximum: the first NaN)."""
+    nan = ok & (x != x)
+    first_nan = tl.min(tl.where(nan, offs, 2147483647), 0)
+    m = tl.max(tl.where(nan | ~ok, float("-inf"), x), 0)
+    first_max = tl.min(tl.where(ok & (x == m), offs, 2147483647), 0)
+    has_nan = first_nan < 2147483647
+    return tl.where(has_nan, float("nan"), m), tl.where(has_nan, first_nan, first_max)
+
+
+@triton.jit
 def _argmax_part(x_ptr, pv_ptr, pi_ptr, V, NB, BLOCK: tl.constexpr):
     """Chunk (row, c): its maximum and the first index holding it (the first NaN if any)."""
     row, offs, ok, x = _load_chunk(x_ptr, V, float("-inf"), BLOCK)
-    c = tl.program_id(1)
-    nan = ok & (x != x)
-    first_nan = tl.min(tl.where(nan, offs, 2147483647), 0)
-    m = tl.max(tl.where(nan, float("-inf"), x), 0)
-    first_max = tl.min(tl.where(ok & (x == m), offs, 2147483647), 0)
-    has_nan = first_nan < 2147483647
-    tl.store(pv_ptr + row * NB + c, tl.where(has_nan, float("nan"), m))
-    tl.store(pi_ptr + row * NB + c, tl.where(has_nan, first_nan, first_max))
+    v, i = _chunk_argmax(x, offs, ok)
+    tl.store(pv_ptr + row * NB + tl.program_id(1), v)
+    tl.store(pi_ptr + row * NB + tl.program_id(1), i)
+
+
+@triton.jit
+def _race_part(p_ptr, st_ptr, pv_ptr, pi_ptr, V, NB, BLOCK: tl.constexpr):
+    """Chunk (row, c) of the exponential race argmax(p / q), q ~ Exp(1) from Philox keyed by the
+    row's (key, draw): element i's variate is counter (i, draw) of stream key, whatever else runs."""
+    row, offs, ok, p = _load_chunk(p_ptr, V, 0.0, BLOCK)
+    key = tl.load(st_ptr + 2 * row)
+    draw = tl.load(st_ptr + 2 * row + 1)
+    r = tl.randint(key, (draw << 32) + offs.to(tl.int64))                     # uint32 [BLOCK]
+    u = ((r >> 8).to(tl.float32) + 0.5) * (1.0 / 16777216.0)                 # 24 bits in (0, 1)
+    v, i = _chunk_argmax(p / -tl.log(u), offs, ok)
+    tl.store(pv_ptr + row * NB + tl.program_id(1), v)
+    tl.store(pi_ptr + row * NB + tl.program_id(1), i)
 
 
 @triton.jit
@@ -146,17 +173,31 @@ def softmax(x: torch.Tensor) -> torch.Tensor:
     return out.view(x.shape)
 
 
-def argmax(x: torch.Tensor) -> torch.Tensor:
-    """torch.argmax(x, dim=-1) of float32 x [V] -> long [1], [n, V] -> long [n]."""
-    x2 = _rows2d(x, "argmax")
+def _fold_argmax(part, x2: torch.Tensor, *args) -> torch.Tensor:
     n, V = x2.shape
     nb = cdiv(V, BLOCK)
     pv = torch.empty(n, nb, dtype=torch.float32, device=x2.device)
     pi = torch.empty(n, nb, dtype=torch.int32, device=x2.device)
     out = torch.empty(n, dtype=torch.long, device=x2.device)
-    _argmax_part[(n, nb)](x2, pv, pi, V, nb, BLOCK=BLOCK, num_warps=WARPS)
+    part[(n, nb)](x2, *args, pv, pi, V, nb, BLOCK=BLOCK, num_warps=WARPS)
     _argmax_fold[(n,)](pv, pi, out, nb, NBP=next_pow2(nb), num_warps=WARPS)
     return out
+
+
+def argmax(x: torch.Tensor) -> torch.Tensor:
+    """torch.argmax(x, dim=-1) of float32 x [V] -> long [1], [n, V] -> long [n]."""
+    return _fold_argmax(_argmax_part, _rows2d(x, "argmax"))
+
+
+def race(probs: torch.Tensor, state: torch.Tensor) -> torch.Tensor:
+    """One id drawn from each row of probs float32 [V] / [n, V] -> long [1] / [n]: the exponential
+    race ``argmax(p_i / q_i)``, q_i ~ Exp(1), with row r's variates from Philox stream
+    ``state[r, 0]`` at counters ``(i, state[r, 1])`` (state: int64 [n, 2], key and draw number)."""
+    p2 = _rows2d(probs, "race")
+    if state.dtype != torch.long or tuple(state.shape) != (p2.shape[0], 2):
+        raise ValueError(f"rows.race: state must be int64 [{p2.shape[0]}, 2] (key, draw), got "
+                         f"{state.dtype} {tuple(state.shape)}")
+    return _fold_argmax(_race_part, p2, state.contiguous())
 
 
 def first_reaching(ps: torch.Tensor, p: float) -> torch.Tensor:
@@ -172,4 +213,4 @@ def first_reaching(ps: torch.Tensor, p: float) -> torch.Tensor:
     return out
 
 
-__all__ = ["BLOCK", "argmax", "first_reaching", "softmax"]
+__all__ = ["BLOCK", "argmax", "first_reaching", "race", "softmax"]
