@@ -51,3 +51,8 @@ def test_cuda_rows_run_the_kernels(V):
     got = row_ops.first_reaching(ps, 0.9).cpu()
     want = row_ops.first_reaching(ps.cpu(), 0.9)
     assert (got - want).abs().max() <= 1                                    # rounding at the boundary
+
+
+def test_keyed_draw_without_the_kernels_is_a_clear_error():
+    with pytest.raises(ValueError, match="row_ops.race: the keyed draw needs the Triton row kernels"):
+        row_ops.race(torch.full((2, 8), 0.125), torch.zeros(2, 2, dtype=torch.long))

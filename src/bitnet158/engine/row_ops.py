@@ -56,16 +56,14 @@ def argmax(x: torch.Tensor) -> torch.Tensor:
 def race(probs: torch.Tensor, state: torch.Tensor) -> torch.Tensor:
     """An id drawn from each row of probs [V] / [n, V] -> long [1] / [n] by the exponential race,
     row r's Exp(1) variates keyed by ``state[r] = (key, draw)`` (int64 [n, 2]): the Triton
-    kernel's Philox streams; without the kernels, a torch generator seeded from (key, draw)."""
+    kernel's Philox streams. Only where the kernels run (``batch_invariant``); elsewhere the
+    sampler draws from its ``torch.Generator`` (``sampling.draw``)."""
     k = _kernels(probs)
-    if k is not None:
-        return k.race(probs, state)
-    p2 = probs.reshape(-1, probs.shape[-1])
-    out = []
-    for row, (key, draw) in zip(p2, state.tolist()):
-        g = torch.Generator(device=probs.device).manual_seed((key + draw * 0x9E3779B97F4A7C15) % 2**63)
-        out.append(torch.argmax(row / torch.empty_like(row).exponential_(1, generator=g)).view(1))
-    return torch.cat(out)
+    if k is None:
+        raise ValueError(f"row_ops.race: the keyed draw needs the Triton row kernels (a CUDA float32 [V] or "
+                         f"[n, V] tensor with Triton installed), got {probs.dtype} {tuple(probs.shape)} on "
+                         f"{probs.device}; use sampling.draw with a torch.Generator there")
+    return k.race(probs, state)
 
 
 def first_reaching(ps: torch.Tensor, p: float) -> torch.Tensor:

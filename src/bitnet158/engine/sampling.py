@@ -89,12 +89,6 @@ def sampling_probs(logits: torch.Tensor, params: SamplingParams, seen: torch.Ten
     return row_ops.softmax(process_logits(logits, params, seen).float())
 
 
-def race(probs: torch.Tensor, q: torch.Tensor) -> torch.Tensor:
-    """The exponential race: ``argmax(p_i / q_i)`` for ``q ~ Exp(1)`` [V] is an id drawn from
-    probs [V] -> long [1] (``torch.multinomial``'s draw on a GPU)."""
-    return row_ops.argmax(probs / q)
-
-
 def draw(probs: torch.Tensor, generator: torch.Generator | None) -> torch.Tensor:
     """One id from probs [V] (summing to ~1, zeros for masked tokens) -> long [1].
 
@@ -107,7 +101,8 @@ def draw(probs: torch.Tensor, generator: torch.Generator | None) -> torch.Tensor
     the total, so a masked token is never drawn. Like the greedy argmax, NaN probabilities give an
     id rather than an error."""
     if probs.device.type != "cpu":
-        return race(probs, torch.empty_like(probs).exponential_(1, generator=generator))
+        q = torch.empty_like(probs).exponential_(1, generator=generator)   # [V], Exp(1)
+        return row_ops.argmax(probs / q)                                   # argmax p_i / q_i ~ probs
     c = torch.cumsum(probs, dim=-1, dtype=torch.float64)                   # [V]
     u = torch.rand(1, generator=generator, dtype=torch.float64)            # [1] in [0, 1)
     total = c[-1:]
@@ -262,4 +257,4 @@ def next_ids(samplers: list[Sampler], logits: torch.Tensor) -> torch.Tensor:
 
 
 __all__ = ["SamplingParams", "GenerationError", "SamplingError", "Sampler", "apply_repetition_penalty", "top_k_mask",
-           "top_p_mask", "process_logits", "sampling_probs", "race", "draw", "next_ids", "request_key", "to_device", "BATCH_DRAW"]
+           "top_p_mask", "process_logits", "sampling_probs", "draw", "next_ids", "request_key", "to_device", "BATCH_DRAW"]

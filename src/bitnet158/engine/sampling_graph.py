@@ -7,7 +7,7 @@ A sampled token on a GPU runs ~20 small torch ops (temperature, top-k, top-p's s
 cumulative sums and masks, the draw). Each costs the host ~10-15 us to launch: with top-p the
 sampler alone took 243 us of host time a token on an H100 machine (33 us replayed from the
 graph). Batch-1 generation queues the next decode step first and so hides that behind the step;
-where the host is the bound (the batch scheduler draws each sampled row in turn) it adds up. Here
+where the host is the bound (many requests, each drawn by its own sampler) it adds up. Here
 those ops are captured once into a CUDA graph over static buffers; a token costs four copies or
 launches (five with a repetition penalty, whose seen set is copied in too): the logits copied in,
 the request's (key, draw number) of the keyed draw copied in (so every request keeps its own
@@ -34,7 +34,7 @@ _lock = threading.Lock()
 
 
 class GraphedSampler:
-    """One captured sampler: static logits, Exp(1) and seen buffers in, the drawn id out."""
+    """One captured sampler: static logits, (key, draw number) and seen buffers in, the drawn id out."""
 
     def __init__(self, params: SamplingParams, vocab: int, device: torch.device):
         from . import row_ops

@@ -11,14 +11,14 @@ So a row's floating-point result depends on the row and ``V`` only, never on how
 together: a request drawn alone and the same request drawn in a batch of 64 get the same bits,
 which torch's own reductions do not promise (``torch.cumsum`` of one row is cub's scan, of a
 batch of rows another kernel). At batch 1 the 126 chunks of a 128256-logit row run on as many
-SMs: torch reduces a single row with one thread block (``torch.softmax`` 44 us, ``torch.argmax``
-28 us on an H100, against a few us here).
+SMs, where torch reduces a single row with one thread block (``torch.softmax`` 44 us,
+``torch.argmax`` 28 us on an H100).
 
 ``race`` draws an id from each row by the exponential race (``argmax(p_i / q_i)`` with
 ``q_i ~ Exp(1)`` picks i with probability ``p_i / sum(p)``), its variates from Triton's Philox
 keyed by the row's own key and draw number, computed where they are used: one launch for all
-rows instead of one ``exponential_`` a row from each request's ``torch.Generator`` (~15 us of
-host time each). A row's ids depend on its probabilities, key and draw number only.
+rows instead of one ``exponential_`` launch a row from each request's ``torch.Generator``. A
+row's ids depend on its probabilities, key and draw number only.
 
 ``first_reaching`` is top-p's cut: the first position whose mass before it (the sum of every
 probability ahead of it, exclusive) is not below ``p``, or ``V`` where none is: the length of the
