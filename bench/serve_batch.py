@@ -4,6 +4,7 @@
     python3 bench/serve_batch.py --device cuda --concurrency 1,4,16,32 --gen-tokens 64 --save
     python3 bench/serve_batch.py --model path/to/folder          # a real model folder
     python3 bench/serve_batch.py --device cuda --concurrency 8,64 --sampling greedy,top_p,top_p_rows
+    python3 bench/serve_batch.py --device cuda --concurrency 64 --sampling greedy,greedy_sync,top_p,top_p_sync
 
 Drives :class:`bitnet158.engine.batch.BatchEngine` (what ``bitnet158 serve`` runs behind HTTP) with
 ``c`` requests submitted at once on a runner of ``c`` rows: each request has its own random
@@ -12,7 +13,9 @@ concurrency: wall time, aggregate tokens/s (all requests), per-request tokens/s,
 token (median / max, including the wait for the other prompts' prefills) and ms per decode step.
 ``--sampling`` picks how the requests sample: ``greedy``; ``top_p`` (temperature 0.8, top-p 0.95,
 a seed per request: the rows drawn together, ``sampling.next_ids``); ``top_p_rows`` (the same,
-each row drawn by its own sampler in turn, as before the batched draw). Prints a table, then one
+each row drawn by its own sampler in turn, as before the batched draw); any of them with ``_sync``
+(``greedy_sync``): the engine with ``queued=False``, each step's tokens handed out before the next
+step is queued (on a GPU the engine queues a step before it hands out the previous one's). Prints a table, then one
 JSON line (keys ``c<clients>_<quantity>`` for greedy, ``c<clients>_<sampling>_<quantity>``
 otherwise); ``--save`` writes ``bench/results/serve_batch-<date>-<machine>.json``, ``--out`` a
 given path. No HTTP: the server adds per-token JSON/SSE work on top; this isolates the engine.
@@ -35,6 +38,7 @@ from bitnet158.engine import SamplingParams, make_runner, sampling
 from bitnet158.engine.batch import BatchEngine
 
 SAMPLING = {"greedy": dict(), "top_p": dict(temperature=0.8, top_p=0.95), "top_p_rows": dict(temperature=0.8, top_p=0.95)}
+SAMPLING.update({f"{k}_sync": v for k, v in list(SAMPLING.items())})
 
 
 def build_model(args):
@@ -47,9 +51,9 @@ def build_model(args):
 
 def run_level(model, c: int, prompt_tokens: int, gen_tokens: int, backend: str, seed: int,
               mode: str = "greedy") -> dict:
-    sampling.BATCH_DRAW = mode != "top_p_rows"
+    sampling.BATCH_DRAW = not mode.startswith("top_p_rows")
     runner = make_runner(model, batch=c, max_len=prompt_tokens + gen_tokens + 1, backend=backend)
-    eng = BatchEngine(runner, max_queue=c).start()
+    eng = BatchEngine(runner, max_queue=c, queued=False if mode.endswith("_sync") else None).start()
     g = torch.Generator().manual_seed(seed)
     V = model.config.vocab_size
     prompts = [torch.randint(0, V, (prompt_tokens,), generator=g).tolist() for _ in range(c)]
@@ -114,10 +118,10 @@ def main() -> None:
     dev = torch.cuda.get_device_name() if args.device.startswith("cuda") else platform.processor() or "cpu"
     print(f"batch engine on {dev} ({args.device}, backend {args.backend}, {torch.get_num_threads()} threads), "
           f"prompt {args.prompt_tokens}, gen {args.gen_tokens}")
-    print(f"{'clients':>8}{'sampling':>11}{'wall s':>9}{'agg tok/s':>11}{'req tok/s':>11}{'ttft p50':>10}{'ttft max':>10}"
+    print(f"{'clients':>8}{'sampling':>14}{'wall s':>9}{'agg tok/s':>11}{'req tok/s':>11}{'ttft p50':>10}{'ttft max':>10}"
           f"{'step ms':>9}")
     for r in rows:
-        print(f"{r['concurrency']:>8}{r['sampling']:>11}{r['wall_s']:>9.2f}{r['agg_tok_s']:>11.2f}{r['per_request_tok_s']:>11.2f}"
+        print(f"{r['concurrency']:>8}{r['sampling']:>14}{r['wall_s']:>9.2f}{r['agg_tok_s']:>11.2f}{r['per_request_tok_s']:>11.2f}"
               f"{r['ttft_median_s']:>10.3f}{r['ttft_max_s']:>10.3f}{r['step_ms']:>9.2f}")
     out = {"device": dev, "backend": args.backend, "threads": torch.get_num_threads(),
            "model": args.model or "random-2b4t", "prompt_tokens": args.prompt_tokens,
@@ -132,6 +136,9 @@ def main() -> None:
         if "top_p" in got and "top_p_rows" in got:
             out[f"c{c}_top_p_same_tokens_as_rows"] = got["top_p"] == got["top_p_rows"]
             print(f"{c} clients: top_p tokens {'==' if got['top_p'] == got['top_p_rows'] else '!='} top_p_rows tokens")
+        for m in [m for m in got if m + "_sync" in got]:     # queued steps: the same tokens as in order
+            out[f"c{c}_{m}_same_tokens_as_sync"] = got[m] == got[m + "_sync"]
+            print(f"{c} clients: {m} tokens {'==' if got[m] == got[m + '_sync'] else '!='} {m}_sync tokens")
     line = json.dumps(out)
     print(line)
     if args.save or args.out:

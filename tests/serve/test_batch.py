@@ -30,10 +30,13 @@ def collect(engine, prompt, params):
     return out, box, ev
 
 
-@pytest.mark.parametrize("chunk", [512, 4])
-def test_matches_lone_generation(model, chunk):
-    """12 requests on 3 rows; with chunk=4 prompts are prefilled 4 tokens per step between decodes."""
-    eng = BatchEngine(make_runner(model, batch=3, backend="torch"), max_queue=16, prefill_chunk=chunk).start()
+@pytest.mark.parametrize("chunk,queued", [(512, False), (4, False), (512, True), (4, True)])
+def test_matches_lone_generation(model, chunk, queued):
+    """12 requests on 3 rows; with chunk=4 prompts are prefilled 4 tokens per step between decodes;
+    queued: each step queued before the previous step's tokens are handed out (a GPU's default)."""
+    eng = BatchEngine(make_runner(model, batch=3, backend="torch"), max_queue=16, prefill_chunk=chunk,
+                      queued=queued).start()
+    assert eng.queued is queued
     try:
         prompts = [[0, 5, 6, 7], [0, 9], [0, *([3] * 20)], [0, 1, 2], [0, 100, 200], [0, 7]]
         params = [SamplingParams(max_new_tokens=12, stop_ids=frozenset()),
@@ -73,5 +76,63 @@ def test_context_checked_at_submit(model):
             eng.submit(list(range(16)), SamplingParams(), lambda t: None, lambda r, e: None)
         out, box, ev = collect(eng, list(range(10)), SamplingParams(max_new_tokens=50, stop_ids=frozenset()))
         assert ev.wait(30) and len(out) == 6 and box["reason"] == "length"   # clamped to the context
+    finally:
+        eng.stop()
+
+
+def test_queued_only_on_a_gpu_by_default(model):
+    assert BatchEngine(make_runner(model, batch=1, backend="torch")).queued is False
+
+
+@pytest.mark.parametrize("queued", [False, True])
+def test_decode_error_ends_every_decoding_request(model, queued):
+    """A failing decode step ends the requests past their prefill with its error (none hang)."""
+    runner = make_runner(model, batch=2, backend="torch")
+    decode, calls = runner.decode, []
+
+    def failing(*a, **k):
+        calls.append(1)
+        if len(calls) == 3:
+            raise RuntimeError("device lost")
+        return decode(*a, **k)
+    runner.decode = failing
+    eng = BatchEngine(runner, queued=queued)
+    eng.running = True                                  # both submitted before the loop runs
+    sp = SamplingParams(max_new_tokens=20, stop_ids=frozenset())
+    jobs = [collect(eng, [0, 5 + i], sp) for i in range(2)]
+    eng.running = False
+    eng.start()
+    try:
+        for out, box, ev in jobs:
+            assert ev.wait(30)
+            assert isinstance(box["error"], RuntimeError) and box["reason"] is None
+            assert len(out) == 3                        # the prefill's token + 2 decode steps' tokens
+    finally:
+        eng.stop()
+
+
+def test_queued_cancel_mid_stream(model):
+    """A request cancelled while its next step is queued ends without that step's token; the row
+    is reused by a waiting request, which still gets a lone generation's tokens."""
+    eng = BatchEngine(make_runner(model, batch=1, backend="torch"), max_queue=4, queued=True)
+    sp = SamplingParams(max_new_tokens=30, stop_ids=frozenset())
+    got, box, ev = [], {}, threading.Event()
+    holder = {}
+
+    def on_token(t):
+        got.append(t)
+        if len(got) == 4:
+            holder["h"].cancel()
+    holder["h"] = None
+    eng.running = True
+    holder["h"] = eng.submit([0, 9], sp, on_token, lambda r, e: (box.update(reason=r, error=e), ev.set()))
+    out2, box2, ev2 = collect(eng, [0, 3, 4], sp)
+    eng.running = False
+    eng.start()
+    try:
+        assert ev.wait(30) and ev2.wait(30)
+        assert box["reason"] is None and box["error"] is None and len(got) == 4
+        assert got == list(generate(model, [0, 9], sp))[:4]
+        assert out2 == list(generate(model, [0, 3, 4], sp)) and box2["reason"] == "length"
     finally:
         eng.stop()

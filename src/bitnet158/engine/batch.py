@@ -15,7 +15,12 @@ contiguous range of rows in use, so requests at different positions share every 
 range that are idle or still prefilling are fed a dummy token at a position they overwrite before
 they ever read it (their next prefill position), so their cache stays intact. Each request samples with its own
 :class:`Sampler` (own ``torch.Generator``), so a seeded request gives the same tokens whatever else
-runs beside it on the same shapes. Callbacks run on the engine thread and must be quick (the server
+runs beside it on the same shapes. On a GPU (``queued``, the default there) each step and its
+sampling are queued before the host reads the previous step's ids: its rows' tokens are fed from
+the device, and the host hands out the previous tokens (stop tests, callbacks) while the GPU runs
+the step. A request that ends on a token has had one step queued past it, whose id is dropped and
+whose cache slot is overwritten before it is read; the tokens are the ones handed out in order
+(``queued=False``). Callbacks run on the engine thread and must be quick (the server
 hands them to its event loop). The queue is bounded: ``submit`` raises :class:`QueueFullError` when
 ``max_queue`` requests already wait.
 """
@@ -79,12 +84,37 @@ class Handle:
         return len(self.tokens)
 
 
+class _Step:
+    """A queued decode step: its requests (by row), the first row, the sampled ids (long [b] on the
+    device, row ``lo + i`` at ``i``) and their copy to pinned host memory behind an event."""
+
+    def __init__(self, handles: list[Handle], lo: int, ids: torch.Tensor):
+        self.handles, self.lo, self.ids = handles, lo, ids
+        self.event = None
+        if ids.is_cuda:
+            self.host = torch.empty(ids.shape, dtype=torch.long, pin_memory=True)
+            self.host.copy_(ids, non_blocking=True)
+            self.event = torch.cuda.Event()
+            self.event.record(torch.cuda.current_stream(ids.device))
+        else:
+            self.host = ids
+
+    def read(self) -> list[int]:
+        if self.event is not None:
+            self.event.synchronize()
+        return self.host.tolist()
+
+
 class BatchEngine:
     """The decode loop over a runner of ``runner.batch`` rows (see the module docstring)."""
 
     def __init__(self, runner, max_queue: int = 64, stop_ids: frozenset[int] | set[int] = frozenset(),
-                 prefill_chunk: int = 512):
+                 prefill_chunk: int = 512, queued: bool | None = None):
         self.runner = runner
+        # queue each decode step before handing out the previous one's tokens (default: on a GPU)
+        dev = getattr(runner, "device", None)
+        self.queued = getattr(dev, "type", None) == "cuda" if queued is None else bool(queued)
+        self.pending: _Step | None = None      # the queued step whose tokens are not handed out yet
         self.prefill_chunk = max(1, int(prefill_chunk))
         self.slots: list[Handle | None] = [None] * runner.batch
         self.max_queue = max_queue
@@ -219,41 +249,81 @@ class BatchEngine:
             self._emit(h, h.sampler(logits))
 
     def _decode(self) -> None:
-        live = [h for h in self.slots if h is not None and not h.done and h.next_token is not None]
+        """Queue one decode step over the live rows, then hand out the tokens of the step before it
+        (queued: the host's per-token work overlaps the GPU's step) or of this one (in order)."""
+        prev, self.pending = self.pending, None
+        try:
+            step = self._queue_step(prev)
+        except Exception:
+            if prev is not None:                   # its tokens were made: hand them out first
+                self._emit_step(prev)
+            raise
+        if prev is not None:
+            self._emit_step(prev, fed_ahead=step.handles if step is not None else ())
+        if step is not None:
+            if self.queued:
+                self.pending = step
+            else:
+                self._emit_step(step)
+
+    def _queue_step(self, prev: "_Step | None") -> "_Step | None":
+        """Queue a decode step and its sampling over the contiguous range of rows in use; the ids
+        stay on the device (copied to pinned host memory behind an event).
+
+        Rows fed a host token: requests whose last token the host has read (``next_token``). Rows
+        fed ahead: requests of the step ``prev`` not yet handed out, whose token is still on the
+        device; a request that ends on that token (a stop id, a cancel) has had one step too many,
+        whose cache slot is overwritten before it is read and whose id is never handed out."""
+        ahead = [] if prev is None else [h for h in prev.handles if not h.done and not h.cancelled
+                                         and len(h.tokens) + 1 < h.max_new_tokens]
+        fed = [h for h in self.slots if h is not None and not h.done and h.next_token is not None]
+        live = sorted(fed + ahead, key=lambda h: h.row)
         if not live:
-            return
+            return None
         r = self.runner
-        lo = min(h.row for h in live)
-        hi = max(h.row for h in live) + 1
+        lo, hi = live[0].row, live[-1].row + 1
         toks = torch.zeros(hi - lo, dtype=torch.long)                                 # [b]
         pos = torch.zeros(hi - lo, dtype=torch.long)                                  # idle rows: pos 0
         for i in range(lo, hi):
             h = self.slots[i]
             if h is not None and h.next_token is None and h.prefilled < r.max_len:
                 pos[i - lo] = h.prefilled          # still prefilling: a slot its next chunk overwrites
-        for h in live:
+        for h in fed:
             toks[h.row - lo] = h.next_token
             pos[h.row - lo] = len(h.prompt) + len(h.tokens) - 1    # position of the token fed back
+        for h in ahead:                                            # its token: the next, not yet read
+            pos[h.row - lo] = len(h.prompt) + len(h.tokens)
+        dev = getattr(r, "device", torch.device("cpu"))
+        if ahead:                                                  # tokens [b] on the device
+            toks = to_device(toks.tolist(), dev)
+            toks.index_copy_(0, to_device([h.row - lo for h in ahead], dev),
+                             prev.ids.index_select(0, to_device([h.row - prev.lo for h in ahead], dev)))
         rows = torch.arange(lo, hi)                        # host tensors: checked without a device wait
         logits = r.decode(toks, pos, rows)                                             # [b, V]
         self.steps += 1
         # plain greedy rows: one argmax for all of them (a row's own Sampler would give the same
         # id, with a launch per row); the other rows drawn on the device by their own Samplers
-        # (together where the row ops allow: the same ids as one by one); both queued before
-        # the host reads either, one copy each
-        greedy = logits.argmax(-1) if any(h.params.argmax for h in live) else None          # [b]
+        # (together where the row ops allow: the same ids as one by one)
         drawn = [h for h in live if not h.params.argmax]
-        got = None
-        if drawn:
-            sel = (logits if len(drawn) == hi - lo else
-                   logits.index_select(0, to_device([h.row - lo for h in drawn], logits.device)))  # [d, V]
-            got = next_ids([h.sampler for h in drawn], sel)                                  # [d]
-        ids = greedy.tolist() if greedy is not None else [0] * (hi - lo)
-        if got is not None:
-            for h, t in zip(drawn, got.tolist()):
-                ids[h.row - lo] = t
-        for h in live:
-            self._emit(h, ids[h.row - lo])
+        if len(drawn) == hi - lo:                                  # every row of the range, in order
+            ids = next_ids([h.sampler for h in drawn], logits)                          # [b]
+        else:
+            ids = logits.argmax(-1)                                                     # [b]
+            if drawn:
+                idx = to_device([h.row - lo for h in drawn], logits.device)
+                ids.index_copy_(0, idx, next_ids([h.sampler for h in drawn], logits.index_select(0, idx)))
+        for h in fed:
+            h.next_token = None                                    # fed: its successor is queued
+        return _Step(live, lo, ids)
+
+    def _emit_step(self, step: "_Step", fed_ahead=()) -> None:
+        """Read a step's ids on the host (waiting for that step only) and hand them out; requests
+        in ``fed_ahead`` (the step queued after it) have had their token fed already."""
+        got = step.read()
+        ahead = {id(h) for h in fed_ahead}
+        for h in step.handles:
+            if not h.done and self._emit(h, got[h.row - step.lo]) and id(h) in ahead:
+                h.next_token = None
 
     def _loop(self) -> None:
         while True:
@@ -282,8 +352,9 @@ class BatchEngine:
                     self._decode()
             except Exception as e:
                 with self.cond:
-                    for h in list(self.slots):
-                        if h is not None and h.next_token is not None:
+                    self.pending = None
+                    for h in list(self.slots):           # every request past its prefill
+                        if h is not None and h.prefilled >= len(h.prompt):
                             self._finish(h, None, e)
 
 
