@@ -50,9 +50,9 @@ def build_model(args):
 
 
 def run_level(model, c: int, prompt_tokens: int, gen_tokens: int, backend: str, seed: int,
-              mode: str = "greedy") -> dict:
+              mode: str = "greedy", max_len: int | None = None) -> dict:
     sampling.BATCH_DRAW = not mode.startswith("top_p_rows")
-    runner = make_runner(model, batch=c, max_len=prompt_tokens + gen_tokens + 1, backend=backend)
+    runner = make_runner(model, batch=c, max_len=max_len or prompt_tokens + gen_tokens + 1, backend=backend)
     eng = BatchEngine(runner, max_queue=c, queued=False if mode.endswith("_sync") else None).start()
     g = torch.Generator().manual_seed(seed)
     V = model.config.vocab_size
@@ -111,8 +111,9 @@ def main() -> None:
     if bad:
         ap.error(f"--sampling: unknown {bad}; choose from {', '.join(SAMPLING)}")
     run_level(model, 1, 8, 2, args.backend, 123)                       # warm-up (kernels, caches)
-    for m in modes:        # and at the largest batch and the prompt's length: kernels compile here
-        run_level(model, max(levels), args.prompt_tokens, 3, args.backend, 124, m)
+    for m in modes:    # and at the largest batch, prompt length and cache length: kernels compile here
+        run_level(model, max(levels), args.prompt_tokens, 3, args.backend, 124, m,
+                  max_len=args.prompt_tokens + args.gen_tokens + 1)
     rows = [run_level(model, c, args.prompt_tokens, args.gen_tokens, args.backend, c, m)
             for c in levels for m in modes]
     dev = torch.cuda.get_device_name() if args.device.startswith("cuda") else platform.processor() or "cpu"
