@@ -111,9 +111,10 @@ def main() -> None:
     if bad:
         ap.error(f"--sampling: unknown {bad}; choose from {', '.join(SAMPLING)}")
     run_level(model, 1, 8, 2, args.backend, 123)                       # warm-up (kernels, caches)
-    for m in modes:    # and at the largest batch, prompt length and cache length: kernels compile here
-        run_level(model, max(levels), args.prompt_tokens, 3, args.backend, 124, m,
-                  max_len=args.prompt_tokens + args.gen_tokens + 1)
+    for c in levels:   # and at each batch, prompt length and cache length: kernels compile here
+        for m in modes:
+            run_level(model, c, args.prompt_tokens, 3, args.backend, 124, m,
+                      max_len=args.prompt_tokens + args.gen_tokens + 1)
     rows = [run_level(model, c, args.prompt_tokens, args.gen_tokens, args.backend, c, m)
             for c in levels for m in modes]
     dev = torch.cuda.get_device_name() if args.device.startswith("cuda") else platform.processor() or "cpu"
