@@ -146,6 +146,7 @@ class BatchEngine:
             self._finish(h, None, EngineStoppedError("the server is shutting down"))
         self.waiting.clear()
         self.slots = [None] * len(self.slots)
+        self.pending = None
 
     def submit(self, prompt_ids: list[int], params: SamplingParams, on_token: Callable[[int], None],
                on_done: Callable[[str | None, BaseException | None], None]) -> Handle:
