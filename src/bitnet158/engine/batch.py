@@ -283,8 +283,8 @@ class BatchEngine:
             return None
         r = self.runner
         lo, hi = live[0].row, live[-1].row + 1
-        toks = torch.zeros(hi - lo, dtype=torch.long)                                 # [b]
-        pos = torch.zeros(hi - lo, dtype=torch.long)                                  # idle rows: pos 0
+        toks = [0] * (hi - lo)                                                        # [b]
+        pos = [0] * (hi - lo)                                                         # idle rows: pos 0
         for i in range(lo, hi):
             h = self.slots[i]
             if h is not None and h.next_token is None and h.prefilled < r.max_len:
@@ -296,9 +296,12 @@ class BatchEngine:
             pos[h.row - lo] = len(h.prompt) + len(h.tokens)
         dev = getattr(r, "device", torch.device("cpu"))
         if ahead:                                                  # tokens [b] on the device
-            toks = to_device(toks.tolist(), dev)
+            toks = to_device(toks, dev)
             toks.index_copy_(0, to_device([h.row - lo for h in ahead], dev),
                              prev.ids.index_select(0, to_device([h.row - prev.lo for h in ahead], dev)))
+        else:
+            toks = torch.tensor(toks, dtype=torch.long)
+        pos = torch.tensor(pos, dtype=torch.long)
         rows = torch.arange(lo, hi)                        # host tensors: checked without a device wait
         logits = r.decode(toks, pos, rows)                                             # [b, V]
         self.steps += 1
