@@ -136,3 +136,48 @@ def test_queued_cancel_mid_stream(model):
         assert out2 == list(generate(model, [0, 3, 4], sp)) and box2["reason"] == "length"
     finally:
         eng.stop()
+
+
+@pytest.mark.cuda
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+def test_cuda_queued_steps_give_the_in_order_tokens(model):
+    """On a GPU the engine queues each step (the default); mixed greedy / seeded top-p requests,
+    stop ids and staggered lengths get exactly the in-order loop's tokens."""
+    cuda_model = tiny_model(seed=3).pack().cuda()
+    prompts = [[0, 5, 6, 7], [0, 9], [0, *([3] * 20)], [0, 1, 2], [0, 100, 200]]
+    params = [SamplingParams(max_new_tokens=9, stop_ids=frozenset()),
+              SamplingParams(temperature=0.9, top_p=0.9, seed=4, max_new_tokens=14, stop_ids=frozenset({1, 4}))]
+    got = {}
+    for queued in (None, False):
+        eng = BatchEngine(make_runner(cuda_model, batch=4), max_queue=16, queued=queued).start()
+        try:
+            assert eng.queued is (queued is None)
+            jobs = [collect(eng, p, sp) for p in prompts for sp in params]
+            for out, box, ev in jobs:
+                assert ev.wait(120) and box["error"] is None
+            got[queued] = [(out, box["reason"]) for out, box, ev in jobs]
+        finally:
+            eng.stop()
+    assert got[None] == got[False]
+
+
+@pytest.mark.parametrize("queued", [False, True])
+def test_stop_id_mid_stream(model, queued):
+    """A request that meets a stop id ends there (queued: the step already queued past it is
+    dropped), and the request beside it goes on with a lone generation's tokens."""
+    free = SamplingParams(max_new_tokens=10, stop_ids=frozenset())
+    lone = list(generate(model, [0, 9], free))
+    stop = lone[3]
+    first = lone.index(stop)
+    eng = BatchEngine(make_runner(model, batch=2, backend="torch"), queued=queued)
+    eng.running = True
+    a = collect(eng, [0, 9], SamplingParams(max_new_tokens=10, stop_ids=frozenset({stop})))
+    b = collect(eng, [0, 3, 4], free)
+    eng.running = False
+    eng.start()
+    try:
+        assert a[2].wait(30) and b[2].wait(30)
+        assert a[0] == lone[:first] and a[1]["reason"] == "stop"
+        assert b[0] == list(generate(model, [0, 3, 4], free)) and b[1]["reason"] == "length"
+    finally:
+        eng.stop()
