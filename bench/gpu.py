@@ -18,7 +18,8 @@ gate|up); the W2A8 pipeline reads the 2-bit weights. Measured (median of repeats
   temperature, top-p, top-k + top-p: ``sampler_<case>_us`` back to back and ``_host_us`` to issue;
   ``_eager`` with the sampler's CUDA graph off, and sampled generation that way too), and the
   batch scheduler's draw of 64 sampled rows a step, together and one by one
-  (``sampler_rows64_<case>_us``, ``_each_us``);
+  (``sampler_rows64_<case>_us``, ``_each_us``), and top-p's sort alone on 1 and 64 rows
+  (``sort_rows<n>_us``, GPU time);
 - batch 8 and 64 decode throughput (rows at staggered positions around 1024);
 - a 2048-token prefill (head on the last position only, as the runner returns): eager, the host's
   time to enqueue it, with prefill graphs (``runner.prefill_graphs``: the prompt replays its
@@ -589,6 +590,11 @@ def main(argv=None) -> int:
                         res[f"sampler_rows64_{case}{tag}_us"] = round(us, 1)
                         print(f"sampler, 64 rows, {case}, {'together' if together else 'one by one'}: "
                               f"{us:.0f} us a step", flush=True)
+                for n in (1, 64):               # top-p's sort alone, the GPU's time (its largest op)
+                    x = torch.randn(n, r.vocab_size, device="cuda") * 3
+                    us = 1e3 * events_ms(lambda: torch.sort(x, dim=-1, descending=True), 20)
+                    res[f"sort_rows{n}_us"] = round(us, 1)
+                    print(f"torch.sort of [{n}, {r.vocab_size}] fp32 logits: {us:.1f} us", flush=True)
             print(f"[{mode}] decode b1 ctx 1024, inputs on the device: "
                   f"{res[f'decode_b1_ctx1024_{mode}_device_inputs_ms']:.3f} ms; greedy generation "
                   f"(128 after 128): {res[f'tg128_b1_{mode}_tok_s']:.0f} tok/s, sampled (temperature 0.8, "
