@@ -181,3 +181,25 @@ def test_stop_id_mid_stream(model, queued):
         assert b[0] == list(generate(model, [0, 3, 4], free)) and b[1]["reason"] == "length"
     finally:
         eng.stop()
+
+
+@pytest.mark.parametrize("queued", [False, True])
+def test_first_token_ends_the_request(model, queued):
+    """A one-token request and one whose first token is a stop id end on their prefill's token
+    (queued: that token is handed out after the next step is queued, without a step of its own)."""
+    free = SamplingParams(max_new_tokens=6, stop_ids=frozenset())
+    first = list(generate(model, [0, 9], free))[0]
+    eng = BatchEngine(make_runner(model, batch=3, backend="torch"), queued=queued)
+    eng.running = True
+    one = collect(eng, [0, 9], SamplingParams(max_new_tokens=1, stop_ids=frozenset()))
+    stopped = collect(eng, [0, 9], SamplingParams(max_new_tokens=6, stop_ids=frozenset({first})))
+    other = collect(eng, [0, 3, 4], free)
+    eng.running = False
+    eng.start()
+    try:
+        assert one[2].wait(30) and stopped[2].wait(30) and other[2].wait(30)
+        assert one[0] == [first] and one[1]["reason"] == "length"
+        assert stopped[0] == [] and stopped[1]["reason"] == "stop"
+        assert other[0] == list(generate(model, [0, 3, 4], free))
+    finally:
+        eng.stop()

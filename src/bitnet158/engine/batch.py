@@ -16,9 +16,10 @@ range that are idle or still prefilling are fed a dummy token at a position they
 they ever read it (their next prefill position), so their cache stays intact. Each request samples with its own
 :class:`Sampler` (own ``torch.Generator``), so a seeded request gives the same tokens whatever else
 runs beside it on the same shapes. On a GPU (``queued``, the default there) each step and its
-sampling are queued before the host reads the previous step's ids: its rows' tokens are fed from
-the device, and the host hands out the previous tokens (stop tests, callbacks) while the GPU runs
-the step. A request that ends on a token has had one step queued past it, whose id is dropped and
+sampling are queued before the host reads the previous step's ids (and a new request's first
+token, sampled after its prefill): its rows' tokens are fed from the device, and the host hands
+out the previous tokens (stop tests, callbacks) while the GPU runs the step, so neither a step
+nor an admission waits for the host. A request that ends on a token has had one step queued past it, whose id is dropped and
 whose cache slot is overwritten before it is read; the tokens are the ones handed out in order
 (``queued=False``). Callbacks run on the engine thread and must be quick (the server
 hands them to its event loop). The queue is bounded: ``submit`` raises :class:`QueueFullError` when
@@ -114,7 +115,9 @@ class BatchEngine:
         # queue each decode step before handing out the previous one's tokens (default: on a GPU)
         dev = getattr(runner, "device", None)
         self.queued = getattr(dev, "type", None) == "cuda" if queued is None else bool(queued)
-        self.pending: _Step | None = None      # the queued step whose tokens are not handed out yet
+        # queued steps whose tokens are not handed out yet: the last decode step, then the first
+        # tokens of prefills finished since
+        self.pending: list[_Step] = []
         self.prefill_chunk = max(1, int(prefill_chunk))
         self.slots: list[Handle | None] = [None] * runner.batch
         self.max_queue = max_queue
@@ -146,7 +149,7 @@ class BatchEngine:
             self._finish(h, None, EngineStoppedError("the server is shutting down"))
         self.waiting.clear()
         self.slots = [None] * len(self.slots)
-        self.pending = None
+        self.pending = []
 
     def submit(self, prompt_ids: list[int], params: SamplingParams, on_token: Callable[[int], None],
                on_done: Callable[[str | None, BaseException | None], None]) -> Handle:
@@ -247,38 +250,41 @@ class BatchEngine:
         logits = r.prefill(toks, pos, torch.tensor([h.row]))[0]                         # [V]
         h.prefilled = b
         if b == len(h.prompt):
-            self._emit(h, h.sampler(logits))
+            if self.queued:                # the first token stays on the device for the next step
+                self.pending.append(_Step([h], h.row, h.sampler.next_id(logits)))
+            else:
+                self._emit(h, h.sampler(logits))
 
     def _decode(self) -> None:
         """Queue one decode step over the live rows, then hand out the tokens of the step before it
         (queued: the host's per-token work overlaps the GPU's step) or of this one (in order)."""
-        prev, self.pending = self.pending, None
+        prevs, self.pending = self.pending, []
         try:
-            step = self._queue_step(prev)
+            step = self._queue_step(prevs)
         except Exception:
-            if prev is not None:                   # its tokens were made: hand them out first
+            for prev in prevs:                     # their tokens were made: hand them out first
                 self._emit_step(prev)
             raise
-        if prev is not None:
+        for prev in prevs:
             self._emit_step(prev, fed_ahead=step.handles if step is not None else ())
         if step is not None:
             if self.queued:
-                self.pending = step
+                self.pending = [step]
             else:
                 self._emit_step(step)
 
-    def _queue_step(self, prev: "_Step | None") -> "_Step | None":
+    def _queue_step(self, prevs: "list[_Step]") -> "_Step | None":
         """Queue a decode step and its sampling over the contiguous range of rows in use; the ids
         stay on the device (copied to pinned host memory behind an event).
 
         Rows fed a host token: requests whose last token the host has read (``next_token``). Rows
-        fed ahead: requests of the step ``prev`` not yet handed out, whose token is still on the
-        device; a request that ends on that token (a stop id, a cancel) has had one step too many,
+        fed ahead: requests of the steps ``prevs`` (the previous decode step, prefills' first
+        tokens) not yet handed out, whose token is still on the device; a request that ends on that token (a stop id, a cancel) has had one step too many,
         whose cache slot is overwritten before it is read and whose id is never handed out."""
-        ahead = [] if prev is None else [h for h in prev.handles if not h.done and not h.cancelled
-                                         and len(h.tokens) + 1 < h.max_new_tokens]
+        ahead = [(h, prev) for prev in prevs for h in prev.handles
+                 if not h.done and not h.cancelled and len(h.tokens) + 1 < h.max_new_tokens]
         fed = [h for h in self.slots if h is not None and not h.done and h.next_token is not None]
-        live = sorted(fed + ahead, key=lambda h: h.row)
+        live = sorted(fed + [h for h, _ in ahead], key=lambda h: h.row)
         if not live:
             return None
         r = self.runner
@@ -292,13 +298,16 @@ class BatchEngine:
         for h in fed:
             toks[h.row - lo] = h.next_token
             pos[h.row - lo] = len(h.prompt) + len(h.tokens) - 1    # position of the token fed back
-        for h in ahead:                                            # its token: the next, not yet read
+        for h, _ in ahead:                                         # its token: the next, not yet read
             pos[h.row - lo] = len(h.prompt) + len(h.tokens)
         dev = getattr(r, "device", torch.device("cpu"))
         if ahead:                                                  # tokens [b] on the device
             toks = to_device(toks, dev)
-            toks.index_copy_(0, to_device([h.row - lo for h in ahead], dev),
-                             prev.ids.index_select(0, to_device([h.row - prev.lo for h in ahead], dev)))
+            for prev in prevs:
+                hs = [h for h, p in ahead if p is prev]
+                if hs:
+                    toks.index_copy_(0, to_device([h.row - lo for h in hs], dev),
+                                     prev.ids.index_select(0, to_device([h.row - prev.lo for h in hs], dev)))
         else:
             toks = torch.tensor(toks, dtype=torch.long)
         pos = torch.tensor(pos, dtype=torch.long)
@@ -356,7 +365,7 @@ class BatchEngine:
                     self._decode()
             except Exception as e:
                 with self.cond:
-                    self.pending = None
+                    self.pending = []
                     for h in list(self.slots):           # every request past its prefill
                         if h is not None and h.prefilled >= len(h.prompt):
                             self._finish(h, None, e)
