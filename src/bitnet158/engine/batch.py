@@ -18,10 +18,10 @@ they ever read it (their next prefill position), so their cache stays intact. Ea
 runs beside it on the same shapes. On a GPU (``queued``, the default there) each step and its
 sampling are queued before the host reads the previous step's ids (and a new request's first
 token, sampled after its prefill): its rows' tokens are fed from the device, and the host hands
-out the previous tokens (stop tests, callbacks) while the GPU runs the step, so neither a step
-nor an admission waits for the host. A request that ends on a token has had one step queued past it, whose id is dropped and
-whose cache slot is overwritten before it is read; the tokens are the ones handed out in order
-(``queued=False``). Callbacks run on the engine thread and must be quick (the server
+out the previous tokens (stop tests, callbacks) while the GPU runs the step: the host waits
+neither for a step nor for a prefill's first token before it queues more work. A request that
+ends on a token has had one step queued past it, whose id is dropped and whose cache slot is
+overwritten before it is read; the tokens are the ones handed out in order (``queued=False``). Callbacks run on the engine thread and must be quick (the server
 hands them to its event loop). The queue is bounded: ``submit`` raises :class:`QueueFullError` when
 ``max_queue`` requests already wait.
 """
@@ -86,8 +86,9 @@ class Handle:
 
 
 class _Step:
-    """A queued decode step: its requests (by row), the first row, the sampled ids (long [b] on the
-    device, row ``lo + i`` at ``i``) and their copy to pinned host memory behind an event."""
+    """A queued decode step (or a prefill's first token): its requests (by row), the first row, the
+    sampled ids (long [b] on the device, row ``lo + i`` at ``i``) and their copy to pinned host
+    memory behind an event."""
 
     def __init__(self, handles: list[Handle], lo: int, ids: torch.Tensor):
         self.handles, self.lo, self.ids = handles, lo, ids
