@@ -267,9 +267,11 @@ class BatchEngine:
                 self._emit_step(prev)
             raise
         for prev in prevs:
-            self._emit_step(prev, fed_ahead=step.handles if step is not None else ())
+            self._emit_step(prev)
         if step is not None:
             if self.queued:
+                for h in step.handles:             # its next token is queued: none from the host
+                    h.next_token = None
                 self.pending = [step]
             else:
                 self._emit_step(step)
@@ -280,12 +282,13 @@ class BatchEngine:
 
         Rows fed a host token: requests whose last token the host has read (``next_token``). Rows
         fed ahead: requests of the steps ``prevs`` (the previous decode step, prefills' first
-        tokens) not yet handed out, whose token is still on the device; a request that ends on that token (a stop id, a cancel) has had one step too many,
-        whose cache slot is overwritten before it is read and whose id is never handed out."""
-        ahead = [(h, prev) for prev in prevs for h in prev.handles
-                 if not h.done and not h.cancelled and len(h.tokens) + 1 < h.max_new_tokens]
+        tokens) not yet handed out, whose token is still on the device; a request that ends on
+        that token (a stop id, a cancel) has had one step too many, whose cache slot is
+        overwritten before it is read and whose id is never handed out."""
+        ahead = {id(prev): [h for h in prev.handles if not h.done and not h.cancelled
+                            and len(h.tokens) + 1 < h.max_new_tokens] for prev in prevs}
         fed = [h for h in self.slots if h is not None and not h.done and h.next_token is not None]
-        live = sorted(fed + [h for h, _ in ahead], key=lambda h: h.row)
+        live = sorted(fed + [h for hs in ahead.values() for h in hs], key=lambda h: h.row)
         if not live:
             return None
         r = self.runner
@@ -299,13 +302,14 @@ class BatchEngine:
         for h in fed:
             toks[h.row - lo] = h.next_token
             pos[h.row - lo] = len(h.prompt) + len(h.tokens) - 1    # position of the token fed back
-        for h, _ in ahead:                                         # its token: the next, not yet read
-            pos[h.row - lo] = len(h.prompt) + len(h.tokens)
+        for hs in ahead.values():                                  # its token: the next, not yet read
+            for h in hs:
+                pos[h.row - lo] = len(h.prompt) + len(h.tokens)
         dev = getattr(r, "device", torch.device("cpu"))
-        if ahead:                                                  # tokens [b] on the device
+        if any(ahead.values()):                                    # tokens [b] on the device
             toks = to_device(toks, dev)
             for prev in prevs:
-                hs = [h for h, p in ahead if p is prev]
+                hs = ahead[id(prev)]
                 if hs:
                     toks.index_copy_(0, to_device([h.row - lo for h in hs], dev),
                                      prev.ids.index_select(0, to_device([h.row - prev.lo for h in hs], dev)))
@@ -330,14 +334,12 @@ class BatchEngine:
             h.next_token = None                                    # fed: its successor is queued
         return _Step(live, lo, ids)
 
-    def _emit_step(self, step: "_Step", fed_ahead=()) -> None:
-        """Read a step's ids on the host (waiting for that step only) and hand them out; requests
-        in ``fed_ahead`` (the step queued after it) have had their token fed already."""
+    def _emit_step(self, step: "_Step") -> None:
+        """Read a step's ids on the host (waiting for that step only) and hand them out."""
         got = step.read()
-        ahead = {id(h) for h in fed_ahead}
         for h in step.handles:
-            if not h.done and self._emit(h, got[h.row - step.lo]) and id(h) in ahead:
-                h.next_token = None
+            if not h.done:
+                self._emit(h, got[h.row - step.lo])
 
     def _loop(self) -> None:
         while True:
