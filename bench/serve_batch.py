@@ -5,9 +5,11 @@
     python3 bench/serve_batch.py --model path/to/folder          # a real model folder
     python3 bench/serve_batch.py --device cuda --concurrency 8,64 --sampling greedy,top_p,top_p_rows
     python3 bench/serve_batch.py --device cuda --concurrency 64 --sampling greedy,greedy_sync,top_p,top_p_sync
+    python3 bench/serve_batch.py --device cuda --concurrency 8,64 --sampling greedy,greedy_alone
 
 Drives :class:`bitnet158.engine.batch.BatchEngine` (what ``bitnet158 serve`` runs behind HTTP) with
-``c`` requests submitted at once on a runner of ``c`` rows: each request has its own random
+``c`` requests submitted at once on a runner of ``c`` rows (one runner a concurrency, warmed up
+with the timed shapes first, as a running server's is): each request has its own random
 ``--prompt-tokens`` prompt and decodes ``--gen-tokens`` tokens (end-of-text ignored). Reported per
 concurrency: wall time, aggregate tokens/s (all requests), per-request tokens/s, time to first
 token (median / max, including the wait for the other prompts' prefills) and ms per decode step.
@@ -15,7 +17,9 @@ token (median / max, including the wait for the other prompts' prefills) and ms 
 a seed per request: the rows drawn together, ``sampling.next_ids``); ``top_p_rows`` (the same,
 each row drawn by its own sampler in turn, as before the batched draw); any of them with ``_sync``
 (``greedy_sync``): the engine with ``queued=False``, each step's tokens handed out before the next
-step is queued (on a GPU the engine queues a step before it hands out the previous one's). Prints a table, then one
+step is queued (on a GPU the engine queues a step before it hands out the previous one's); any of
+them with ``_alone`` (``greedy_alone``): each prompt prefilled in a call of its own
+(``prefill_together=False``) instead of the requests admitted together sharing calls. Prints a table, then one
 JSON line (keys ``c<clients>_<quantity>`` for greedy, ``c<clients>_<sampling>_<quantity>``
 otherwise); ``--save`` writes ``bench/results/serve_batch-<date>-<machine>.json``, ``--out`` a
 given path. No HTTP: the server adds per-token JSON/SSE work on top; this isolates the engine.
@@ -38,7 +42,7 @@ from bitnet158.engine import SamplingParams, make_runner, sampling
 from bitnet158.engine.batch import BatchEngine
 
 SAMPLING = {"greedy": dict(), "top_p": dict(temperature=0.8, top_p=0.95), "top_p_rows": dict(temperature=0.8, top_p=0.95)}
-SAMPLING.update({f"{k}_sync": v for k, v in list(SAMPLING.items())})
+SAMPLING.update({f"{k}{x}": v for k, v in list(SAMPLING.items()) for x in ("_sync", "_alone", "_sync_alone")})
 
 
 def build_model(args):
@@ -49,11 +53,11 @@ def build_model(args):
     return random_packed_model("2b4t", seed=0, device=args.device)
 
 
-def run_level(model, c: int, prompt_tokens: int, gen_tokens: int, backend: str, seed: int,
-              mode: str = "greedy", max_len: int | None = None) -> dict:
+def run_level(runner, model, c: int, prompt_tokens: int, gen_tokens: int, seed: int,
+              mode: str = "greedy") -> dict:
     sampling.BATCH_DRAW = not mode.startswith("top_p_rows")
-    runner = make_runner(model, batch=c, max_len=max_len or prompt_tokens + gen_tokens + 1, backend=backend)
-    eng = BatchEngine(runner, max_queue=c, queued=False if mode.endswith("_sync") else None).start()
+    eng = BatchEngine(runner, max_queue=c, queued=False if "_sync" in mode else None,
+                      prefill_together="_alone" not in mode).start()
     g = torch.Generator().manual_seed(seed)
     V = model.config.vocab_size
     prompts = [torch.randint(0, V, (prompt_tokens,), generator=g).tolist() for _ in range(c)]
@@ -110,12 +114,14 @@ def main() -> None:
     bad = [m for m in modes if m not in SAMPLING]
     if bad:
         ap.error(f"--sampling: unknown {bad}; choose from {', '.join(SAMPLING)}")
-    run_level(model, 1, 8, 2, args.backend, 123)                       # warm-up (kernels, caches)
-    for c in levels:   # and at each batch, prompt length and cache length: kernels compile here
+    run_level(make_runner(model, batch=1, max_len=16, backend=args.backend), model, 1, 8, 2, 123)   # warm-up
+    runners = {c: make_runner(model, batch=c, max_len=args.prompt_tokens + args.gen_tokens + 1, backend=args.backend)
+               for c in levels}
+    for c in levels:   # at each batch, prompt length and cache length: kernels compile, graphs are captured
         for m in modes:
-            run_level(model, c, args.prompt_tokens, 3, args.backend, 124, m,
-                      max_len=args.prompt_tokens + args.gen_tokens + 1)
-    rows = [run_level(model, c, args.prompt_tokens, args.gen_tokens, args.backend, c, m)
+            for rep in range(2):                   # a prefill graph is captured when its shape comes again
+                run_level(runners[c], model, c, args.prompt_tokens, 3, 124 + rep, m)
+    rows = [run_level(runners[c], model, c, args.prompt_tokens, args.gen_tokens, c, m)
             for c in levels for m in modes]
     dev = torch.cuda.get_device_name() if args.device.startswith("cuda") else platform.processor() or "cpu"
     print(f"batch engine on {dev} ({args.device}, backend {args.backend}, {torch.get_num_threads()} threads), "
@@ -138,9 +144,10 @@ def main() -> None:
         if "top_p" in got and "top_p_rows" in got:
             out[f"c{c}_top_p_same_tokens_as_rows"] = got["top_p"] == got["top_p_rows"]
             print(f"{c} clients: top_p tokens {'==' if got['top_p'] == got['top_p_rows'] else '!='} top_p_rows tokens")
-        for m in [m for m in got if m + "_sync" in got]:     # queued steps: the same tokens as in order
-            out[f"c{c}_{m}_same_tokens_as_sync"] = got[m] == got[m + "_sync"]
-            print(f"{c} clients: {m} tokens {'==' if got[m] == got[m + '_sync'] else '!='} {m}_sync tokens")
+        for x in ("_sync", "_alone"):    # queued steps, shared prefill calls: the same tokens
+            for m in [m for m in got if m + x in got]:
+                out[f"c{c}_{m}_same_tokens_as{x}"] = got[m] == got[m + x]
+                print(f"{c} clients: {m} tokens {'==' if got[m] == got[m + x] else '!='} {m}{x} tokens")
     line = json.dumps(out)
     print(line)
     if args.save or args.out:

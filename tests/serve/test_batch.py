@@ -3,12 +3,13 @@
 from __future__ import annotations
 
 import threading
+import types
 
 import pytest
 import torch
 
-from bitnet158.engine import SamplingParams, generate, make_runner
-from bitnet158.engine.batch import BatchEngine, EngineStoppedError, QueueFullError
+from bitnet158.engine import SamplingParams, generate, make_runner, runners
+from bitnet158.engine.batch import BatchEngine, EngineStoppedError, Handle, QueueFullError
 from bitnet158.errors import ContextLengthError
 
 from .conftest import tiny_model
@@ -142,23 +143,28 @@ def test_queued_cancel_mid_stream(model):
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
 def test_cuda_queued_steps_give_the_in_order_tokens(model):
     """On a GPU the engine queues each step (the default); mixed greedy / seeded top-p requests,
-    stop ids and staggered lengths get exactly the in-order loop's tokens."""
+    stop ids and staggered lengths get exactly the in-order loop's tokens, prompts admitted
+    together sharing prefill calls or not."""
     cuda_model = tiny_model(seed=3).pack().cuda()
     prompts = [[0, 5, 6, 7], [0, 9], [0, *([3] * 20)], [0, 1, 2], [0, 100, 200]]
     params = [SamplingParams(max_new_tokens=9, stop_ids=frozenset()),
               SamplingParams(temperature=0.9, top_p=0.9, seed=4, max_new_tokens=14, stop_ids=frozenset({1, 4}))]
     got = {}
-    for queued in (None, False):
-        eng = BatchEngine(make_runner(cuda_model, batch=4), max_queue=16, queued=queued).start()
+    for queued, together in [(None, True), (False, True), (None, False)]:
+        eng = BatchEngine(make_runner(cuda_model, batch=4), max_queue=16, queued=queued,
+                          prefill_together=together)
+        eng.running = True                                  # the first four admitted together
+        jobs = [collect(eng, p, sp) for p in prompts for sp in params]
+        eng.running = False
+        eng.start()
         try:
             assert eng.queued is (queued is None)
-            jobs = [collect(eng, p, sp) for p in prompts for sp in params]
             for out, box, ev in jobs:
                 assert ev.wait(120) and box["error"] is None
-            got[queued] = [(out, box["reason"]) for out, box, ev in jobs]
+            got[queued, together] = [(out, box["reason"]) for out, box, ev in jobs]
         finally:
             eng.stop()
-    assert got[None] == got[False]
+    assert got[None, True] == got[False, True] == got[None, False]
 
 
 @pytest.mark.parametrize("queued", [False, True])
@@ -203,3 +209,67 @@ def test_first_token_ends_the_request(model, queued):
         assert other[0] == list(generate(model, [0, 3, 4], free))
     finally:
         eng.stop()
+
+
+BACKENDS = ["torch", pytest.param("cpu", marks=pytest.mark.skipif(
+    "cpu" not in [s.name for s in runners()], reason="C kernels unavailable"))]
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("chunk,queued", [(512, False), (4, True), (512, True)])
+def test_requests_arriving_together_share_prefill_calls(model, backend, chunk, queued):
+    """Six prompts of 1 to 23 tokens admitted at once are prefilled in fewer calls than requests
+    (rows padded to a call's longest chunk, out of row order), and every request still gets a lone
+    generation's tokens; one call a request gives the same tokens."""
+    prompts = [[0, *range(5, 5 + n)] for n in (0, 22, 3, 17, 6, 1)]
+    params = [SamplingParams(max_new_tokens=8, stop_ids=frozenset()),
+              SamplingParams(temperature=0.9, top_p=0.9, seed=7, max_new_tokens=8, stop_ids=frozenset())]
+    got = {}
+    for together in (True, False):
+        eng = BatchEngine(make_runner(model, batch=6, backend=backend), prefill_chunk=chunk, queued=queued,
+                          prefill_together=together)
+        prefill, calls = eng._prefill, []
+
+        def counted(hs):
+            calls.append(len(hs))
+            return prefill(hs)
+        eng._prefill = counted
+        eng.running = True                                  # all six admitted by the first step
+        jobs = [collect(eng, p, params[i % 2]) for i, p in enumerate(prompts)]
+        eng.running = False
+        eng.start()
+        try:
+            for out, box, ev in jobs:
+                assert ev.wait(60) and box["error"] is None and box["reason"] == "length"
+            got[together] = [out for out, box, ev in jobs]
+        finally:
+            eng.stop()
+        if together:
+            assert max(calls) > 1 and len(calls) < len(prompts) * (1 if chunk == 512 else 6)
+        else:
+            assert set(calls) == {1}
+    assert got[True] == got[False]
+    for i, p in enumerate(prompts):
+        assert got[True][i] == list(generate(model, p, params[i % 2]))
+
+
+def test_prefill_calls_group_by_length_budget_and_start(model):
+    """Chunks from position 0 and continuing ones never share a call; a chunk joins the call of
+    the longest one while its padding stays within its own length (or 64 tokens) and the call's
+    rows x longest chunk within ``prefill_tokens``."""
+    runner = types.SimpleNamespace(batch=16, max_len=1024, device=torch.device("cpu"))
+    eng = BatchEngine(runner, prefill_chunk=512, prefill_tokens=2048)
+    sp = SamplingParams()
+
+    def handle(n, done=0):
+        h = Handle(list(range(n)), sp, 4, frozenset(), lambda t: None, lambda r, e: None)
+        h.prefilled = done
+        return h
+    fresh = [handle(n) for n in (5, 480, 30, 300, 40, 700)]      # 700: a 512-token first chunk
+    cont = [handle(600, 512), handle(550, 512), handle(1000, 990)]   # the last one's padding: past the cache
+    full = [handle(512) for _ in range(5)]
+    sizes = [[min(512, len(h.prompt) - h.prefilled) for h in call] for call in eng._prefill_calls(fresh + cont)]
+    assert sizes == [[512, 480, 300], [40, 30, 5], [88, 38], [10]]
+    assert [len(c) for c in eng._prefill_calls(full)] == [4, 1]          # 4 x 512 = prefill_tokens
+    eng.prefill_together = False
+    assert [len(c) for c in eng._prefill_calls(fresh)] == [1] * 6

@@ -8,9 +8,12 @@
     engine.stop()
 
 A single thread owns the runner. Between two decode steps it drops cancelled requests, admits queued
-ones into free rows, prefills each new request alone on its row (``rows=[i]``; rows already decoding
+ones into free rows, prefills the new requests on their rows (``rows=``; rows already decoding
 keep their KV cache) in chunks of at most ``prefill_chunk`` tokens, one chunk per step, so a long
-prompt does not stall the others for its whole prefill; then it runs ONE decode call over the
+prompt does not stall the others for its whole prefill; the step's chunks share prefill calls,
+rows padded to the call's longest chunk (``lengths=``: each row's logits at its own last token;
+see :meth:`BatchEngine._prefill_calls`), so requests that arrive together pay one call's launches
+and weight reads rather than one each; then it runs ONE decode call over the
 contiguous range of rows in use, so requests at different positions share every step. Rows in that
 range that are idle or still prefilling are fed a dummy token at a position they overwrite before
 they ever read it (their next prefill position), so their cache stays intact. Each request samples with its own
@@ -38,6 +41,12 @@ import torch
 
 from ..errors import BitNetError, ContextLengthError
 from .sampling import Sampler, SamplingParams, next_ids, to_device
+
+
+# a prompt chunk may join a prefill call padded by up to its own length or this many tokens
+PAD_FREE = 64
+# padded tokens (rows x longest chunk) of one prefill call at most (at least ``prefill_chunk``)
+PREFILL_TOKENS = 4096
 
 
 class QueueFullError(BitNetError):
@@ -86,12 +95,14 @@ class Handle:
 
 
 class _Step:
-    """A queued decode step (or a prefill's first token): its requests (by row), the first row, the
-    sampled ids (long [b] on the device, row ``lo + i`` at ``i``) and their copy to pinned host
-    memory behind an event."""
+    """A queued decode step (or a prefill call's first tokens): its requests, the sampled ids (long
+    [b] on the device: row ``lo + i`` at ``i``, or without ``lo`` ``handles[i]`` at ``i``), where
+    each request's id sits (``at``: row -> index) and their copy to pinned host memory behind an
+    event."""
 
-    def __init__(self, handles: list[Handle], lo: int, ids: torch.Tensor):
-        self.handles, self.lo, self.ids = handles, lo, ids
+    def __init__(self, handles: list[Handle], ids: torch.Tensor, lo: int | None = None):
+        self.handles, self.ids = handles, ids
+        self.at = {h.row: (h.row - lo if lo is not None else i) for i, h in enumerate(handles)}
         self.event = None
         if ids.is_cuda:
             self.host = torch.empty(ids.shape, dtype=torch.long, pin_memory=True)
@@ -111,7 +122,8 @@ class BatchEngine:
     """The decode loop over a runner of ``runner.batch`` rows (see the module docstring)."""
 
     def __init__(self, runner, max_queue: int = 64, stop_ids: frozenset[int] | set[int] = frozenset(),
-                 prefill_chunk: int = 512, queued: bool | None = None):
+                 prefill_chunk: int = 512, queued: bool | None = None, prefill_together: bool = True,
+                 prefill_tokens: int = PREFILL_TOKENS):
         self.runner = runner
         # queue each decode step before handing out the previous one's tokens (default: on a GPU)
         dev = getattr(runner, "device", None)
@@ -120,6 +132,10 @@ class BatchEngine:
         # tokens of prefills finished since
         self.pending: list[_Step] = []
         self.prefill_chunk = max(1, int(prefill_chunk))
+        # the prompt chunks of a step share prefill calls of at most prefill_tokens padded tokens
+        # (False: one call a request)
+        self.prefill_together = bool(prefill_together)
+        self.prefill_tokens = max(self.prefill_chunk, int(prefill_tokens))
         self.slots: list[Handle | None] = [None] * runner.batch
         self.max_queue = max_queue
         self.stop_ids = frozenset(stop_ids)
@@ -238,23 +254,63 @@ class BatchEngine:
                 admitted.append(h)
         return admitted
 
-    def _prefill(self, h: Handle) -> None:
-        """Prefill the next chunk of ``h``'s prompt; sample its first token after the last chunk."""
+    def _prefill_calls(self, filling: list[Handle]) -> list[list[Handle]]:
+        """This step's prompt chunks (one of each request still prefilling) grouped into prefill
+        calls: chunks from position 0 apart from continuing ones (a continuation's attention reads
+        the cache), longest first; a chunk joins a call while the call's rows x its longest chunk
+        stay within ``prefill_tokens``, its padding is at most its own length or PAD_FREE tokens,
+        and the padding's positions stay inside the cache."""
+        if not self.prefill_together:
+            return [[h] for h in filling]
+        size = {id(h): min(len(h.prompt) - h.prefilled, self.prefill_chunk) for h in filling}
+        calls: list[list[Handle]] = []
+        for fresh in (True, False):
+            call: list[Handle] | None = None
+            for h in sorted((h for h in filling if (h.prefilled == 0) == fresh), key=lambda h: -size[id(h)]):
+                n = size[id(h)]
+                if call is not None:
+                    T = size[id(call[0])]                          # the call's longest chunk
+                    if ((len(call) + 1) * T <= self.prefill_tokens and T - n <= max(n, PAD_FREE)
+                            and h.prefilled + T <= self.runner.max_len):
+                        call.append(h)
+                        continue
+                call = [h]
+                calls.append(call)
+        return calls
+
+    def _prefill(self, hs: list[Handle]) -> None:
+        """Prefill the next chunk of each request's prompt in one call (rows padded to the longest
+        chunk); sample the first token of the requests whose prompt is then complete."""
         r = self.runner
         dev = r.device
-        if h.sampler is None:
-            h.sampler = Sampler(h.params, r.vocab_size, h.prompt, device=dev)
-        a = h.prefilled
-        b = min(len(h.prompt), a + self.prefill_chunk)
-        toks = torch.tensor([h.prompt[a:b]], dtype=torch.long)                          # [1, c] host
-        pos = torch.arange(a, b, dtype=torch.long)[None]                                # [1, c]
-        logits = r.prefill(toks, pos, torch.tensor([h.row]))[0]                         # [V]
-        h.prefilled = b
-        if b == len(h.prompt):
-            if self.queued:                # the first token stays on the device for the next step
-                self.pending.append(_Step([h], h.row, h.sampler.next_id(logits)))
-            else:
-                self._emit(h, h.sampler(logits))
+        for h in hs:
+            if h.sampler is None:
+                h.sampler = Sampler(h.params, r.vocab_size, h.prompt, device=dev)
+        spans = [(h.prefilled, min(len(h.prompt), h.prefilled + self.prefill_chunk)) for h in hs]
+        lengths = [b - a for a, b in spans]
+        T = max(lengths)
+        toks = torch.tensor([h.prompt[a:b] + [0] * (T - b + a) for h, (a, b) in zip(hs, spans)])   # [B, T]
+        pos = torch.tensor([list(range(a, a + T)) for a, _ in spans])                              # [B, T]
+        rows = torch.tensor([h.row for h in hs])
+        if min(lengths) < T:
+            logits = r.prefill(toks, pos, rows, lengths)                                           # [B, V]
+        else:
+            logits = r.prefill(toks, pos, rows)
+        done = []
+        for i, (h, (_, b)) in enumerate(zip(hs, spans)):
+            h.prefilled = b
+            if b == len(h.prompt):
+                done.append(i)
+        if not done:
+            return
+        first = [hs[i] for i in done]
+        lg = logits if len(done) == len(hs) else logits.index_select(0, to_device(done, logits.device))
+        ids = next_ids([h.sampler for h in first], lg)                                             # [k]
+        if self.queued:                    # the first tokens stay on the device for the next step
+            self.pending.append(_Step(first, ids))
+        else:
+            for h, tok in zip(first, ids.tolist()):
+                self._emit(h, tok)
 
     def _decode(self) -> None:
         """Queue one decode step over the live rows, then hand out the tokens of the step before it
@@ -312,7 +368,7 @@ class BatchEngine:
                 hs = ahead[id(prev)]
                 if hs:
                     toks.index_copy_(0, to_device([h.row - lo for h in hs], dev),
-                                     prev.ids.index_select(0, to_device([h.row - prev.lo for h in hs], dev)))
+                                     prev.ids.index_select(0, to_device([prev.at[h.row] for h in hs], dev)))
         else:
             toks = torch.tensor(toks, dtype=torch.long)
         pos = torch.tensor(pos, dtype=torch.long)
@@ -332,14 +388,14 @@ class BatchEngine:
                 ids.index_copy_(0, idx, next_ids([h.sampler for h in drawn], logits.index_select(0, idx)))
         for h in fed:
             h.next_token = None                                    # fed: its successor is queued
-        return _Step(live, lo, ids)
+        return _Step(live, ids, lo)
 
     def _emit_step(self, step: "_Step") -> None:
         """Read a step's ids on the host (waiting for that step only) and hand them out."""
         got = step.read()
         for h in step.handles:
             if not h.done:
-                self._emit(h, got[h.row - step.lo])
+                self._emit(h, got[step.at[h.row]])
 
     def _loop(self) -> None:
         while True:
@@ -351,13 +407,14 @@ class BatchEngine:
                 self._admit()
                 filling = [h for h in self.slots
                            if h is not None and not h.done and h.prefilled < len(h.prompt)]
-            for h in filling:                      # one chunk of each prompt still being prefilled
+            for call in self._prefill_calls(filling):    # one chunk of each prompt still prefilling
                 try:
                     with torch.inference_mode():
-                        self._prefill(h)
+                        self._prefill(call)
                 except Exception as e:
                     with self.cond:
-                        self._finish(h, None, e)
+                        for h in call:
+                            self._finish(h, None, e)
             try:
                 with torch.inference_mode():
                     # cancellations that arrived during the prefills free their rows before the step

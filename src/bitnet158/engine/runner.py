@@ -3,6 +3,7 @@
     runner = make_runner(model, batch=1, max_len=None, backend="auto")
     runner.reset()
     logits = runner.prefill(tokens, pos)      # tokens, pos LongTensor [B, T] -> float32 [B, V] (last position)
+    logits = runner.prefill(tokens, pos, rows, lengths)   # ragged rows: row b's prompt is tokens[b, :lengths[b]]
     logits = runner.decode(tokens, pos)       # tokens, pos LongTensor [B]    -> float32 [B, V]
 
 A runner owns a static KV cache of ``runner.batch`` rows and ``runner.max_len`` positions. Every
@@ -11,6 +12,11 @@ row has its own positions (``pos`` is per row), so a server can keep rows at dif
 rows only, e.g. to prefill one new request while the others wait. A call at positions ``pos`` writes
 those KV slots and attends to slots ``0..pos`` of its row: slots past a row's position are never
 read, so re-using a cached prefix only means prefilling from the first position that differs.
+Rows of different lengths share one prefill call through ``lengths`` (host LongTensor or list [B]):
+row b's real tokens are ``tokens[b, :lengths[b]]`` and its logits those of position
+``lengths[b] - 1``; the tokens after them are padding whose positions continue the row's (they
+must stay inside the cache), whose KV slots lie past the row's last real position and are
+overwritten before anything reads them.
 ``tokens``, ``pos`` and ``rows`` may live on the host or on the runner's device: a GPU runner checks
 host tensors without waiting for the device (device ones cost it one synchronization), so a
 generation loop that keeps them on the host lets the GPU run ahead.
@@ -55,8 +61,8 @@ class Runner(Protocol):
 
     def reset(self) -> None: ...
 
-    def prefill(self, tokens: torch.Tensor, pos: torch.Tensor,
-                rows: torch.Tensor | None = None) -> torch.Tensor: ...
+    def prefill(self, tokens: torch.Tensor, pos: torch.Tensor, rows: torch.Tensor | None = None,
+                lengths: torch.Tensor | list[int] | None = None) -> torch.Tensor: ...
 
     def decode(self, tokens: torch.Tensor, pos: torch.Tensor,
                rows: torch.Tensor | None = None) -> torch.Tensor: ...
@@ -69,6 +75,20 @@ class _RowsView:
         self.k, self.v = cache.k[r0:r1], cache.v[r0:r1]
 
     update = KVCache.update
+
+
+class _RowsIndex:
+    """KV cache rows ``r`` (LongTensor [b] on the cache's device, any order) of a KVCache: writes land
+    in the full cache, reads gather the slots in use (a copy of ``length`` slots a row)."""
+
+    def __init__(self, cache, r: torch.Tensor):
+        self.cache, self.r = cache, r
+
+    def update(self, pos: torch.Tensor, k: torch.Tensor, v: torch.Tensor, length: int):
+        c, r = self.cache, self.r
+        c.k[r[:, None], :, pos] = k.transpose(1, 2).to(c.k.dtype)       # [b, T, Hkv, D]
+        c.v[r[:, None], :, pos] = v.transpose(1, 2).to(c.v.dtype)
+        return c.k[r, :, :length], c.v[r, :, :length]
 
 
 class TorchRunner:
@@ -108,17 +128,24 @@ class TorchRunner:
             raise ValueError(f"runner: rows {r} out of range for batch={self.batch}")
         if r == list(range(r[0], r[0] + n)):                      # contiguous: views, no copies
             return [_RowsView(c, r[0], r[0] + n) for c in self.cache]
-        raise ValueError(f"runner: rows {r} must be contiguous (call once per row otherwise)")
+        if len(set(r)) != n:
+            raise ValueError(f"runner: rows {r} name a cache row twice")
+        idx = torch.tensor(r, device=self.device)                 # any order: indexed writes, gathered reads
+        return [_RowsIndex(c, idx) for c in self.cache]
 
     @torch.inference_mode()
-    def prefill(self, tokens: torch.Tensor, pos: torch.Tensor,
-                rows: torch.Tensor | None = None) -> torch.Tensor:
-        """tokens, pos [B, T] (host or device) -> float32 logits [B, V] of the last position of each row."""
+    def prefill(self, tokens: torch.Tensor, pos: torch.Tensor, rows: torch.Tensor | None = None,
+                lengths: torch.Tensor | list[int] | None = None) -> torch.Tensor:
+        """tokens, pos [B, T] (host or device) -> float32 logits [B, V] of the last position of each
+        row (with ``lengths``: of position ``lengths[b] - 1``)."""
         check_pos(pos, self.max_len)
-        cache = self._caches(rows, tokens.shape[0])
+        B, T = tokens.shape
+        last = check_lengths(lengths, B, T)
+        cache = self._caches(rows, B)
         tokens, pos = tokens.to(self.device), pos.to(self.device)
         h = self.model.hidden(tokens, pos, cache)                # [B, T, D]
-        return self.model.logits(h[:, -1]).float()               # head on the last position only
+        h = h[:, -1] if last is None else h[torch.arange(B, device=h.device), torch.tensor(last, device=h.device)]
+        return self.model.logits(h).float()                      # head on the last positions only
 
     @torch.inference_mode()
     def decode(self, tokens: torch.Tensor, pos: torch.Tensor,
@@ -142,6 +169,20 @@ def check_pos(pos: torch.Tensor, max_len: int, who: str = "runner") -> int:
         raise ValueError(f"{who}: position {hi if hi >= max_len else lo} outside the KV cache "
                          f"(max_len={max_len})")
     return hi
+
+
+def check_lengths(lengths, B: int, T: int, who: str = "runner") -> list[int] | None:
+    """The index ``lengths[b] - 1`` of each row's last real token (host list), checked: one length a
+    row, each in ``1..T``; None when ``lengths`` is None (every row's last token is ``T - 1``)."""
+    if lengths is None:
+        return None
+    got = on_host(torch.as_tensor(lengths)).reshape(-1).tolist()
+    if len(got) != B:
+        raise ValueError(f"{who}: lengths has {len(got)} entries for {B} rows")
+    bad = [n for n in got if not 1 <= n <= T]
+    if bad:
+        raise ValueError(f"{who}: lengths {bad} outside 1..{T} (the prefill's {T} columns)")
+    return [int(n) - 1 for n in got]
 
 
 def check_cache_fits(cfg, batch: int, max_len: int, dtype: torch.dtype, device, who: str = "runner") -> None:
@@ -226,4 +267,4 @@ def make_runner(model, batch: int = 1, max_len: int | None = None, backend: str 
 
 register_runner("torch", TorchRunner, lambda model: True, priority=0)
 
-__all__ = ["Runner", "TorchRunner", "check_cache_fits", "register_runner", "make_runner", "runners", "RunnerSpec", "on_host", "check_pos"]
+__all__ = ["Runner", "TorchRunner", "check_cache_fits", "register_runner", "make_runner", "runners", "RunnerSpec", "on_host", "check_pos", "check_lengths"]

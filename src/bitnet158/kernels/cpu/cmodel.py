@@ -344,8 +344,9 @@ class CModel:
         if int(tokens.min()) < 0 or int(tokens.max()) >= self.vocab_size:
             raise ValueError(f"runner: token id outside the vocabulary (size {self.vocab_size})")
 
-    def prefill(self, tokens, pos, rows=None) -> np.ndarray:
-        """tokens, pos int [B, T] -> float32 logits [B, V] of the last position of each row."""
+    def prefill(self, tokens, pos, rows=None, last=None) -> np.ndarray:
+        """tokens, pos int [B, T] -> float32 logits [B, V] of the last position of each row (with
+        ``last`` [B]: of column ``last[b]``; the columns after it are padding and do not run)."""
         tokens, pos = np.asarray(tokens), np.asarray(pos)
         if tokens.ndim != 2 or pos.shape != tokens.shape:
             raise ValueError(f"runner: tokens {list(tokens.shape)} and pos {list(pos.shape)} must both be [B, T]")
@@ -354,6 +355,8 @@ class CModel:
         self._check(tokens, pos)        # before any chunk runs: a bad position leaves the cache as it was
         tok32, pos32 = tokens.astype(np.int32), pos.astype(np.int32)
         row32 = np.ascontiguousarray(np.broadcast_to(np.array(r, dtype=np.int32)[:, None], (B, T)))
+        if last is not None and any(t != T - 1 for t in last):
+            return self._prefill_ragged(tok32, pos32, row32, np.asarray(last, dtype=np.int64))
         bufs = self._dec if B * T <= self._dec[1] else self._alloc(max(B, min(B * T, self.prefill_chunk)))
         self._point(bufs)
         try:
@@ -371,6 +374,37 @@ class CModel:
                     raise RuntimeError(f"{self.name}: bn_forward failed ({rc})")
         finally:
             self._point(self._dec)           # the prefill buffers (if any) are freed on return
+        return logits
+
+    def _prefill_ragged(self, tok32, pos32, row32, last) -> np.ndarray:
+        """Rows of different lengths: only the real tokens run (row b's columns ``0..last[b]``),
+        column by column (a row's earlier positions never come in a later call than its later
+        ones), in calls of at most ``max_m`` tokens; each row's logits from its last token's call."""
+        B, T = tok32.shape
+        real = np.arange(T)[:, None] <= last[None, :]                                  # [T, B]
+        t_idx, b_idx = np.nonzero(real)                                                # column-major
+        flat = [np.ascontiguousarray(a.T[real]) for a in (tok32, pos32, row32)]       # [n] each
+        n = t_idx.size
+        end = np.empty(B, dtype=np.int64)                       # flat index of each row's last token
+        end[b_idx[t_idx == last[b_idx]]] = np.nonzero(t_idx == last[b_idx])[0]
+        bufs = self._dec if n <= self._dec[1] else self._alloc(max(B, min(n, self.prefill_chunk)))
+        self._point(bufs)
+        try:
+            m = self._M.max_m
+            logits = np.empty((B, self.vocab_size), dtype=np.float32)
+            for c0 in range(0, n, m):
+                c1 = min(n, c0 + m)
+                outs = np.nonzero((end >= c0) & (end < c1))[0]                        # rows ending here
+                out_idx = np.ascontiguousarray(end[outs] - c0, dtype=np.int32)
+                got = np.empty((max(1, outs.size), self.vocab_size), dtype=np.float32)
+                tk, ps, rw = (np.ascontiguousarray(a[c0:c1]) for a in flat)
+                rc = self._lib.bn_forward(ctypes.byref(self._M), c1 - c0, ptr(tk), ptr(ps), ptr(rw),
+                                          int(outs.size), ptr(out_idx), ptr(got))
+                if rc:
+                    raise RuntimeError(f"{self.name}: bn_forward failed ({rc})")
+                logits[outs] = got[:outs.size]
+        finally:
+            self._point(self._dec)
         return logits
 
     def decode(self, tokens, pos, rows=None) -> np.ndarray:

@@ -27,6 +27,7 @@ from __future__ import annotations
 import numpy as np
 import torch
 
+from ...engine.runner import check_lengths
 from . import binding
 from .cmodel import PREFILL_CHUNK, CModel, collapse_huge, default_layout, release_memory
 
@@ -120,12 +121,15 @@ class CpuRunner:
     def _rows(rows):
         return None if rows is None else [int(i) for i in rows]
 
-    def prefill(self, tokens: torch.Tensor, pos: torch.Tensor, rows: torch.Tensor | None = None) -> torch.Tensor:
-        """tokens, pos [B, T] -> float32 logits [B, V] of the last position of each row."""
+    def prefill(self, tokens: torch.Tensor, pos: torch.Tensor, rows: torch.Tensor | None = None,
+                lengths: torch.Tensor | list[int] | None = None) -> torch.Tensor:
+        """tokens, pos [B, T] -> float32 logits [B, V] of the last position of each row (with
+        ``lengths``: of position ``lengths[b] - 1``; the padding after it does not run)."""
         if tokens.dim() != 2 or pos.shape != tokens.shape:
             raise ValueError(f"runner: tokens {list(tokens.shape)} and pos {list(pos.shape)} must both be [B, T]")
+        last = check_lengths(lengths, *tokens.shape)
         return torch.from_numpy(self._core.prefill(tokens.to(torch.int32).numpy(), pos.to(torch.int32).numpy(),
-                                                   self._rows(rows)))
+                                                   self._rows(rows), last))
 
     def decode(self, tokens: torch.Tensor, pos: torch.Tensor, rows: torch.Tensor | None = None) -> torch.Tensor:
         """tokens, pos [B] -> float32 logits [B, V] (one C call)."""

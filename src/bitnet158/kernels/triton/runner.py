@@ -52,7 +52,7 @@ import torch
 import torch.nn.functional as F
 
 from ... import quant
-from ...engine.runner import check_cache_fits, check_pos, on_host, register_runner
+from ...engine.runner import check_cache_fits, check_lengths, check_pos, on_host, register_runner
 from ...errors import ConfigError
 from . import decode_layer, decode_persistent
 from .attention import DecodeAttention, rope_cache_write
@@ -433,8 +433,11 @@ class TritonRunner:
     # ------------------------------------------------------------------ prefill
     @device_current
     @torch.inference_mode()
-    def prefill(self, tokens: torch.Tensor, pos: torch.Tensor, rows: torch.Tensor | None = None) -> torch.Tensor:
-        """tokens, pos [B, T] -> float32 logits [B, V] of each row's last position."""
+    def prefill(self, tokens: torch.Tensor, pos: torch.Tensor, rows: torch.Tensor | None = None,
+                lengths: torch.Tensor | list[int] | None = None) -> torch.Tensor:
+        """tokens, pos [B, T] -> float32 logits [B, V] of each row's last position (with
+        ``lengths``: of position ``lengths[b] - 1``, the padding after it run and its slots
+        overwritten later)."""
         if tokens.dim() != 2:
             raise ValueError(f"triton runner: prefill tokens must be [rows, T], got shape "
                              f"{tuple(tokens.shape)}")
@@ -451,16 +454,20 @@ class TritonRunner:
         if pos.shape != (B, T):
             raise ValueError(f"triton runner: pos has shape {tuple(pos.shape)}, tokens {(B, T)}")
         hi = check_pos(pos, self.max_len, "triton runner")
+        last = check_lengths(lengths, B, T, "triton runner")              # host list or None
+        last = torch.full((B,), T - 1, dtype=torch.long) if last is None else torch.tensor(last)
         start = pos[:, 0]
         steps = bool((pos == start[:, None] + torch.arange(T)).all())                # consecutive
         starts = start.tolist()
         fresh = steps and not any(starts)                                             # causal from 0
         tokens = tokens.to(self.device, non_blocking=True)
         if steps and self.prefill_graphs and self.device.type == "cuda":
-            out = self._prefill_graph(tokens, start.to(self.device, non_blocking=True), max(starts), r, fresh)
+            out = self._prefill_graph(tokens, start.to(self.device, non_blocking=True), max(starts), r, fresh,
+                                      last)
             if out is not None:
                 return out
-        return self._prefill(tokens, pos.to(self.device, non_blocking=True), r, fresh, hi + 1)
+        flat = (torch.arange(B) * T + last).to(self.device, non_blocking=True)          # [B] b * T + t
+        return self._prefill(tokens, pos.to(self.device, non_blocking=True), r, fresh, hi + 1, last=flat)
 
     def _padded_shape(self, T: int, s_max: int, fresh: bool) -> tuple[int, int]:
         """(Tp, Lp): the T new tokens padded to a multiple of PREFILL_ALIGN (never past the cache
@@ -471,16 +478,18 @@ class TritonRunner:
             return Tp, Tp
         return Tp, min(-(-(s_max + T) // PREFILL_SPAN) * PREFILL_SPAN, self.max_len)
 
-    def _pad_inputs(self, tokens, start, r, bufs) -> None:
+    def _pad_inputs(self, tokens, start, r, bufs, last=None) -> None:
         """Copy a prompt chunk [B, T] (row b at positions start[b] + t) and its rows into a graph's
-        static buffers; padding tokens (id 0) continue each row's positions."""
+        static buffers; padding tokens (id 0) continue each row's positions. ``last`` (host long
+        [B], default T - 1): the column of each row's last real token, whose logits it returns."""
         B, T = tokens.shape
         Tp = bufs["tok"].shape[1]
         bufs["tok"][:, :T].copy_(tokens)
         bufs["tok"][:, T:].zero_()
         bufs["pos"].copy_(start[:, None] + torch.arange(Tp, device=self.device))
         bufs["rows"].copy_(r)
-        bufs["last"].copy_(torch.arange(B, device=self.device) * Tp + (T - 1))
+        last = torch.full((B,), T - 1, dtype=torch.long) if last is None else last
+        bufs["last"].copy_(torch.arange(B) * Tp + last, non_blocking=True)
 
     def _prefill_bufs(self, B: int, Tp: int) -> dict:
         dev = self.device
@@ -492,7 +501,7 @@ class TritonRunner:
     def _prefill_padded(self, bufs, fresh: bool, Lp: int, out=None) -> torch.Tensor:
         return self._prefill(bufs["tok"], bufs["pos"], bufs["rows"], fresh, Lp, last=bufs["last"], out=out)
 
-    def _prefill_graph(self, tokens, start, s_max: int, r, fresh: bool) -> torch.Tensor | None:
+    def _prefill_graph(self, tokens, start, s_max: int, r, fresh: bool, last=None) -> torch.Tensor | None:
         """A prompt chunk [B, T] at consecutive positions from ``start`` [B] (the largest:
         ``s_max``) through its padded shape's graph, captured the second time the shape comes;
         None the first time (the caller runs it eagerly: one-off shapes never pay a capture)."""
@@ -505,7 +514,7 @@ class TritonRunner:
                 self._prefill_seen.add(key)
                 return None
             bufs = self._prefill_bufs(B, Tp)
-            self._pad_inputs(tokens, start, r, bufs)
+            self._pad_inputs(tokens, start, r, bufs, last)
             pool, out = self._graph_memory()
             g, out = self._capture((bufs, fresh, Lp, out[:B]), self._prefill_padded, pool=pool)
             entry = self._prefill_graphs[key] = (g, out, bufs)
@@ -513,7 +522,7 @@ class TritonRunner:
                 self._prefill_graphs.popitem(last=False)
         else:
             self._prefill_graphs.move_to_end(key)
-            self._pad_inputs(tokens, start, r, entry[2])
+            self._pad_inputs(tokens, start, r, entry[2], last)
         entry[0].replay()
         return entry[1].clone()
 
