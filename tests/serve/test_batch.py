@@ -82,7 +82,8 @@ def test_context_checked_at_submit(model):
 
 
 def test_queued_only_on_a_gpu_by_default(model):
-    assert BatchEngine(make_runner(model, batch=1, backend="torch")).queued is False
+    eng = BatchEngine(make_runner(model, batch=1, backend="torch"))
+    assert eng.queued is False and eng.prefill_together is False
 
 
 @pytest.mark.parametrize("queued", [False, True])
@@ -258,7 +259,7 @@ def test_prefill_calls_group_by_length_budget_and_start(model):
     the longest one while its padding stays within its own length (or 64 tokens) and the call's
     rows x longest chunk within ``prefill_tokens``."""
     runner = types.SimpleNamespace(batch=16, max_len=1024, device=torch.device("cpu"))
-    eng = BatchEngine(runner, prefill_chunk=512, prefill_tokens=2048)
+    eng = BatchEngine(runner, prefill_chunk=512, prefill_tokens=2048, prefill_together=True)
     sp = SamplingParams()
 
     def handle(n, done=0):
