@@ -2,7 +2,8 @@
 the logits of each row's last real token and the decode after it are those of prefilling each row
 alone; the padding's KV slots are overwritten before they are read.
 
-CPU (CI): the torch reference runner, the C runner (when built) and the Triton runner under
+CPU (CI): the torch reference runner, the C runners (from a torch model and torch-free from a
+folder, when built) and the Triton runner under
 ``TRITON_INTERPRET=1`` (eager and through a prefill graph's padded buffers) on a tiny fp32 model.
 CUDA (marked ``cuda``): the Triton runner compiled, with prefill graphs.
 
@@ -44,12 +45,32 @@ def _tiny(device="cpu"):
     return init_weights(Transformer(cfg), 0.05).pack().to(device).eval()
 
 
-def _make(kind, model, batch, max_len):
+class _Numpy:
+    """The torch-free runner (numpy arrays in and out) behind torch tensors."""
+
+    def __init__(self, runner):
+        self.runner = runner
+
+    def prefill(self, *args):
+        return torch.from_numpy(self.runner.prefill(*(a if isinstance(a, list) else a.numpy() for a in args)))
+
+    def decode(self, *args):
+        return torch.from_numpy(self.runner.decode(*(a.numpy() for a in args)))
+
+
+def _make(kind, model, batch, max_len, tmp_path=None):
     if kind == "torch":
         return TorchRunner(model, batch=batch, max_len=max_len)
     if kind == "cpu":
         from bitnet158.kernels.cpu.runner import CpuRunner
         return CpuRunner(model, batch=batch, max_len=max_len)
+    if kind == "lite":
+        from bitnet158 import checkpoint
+        from bitnet158.kernels.cpu.lite import LiteRunner
+        folder = tmp_path / "model"
+        if not folder.exists():
+            checkpoint.save(model, folder, layout="packed")
+        return _Numpy(LiteRunner(folder, batch=batch, max_len=max_len))
     return TritonRunner(model, batch=batch, max_len=max_len, graphs=CUDA)
 
 
@@ -64,16 +85,17 @@ def _ragged(prompts, starts):
 
 KINDS = ["torch",
          pytest.param("cpu", marks=pytest.mark.skipif(not cpu.available(), reason="C kernels unavailable")),
+         pytest.param("lite", marks=pytest.mark.skipif(not cpu.available(), reason="C kernels unavailable")),
          pytest.param("triton", marks=pytest.mark.skipif(not TRITON, reason="needs Triton (CUDA or the interpreter)"))]
 
 
 @pytest.mark.parametrize("kind", KINDS)
-def test_ragged_prefill_matches_rows_alone(kind, reference_kernels):
+def test_ragged_prefill_matches_rows_alone(kind, reference_kernels, tmp_path):
     dev = "cuda" if kind == "triton" and CUDA else "cpu"
     model = _tiny(dev)
     V = model.config.vocab_size
     g = torch.Generator().manual_seed(0)
-    one, many = _make(kind, model, 4, 40), _make(kind, model, 4, 40)
+    one, many = _make(kind, model, 4, 40, tmp_path), _make(kind, model, 4, 40, tmp_path)
     rows, starts = [3, 0, 2], [0, 0, 0]                   # out of order, row 1 left alone
     tol = dict(rtol=1e-5, atol=1e-5)
     for lens in ([5, 2, 7], [3, 9, 1]):                   # from position 0, then continuing
@@ -114,10 +136,10 @@ def test_triton_padded_buffers_take_each_rows_last_token(reference_kernels):
     torch.testing.assert_close(b._prefill_padded(bufs, True, Lp), want, rtol=1e-6, atol=1e-6)
 
 
-@pytest.mark.parametrize("kind", KINDS[:2])
-def test_bad_lengths_are_clear_errors(kind):
+@pytest.mark.parametrize("kind", KINDS[:3])
+def test_bad_lengths_are_clear_errors(kind, tmp_path):
     model = _tiny()
-    run = _make(kind, model, 2, 16)
+    run = _make(kind, model, 2, 16, tmp_path)
     toks, pos = torch.zeros((2, 3), dtype=torch.long), torch.arange(3).expand(2, 3)
     with pytest.raises(ValueError, match=r"lengths has 1 entries for 2 rows"):
         run.prefill(toks, pos, torch.tensor([0, 1]), [3])

@@ -344,9 +344,10 @@ class CModel:
         if int(tokens.min()) < 0 or int(tokens.max()) >= self.vocab_size:
             raise ValueError(f"runner: token id outside the vocabulary (size {self.vocab_size})")
 
-    def prefill(self, tokens, pos, rows=None, last=None) -> np.ndarray:
+    def prefill(self, tokens, pos, rows=None, lengths=None) -> np.ndarray:
         """tokens, pos int [B, T] -> float32 logits [B, V] of the last position of each row (with
-        ``last`` [B]: of column ``last[b]``; the columns after it are padding and do not run)."""
+        ``lengths`` int [B]: of column ``lengths[b] - 1``; the columns after it are padding and do
+        not run)."""
         tokens, pos = np.asarray(tokens), np.asarray(pos)
         if tokens.ndim != 2 or pos.shape != tokens.shape:
             raise ValueError(f"runner: tokens {list(tokens.shape)} and pos {list(pos.shape)} must both be [B, T]")
@@ -355,8 +356,15 @@ class CModel:
         self._check(tokens, pos)        # before any chunk runs: a bad position leaves the cache as it was
         tok32, pos32 = tokens.astype(np.int32), pos.astype(np.int32)
         row32 = np.ascontiguousarray(np.broadcast_to(np.array(r, dtype=np.int32)[:, None], (B, T)))
-        if last is not None and any(t != T - 1 for t in last):
-            return self._prefill_ragged(tok32, pos32, row32, np.asarray(last, dtype=np.int64))
+        if lengths is not None:
+            n = np.asarray(lengths, dtype=np.int64).reshape(-1)
+            if n.size != B:
+                raise ValueError(f"runner: lengths has {n.size} entries for {B} rows")
+            bad = n[(n < 1) | (n > T)]
+            if bad.size:
+                raise ValueError(f"runner: lengths {bad.tolist()} outside 1..{T} (the prefill's {T} columns)")
+            if (n < T).any():
+                return self._prefill_ragged(tok32, pos32, row32, n - 1)
         bufs = self._dec if B * T <= self._dec[1] else self._alloc(max(B, min(B * T, self.prefill_chunk)))
         self._point(bufs)
         try:

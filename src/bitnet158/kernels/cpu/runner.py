@@ -27,7 +27,6 @@ from __future__ import annotations
 import numpy as np
 import torch
 
-from ...engine.runner import check_lengths
 from . import binding
 from .cmodel import PREFILL_CHUNK, CModel, collapse_huge, default_layout, release_memory
 
@@ -127,9 +126,10 @@ class CpuRunner:
         ``lengths``: of position ``lengths[b] - 1``; the padding after it does not run)."""
         if tokens.dim() != 2 or pos.shape != tokens.shape:
             raise ValueError(f"runner: tokens {list(tokens.shape)} and pos {list(pos.shape)} must both be [B, T]")
-        last = check_lengths(lengths, *tokens.shape)
+        if lengths is not None:
+            lengths = torch.as_tensor(lengths).reshape(-1).cpu().numpy()
         return torch.from_numpy(self._core.prefill(tokens.to(torch.int32).numpy(), pos.to(torch.int32).numpy(),
-                                                   self._rows(rows), last))
+                                                   self._rows(rows), lengths))
 
     def decode(self, tokens: torch.Tensor, pos: torch.Tensor, rows: torch.Tensor | None = None) -> torch.Tensor:
         """tokens, pos [B] -> float32 logits [B, V] (one C call)."""
