@@ -69,38 +69,3 @@ def test_row_count_must_match():
 def test_cuda_batch_draws_the_lone_ids(monkeypatch):
     monkeypatch.setattr(sampling, "GRAPHS", True)              # lone samplers replay their graphs
     _run(128256, "cuda", steps=6)
-
-
-def test_top_p_candidates_on_a_device_from_enough_rows(monkeypatch):
-    """Off the CPU, top-p looks among the top candidates first only for GPU_CANDIDATE_ROWS rows
-    and more (reading whether the nucleus ends there waits for the device)."""
-    many, few = torch.empty(16, 2000, device="meta"), torch.empty(15, 2000, device="meta")
-    assert sampling._candidates(many) == sampling.GPU_TOP_P_CANDIDATES
-    assert sampling._candidates(few) is None and sampling._candidates(torch.empty(2000, device="meta")) is None
-    assert sampling._candidates(torch.empty(2, 2000)) == sampling.TOP_P_CANDIDATES     # the CPU: always
-    monkeypatch.setattr(sampling, "GPU_CANDIDATE_ROWS", None)
-    assert sampling._candidates(many) is None
-
-
-@pytest.mark.cuda
-@pytest.mark.skipif(not CUDA, reason="needs CUDA")
-def test_cuda_many_rows_top_p_candidates_keep_the_sorts_tokens(monkeypatch):
-    """64 rows, peaked and flat (nucleus past the 4096 candidates: the full sort), ties: the
-    candidates' mask is the full sort's, and the rows drawn together get the lone samplers' ids."""
-    g = torch.Generator().manual_seed(2)
-    V = 128256
-    x = torch.randn(64, V, generator=g) * torch.tensor([0.3, 1.0, 4.0, 12.0]).repeat(16)[:, None]
-    assert sampling._candidates(x.cuda()) == 4096
-    x[5, :3] = torch.tensor([30.0, 29.0, 29.0])                          # a tie at the boundary
-    x = x.cuda()
-    for p in (0.35, 0.7, 0.9, 0.95):                                      # 0.7: the tie kept whole
-        fast = sampling.top_p_mask(x, p)
-        monkeypatch.setattr(sampling, "GPU_CANDIDATE_ROWS", None)
-        assert torch.equal(fast, sampling.top_p_mask(x, p))
-        monkeypatch.undo()
-    mix = [dict(temperature=0.8, top_p=0.95, seed=i) for i in range(64)]
-    alone = [Sampler(SamplingParams(**m), V, [3], device="cuda") for m in mix]
-    together = [Sampler(SamplingParams(**m), V, [3], device="cuda") for m in mix]
-    for _ in range(3):
-        want = [int(s.next_id(x[i])) for i, s in enumerate(alone)]
-        assert next_ids(together, x).tolist() == want

@@ -316,33 +316,28 @@ class BatchEngine:
                 self._emit(h, tok)
 
     def _decode(self) -> None:
-        """Queue one decode step over the live rows, hand out the tokens of the step before it
-        (queued: the host's per-token work overlaps the GPU's step), then queue the step's draw
-        (after the hand-out: a draw that reads the device, top-p's check of its candidates, waits
-        for this step only once the host's work is done) and hand its tokens out (in order) or
-        keep it pending (queued)."""
+        """Queue one decode step over the live rows, then hand out the tokens of the step before it
+        (queued: the host's per-token work overlaps the GPU's step) or of this one (in order)."""
         prevs, self.pending = self.pending, []
         try:
-            staged = self._queue_step(prevs)
+            step = self._queue_step(prevs)
         except Exception:
             for prev in prevs:                     # their tokens were made: hand them out first
                 self._emit_step(prev)
             raise
         for prev in prevs:
             self._emit_step(prev)
-        if staged is None:
-            return
-        step = self._draw(*staged)
-        if self.queued:
-            for h in step.handles:                 # its next token is queued: none from the host
-                h.next_token = None
-            self.pending = [step]
-        else:
-            self._emit_step(step)
+        if step is not None:
+            if self.queued:
+                for h in step.handles:             # its next token is queued: none from the host
+                    h.next_token = None
+                self.pending = [step]
+            else:
+                self._emit_step(step)
 
-    def _queue_step(self, prevs: "list[_Step]") -> "tuple[list[Handle], int, torch.Tensor] | None":
-        """Queue a decode step over the contiguous range of rows in use -> (its requests, its first
-        row, the logits [b, V]), or None when no row decodes.
+    def _queue_step(self, prevs: "list[_Step]") -> "_Step | None":
+        """Queue a decode step and its sampling over the contiguous range of rows in use; the ids
+        stay on the device (copied to pinned host memory behind an event).
 
         Rows fed a host token: requests whose last token the host has read (``next_token``). Rows
         fed ahead: requests of the steps ``prevs`` (the previous decode step, prefills' first
@@ -383,14 +378,6 @@ class BatchEngine:
         rows = torch.arange(lo, hi)                        # host tensors: checked without a device wait
         logits = r.decode(toks, pos, rows)                                             # [b, V]
         self.steps += 1
-        for h in fed:
-            h.next_token = None                                    # fed: its successor is queued
-        return live, lo, logits
-
-    def _draw(self, live: list[Handle], lo: int, logits: torch.Tensor) -> "_Step":
-        """Queue the draw of a step's ids; they stay on the device (copied to pinned host memory
-        behind an event)."""
-        hi = live[-1].row + 1
         # plain greedy rows: one argmax for all of them (a row's own Sampler would give the same
         # id, with a launch per row); the other rows drawn on the device by their own Samplers
         # (together where the row ops allow: the same ids as one by one)
@@ -402,6 +389,8 @@ class BatchEngine:
             if drawn:
                 idx = to_device([h.row - lo for h in drawn], logits.device)
                 ids.index_copy_(0, idx, next_ids([h.sampler for h in drawn], logits.index_select(0, idx)))
+        for h in fed:
+            h.next_token = None                                    # fed: its successor is queued
         return _Step(live, ids, lo)
 
     def _emit_step(self, step: "_Step") -> None:

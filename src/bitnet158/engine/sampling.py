@@ -44,12 +44,6 @@ def top_k_mask(logits: torch.Tensor, k: int) -> torch.Tensor:
 # On the CPU the nucleus is first looked for among this many most likely tokens (topk: ~1 ms on
 # 128256 logits on 2 cores against ~12 ms for the full sort); the full sort when it ends past them
 TOP_P_CANDIDATES = 1024
-# On a GPU too, among GPU_TOP_P_CANDIDATES, for GPU_CANDIDATE_ROWS rows and more (None: never)
-# outside CUDA graph capture: topk of 1024 / 4096 on [64, 128256] fp32 logits took 178 / 188 us
-# against 703 us for the sort, on one row 129 / 129 against 69 (H100); the check whether every
-# row's nucleus ends among them reads the device (one wait)
-GPU_CANDIDATE_ROWS: int | None = 16
-GPU_TOP_P_CANDIDATES = 4096
 
 
 def top_p_mask(logits: torch.Tensor, p: float) -> torch.Tensor:
@@ -61,42 +55,22 @@ def top_p_mask(logits: torch.Tensor, p: float) -> torch.Tensor:
         return logits
     probs = row_ops.softmax(logits)                                        # [..., V]
 
-    def last_kept(vals_idx, probs):    # (values descending, ids) -> value of the last kept [.., 1], kept [..]
+    def ranked(vals_idx):          # (values descending, ids) -> the values, the kept count [n]
         vals, idx = vals_idx
-        kept = row_ops.first_reaching(probs.gather(-1, idx), p)
-        return vals.gather(-1, kept.clamp(min=1).view(*vals.shape[:-1], 1) - 1), kept
+        return vals, row_ops.first_reaching(probs.gather(-1, idx), p)
 
-    C = _candidates(logits)
-    if C is None or logits.shape[-1] <= C:
-        last, _ = last_kept(torch.sort(logits, dim=-1, descending=True), probs)
-        return logits.masked_fill(logits < last, float("-inf"))
-    # the top candidates where the nucleus provably ends among them: the same prefix sums as the
-    # full sort's (tokens tied in value have equal probabilities, whatever their order); the full
-    # sort for the rows whose nucleus ends past them (read on the host: one wait on a device)
-    last, kept = last_kept(torch.topk(logits, C, dim=-1), probs)           # [..., 1], [...]
-    past = (kept >= C).reshape(-1).nonzero().flatten().tolist()
-    if past:
-        if logits.dim() == 1:
-            last, _ = last_kept(torch.sort(logits, dim=-1, descending=True), probs)
-        else:
-            idx = torch.tensor(past, device=logits.device)
-            x = logits.index_select(0, idx)                                # [k, V]
-            last = last.index_copy(0, idx, last_kept(torch.sort(x, dim=-1, descending=True),
-                                                     probs.index_select(0, idx))[0])
+    kept = None
+    if logits.device.type == "cpu" and logits.shape[-1] > TOP_P_CANDIDATES:
+        # the host can read the tensors here without waiting on a device: use the top candidates
+        # when the nucleus provably ends among them (the same prefix sums as the full sort's)
+        vals, kept = ranked(torch.topk(logits, TOP_P_CANDIDATES, dim=-1))   # [..., C], [n]
+        if not bool((kept < TOP_P_CANDIDATES).all()):
+            kept = None
+    if kept is None:
+        vals, kept = ranked(torch.sort(logits, dim=-1, descending=True))  # [..., V], [n]
+    kept = kept.clamp_(min=1).view(*vals.shape[:-1], 1)                    # [..., 1]
+    last = vals.gather(-1, kept - 1)                                       # [..., 1] value of the last kept
     return logits.masked_fill(logits < last, float("-inf"))
-
-
-def _candidates(logits: torch.Tensor) -> int | None:
-    """How many top candidates top_p_mask looks among first (None: straight to the full sort):
-    TOP_P_CANDIDATES on the CPU (reading them costs no wait); GPU_TOP_P_CANDIDATES off it for
-    GPU_CANDIDATE_ROWS rows and more while no CUDA graph is being captured."""
-    if logits.device.type == "cpu":
-        return TOP_P_CANDIDATES
-    rows = logits.shape[0] if logits.dim() == 2 else 1
-    if (GPU_CANDIDATE_ROWS is not None and rows >= GPU_CANDIDATE_ROWS
-            and not (logits.is_cuda and torch.cuda.is_current_stream_capturing())):
-        return GPU_TOP_P_CANDIDATES
-    return None
 
 
 def process_logits(logits: torch.Tensor, params: SamplingParams, seen: torch.Tensor | None) -> torch.Tensor:
