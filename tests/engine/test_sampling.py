@@ -101,6 +101,7 @@ def test_top_p_candidates_match_the_full_sort(monkeypatch):
     from bitnet158.engine import sampling
     g = torch.Generator().manual_seed(0)
     cases = [torch.randn(4, 5000, generator=g) * s for s in (0.3, 1.0, 4.0, 12.0)]
+    cases.append(torch.randn(4, 5000, generator=g) * torch.tensor([[12.0], [0.3], [4.0], [1.0]]))  # mixed rows
     tied = torch.full((5000,), -5.0)
     tied[:3] = torch.tensor([3.0, 2.0, 2.0])                               # 2.0 twice at the boundary
     cases.append(tied)
