@@ -10,7 +10,9 @@
 Drives :class:`bitnet158.engine.batch.BatchEngine` (what ``bitnet158 serve`` runs behind HTTP) with
 ``c`` requests submitted at once on a runner of ``c`` rows (one runner a concurrency, warmed up
 with the timed shapes first, as a running server's is): each request has its own random
-``--prompt-tokens`` prompt and decodes ``--gen-tokens`` tokens (end-of-text ignored). Reported per
+``--prompt-tokens`` prompt (``--prompt-spread s``: of a length drawn from prompt-tokens +- s each
+run, so the timed prompts' padded shapes need not be the warm-up's, as a server meets them) and
+decodes ``--gen-tokens`` tokens (end-of-text ignored). Reported per
 concurrency: wall time, aggregate tokens/s (all requests), per-request tokens/s, time to first
 token (median / max, including the wait for the other prompts' prefills) and ms per decode step.
 ``--sampling`` picks how the requests sample: ``greedy``; ``top_p`` (temperature 0.8, top-p 0.95,
@@ -54,13 +56,14 @@ def build_model(args):
 
 
 def run_level(runner, model, c: int, prompt_tokens: int, gen_tokens: int, seed: int,
-              mode: str = "greedy") -> dict:
+              mode: str = "greedy", spread: int = 0) -> dict:
     sampling.BATCH_DRAW = not mode.startswith("top_p_rows")
     eng = BatchEngine(runner, max_queue=c, queued=False if "_sync" in mode else None,
                       prefill_together="_alone" not in mode).start()
     g = torch.Generator().manual_seed(seed)
     V = model.config.vocab_size
-    prompts = [torch.randint(0, V, (prompt_tokens,), generator=g).tolist() for _ in range(c)]
+    lens = torch.randint(max(1, prompt_tokens - spread), prompt_tokens + spread + 1, (c,), generator=g).tolist()
+    prompts = [torch.randint(0, V, (n,), generator=g).tolist() for n in lens]
     params = [SamplingParams(max_new_tokens=gen_tokens, stop_ids=frozenset(),     # no early stop
                              seed=(seed * 1000 + i) if SAMPLING[mode] else None, **SAMPLING[mode])
               for i in range(c)]
@@ -101,6 +104,8 @@ def main() -> None:
     ap.add_argument("--threads", type=int, default=None)
     ap.add_argument("--concurrency", default="1,2,4")
     ap.add_argument("--prompt-tokens", type=int, default=32)
+    ap.add_argument("--prompt-spread", type=int, default=0, help="prompt lengths uniform in prompt-tokens "
+                    "+- this, drawn anew each run (the warm-up's shapes are not the timed run's)")
     ap.add_argument("--gen-tokens", type=int, default=16)
     ap.add_argument("--sampling", default="greedy", help="comma list of " + ", ".join(SAMPLING))
     ap.add_argument("--save", action="store_true")
@@ -115,17 +120,18 @@ def main() -> None:
     if bad:
         ap.error(f"--sampling: unknown {bad}; choose from {', '.join(SAMPLING)}")
     run_level(make_runner(model, batch=1, max_len=16, backend=args.backend), model, 1, 8, 2, 123)   # warm-up
-    runners = {c: make_runner(model, batch=c, max_len=args.prompt_tokens + args.gen_tokens + 1, backend=args.backend)
+    runners = {c: make_runner(model, batch=c, max_len=args.prompt_tokens + args.prompt_spread + args.gen_tokens + 1,
+                              backend=args.backend)
                for c in levels}
     for c in levels:   # at each batch, prompt length and cache length: kernels compile, graphs are captured
         for m in modes:
             for rep in range(2):                   # a prefill graph is captured when its shape comes again
-                run_level(runners[c], model, c, args.prompt_tokens, 3, 124 + rep, m)
-    rows = [run_level(runners[c], model, c, args.prompt_tokens, args.gen_tokens, c, m)
+                run_level(runners[c], model, c, args.prompt_tokens, 3, 124 + rep, m, args.prompt_spread)
+    rows = [run_level(runners[c], model, c, args.prompt_tokens, args.gen_tokens, c, m, args.prompt_spread)
             for c in levels for m in modes]
     dev = torch.cuda.get_device_name() if args.device.startswith("cuda") else platform.processor() or "cpu"
     print(f"batch engine on {dev} ({args.device}, backend {args.backend}, {torch.get_num_threads()} threads), "
-          f"prompt {args.prompt_tokens}, gen {args.gen_tokens}")
+          f"prompt {args.prompt_tokens} +- {args.prompt_spread}, gen {args.gen_tokens}")
     print(f"{'clients':>8}{'sampling':>14}{'wall s':>9}{'agg tok/s':>11}{'req tok/s':>11}{'ttft p50':>10}{'ttft max':>10}"
           f"{'step ms':>9}")
     for r in rows:
@@ -133,6 +139,7 @@ def main() -> None:
               f"{r['ttft_median_s']:>10.3f}{r['ttft_max_s']:>10.3f}{r['step_ms']:>9.2f}")
     out = {"device": dev, "backend": args.backend, "threads": torch.get_num_threads(),
            "model": args.model or "random-2b4t", "prompt_tokens": args.prompt_tokens,
+           "prompt_spread": args.prompt_spread,
            "gen_tokens": args.gen_tokens}
     for r in rows:
         c = r["concurrency"] if r["sampling"] == "greedy" else f"{r['concurrency']}_{r['sampling']}"
