@@ -18,7 +18,8 @@ gate|up); the W2A8 pipeline reads the 2-bit weights. Measured (median of repeats
   temperature, top-p, top-k + top-p: ``sampler_<case>_us`` back to back and ``_host_us`` to issue;
   ``_eager`` with the sampler's CUDA graph off, and sampled generation that way too), and the
   batch scheduler's draw of 64 sampled rows a step, together and one by one
-  (``sampler_rows64_<case>_us``, ``_each_us``), and top-p's sort alone on 1 and 64 rows
+  (``sampler_rows64_<case>_us``, ``_each_us``; top-p's cut by sorting: ``sampler_rows64_top_p_sort_us``),
+  and top-p's sort alone on 1 and 64 rows
   (``sort_rows<n>_us``, GPU time);
 - batch 8 and 64 decode throughput (rows at staggered positions around 1024);
 - a 2048-token prefill (head on the last position only, as the runner returns): eager, the host's
@@ -162,16 +163,19 @@ def sampler_us(vocab: int, iters: int = 200, **params) -> tuple[float, float]:
     return gpu, host
 
 
-def sampler_rows_us(vocab: int, rows: int = 64, iters: int = 20, together: bool = True, **params) -> float:
+def sampler_rows_us(vocab: int, rows: int = 64, iters: int = 20, together: bool = True,
+                    sort: bool = False, **params) -> float:
     """The batch scheduler's draw of ``rows`` sampled rows of fp32 logits [rows, vocab]: us a step
     back to back (host and GPU), all rows together (``sampling.next_ids``) or each by its own
-    sampler in turn (its graph from the second call on)."""
+    sampler in turn (its graph from the second call on); ``sort``: top-p's cut by sorting the
+    rows (``sampling.SORTED_CUT``) rather than digit by digit."""
     import time
     from bitnet158.engine import sampling
     from bitnet158.engine.sampling import Sampler, SamplingParams
     ss = [Sampler(SamplingParams(seed=i, **params), vocab, device="cuda") for i in range(rows)]
     logits = torch.randn(rows, vocab, device="cuda") * 3
     keep, sampling.BATCH_DRAW = sampling.BATCH_DRAW, together
+    sampling.SORTED_CUT = sort
     try:
         for _ in range(3):
             sampling.next_ids(ss, logits)
@@ -181,7 +185,7 @@ def sampler_rows_us(vocab: int, rows: int = 64, iters: int = 20, together: bool 
             sampling.next_ids(ss, logits).tolist()        # the scheduler reads the ids every step
         return (time.perf_counter() - t0) / iters * 1e6
     finally:
-        sampling.BATCH_DRAW = keep
+        sampling.BATCH_DRAW, sampling.SORTED_CUT = keep, False
 
 
 def record_b1(res: dict, runner, key: str, ctxs, iters=100) -> None:
@@ -585,11 +589,13 @@ def main(argv=None) -> int:
                             generate_tok_s(r, temperature=0.8, top_p=0.95), 1)
                 sampling.GRAPHS = keep
                 for case in ("temperature", "top_p"):        # 64 sampled rows of the batch scheduler
-                    for together, tag in ((True, ""), (False, "_each")):
-                        us = sampler_rows_us(r.vocab_size, together=together, **SAMPLER_CASES[case])
+                    for together, sort, tag in ((True, False, ""), (False, False, "_each"), (True, True, "_sort")):
+                        if sort and case != "top_p":
+                            continue
+                        us = sampler_rows_us(r.vocab_size, together=together, sort=sort, **SAMPLER_CASES[case])
                         res[f"sampler_rows64_{case}{tag}_us"] = round(us, 1)
-                        print(f"sampler, 64 rows, {case}, {'together' if together else 'one by one'}: "
-                              f"{us:.0f} us a step", flush=True)
+                        how = {"": "together", "_each": "one by one", "_sort": "together, cut by sorting"}[tag]
+                        print(f"sampler, 64 rows, {case}, {how}: {us:.0f} us a step", flush=True)
                 for n in (1, 64):               # top-p's sort alone, the GPU's time (its largest op)
                     x = torch.randn(n, r.vocab_size, device="cuda") * 3
                     us = 1e3 * events_ms(lambda: torch.sort(x, dim=-1, descending=True), 20)

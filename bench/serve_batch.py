@@ -17,7 +17,8 @@ concurrency: wall time, aggregate tokens/s (all requests), per-request tokens/s,
 token (median / max, including the wait for the other prompts' prefills) and ms per decode step.
 ``--sampling`` picks how the requests sample: ``greedy``; ``top_p`` (temperature 0.8, top-p 0.95,
 a seed per request: the rows drawn together, ``sampling.next_ids``); ``top_p_rows`` (the same,
-each row drawn by its own sampler in turn, as before the batched draw); any of them with ``_sync``
+each row drawn by its own sampler in turn, as before the batched draw); ``top_p_sort`` (drawn
+together, top-p's cut found by sorting the rows, ``sampling.SORTED_CUT``); any of them with ``_sync``
 (``greedy_sync``): the engine with ``queued=False``, each step's tokens handed out before the next
 step is queued (on a GPU the engine queues a step before it hands out the previous one's); any of
 them with ``_alone`` (``greedy_alone``): each prompt prefilled in a call of its own
@@ -44,6 +45,7 @@ from bitnet158.engine import SamplingParams, make_runner, sampling
 from bitnet158.engine.batch import BatchEngine
 
 SAMPLING = {"greedy": dict(), "top_p": dict(temperature=0.8, top_p=0.95), "top_p_rows": dict(temperature=0.8, top_p=0.95)}
+SAMPLING["top_p_sort"] = SAMPLING["top_p"]
 SAMPLING.update({f"{k}{x}": v for k, v in list(SAMPLING.items()) for x in ("_sync", "_alone", "_sync_alone")})
 
 
@@ -58,6 +60,7 @@ def build_model(args):
 def run_level(runner, model, c: int, prompt_tokens: int, gen_tokens: int, seed: int,
               mode: str = "greedy", spread: int = 0) -> dict:
     sampling.BATCH_DRAW = not mode.startswith("top_p_rows")
+    sampling.SORTED_CUT = mode.startswith("top_p_sort")
     eng = BatchEngine(runner, max_queue=c, queued=False if "_sync" in mode else None,
                       prefill_together="_alone" not in mode).start()
     g = torch.Generator().manual_seed(seed)
@@ -148,9 +151,11 @@ def main() -> None:
                     f"c{c}_step_ms": r["step_ms"]})
     for c in levels:                 # the batched draw gives every request the ids of the row-by-row one
         got = {r["sampling"]: r["tokens_out"] for r in rows if r["concurrency"] == c}
-        if "top_p" in got and "top_p_rows" in got:
-            out[f"c{c}_top_p_same_tokens_as_rows"] = got["top_p"] == got["top_p_rows"]
-            print(f"{c} clients: top_p tokens {'==' if got['top_p'] == got['top_p_rows'] else '!='} top_p_rows tokens")
+        for other in ("top_p_rows", "top_p_sort"):
+            if "top_p" in got and other in got:
+                same = got["top_p"] == got[other]
+                out[f"c{c}_top_p_same_tokens_as_{other[6:]}"] = same
+                print(f"{c} clients: top_p tokens {'==' if same else '!='} {other} tokens")
         for x in ("_sync", "_alone"):    # queued steps, shared prefill calls: the same tokens
             for m in [m for m in got if m + x in got]:
                 out[f"c{c}_{m}_same_tokens_as{x}"] = got[m] == got[m + x]

@@ -102,6 +102,35 @@ def test_first_reaching_is_the_top_p_count(V):
     assert rows.first_reaching(nan, 0.5).tolist() == [1]
 
 
+@pytest.mark.parametrize("V", VOCABS)
+def test_top_p_last_is_the_sorted_cut(V):
+    """The cut digit by digit keeps what the sorted cut keeps (the last kept value equal, except
+    where float32 rounding puts the mass at p), ties kept whole, masked logits never the cut, each
+    row the same alone and in the batch."""
+    g = torch.Generator().manual_seed(V + 3)
+    x = torch.randn(6, V, generator=g) * torch.tensor([0.3, 1.0, 4.0, 12.0, 2.0, 1.0])[:, None]
+    x[4, torch.rand(V, generator=g) < 0.7] = float("-inf")                 # top-k masked most of it
+    if V >= 3:
+        x[5, :3] = torch.tensor([30.0, 29.0, 29.0])                          # a tie at the boundary
+    x = x.to(DEV)
+    probs = torch.softmax(x, dim=-1)
+    for p in (0.05, 0.5, 0.7, 0.9, 0.95, 0.999):
+        got = rows.top_p_last(x, probs, p)
+        for i in range(x.shape[0]):
+            assert torch.equal(rows.top_p_last(x[i], probs[i], p), got[i:i + 1])   # alone: the same
+            vals, idx = x[i].cpu().double().sort(descending=True)
+            k, before = _count64(probs[i].cpu()[idx], p)
+            want = float(vals[max(k, 1) - 1])
+            if float(got[i]) != want:          # only where float32 rounding puts the mass at p
+                edge = before[min(k, int((vals > float(got[i])).sum()))]
+                assert abs(float(edge) - p) < 1e-5 * max(1.0, V ** 0.5), (i, p, float(got[i]), want)
+    if V >= 3:
+        probs5 = torch.softmax(x[5], -1)
+        assert probs5[0] < 0.7 < probs5[0] + probs5[1]                       # the sort would split the tie
+        assert float(rows.top_p_last(x[5], probs5, 0.7)) == 29.0              # both 29s kept
+    assert rows.top_p_last(x[4], probs[4], 0.5).isfinite().all()
+
+
 def test_bad_input_is_named():
     with pytest.raises(ValueError, match="rows.softmax: expected a float32"):
         rows.softmax(torch.zeros(4, dtype=torch.float64, device=DEV))

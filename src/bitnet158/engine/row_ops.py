@@ -3,6 +3,7 @@
     p = softmax(x)                 # x float [V] or [n, V] -> the same shape
     i = argmax(x)                  # x [V] -> long [1]; [n, V] -> long [n] (the first index of the maximum)
     k = first_reaching(ps, p)      # ps [V] / [n, V], most likely first -> long [1] / [n]: top-p's cut
+    v = top_p_last(x, probs, p)    # x, probs [V] / [n, V] -> [1] / [n]: the last logit top-p keeps (GPU)
     t = race(probs, state)         # probs [V] / [n, V], state int64 [n, 2] (key, draw) -> long [1] / [n]
 
 On a CUDA float32 tensor these run :mod:`bitnet158.kernels.triton.rows`: each row is reduced in
@@ -77,4 +78,16 @@ def first_reaching(ps: torch.Tensor, p: float) -> torch.Tensor:
     return kept.view(-1).long()
 
 
-__all__ = ["argmax", "batch_invariant", "first_reaching", "race", "softmax"]
+def top_p_last(x: torch.Tensor, probs: torch.Tensor, p: float) -> torch.Tensor:
+    """The last logit top-p keeps in each row of x [V] / [n, V] (probs: their softmax) -> [1] / [n]:
+    the smallest logit whose tokens have less than p of mass among larger logits, found without a
+    sort (the Triton kernels' digit-by-digit cut). Only where the kernels run (``batch_invariant``);
+    elsewhere the sampler sorts and takes :func:`first_reaching`."""
+    k = _kernels(x)
+    if k is None:
+        raise ValueError(f"row_ops.top_p_last: needs the Triton row kernels (a CUDA float32 [V] or [n, V] "
+                         f"tensor with Triton installed), got {x.dtype} {tuple(x.shape)} on {x.device}")
+    return k.top_p_last(x, probs, p)
+
+
+__all__ = ["argmax", "batch_invariant", "first_reaching", "race", "softmax", "top_p_last"]

@@ -154,6 +154,52 @@ def _first_reaching(x_ptr, cs_ptr, out_ptr, p, V, NB, BLOCK: tl.constexpr, NBP: 
         tl.atomic_min(out_ptr + row, first.to(tl.int64))
 
 
+@triton.jit
+def _order_keys(x):
+    """float32 -> int64 keys in [0, 2^32) in the floats' order (negatives: every bit flipped;
+    the rest: the sign bit set)."""
+    b = x.to(tl.int32, bitcast=True).to(tl.int64) & 0xFFFFFFFF
+    return tl.where(b >= 0x80000000, b ^ 0xFFFFFFFF, b ^ 0x80000000)
+
+
+@triton.jit
+def _cut_part(x_ptr, p_ptr, st_ptr, pm_ptr, pc_ptr, V, NB, SHIFT: tl.constexpr, BLOCK: tl.constexpr):
+    """Chunk (row, c), one 4-bit digit of top-p's cut: among its logits whose key agrees with the
+    row's prefix above bit SHIFT + 4, the probability mass and the count of each digit at SHIFT."""
+    row, offs, ok, x = _load_chunk(x_ptr, V, float("-inf"), BLOCK)
+    pr = tl.load(p_ptr + row * V + offs, mask=ok, other=0.0)
+    key = _order_keys(x)
+    prefix = tl.load(st_ptr + row)
+    match = ok & ((key >> (SHIFT + 4)) == (prefix >> (SHIFT + 4)))
+    d = tl.arange(0, 16)
+    hit = match[None, :] & (((key >> SHIFT) & 15)[None, :] == d[:, None])      # [16, BLOCK]
+    base = (row * NB + tl.program_id(1)) * 16
+    tl.store(pm_ptr + base + d, tl.sum(tl.where(hit, pr[None, :], 0.0), 1))
+    tl.store(pc_ptr + base + d, tl.sum(hit.to(tl.int32), 1))
+
+
+@triton.jit
+def _cut_pick(pm_ptr, pc_ptr, st_ptr, a_ptr, last_ptr, p, NB, SHIFT: tl.constexpr, NBP: tl.constexpr):
+    """Row: the chunks' digit masses folded (a fixed tree); the lowest digit holding a logit whose
+    mass of larger keys (the row's mass above the prefix plus the higher digits') is below p
+    extends the prefix; after the last digit, the prefix's float into last[row]."""
+    row = tl.program_id(0).to(tl.int64)
+    j = tl.arange(0, NBP)
+    d = tl.arange(0, 16)
+    idx = (row * NB + j[:, None]) * 16 + d[None, :]                           # [NBP, 16]
+    m = tl.sum(tl.load(pm_ptr + idx, mask=(j < NB)[:, None], other=0.0), 0)   # [16]
+    c = tl.sum(tl.load(pc_ptr + idx, mask=(j < NB)[:, None], other=0), 0)
+    above = tl.load(a_ptr + row) + tl.sum(tl.where(d[None, :] > d[:, None], m[None, :], 0.0), 1)
+    pick = tl.min(tl.where((c > 0) & (above < p), d, 16), 0)
+    pick = tl.where(pick < 16, pick, tl.max(tl.where(c > 0, d, 0), 0))     # NaN mass: the top digit
+    prefix = tl.load(st_ptr + row) | (pick.to(tl.int64) << SHIFT)
+    tl.store(st_ptr + row, prefix)
+    tl.store(a_ptr + row, tl.sum(tl.where(d == pick, above, 0.0), 0))
+    if SHIFT == 0:
+        bits = tl.where(prefix >= 0x80000000, prefix ^ 0x80000000, prefix ^ 0xFFFFFFFF)
+        tl.store(last_ptr + row, bits.to(tl.int32).to(tl.float32, bitcast=True))
+
+
 def _rows2d(x: torch.Tensor, name: str) -> torch.Tensor:
     if x.dtype != torch.float32 or x.dim() not in (1, 2) or x.shape[-1] == 0:
         raise ValueError(f"rows.{name}: expected a float32 [V] or [n, V] tensor, got {x.dtype} {tuple(x.shape)}")
@@ -213,4 +259,27 @@ def first_reaching(ps: torch.Tensor, p: float) -> torch.Tensor:
     return out
 
 
-__all__ = ["BLOCK", "argmax", "first_reaching", "race", "softmax"]
+def top_p_last(x: torch.Tensor, probs: torch.Tensor, p: float) -> torch.Tensor:
+    """Top-p's cut without a sort: logits x and their probabilities float32 [V] / [n, V] -> float32
+    [1] / [n], the smallest logit whose tokens have less than p of mass among the larger logits
+    (the last value top-p keeps; keep ``x >= last``). Found digit by digit, 4 bits a round over
+    the logits' order-preserving 32-bit keys: 8 rounds of two launches, each a pass over x."""
+    x2, p2 = _rows2d(x, "top_p_last"), _rows2d(probs, "top_p_last")
+    if p2.shape != x2.shape:
+        raise ValueError(f"rows.top_p_last: probs {tuple(probs.shape)} must have the logits' shape {tuple(x.shape)}")
+    n, V = x2.shape
+    nb = cdiv(V, BLOCK)
+    dev = x2.device
+    pm = torch.empty(n, nb, 16, dtype=torch.float32, device=dev)
+    pc = torch.empty(n, nb, 16, dtype=torch.int32, device=dev)
+    prefix = torch.zeros(n, dtype=torch.long, device=dev)
+    above = torch.zeros(n, dtype=torch.float32, device=dev)
+    last = torch.empty(n, dtype=torch.float32, device=dev)
+    for shift in range(28, -1, -4):
+        _cut_part[(n, nb)](x2, p2, prefix, pm, pc, V, nb, SHIFT=shift, BLOCK=BLOCK, num_warps=WARPS)
+        _cut_pick[(n,)](pm, pc, prefix, above, last, float(p), nb, SHIFT=shift, NBP=next_pow2(nb),
+                        num_warps=WARPS)
+    return last
+
+
+__all__ = ["BLOCK", "argmax", "first_reaching", "race", "softmax", "top_p_last"]
