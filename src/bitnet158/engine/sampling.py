@@ -224,8 +224,8 @@ def next_ids(samplers: list[Sampler], logits: torch.Tensor) -> torch.Tensor:
 
     Where the row ops are batch-invariant (CUDA with Triton: ``row_ops.batch_invariant``) the rows
     that share their transform parameters go through the transforms and the draw together: one
-    sort, one softmax and one keyed race for all of them, each row's variates from its own key
-    and draw number; ~20 launches a step at batch 64 with top-p instead of 64 replays of the
+    top-p cut, one softmax and one keyed race for all of them, each row's variates from its own
+    key and draw number; ~25 launches a step at batch 64 with top-p instead of 64 replays of the
     sampler's graph, each a single row. Elsewhere the samplers run one by one."""
     n = logits.shape[0]
     if len(samplers) != n:
