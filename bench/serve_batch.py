@@ -5,7 +5,7 @@
     python3 bench/serve_batch.py --model path/to/folder          # a real model folder
     python3 bench/serve_batch.py --device cuda --concurrency 8,64 --sampling greedy,top_p,top_p_rows
     python3 bench/serve_batch.py --device cuda --concurrency 64 --sampling greedy,greedy_sync,top_p,top_p_sync
-    python3 bench/serve_batch.py --device cuda --concurrency 8,64 --sampling greedy,greedy_alone
+    python3 bench/serve_batch.py --device cuda --concurrency 8,64 --sampling greedy,greedy_together
 
 Drives :class:`bitnet158.engine.batch.BatchEngine` (what ``bitnet158 serve`` runs behind HTTP) with
 ``c`` requests submitted at once on a runner of ``c`` rows (one runner a concurrency, warmed up
@@ -21,8 +21,9 @@ each row drawn by its own sampler in turn, as before the batched draw); ``top_p_
 together, top-p's cut found by sorting the rows, ``sampling.SORTED_CUT``); any of them with ``_sync``
 (``greedy_sync``): the engine with ``queued=False``, each step's tokens handed out before the next
 step is queued (on a GPU the engine queues a step before it hands out the previous one's); any of
-them with ``_alone`` (``greedy_alone``): each prompt prefilled in a call of its own
-(``prefill_together=False``) instead of the requests admitted together sharing calls. Prints a table, then one
+them with ``_together`` (``greedy_together``): the prompts admitted together share prefill calls
+(``prefill_together=True``) instead of one call each, the engine's default (results before
+2026-12-08 name the other way round: ``_alone`` one call each, the plain modes shared). Prints a table, then one
 JSON line (keys ``c<clients>_<quantity>`` for greedy, ``c<clients>_<sampling>_<quantity>``
 otherwise); ``--save`` writes ``bench/results/serve_batch-<date>-<machine>.json``, ``--out`` a
 given path. No HTTP: the server adds per-token JSON/SSE work on top; this isolates the engine.
@@ -46,7 +47,7 @@ from bitnet158.engine.batch import BatchEngine
 
 SAMPLING = {"greedy": dict(), "top_p": dict(temperature=0.8, top_p=0.95), "top_p_rows": dict(temperature=0.8, top_p=0.95)}
 SAMPLING["top_p_sort"] = SAMPLING["top_p"]
-SAMPLING.update({f"{k}{x}": v for k, v in list(SAMPLING.items()) for x in ("_sync", "_alone", "_sync_alone")})
+SAMPLING.update({f"{k}{x}": v for k, v in list(SAMPLING.items()) for x in ("_sync", "_together", "_sync_together")})
 
 
 def build_model(args):
@@ -62,7 +63,7 @@ def run_level(runner, model, c: int, prompt_tokens: int, gen_tokens: int, seed: 
     sampling.BATCH_DRAW = not mode.startswith("top_p_rows")
     sampling.SORTED_CUT = mode.startswith("top_p_sort")
     eng = BatchEngine(runner, max_queue=c, queued=False if "_sync" in mode else None,
-                      prefill_together="_alone" not in mode).start()
+                      prefill_together="_together" in mode).start()
     g = torch.Generator().manual_seed(seed)
     V = model.config.vocab_size
     lens = torch.randint(max(1, prompt_tokens - spread), prompt_tokens + spread + 1, (c,), generator=g).tolist()
@@ -156,7 +157,7 @@ def main() -> None:
                 same = got["top_p"] == got[other]
                 out[f"c{c}_top_p_same_tokens_as_{other[6:]}"] = same
                 print(f"{c} clients: top_p tokens {'==' if same else '!='} {other} tokens")
-        for x in ("_sync", "_alone"):    # queued steps, shared prefill calls: the same tokens
+        for x in ("_sync", "_together"):    # queued steps, shared prefill calls: the same tokens
             for m in [m for m in got if m + x in got]:
                 out[f"c{c}_{m}_same_tokens_as{x}"] = got[m] == got[m + x]
                 print(f"{c} clients: {m} tokens {'==' if got[m] == got[m + x] else '!='} {m}{x} tokens")
