@@ -22,8 +22,8 @@ together, top-p's cut found by sorting the rows, ``sampling.SORTED_CUT``); any o
 (``greedy_sync``): the engine with ``queued=False``, each step's tokens handed out before the next
 step is queued (on a GPU the engine queues a step before it hands out the previous one's); any of
 them with ``_together`` (``greedy_together``): the prompts admitted together share prefill calls
-(``prefill_together=True``) instead of one call each, the engine's default (results before
-2026-12-08 name the other way round: ``_alone`` one call each, the plain modes shared). Prints a table, then one
+(``prefill_together=True``) instead of one call each (the engine's default; the 2026-12-07 results
+name it the other way round: ``_alone`` one call each, the plain modes shared). Prints a table, then one
 JSON line (keys ``c<clients>_<quantity>`` for greedy, ``c<clients>_<sampling>_<quantity>``
 otherwise); ``--save`` writes ``bench/results/serve_batch-<date>-<machine>.json``, ``--out`` a
 given path. No HTTP: the server adds per-token JSON/SSE work on top; this isolates the engine.
