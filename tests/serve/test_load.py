@@ -167,9 +167,28 @@ def test_generation_config_defaults(tmp_path):
     assert d == {"temperature": 0.7, "top_p": 0.9, "repetition_penalty": 1.15, "max_tokens": 9}
     srv = Server(tiny_model().pack(), Tokenizer.from_pretrained(TOKENIZER), MODEL_ID, max_batch=1,
                  backend="torch", defaults=d)
+    assert srv.engine.prefill_together is False                 # one prefill call a request by default
     p, _ = srv.sampling(CompletionRequest(model=MODEL_ID, prompt="x"), 3, "prompt")
     assert (p.temperature, p.top_p, p.repetition_penalty, p.max_new_tokens) == (0.7, 0.9, 1.15, 9)
     p, _ = srv.sampling(CompletionRequest(model=MODEL_ID, prompt="x", temperature=0, max_tokens=20), 3, "prompt")
     assert (p.temperature, p.max_new_tokens) == (0.0, 20)
     (tmp_path / "generation_config.json").write_text(_json.dumps({"do_sample": False, "temperature": 0.6}))
     assert generation_defaults(tmp_path) == {"temperature": 0.0}
+
+
+def test_prefill_together_option():
+    """``serve --prefill-together`` reaches the batch engine (off unless asked for)."""
+    import argparse
+
+    from bitnet158.serve.app import create_app
+    from bitnet158.serve.cli import add_arguments
+    from bitnet158.tokenizer import Tokenizer
+
+    from .conftest import TOKENIZER
+    p = argparse.ArgumentParser()
+    add_arguments(p)
+    assert p.parse_args(["m"]).prefill_together is False
+    assert p.parse_args(["m", "--prefill-together"]).prefill_together is True
+    app = create_app(tiny_model().pack(), Tokenizer.from_pretrained(TOKENIZER), MODEL_ID, max_batch=2,
+                     backend="torch", prefill_together=True)
+    assert app.state.server.engine.prefill_together is True

@@ -43,7 +43,7 @@ class Server:
 
     def __init__(self, model, tokenizer, model_id: str, max_batch: int = 8, max_queue: int = 64,
                  max_len: int | None = None, backend: str = "auto", api_key: str | None = None,
-                 prefill_chunk: int = 512, defaults: dict | None = None):
+                 prefill_chunk: int = 512, defaults: dict | None = None, prefill_together: bool = False):
         self.model_id = model_id
         self.defaults = dict(defaults or {})   # sampling defaults for fields a request leaves out
         self.tokenizer = tokenizer
@@ -52,7 +52,7 @@ class Server:
         runner = make_runner(model, batch=max_batch, max_len=max_len, backend=backend)
         self.max_len = runner.max_len
         self.engine = BatchEngine(runner, max_queue=max_queue, stop_ids=frozenset(tokenizer.stop_ids),
-                                  prefill_chunk=prefill_chunk)
+                                  prefill_chunk=prefill_chunk, prefill_together=prefill_together)
 
     # ------------------------------------------------------------ request -> prompt ids + params
     def check_auth(self, request: Request) -> None:
@@ -204,15 +204,16 @@ def _sse(obj) -> str:
 def create_app(model, tokenizer, model_id: str, max_batch: int = 8, max_queue: int = 64,
                max_len: int | None = None, backend: str = "auto", api_key: str | None = None,
                cors_origins: list[str] | None = None, prefill_chunk: int = 512,
-               defaults: dict | None = None) -> FastAPI:
+               defaults: dict | None = None, prefill_together: bool = False) -> FastAPI:
     """Build the app; the batch engine starts with the app (lifespan) and stops with it.
 
     ``defaults``: sampling values for fields a request omits (``temperature``, ``top_p``, ``top_k``,
     ``repetition_penalty``, ``max_tokens``), e.g. from :func:`generation_defaults`; OpenAI's own
-    defaults (temperature 1, the rest of the context) otherwise.
+    defaults (temperature 1, the rest of the context) otherwise. ``prefill_together``: prompts
+    admitted together share prefill calls (:class:`BatchEngine`).
     """
     srv = Server(model, tokenizer, model_id, max_batch, max_queue, max_len, backend, api_key, prefill_chunk,
-                 defaults)
+                 defaults, prefill_together)
 
     @asynccontextmanager
     async def lifespan(app):

@@ -35,6 +35,9 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--prefill-chunk", type=int, default=512,
                    help="prompt tokens prefilled per step, so long prompts do not stall running "
                         "requests (default 512)")
+    p.add_argument("--prefill-together", action="store_true",
+                   help="prompts admitted together share prefill calls: sooner first tokens for bursts of "
+                        "equal-length prompts on a GPU, later ones for varied lengths (docs/serving.md)")
     p.add_argument("--generation-config", choices=("auto", "none"), default="auto",
                    help="auto: sampling defaults for fields a request leaves out come from the model "
                         "folder's generation_config.json; none: OpenAI's defaults (temperature 1)")
@@ -79,7 +82,8 @@ def main(args: argparse.Namespace) -> int:
     defaults = generation_defaults(folder) if args.generation_config == "auto" else {}
     app = create_app(model, tok, name, max_batch=args.max_batch, max_queue=args.max_queue,
                      max_len=args.ctx, backend=args.backend, api_key=args.api_key,
-                     cors_origins=args.cors_origin, prefill_chunk=args.prefill_chunk, defaults=defaults)
+                     cors_origins=args.cors_origin, prefill_chunk=args.prefill_chunk, defaults=defaults,
+                     prefill_together=args.prefill_together)
     print(f"serving {name!r} from {folder} on http://{args.host}:{args.port}/v1 "
           f"(batch {args.max_batch}, queue {args.max_queue}, context {app.state.server.max_len}, "
           f"runner {type(app.state.server.engine.runner).__name__}, defaults {defaults or 'OpenAI'})",
