@@ -175,7 +175,7 @@ def sampler_rows_us(vocab: int, rows: int = 64, iters: int = 20, together: bool 
     ss = [Sampler(SamplingParams(seed=i, **params), vocab, device="cuda") for i in range(rows)]
     logits = torch.randn(rows, vocab, device="cuda") * 3
     keep, sampling.BATCH_DRAW = sampling.BATCH_DRAW, together
-    sampling.SORTED_CUT = sort
+    keep_cut, sampling.SORTED_CUT = sampling.SORTED_CUT, sort
     try:
         for _ in range(3):
             sampling.next_ids(ss, logits)
@@ -185,7 +185,7 @@ def sampler_rows_us(vocab: int, rows: int = 64, iters: int = 20, together: bool 
             sampling.next_ids(ss, logits).tolist()        # the scheduler reads the ids every step
         return (time.perf_counter() - t0) / iters * 1e6
     finally:
-        sampling.BATCH_DRAW, sampling.SORTED_CUT = keep, False
+        sampling.BATCH_DRAW, sampling.SORTED_CUT = keep, keep_cut
 
 
 def record_b1(res: dict, runner, key: str, ctxs, iters=100) -> None:

@@ -356,7 +356,7 @@ class CModel:
         self._check(tokens, pos)        # before any chunk runs: a bad position leaves the cache as it was
         tok32, pos32 = tokens.astype(np.int32), pos.astype(np.int32)
         row32 = np.ascontiguousarray(np.broadcast_to(np.array(r, dtype=np.int32)[:, None], (B, T)))
-        if lengths is not None:
+        if lengths is not None:      # engine.runner.check_lengths's checks, without torch
             n = np.asarray(lengths, dtype=np.int64).reshape(-1)
             if n.size != B:
                 raise ValueError(f"runner: lengths has {n.size} entries for {B} rows")
@@ -393,8 +393,9 @@ class CModel:
         t_idx, b_idx = np.nonzero(real)                                                # column-major
         flat = [np.ascontiguousarray(a.T[real]) for a in (tok32, pos32, row32)]       # [n] each
         n = t_idx.size
+        is_end = t_idx == last[b_idx]                           # [n] a row's last real token
         end = np.empty(B, dtype=np.int64)                       # flat index of each row's last token
-        end[b_idx[t_idx == last[b_idx]]] = np.nonzero(t_idx == last[b_idx])[0]
+        end[b_idx[is_end]] = np.nonzero(is_end)[0]
         bufs = self._dec if n <= self._dec[1] else self._alloc(max(B, min(n, self.prefill_chunk)))
         self._point(bufs)
         try:

@@ -4,6 +4,7 @@
     i = argmax(x)                  # x [n, V] -> long [n]: the first index of the maximum (NaN the maximum)
     t = race(probs, state)         # probs [n, V], state int64 [n, 2] (key, draw) -> long [n], drawn
     k = first_reaching(ps, p)      # ps [n, V] (probabilities, most likely first) -> long [n]
+    v = top_p_last(x, probs, p)    # x, probs [n, V] -> [n]: the last logit top-p keeps, no sort
 
 Each row is cut into ``BLOCK``-element chunks, one program a (row, chunk), and the chunks' partial
 results are combined in a fixed order (``tl.sum`` / ``tl.max`` trees over the padded chunk list).
@@ -25,7 +26,13 @@ probability ahead of it, exclusive) is not below ``p``, or ``V`` where none is: 
 leading run of positions kept. The mass before a
 position is the chunk's prefix (the sum of the earlier chunks' sums) plus a scan of the chunk's
 earlier elements; the first such position is taken with an integer ``atomic_min``, exact in any
-order.
+order (the sampler's cut with ``sampling.SORTED_CUT``).
+
+``top_p_last`` is the same cut without sorting the row (the sampler's default): the smallest
+logit whose tokens have less than ``p`` of mass among larger logits, found 4 bits a round over the
+logits' order-preserving 32-bit keys (each chunk's mass and count per digit among the keys that
+agree with the row's prefix so far, folded in a fixed tree; the lowest digit whose mass of larger
+keys is below ``p`` extends the prefix).
 
 Tests: ``tests/kernels/test_triton_rows.py`` (interpreter on CPU, compiled on CUDA).
 """
