@@ -42,7 +42,7 @@ from pathlib import Path
 
 import torch
 
-from bitnet158.engine import SamplingParams, make_runner, sampling
+from bitnet158.engine import SamplingParams, make_runner, sampling, sampling_graph
 from bitnet158.engine.batch import BatchEngine
 
 SAMPLING = {"greedy": dict(), "top_p": dict(temperature=0.8, top_p=0.95), "top_p_rows": dict(temperature=0.8, top_p=0.95)}
@@ -61,7 +61,10 @@ def build_model(args):
 def run_level(runner, model, c: int, prompt_tokens: int, gen_tokens: int, seed: int,
               mode: str = "greedy", spread: int = 0) -> dict:
     sampling.BATCH_DRAW = not mode.startswith("top_p_rows")
-    sampling.SORTED_CUT = mode.startswith("top_p_sort")
+    sort = mode.startswith("top_p_sort")
+    if sort != sampling.SORTED_CUT:                 # the sampler's graphs keep the cut they were captured with
+        sampling_graph._graphs.clear()
+    sampling.SORTED_CUT = sort
     eng = BatchEngine(runner, max_queue=c, queued=False if "_sync" in mode else None,
                       prefill_together="_together" in mode).start()
     g = torch.Generator().manual_seed(seed)

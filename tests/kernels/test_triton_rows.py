@@ -159,3 +159,44 @@ def test_race_draws_from_the_probabilities():
     assert not torch.equal(rows.race(probs[:64], other_key[:64]).cpu(), ids[:64])    # another stream
     with pytest.raises(ValueError, match="state must be int64"):
         rows.race(probs[:2], state[:3])
+
+
+@pytest.mark.parametrize("V", [63, 1001] + ([128256] if DEV == "cuda" else []))
+def test_race_top_p_is_the_race_over_the_cut(V):
+    """Top-p's draw without masking: the id of ``race`` over the probabilities with every token
+    below the cut at 0, whatever the number of candidate rounds (none: the cut digit by digit
+    for every row; or the cut given), each row the same alone and in the batch."""
+    g = torch.Generator().manual_seed(V + 7)
+    x = torch.randn(6, V, generator=g) * torch.tensor([0.3, 1.0, 4.0, 12.0, 2.0, 1.0])[:, None]
+    x[4, torch.rand(V, generator=g) < 0.7] = float("-inf")                 # top-k masked most of it
+    x[5, :3] = torch.tensor([30.0, 29.0, 29.0])                              # a tie at the boundary
+    x = x.to(DEV)
+    probs = torch.softmax(x, dim=-1)
+    for p in (0.05, 0.7, 0.95):
+        last = rows.top_p_last(x, probs, p)
+        for draw in range(2):
+            state = torch.stack([torch.arange(6) * 7919 + 1, torch.full((6,), draw)], dim=1).to(DEV)
+            want = rows.race(torch.where(x >= last[:, None], probs, 0.0), state)
+            for rounds in ((0, 3) if draw == 0 else (2,)):
+                got = rows.race_top_p(x, probs, p, state, rounds=rounds)
+                assert torch.equal(got, want), (p, draw, rounds, got.tolist(), want.tolist())
+            assert torch.equal(rows.race_top_p(x, probs, p, state, last=last), want)
+        assert torch.equal(rows.race_top_p(x[5], probs[5], p, state[5:6]), want[5:6])   # alone: the same
+    with pytest.raises(ValueError, match="rows.race_top_p: state must be int64"):
+        rows.race_top_p(x, probs, 0.5, torch.zeros(2, 2, dtype=torch.long, device=DEV))
+    with pytest.raises(ValueError, match="rows.race_top_p: probs"):
+        rows.race_top_p(x, probs[:2], 0.5, torch.zeros(6, 2, dtype=torch.long, device=DEV))
+
+
+def test_race_top_p_draws_from_the_nucleus():
+    """Frequencies of top-p's draws follow the nucleus renormalized (p = 0.7 keeps 0.5 and 0.3 of
+    [0.5, 0.3, 0.15, 0.05]), never a token outside it."""
+    p = torch.tensor([0.15, 0.5, 0.05, 0.3], device=DEV)
+    n = 8192 if DEV == "cuda" else 400
+    x = p.log().expand(n, -1).contiguous()
+    probs = p.expand(n, -1).contiguous()
+    state = torch.stack([torch.full((n,), 4242), torch.arange(n)], dim=1).to(DEV)
+    ids = rows.race_top_p(x, probs, 0.7, state).cpu()
+    freq = torch.bincount(ids, minlength=4).double() / n
+    assert freq[0] == 0 and freq[2] == 0
+    assert abs(float(freq[1]) - 0.625) < 4.5 * (0.25 / n) ** 0.5

@@ -5,6 +5,7 @@
     k = first_reaching(ps, p)      # ps [V] / [n, V], most likely first -> long [1] / [n]: top-p's cut
     v = top_p_last(x, probs, p)    # x, probs [V] / [n, V] -> [1] / [n]: the last logit top-p keeps (GPU)
     t = race(probs, state)         # probs [V] / [n, V], state int64 [n, 2] (key, draw) -> long [1] / [n]
+    t = race_top_p(x, probs, p, state)   # the race among the tokens top-p keeps (GPU)
 
 On a CUDA float32 tensor these run :mod:`bitnet158.kernels.triton.rows`: each row is reduced in
 chunks by many programs (torch reduces one 128256-logit row with a single thread block: softmax
@@ -90,4 +91,16 @@ def top_p_last(x: torch.Tensor, probs: torch.Tensor, p: float) -> torch.Tensor:
     return k.top_p_last(x, probs, p)
 
 
-__all__ = ["argmax", "batch_invariant", "first_reaching", "race", "softmax", "top_p_last"]
+def race_top_p(x: torch.Tensor, probs: torch.Tensor, p: float, state: torch.Tensor,
+               last: torch.Tensor | None = None) -> torch.Tensor:
+    """``race`` over probs [V] / [n, V] with the tokens top-p drops from logits x at 0 -> long
+    [1] / [n], found without masking (the winner first, then its test; ``last``, float32 [n]: the
+    cut, given). Only where the kernels run (``batch_invariant``)."""
+    k = _kernels(x)
+    if k is None:
+        raise ValueError(f"row_ops.race_top_p: needs the Triton row kernels (a CUDA float32 [V] or [n, V] "
+                         f"tensor with Triton installed), got {x.dtype} {tuple(x.shape)} on {x.device}")
+    return k.race_top_p(x, probs, p, state, last)
+
+
+__all__ = ["argmax", "batch_invariant", "first_reaching", "race", "race_top_p", "softmax", "top_p_last"]

@@ -51,17 +51,10 @@ TOP_P_CANDIDATES = 1024
 SORTED_CUT = False
 
 
-def top_p_mask(logits: torch.Tensor, p: float) -> torch.Tensor:
-    """Nucleus filter: keep the most likely tokens, in order, while the probability mass of those
-    before them is below p (the most likely token always); every token exactly as likely as the
-    last one kept is kept too, so ties are never split by sort order. logits [..., V].
-    """
-    if p >= 1.0:
-        return logits
-    probs = row_ops.softmax(logits)                                        # [..., V]
+def _top_p_last(logits: torch.Tensor, probs: torch.Tensor, p: float) -> torch.Tensor:
+    """The last logit top-p keeps in each row of logits [..., V] (probs: their softmax) -> [..., 1]."""
     if row_ops.batch_invariant(logits) and not SORTED_CUT:   # GPU: the cut digit by digit, no sort
-        last = row_ops.top_p_last(logits, probs, p).view(*logits.shape[:-1], 1)
-        return logits.masked_fill(logits < last, float("-inf"))
+        return row_ops.top_p_last(logits, probs, p).view(*logits.shape[:-1], 1)
 
     def ranked(vals_idx):          # (values descending, ids) -> the values, the kept count [n]
         vals, idx = vals_idx
@@ -77,24 +70,52 @@ def top_p_mask(logits: torch.Tensor, p: float) -> torch.Tensor:
     if kept is None:
         vals, kept = ranked(torch.sort(logits, dim=-1, descending=True))  # [..., V], [n]
     kept = kept.clamp_(min=1).view(*vals.shape[:-1], 1)                    # [..., 1]
-    last = vals.gather(-1, kept - 1)                                       # [..., 1] value of the last kept
+    return vals.gather(-1, kept - 1)                                       # [..., 1] value of the last kept
+
+
+def top_p_mask(logits: torch.Tensor, p: float) -> torch.Tensor:
+    """Nucleus filter: keep the most likely tokens, in order, while the probability mass of those
+    before them is below p (the most likely token always); every token exactly as likely as the
+    last one kept is kept too, so ties are never split by sort order. logits [..., V].
+    """
+    if p >= 1.0:
+        return logits
+    last = _top_p_last(logits, row_ops.softmax(logits), p)                 # [..., 1]
     return logits.masked_fill(logits < last, float("-inf"))
 
 
-def process_logits(logits: torch.Tensor, params: SamplingParams, seen: torch.Tensor | None) -> torch.Tensor:
-    """All transforms in HF order; returns the logits (before softmax) to sample from."""
+def process_logits(logits: torch.Tensor, params: SamplingParams, seen: torch.Tensor | None,
+                   top_p: bool = True) -> torch.Tensor:
+    """All transforms in HF order; returns the logits (before softmax) to sample from (``top_p=False``:
+    all but top-p's mask)."""
     if seen is not None:
         logits = apply_repetition_penalty(logits, seen, params.repetition_penalty)
     if params.greedy:
         return logits
     logits = logits / params.temperature
     logits = top_k_mask(logits, params.top_k)
-    return top_p_mask(logits, params.top_p)
+    return top_p_mask(logits, params.top_p) if top_p else logits
 
 
 def sampling_probs(logits: torch.Tensor, params: SamplingParams, seen: torch.Tensor | None) -> torch.Tensor:
     """The probabilities a sampled (not greedy) token is drawn from: float32 [V]."""
     return row_ops.softmax(process_logits(logits, params, seen).float())
+
+
+def keyed_draw(logits: torch.Tensor, params: SamplingParams, seen: torch.Tensor | None,
+               state: torch.Tensor) -> torch.Tensor:
+    """A sampled id from each row of logits float32 [V] / [n, V] by the keyed race (``state``:
+    int64 [n, 2], each row's key and draw number) -> long [1] / [n]; where the row kernels run
+    (``row_ops.batch_invariant``). The race runs over the softmax of the transformed logits, top-p
+    without its mask: ``row_ops.race_top_p`` looks for the winner among the nucleus (one or two
+    passes over a row where the sort or the cut digit by digit take many), the same id as the race
+    over the masked row's probabilities drawn from the same keys."""
+    lg = process_logits(logits, params, seen, top_p=False).float()
+    probs = row_ops.softmax(lg)
+    if params.top_p >= 1.0:
+        return row_ops.race(probs, state)
+    last = _top_p_last(lg, probs, params.top_p).reshape(-1) if SORTED_CUT else None
+    return row_ops.race_top_p(lg, probs, params.top_p, state, last)
 
 
 def draw(probs: torch.Tensor, generator: torch.Generator | None) -> torch.Tensor:
@@ -191,7 +212,7 @@ class Sampler:
             tok = row_ops.argmax(process_logits(logits, self.params, self.seen))        # [1]
         elif keyed:
             state = to_device([self.take_state()], logits.device)                       # [1, 2]
-            tok = row_ops.race(sampling_probs(logits, self.params, self.seen), state)   # [1]
+            tok = keyed_draw(logits, self.params, self.seen, state)                      # [1]
         else:
             tok = draw(sampling_probs(logits, self.params, self.seen), self.generator)  # [1]
         if self.seen is not None:
@@ -224,9 +245,10 @@ def next_ids(samplers: list[Sampler], logits: torch.Tensor) -> torch.Tensor:
 
     Where the row ops are batch-invariant (CUDA with Triton: ``row_ops.batch_invariant``) the rows
     that share their transform parameters go through the transforms and the draw together: one
-    top-p cut, one softmax and one keyed race for all of them, each row's variates from its own
-    key and draw number; ~25 launches a step at batch 64 with top-p instead of 64 replays of the
-    sampler's graph, each a single row. Elsewhere the samplers run one by one."""
+    softmax and one keyed race (top-p's nucleus found by it) for all of them, each row's variates
+    from its own key and draw number, replayed from a CUDA graph over a power-of-two row count
+    from the second time that count comes (``sampling_graph``; ~30 launches eager) instead of 64
+    replays of the sampler's graph, each a single row. Elsewhere the samplers run one by one."""
     n = logits.shape[0]
     if len(samplers) != n:
         raise ValueError(f"next_ids: {len(samplers)} samplers for {n} rows of logits")
@@ -250,9 +272,16 @@ def next_ids(samplers: list[Sampler], logits: torch.Tensor) -> torch.Tensor:
         if params.greedy:
             tok = row_ops.argmax(process_logits(lg, params, seen))          # [k]
         else:
-            probs = sampling_probs(lg, params, seen)                          # [k, V]
-            state = to_device([s.take_state() for s in members], logits.device)  # [k, 2] keys, draws
-            tok = row_ops.race(probs, state)                                  # [k]
+            states = [s.take_state() for s in members]                       # [k] (key, draw)
+            g = None
+            if GRAPHS and lg.is_cuda:     # ~30 launches replayed as one: a graph per power-of-two row count
+                from .sampling_graph import graphed
+                g = graphed(params, lg.shape[-1], lg.device, rows=1 << (len(rows) - 1).bit_length(),
+                            capture_from=GRAPH_FROM_CALL)
+            if g is not None:
+                tok = g.run_rows(lg, states, seen)                            # [k]
+            else:
+                tok = keyed_draw(lg, params, seen, to_device(states, logits.device))  # [k]
         if idx is None:
             out = tok
         else:
@@ -265,4 +294,4 @@ def next_ids(samplers: list[Sampler], logits: torch.Tensor) -> torch.Tensor:
 
 
 __all__ = ["SamplingParams", "GenerationError", "SamplingError", "Sampler", "apply_repetition_penalty", "top_k_mask",
-           "top_p_mask", "process_logits", "sampling_probs", "draw", "next_ids", "request_key", "to_device", "BATCH_DRAW"]
+           "top_p_mask", "process_logits", "sampling_probs", "keyed_draw", "draw", "next_ids", "request_key", "to_device", "BATCH_DRAW"]

@@ -2,6 +2,8 @@
 
     g = graphed(params, V, device)           # cached per (device, V, transform parameters)
     tok = g.run(logits, state, seen)         # long [1]: the same id as Sampler's eager ops
+    g = graphed(params, V, device, rows=64)  # the batch scheduler's rows drawn together
+    toks = g.run_rows(logits, states, seen)  # logits [k <= 64, V], states [[key, draw]] * k -> long [k]
 
 A sampled token on a GPU runs ~20 small torch ops (temperature, top-k, top-p's sort, softmax,
 cumulative sums and masks, the draw). Each costs the host ~10-15 us to launch: with top-p the
@@ -14,9 +16,15 @@ the request's (key, draw number) of the keyed draw copied in (so every request k
 random stream and seeded requests stay reproducible), the replay, and the id copied out. The
 graph replays the eager ops' kernels on the same inputs, so the ids are the eager sampler's.
 
-A graph is cached per (device, vocabulary size, temperature, top-k, top-p, repetition penalty):
-requests with the same parameters share it (replays are serialized by a lock and run in stream
-order). At most ``CACHE`` graphs are kept, least recently used dropped.
+The batch scheduler's draw of many rows with the same parameters (``sampling.next_ids``) is ~30
+launches too, whatever the row count: a graph over ``rows`` static rows serves any k <= rows of
+them (the rows past k hold earlier rows' logits, drawn and ignored: a row's bits never depend on
+the others). ``next_ids`` asks for row counts rounded up to a power of two, so a server meets at
+most 7 such graphs a parameter set (2..64 rows), each captured the second time its count comes.
+
+A graph is cached per (device, vocabulary size, row count, temperature, top-k, top-p, repetition
+penalty): requests with the same parameters share it (replays are serialized by a lock and run in
+stream order). At most ``CACHE`` graphs are kept, least recently used dropped.
 """
 
 from __future__ import annotations
@@ -28,26 +36,27 @@ import torch
 
 from ..sampling_params import SamplingParams
 
-CACHE = 8
+CACHE = 16
 _graphs: OrderedDict = OrderedDict()
 _lock = threading.Lock()
 
 
 class GraphedSampler:
-    """One captured sampler: static logits, (key, draw number) and seen buffers in, the drawn id out."""
+    """One captured sampler: static logits, (key, draw number) and seen buffers in, the drawn id
+    out; ``rows`` > 0: that many rows of each ([rows, V] logits, [rows] ids)."""
 
-    def __init__(self, params: SamplingParams, vocab: int, device: torch.device):
-        from . import row_ops
-        from .sampling import sampling_probs           # sampling imports this module lazily
+    def __init__(self, params: SamplingParams, vocab: int, device: torch.device, rows: int = 0):
+        from .sampling import keyed_draw               # sampling imports this module lazily
         self.device = device
         with torch.cuda.device(device), torch.inference_mode():
-            self.logits = torch.zeros(vocab, dtype=torch.float32, device=device)          # [V]
-            self.state = torch.zeros(1, 2, dtype=torch.long, device=device)              # [1, 2] key, draw
-            self.seen = (torch.zeros(vocab, dtype=torch.bool, device=device)
-                         if params.repetition_penalty != 1.0 else None)                   # [V]
+            shape = (rows, vocab) if rows else (vocab,)
+            self.logits = torch.zeros(shape, dtype=torch.float32, device=device)         # [V] / [rows, V]
+            self.state = torch.zeros(max(rows, 1), 2, dtype=torch.long, device=device)   # [rows, 2] key, draw
+            self.seen = (torch.zeros(shape, dtype=torch.bool, device=device)
+                         if params.repetition_penalty != 1.0 else None)                   # like logits
 
             def body() -> torch.Tensor:              # the eager path of Sampler.next_id, keyed
-                return row_ops.race(sampling_probs(self.logits, params, self.seen), self.state)  # [1]
+                return keyed_draw(self.logits, params, self.seen, self.state)                # [1]
 
             side = torch.cuda.Stream(device)         # warm up off the current stream, then capture
             side.wait_stream(torch.cuda.current_stream(device))
@@ -70,18 +79,40 @@ class GraphedSampler:
             self.graph.replay()
             return self.out.clone()
 
+    def run_rows(self, logits: torch.Tensor, states: list[list[int]], seen: torch.Tensor | None) -> torch.Tensor:
+        """logits float32 [k, V] (k up to the graph's rows), each row's (key, draw number), seen
+        bool [k, V] (with a repetition penalty) -> long [k], queued on the current stream."""
+        k = logits.shape[0]
+        st = torch.tensor(states, dtype=torch.long).pin_memory()                         # [k, 2]
+        with _lock, torch.cuda.device(self.device), torch.inference_mode():
+            self.logits[:k].copy_(logits)
+            self.state[:k].copy_(st, non_blocking=True)
+            if self.seen is not None:
+                self.seen[:k].copy_(seen)
+            self.graph.replay()
+            return self.out[:k].clone()
 
-def graphed(params: SamplingParams, vocab: int, device: torch.device) -> GraphedSampler:
-    """The cached graph for these transform parameters (captured on first request)."""
-    key = (str(device), vocab, params.temperature, params.top_k, params.top_p, params.repetition_penalty)
+
+_asked: dict = {}
+
+
+def graphed(params: SamplingParams, vocab: int, device: torch.device, rows: int = 0,
+            capture_from: int = 1) -> GraphedSampler | None:
+    """The cached graph for these transform parameters (``rows`` > 0: of that many rows), captured
+    the ``capture_from``-th time it is asked for (None before)."""
+    key = (str(device), vocab, rows, params.temperature, params.top_k, params.top_p, params.repetition_penalty)
     with _lock:
         g = _graphs.get(key)
         if g is not None:
             _graphs.move_to_end(key)
             return g
-    g = GraphedSampler(params, vocab, device)
+        _asked[key] = _asked.get(key, 0) + 1
+        if _asked[key] < capture_from:
+            return None
+    g = GraphedSampler(params, vocab, device, rows)
     with _lock:
         _graphs[key] = g
+        _asked.pop(key, None)
         while len(_graphs) > CACHE:
             _graphs.popitem(last=False)
     return g

@@ -109,24 +109,29 @@ def _argmax_part(x_ptr, pv_ptr, pi_ptr, V, NB, BLOCK: tl.constexpr):
 
 
 @triton.jit
-def _race_part(p_ptr, st_ptr, pv_ptr, pi_ptr, V, NB, BLOCK: tl.constexpr):
-    """Chunk (row, c) of the exponential race argmax(p / q), q ~ Exp(1) from Philox keyed by the
-    row's (key, draw): element i's variate is counter (i, draw) of stream key, whatever else runs."""
-    row, offs, ok, p = _load_chunk(p_ptr, V, 0.0, BLOCK)
+def _race_keys(p, st_ptr, row, offs):
+    """The race's keys p / q of a chunk, q ~ Exp(1) from Philox keyed by the row's (key, draw):
+    element i's variate is counter (i, draw) of stream key, whatever else runs."""
     key = tl.load(st_ptr + 2 * row)
     draw = tl.load(st_ptr + 2 * row + 1)
     r = tl.randint(key, (draw << 32) + offs.to(tl.int64))                     # uint32 [BLOCK]
     u = ((r >> 8).to(tl.float32) + 0.5) * (1.0 / 16777216.0)                 # 24 bits in (0, 1)
-    v, i = _chunk_argmax(p / -tl.log(u), offs, ok)
+    return p / -tl.log(u)
+
+
+@triton.jit
+def _race_part(p_ptr, st_ptr, pv_ptr, pi_ptr, V, NB, BLOCK: tl.constexpr):
+    """Chunk (row, c) of the exponential race argmax(p / q)."""
+    row, offs, ok, p = _load_chunk(p_ptr, V, 0.0, BLOCK)
+    v, i = _chunk_argmax(_race_keys(p, st_ptr, row, offs), offs, ok)
     tl.store(pv_ptr + row * NB + tl.program_id(1), v)
     tl.store(pi_ptr + row * NB + tl.program_id(1), i)
 
 
 @triton.jit
-def _argmax_fold(pv_ptr, pi_ptr, out_ptr, NB, NBP: tl.constexpr):
-    """Row: the first chunk index of a NaN, else of the largest chunk maximum (indices are global,
-    so the smallest of the tied ones is the first)."""
-    row = tl.program_id(0).to(tl.int64)
+def _fold_first_max(pv_ptr, pi_ptr, row, NB, NBP: tl.constexpr):
+    """Row's chunk maxima folded: the first index of a NaN, else of the largest chunk maximum
+    (indices are global, so the smallest of the tied ones is the first)."""
     j = tl.arange(0, NBP)
     v = tl.load(pv_ptr + row * NB + j, mask=j < NB, other=float("-inf"))
     i = tl.load(pi_ptr + row * NB + j, mask=j < NB, other=2147483647)
@@ -134,7 +139,14 @@ def _argmax_fold(pv_ptr, pi_ptr, out_ptr, NB, NBP: tl.constexpr):
     first_nan = tl.min(tl.where(nan, i, 2147483647), 0)
     m = tl.max(tl.where(nan, float("-inf"), v), 0)
     first_max = tl.min(tl.where((j < NB) & (v == m), i, 2147483647), 0)
-    tl.store(out_ptr + row, tl.where(first_nan < 2147483647, first_nan, first_max).to(tl.int64))
+    return tl.where(first_nan < 2147483647, first_nan, first_max).to(tl.int64)
+
+
+@triton.jit
+def _argmax_fold(pv_ptr, pi_ptr, out_ptr, NB, NBP: tl.constexpr):
+    """Row: the index of its maximum from the chunks' (value, first index)."""
+    row = tl.program_id(0).to(tl.int64)
+    tl.store(out_ptr + row, _fold_first_max(pv_ptr, pi_ptr, row, NB, NBP))
 
 
 @triton.jit
@@ -170,41 +182,88 @@ def _order_keys(x):
 
 
 @triton.jit
-def _cut_part(x_ptr, p_ptr, st_ptr, pm_ptr, pc_ptr, V, NB, SHIFT: tl.constexpr, BLOCK: tl.constexpr):
+def _cut_part(x_ptr, p_ptr, st_ptr, dn_ptr, pm_ptr, pc_ptr, V, NB, SHIFT: tl.constexpr, BLOCK: tl.constexpr):
     """Chunk (row, c), one 4-bit digit of top-p's cut: among its logits whose key agrees with the
-    row's prefix above bit SHIFT + 4, the probability mass and the count of each digit at SHIFT."""
-    row, offs, ok, x = _load_chunk(x_ptr, V, float("-inf"), BLOCK)
-    pr = tl.load(p_ptr + row * V + offs, mask=ok, other=0.0)
-    key = _order_keys(x)
-    prefix = tl.load(st_ptr + row)
-    match = ok & ((key >> (SHIFT + 4)) == (prefix >> (SHIFT + 4)))
-    d = tl.arange(0, 16)
-    hit = match[None, :] & (((key >> SHIFT) & 15)[None, :] == d[:, None])      # [16, BLOCK]
-    base = (row * NB + tl.program_id(1)) * 16
-    tl.store(pm_ptr + base + d, tl.sum(tl.where(hit, pr[None, :], 0.0), 1))
-    tl.store(pc_ptr + base + d, tl.sum(hit.to(tl.int32), 1))
+    row's prefix above bit SHIFT + 4, the probability mass and the count of each digit at SHIFT
+    (rows whose ``done`` flag is set exit at once)."""
+    row = tl.program_id(0).to(tl.int64)
+    if tl.load(dn_ptr + row) == 0:
+        row, offs, ok, x = _load_chunk(x_ptr, V, float("-inf"), BLOCK)
+        pr = tl.load(p_ptr + row * V + offs, mask=ok, other=0.0)
+        key = _order_keys(x)
+        prefix = tl.load(st_ptr + row)
+        match = ok & ((key >> (SHIFT + 4)) == (prefix >> (SHIFT + 4)))
+        d = tl.arange(0, 16)
+        hit = match[None, :] & (((key >> SHIFT) & 15)[None, :] == d[:, None])      # [16, BLOCK]
+        base = (row * NB + tl.program_id(1)) * 16
+        tl.store(pm_ptr + base + d, tl.sum(tl.where(hit, pr[None, :], 0.0), 1))
+        tl.store(pc_ptr + base + d, tl.sum(hit.to(tl.int32), 1))
 
 
 @triton.jit
-def _cut_pick(pm_ptr, pc_ptr, st_ptr, a_ptr, last_ptr, p, NB, SHIFT: tl.constexpr, NBP: tl.constexpr):
+def _cut_pick(pm_ptr, pc_ptr, st_ptr, dn_ptr, a_ptr, last_ptr, p, NB, SHIFT: tl.constexpr, NBP: tl.constexpr):
     """Row: the chunks' digit masses folded (a fixed tree); the lowest digit holding a logit whose
     mass of larger keys (the row's mass above the prefix plus the higher digits') is below p
     extends the prefix; after the last digit, the prefix's float into last[row]."""
     row = tl.program_id(0).to(tl.int64)
-    j = tl.arange(0, NBP)
-    d = tl.arange(0, 16)
-    idx = (row * NB + j[:, None]) * 16 + d[None, :]                           # [NBP, 16]
-    m = tl.sum(tl.load(pm_ptr + idx, mask=(j < NB)[:, None], other=0.0), 0)   # [16]
-    c = tl.sum(tl.load(pc_ptr + idx, mask=(j < NB)[:, None], other=0), 0)
-    above = tl.load(a_ptr + row) + tl.sum(tl.where(d[None, :] > d[:, None], m[None, :], 0.0), 1)
-    pick = tl.min(tl.where((c > 0) & (above < p), d, 16), 0)
-    pick = tl.where(pick < 16, pick, tl.max(tl.where(c > 0, d, 0), 0))     # NaN mass: the top digit
-    prefix = tl.load(st_ptr + row) | (pick.to(tl.int64) << SHIFT)
-    tl.store(st_ptr + row, prefix)
-    tl.store(a_ptr + row, tl.sum(tl.where(d == pick, above, 0.0), 0))
-    if SHIFT == 0:
-        bits = tl.where(prefix >= 0x80000000, prefix ^ 0x80000000, prefix ^ 0xFFFFFFFF)
-        tl.store(last_ptr + row, bits.to(tl.int32).to(tl.float32, bitcast=True))
+    if tl.load(dn_ptr + row) == 0:
+        j = tl.arange(0, NBP)
+        d = tl.arange(0, 16)
+        idx = (row * NB + j[:, None]) * 16 + d[None, :]                           # [NBP, 16]
+        m = tl.sum(tl.load(pm_ptr + idx, mask=(j < NB)[:, None], other=0.0), 0)   # [16]
+        c = tl.sum(tl.load(pc_ptr + idx, mask=(j < NB)[:, None], other=0), 0)
+        above = tl.load(a_ptr + row) + tl.sum(tl.where(d[None, :] > d[:, None], m[None, :], 0.0), 1)
+        pick = tl.min(tl.where((c > 0) & (above < p), d, 16), 0)
+        pick = tl.where(pick < 16, pick, tl.max(tl.where(c > 0, d, 0), 0))     # NaN mass: the top digit
+        prefix = tl.load(st_ptr + row) | (pick.to(tl.int64) << SHIFT)
+        tl.store(st_ptr + row, prefix)
+        tl.store(a_ptr + row, tl.sum(tl.where(d == pick, above, 0.0), 0))
+        if SHIFT == 0:
+            bits = tl.where(prefix >= 0x80000000, prefix ^ 0x80000000, prefix ^ 0xFFFFFFFF)
+            tl.store(last_ptr + row, bits.to(tl.int32).to(tl.float32, bitcast=True))
+
+
+@triton.jit
+def _nucleus_part(x_ptr, p_ptr, st_ptr, cand_ptr, dn_ptr, last_ptr, pm_ptr, pv_ptr, pi_ptr, V, NB,
+                  FLOOR: tl.constexpr, BLOCK: tl.constexpr):
+    """Chunk (row, c) of one round of top-p's draw: the tokens whose logit is above the row's
+    candidate's (all of them before the first candidate; FLOOR: at or above the cut ``last``),
+    their probability mass and their race winner (rows whose ``done`` flag is set exit at once)."""
+    row = tl.program_id(0).to(tl.int64)
+    if tl.load(dn_ptr + row) == 0:
+        row, offs, ok, x = _load_chunk(x_ptr, V, float("-inf"), BLOCK)
+        p = tl.load(p_ptr + row * V + offs, mask=ok, other=0.0)
+        if FLOOR:
+            keep = ok & (x >= tl.load(last_ptr + row))
+        else:
+            cand = tl.load(cand_ptr + row)
+            t = tl.load(x_ptr + row * V + tl.maximum(cand, 0))                 # the candidate's logit
+            keep = tl.where(cand < 0, ok, ok & (x > t))
+        v, i = _chunk_argmax(tl.where(keep, _race_keys(p, st_ptr, row, offs), -1.0), offs, ok)
+        tl.store(pm_ptr + row * NB + tl.program_id(1), tl.sum(tl.where(keep, p, 0.0), 0))
+        tl.store(pv_ptr + row * NB + tl.program_id(1), v)
+        tl.store(pi_ptr + row * NB + tl.program_id(1), i)
+
+
+@triton.jit
+def _nucleus_pick(pm_ptr, pv_ptr, pi_ptr, cand_ptr, dn_ptr, out_ptr, p, NB, FLOOR: tl.constexpr,
+                  NBP: tl.constexpr):
+    """Row: if the mass above its candidate is below p, the candidate is top-p's draw (done);
+    else the race's winner above it is the next candidate (FLOOR: the winner is the draw)."""
+    row = tl.program_id(0).to(tl.int64)
+    if tl.load(dn_ptr + row) == 0:
+        j = tl.arange(0, NBP)
+        mass = tl.sum(tl.load(pm_ptr + row * NB + j, mask=j < NB, other=0.0), 0)
+        cand = tl.load(cand_ptr + row)
+        win = _fold_first_max(pv_ptr, pi_ptr, row, NB, NBP)
+        if FLOOR:
+            tl.store(out_ptr + row, win)
+            tl.store(dn_ptr + row, 1)
+        elif (cand >= 0).to(tl.int32) * (mass < p).to(tl.int32) > 0:
+            tl.store(out_ptr + row, cand)
+            tl.store(dn_ptr + row, 1)
+        else:
+            tl.store(cand_ptr + row, win)
 
 
 def _rows2d(x: torch.Tensor, name: str) -> torch.Tensor:
@@ -266,14 +325,9 @@ def first_reaching(ps: torch.Tensor, p: float) -> torch.Tensor:
     return out
 
 
-def top_p_last(x: torch.Tensor, probs: torch.Tensor, p: float) -> torch.Tensor:
-    """Top-p's cut without a sort: logits x and their probabilities float32 [V] / [n, V] -> float32
-    [1] / [n], the smallest logit whose tokens have less than p of mass among the larger logits
-    (the last value top-p keeps; keep ``x >= last``). Found digit by digit, 4 bits a round over
-    the logits' order-preserving 32-bit keys: 8 rounds of two launches, each a pass over x."""
-    x2, p2 = _rows2d(x, "top_p_last"), _rows2d(probs, "top_p_last")
-    if p2.shape != x2.shape:
-        raise ValueError(f"rows.top_p_last: probs {tuple(probs.shape)} must have the logits' shape {tuple(x.shape)}")
+def _cut(x2: torch.Tensor, p2: torch.Tensor, p: float, done: torch.Tensor) -> torch.Tensor:
+    """The last logit top-p keeps in each row of x2 [n, V] whose ``done`` flag is 0 -> float32 [n]
+    (rows already done: undefined): 8 rounds of two launches, 4 bits a round, each a pass over x."""
     n, V = x2.shape
     nb = cdiv(V, BLOCK)
     dev = x2.device
@@ -283,10 +337,72 @@ def top_p_last(x: torch.Tensor, probs: torch.Tensor, p: float) -> torch.Tensor:
     above = torch.zeros(n, dtype=torch.float32, device=dev)
     last = torch.empty(n, dtype=torch.float32, device=dev)
     for shift in range(28, -1, -4):
-        _cut_part[(n, nb)](x2, p2, prefix, pm, pc, V, nb, SHIFT=shift, BLOCK=BLOCK, num_warps=WARPS)
-        _cut_pick[(n,)](pm, pc, prefix, above, last, float(p), nb, SHIFT=shift, NBP=next_pow2(nb),
+        _cut_part[(n, nb)](x2, p2, prefix, done, pm, pc, V, nb, SHIFT=shift, BLOCK=BLOCK, num_warps=WARPS)
+        _cut_pick[(n,)](pm, pc, prefix, done, above, last, float(p), nb, SHIFT=shift, NBP=next_pow2(nb),
                         num_warps=WARPS)
     return last
 
 
-__all__ = ["BLOCK", "argmax", "first_reaching", "race", "softmax", "top_p_last"]
+def _pair(x: torch.Tensor, probs: torch.Tensor, name: str) -> tuple[torch.Tensor, torch.Tensor]:
+    x2, p2 = _rows2d(x, name), _rows2d(probs, name)
+    if p2.shape != x2.shape:
+        raise ValueError(f"rows.{name}: probs {tuple(probs.shape)} must have the logits' shape {tuple(x.shape)}")
+    return x2, p2
+
+
+def top_p_last(x: torch.Tensor, probs: torch.Tensor, p: float) -> torch.Tensor:
+    """Top-p's cut without a sort: logits x and their probabilities float32 [V] / [n, V] -> float32
+    [1] / [n], the smallest logit whose tokens have less than p of mass among the larger logits
+    (the last value top-p keeps; keep ``x >= last``). Found digit by digit, 4 bits a round over
+    the logits' order-preserving 32-bit keys: 8 rounds of two launches, each a pass over x."""
+    x2, p2 = _pair(x, probs, "top_p_last")
+    return _cut(x2, p2, p, torch.zeros(x2.shape[0], dtype=torch.int32, device=x2.device))
+
+
+# rounds of the candidate test before the cut digit by digit (which then runs for the rows left)
+NUCLEUS_ROUNDS = 3
+
+
+def race_top_p(x: torch.Tensor, probs: torch.Tensor, p: float, state: torch.Tensor,
+               last: torch.Tensor | None = None, rounds: int | None = None) -> torch.Tensor:
+    """Top-p's draw without masking the row: logits x and their probabilities float32 [V] / [n, V],
+    state int64 [n, 2] (key, draw) -> long [1] / [n], the race's winner among the tokens top-p
+    keeps (``race`` over ``probs`` with every token below the cut at 0: the same keys).
+
+    The winner is looked for first: the race over the whole row gives a candidate; if the mass of
+    the tokens with larger logits is below p the candidate is in the nucleus, and since the
+    nucleus is a subset of the row it wins there too; else every token at or below it is out, and
+    the race over the tokens above it gives the next candidate. A candidate is drawn by its
+    probability, so it fails with probability at most 1 - p (a round is one pass over the row,
+    testing one candidate and racing the next). After ``rounds`` (``NUCLEUS_ROUNDS``) passes, the
+    rows left find the cut digit by digit and race above it. With ``last`` (the cut, float32 [n],
+    e.g. from a sort) the race is run above it at once."""
+    x2, p2 = _pair(x, probs, "race_top_p")
+    n, V = x2.shape
+    if state.dtype != torch.long or tuple(state.shape) != (n, 2):
+        raise ValueError(f"rows.race_top_p: state must be int64 [{n}, 2] (key, draw), got "
+                         f"{state.dtype} {tuple(state.shape)}")
+    state = state.contiguous()
+    nb, dev = cdiv(V, BLOCK), x2.device
+    cand = torch.full((n,), -1, dtype=torch.long, device=dev)
+    done = torch.zeros(n, dtype=torch.int32, device=dev)
+    out = torch.empty(n, dtype=torch.long, device=dev)
+    pm = torch.empty(n, nb, dtype=torch.float32, device=dev)
+    pv = torch.empty(n, nb, dtype=torch.float32, device=dev)
+    pi = torch.empty(n, nb, dtype=torch.int32, device=dev)
+
+    def one_round(floor: bool, cut: torch.Tensor) -> None:
+        _nucleus_part[(n, nb)](x2, p2, state, cand, done, cut, pm, pv, pi, V, nb, FLOOR=floor, BLOCK=BLOCK,
+                               num_warps=WARPS)
+        _nucleus_pick[(n,)](pm, pv, pi, cand, done, out, float(p), nb, FLOOR=floor, NBP=next_pow2(nb),
+                            num_warps=WARPS)
+
+    if last is None:
+        for _ in range(NUCLEUS_ROUNDS if rounds is None else rounds):
+            one_round(False, pm)
+        last = _cut(x2, p2, p, done)
+    one_round(True, last.reshape(n).contiguous())
+    return out
+
+
+__all__ = ["BLOCK", "NUCLEUS_ROUNDS", "argmax", "first_reaching", "race", "race_top_p", "softmax", "top_p_last"]
