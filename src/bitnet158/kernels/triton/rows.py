@@ -131,10 +131,11 @@ def _race_part(p_ptr, st_ptr, pv_ptr, pi_ptr, V, NB, BLOCK: tl.constexpr):
 @triton.jit
 def _fold_first_max(pv_ptr, pi_ptr, row, NB, NBP: tl.constexpr):
     """Row's chunk maxima folded: the first index of a NaN, else of the largest chunk maximum
-    (indices are global, so the smallest of the tied ones is the first)."""
+    (indices are global, so the smallest of the tied ones is the first). Loads through L2 (a
+    kernel's last program reads what the others stored)."""
     j = tl.arange(0, NBP)
-    v = tl.load(pv_ptr + row * NB + j, mask=j < NB, other=float("-inf"))
-    i = tl.load(pi_ptr + row * NB + j, mask=j < NB, other=2147483647)
+    v = tl.load(pv_ptr + row * NB + j, mask=j < NB, other=float("-inf"), cache_modifier=".cg")
+    i = tl.load(pi_ptr + row * NB + j, mask=j < NB, other=2147483647, cache_modifier=".cg")
     nan = v != v
     first_nan = tl.min(tl.where(nan, i, 2147483647), 0)
     m = tl.max(tl.where(nan, float("-inf"), v), 0)
@@ -182,10 +183,22 @@ def _order_keys(x):
 
 
 @triton.jit
-def _cut_part(x_ptr, p_ptr, st_ptr, dn_ptr, pm_ptr, pc_ptr, V, NB, SHIFT: tl.constexpr, BLOCK: tl.constexpr):
-    """Chunk (row, c), one 4-bit digit of top-p's cut: among its logits whose key agrees with the
-    row's prefix above bit SHIFT + 4, the probability mass and the count of each digit at SHIFT
-    (rows whose ``done`` flag is set exit at once)."""
+def _last_of_row(cnt_ptr, row, NB):
+    """Whether this program is the last of its row's NB to finish (its stores before are visible
+    to that one); the last one resets the counter when it is done (``_row_done``)."""
+    tl.debug_barrier()
+    return tl.atomic_add(cnt_ptr + row, 1) == NB - 1            # acq_rel: our partials are visible
+
+
+@triton.jit
+def _cut_round(x_ptr, p_ptr, st_ptr, dn_ptr, pm_ptr, pc_ptr, a_ptr, last_ptr, cnt_ptr, p, V, NB,
+               SHIFT: tl.constexpr, BLOCK: tl.constexpr, NBP: tl.constexpr):
+    """One 4-bit digit of top-p's cut. Chunk (row, c): among its logits whose key agrees with the
+    row's prefix above bit SHIFT + 4, the probability mass and the count of each digit at SHIFT.
+    The row's last program to finish folds the chunks' (a fixed tree): the lowest digit holding a
+    logit whose mass of larger keys (the row's mass above the prefix plus the higher digits') is
+    below p extends the prefix; after the last digit, the prefix's float into last[row]. Rows
+    whose ``done`` flag is set exit at once."""
     row = tl.program_id(0).to(tl.int64)
     if tl.load(dn_ptr + row) == 0:
         row, offs, ok, x = _load_chunk(x_ptr, V, float("-inf"), BLOCK)
@@ -198,72 +211,61 @@ def _cut_part(x_ptr, p_ptr, st_ptr, dn_ptr, pm_ptr, pc_ptr, V, NB, SHIFT: tl.con
         base = (row * NB + tl.program_id(1)) * 16
         tl.store(pm_ptr + base + d, tl.sum(tl.where(hit, pr[None, :], 0.0), 1))
         tl.store(pc_ptr + base + d, tl.sum(hit.to(tl.int32), 1))
+        if _last_of_row(cnt_ptr, row, NB):
+            tl.debug_barrier()
+            j = tl.arange(0, NBP)
+            idx = (row * NB + j[:, None]) * 16 + d[None, :]                                        # [NBP, 16]
+            m = tl.sum(tl.load(pm_ptr + idx, mask=(j < NB)[:, None], other=0.0, cache_modifier=".cg"), 0)
+            c = tl.sum(tl.load(pc_ptr + idx, mask=(j < NB)[:, None], other=0, cache_modifier=".cg"), 0)
+            above = tl.load(a_ptr + row) + tl.sum(tl.where(d[None, :] > d[:, None], m[None, :], 0.0), 1)
+            pick = tl.min(tl.where((c > 0) & (above < p), d, 16), 0)
+            pick = tl.where(pick < 16, pick, tl.max(tl.where(c > 0, d, 0), 0))     # NaN mass: the top digit
+            prefix = prefix | (pick.to(tl.int64) << SHIFT)
+            tl.store(st_ptr + row, prefix)
+            tl.store(a_ptr + row, tl.sum(tl.where(d == pick, above, 0.0), 0))
+            if SHIFT == 0:
+                bits = tl.where(prefix >= 0x80000000, prefix ^ 0x80000000, prefix ^ 0xFFFFFFFF)
+                tl.store(last_ptr + row, bits.to(tl.int32).to(tl.float32, bitcast=True))
+            tl.atomic_xchg(cnt_ptr + row, 0)                                 # ready for the next round
 
 
 @triton.jit
-def _cut_pick(pm_ptr, pc_ptr, st_ptr, dn_ptr, a_ptr, last_ptr, p, NB, SHIFT: tl.constexpr, NBP: tl.constexpr):
-    """Row: the chunks' digit masses folded (a fixed tree); the lowest digit holding a logit whose
-    mass of larger keys (the row's mass above the prefix plus the higher digits') is below p
-    extends the prefix; after the last digit, the prefix's float into last[row]."""
-    row = tl.program_id(0).to(tl.int64)
-    if tl.load(dn_ptr + row) == 0:
-        j = tl.arange(0, NBP)
-        d = tl.arange(0, 16)
-        idx = (row * NB + j[:, None]) * 16 + d[None, :]                           # [NBP, 16]
-        m = tl.sum(tl.load(pm_ptr + idx, mask=(j < NB)[:, None], other=0.0), 0)   # [16]
-        c = tl.sum(tl.load(pc_ptr + idx, mask=(j < NB)[:, None], other=0), 0)
-        above = tl.load(a_ptr + row) + tl.sum(tl.where(d[None, :] > d[:, None], m[None, :], 0.0), 1)
-        pick = tl.min(tl.where((c > 0) & (above < p), d, 16), 0)
-        pick = tl.where(pick < 16, pick, tl.max(tl.where(c > 0, d, 0), 0))     # NaN mass: the top digit
-        prefix = tl.load(st_ptr + row) | (pick.to(tl.int64) << SHIFT)
-        tl.store(st_ptr + row, prefix)
-        tl.store(a_ptr + row, tl.sum(tl.where(d == pick, above, 0.0), 0))
-        if SHIFT == 0:
-            bits = tl.where(prefix >= 0x80000000, prefix ^ 0x80000000, prefix ^ 0xFFFFFFFF)
-            tl.store(last_ptr + row, bits.to(tl.int32).to(tl.float32, bitcast=True))
-
-
-@triton.jit
-def _nucleus_part(x_ptr, p_ptr, st_ptr, cand_ptr, dn_ptr, last_ptr, pm_ptr, pv_ptr, pi_ptr, V, NB,
-                  FLOOR: tl.constexpr, BLOCK: tl.constexpr):
-    """Chunk (row, c) of one round of top-p's draw: the tokens whose logit is above the row's
+def _nucleus_round(x_ptr, p_ptr, st_ptr, cand_ptr, dn_ptr, last_ptr, pm_ptr, pv_ptr, pi_ptr, cnt_ptr, out_ptr,
+                   p, V, NB, FLOOR: tl.constexpr, BLOCK: tl.constexpr, NBP: tl.constexpr):
+    """One round of top-p's draw. Chunk (row, c): the tokens whose logit is above the row's
     candidate's (all of them before the first candidate; FLOOR: at or above the cut ``last``),
-    their probability mass and their race winner (rows whose ``done`` flag is set exit at once)."""
+    their probability mass and their race winner. The row's last program to finish folds them: if
+    the mass above the candidate is below p, the candidate is the draw (done); else the race's
+    winner above it is the next candidate (FLOOR: the winner is the draw). Rows whose ``done``
+    flag is set exit at once."""
     row = tl.program_id(0).to(tl.int64)
     if tl.load(dn_ptr + row) == 0:
         row, offs, ok, x = _load_chunk(x_ptr, V, float("-inf"), BLOCK)
-        p = tl.load(p_ptr + row * V + offs, mask=ok, other=0.0)
+        pr = tl.load(p_ptr + row * V + offs, mask=ok, other=0.0)
+        cand = tl.load(cand_ptr + row)
         if FLOOR:
             keep = ok & (x >= tl.load(last_ptr + row))
         else:
-            cand = tl.load(cand_ptr + row)
             t = tl.load(x_ptr + row * V + tl.maximum(cand, 0))                 # the candidate's logit
             keep = tl.where(cand < 0, ok, ok & (x > t))
-        v, i = _chunk_argmax(tl.where(keep, _race_keys(p, st_ptr, row, offs), -1.0), offs, ok)
-        tl.store(pm_ptr + row * NB + tl.program_id(1), tl.sum(tl.where(keep, p, 0.0), 0))
+        v, i = _chunk_argmax(tl.where(keep, _race_keys(pr, st_ptr, row, offs), -1.0), offs, ok)
+        tl.store(pm_ptr + row * NB + tl.program_id(1), tl.sum(tl.where(keep, pr, 0.0), 0))
         tl.store(pv_ptr + row * NB + tl.program_id(1), v)
         tl.store(pi_ptr + row * NB + tl.program_id(1), i)
-
-
-@triton.jit
-def _nucleus_pick(pm_ptr, pv_ptr, pi_ptr, cand_ptr, dn_ptr, out_ptr, p, NB, FLOOR: tl.constexpr,
-                  NBP: tl.constexpr):
-    """Row: if the mass above its candidate is below p, the candidate is top-p's draw (done);
-    else the race's winner above it is the next candidate (FLOOR: the winner is the draw)."""
-    row = tl.program_id(0).to(tl.int64)
-    if tl.load(dn_ptr + row) == 0:
-        j = tl.arange(0, NBP)
-        mass = tl.sum(tl.load(pm_ptr + row * NB + j, mask=j < NB, other=0.0), 0)
-        cand = tl.load(cand_ptr + row)
-        win = _fold_first_max(pv_ptr, pi_ptr, row, NB, NBP)
-        if FLOOR:
-            tl.store(out_ptr + row, win)
-            tl.store(dn_ptr + row, 1)
-        elif (cand >= 0).to(tl.int32) * (mass < p).to(tl.int32) > 0:
-            tl.store(out_ptr + row, cand)
-            tl.store(dn_ptr + row, 1)
-        else:
-            tl.store(cand_ptr + row, win)
+        if _last_of_row(cnt_ptr, row, NB):
+            tl.debug_barrier()
+            j = tl.arange(0, NBP)
+            mass = tl.sum(tl.load(pm_ptr + row * NB + j, mask=j < NB, other=0.0, cache_modifier=".cg"), 0)
+            win = _fold_first_max(pv_ptr, pi_ptr, row, NB, NBP)
+            if FLOOR:
+                tl.store(out_ptr + row, win)
+                tl.store(dn_ptr + row, 1)
+            elif (cand >= 0).to(tl.int32) * (mass < p).to(tl.int32) > 0:
+                tl.store(out_ptr + row, cand)
+                tl.store(dn_ptr + row, 1)
+            else:
+                tl.store(cand_ptr + row, win)
+            tl.atomic_xchg(cnt_ptr + row, 0)                                 # ready for the next round
 
 
 def _rows2d(x: torch.Tensor, name: str) -> torch.Tensor:
@@ -327,7 +329,7 @@ def first_reaching(ps: torch.Tensor, p: float) -> torch.Tensor:
 
 def _cut(x2: torch.Tensor, p2: torch.Tensor, p: float, done: torch.Tensor) -> torch.Tensor:
     """The last logit top-p keeps in each row of x2 [n, V] whose ``done`` flag is 0 -> float32 [n]
-    (rows already done: undefined): 8 rounds of two launches, 4 bits a round, each a pass over x."""
+    (rows already done: undefined): 8 launches, 4 bits each, each a pass over x."""
     n, V = x2.shape
     nb = cdiv(V, BLOCK)
     dev = x2.device
@@ -336,10 +338,10 @@ def _cut(x2: torch.Tensor, p2: torch.Tensor, p: float, done: torch.Tensor) -> to
     prefix = torch.zeros(n, dtype=torch.long, device=dev)
     above = torch.zeros(n, dtype=torch.float32, device=dev)
     last = torch.empty(n, dtype=torch.float32, device=dev)
+    cnt = torch.zeros(n, dtype=torch.int32, device=dev)
     for shift in range(28, -1, -4):
-        _cut_part[(n, nb)](x2, p2, prefix, done, pm, pc, V, nb, SHIFT=shift, BLOCK=BLOCK, num_warps=WARPS)
-        _cut_pick[(n,)](pm, pc, prefix, done, above, last, float(p), nb, SHIFT=shift, NBP=next_pow2(nb),
-                        num_warps=WARPS)
+        _cut_round[(n, nb)](x2, p2, prefix, done, pm, pc, above, last, cnt, float(p), V, nb, SHIFT=shift,
+                            BLOCK=BLOCK, NBP=next_pow2(nb), num_warps=WARPS)
     return last
 
 
@@ -354,7 +356,7 @@ def top_p_last(x: torch.Tensor, probs: torch.Tensor, p: float) -> torch.Tensor:
     """Top-p's cut without a sort: logits x and their probabilities float32 [V] / [n, V] -> float32
     [1] / [n], the smallest logit whose tokens have less than p of mass among the larger logits
     (the last value top-p keeps; keep ``x >= last``). Found digit by digit, 4 bits a round over
-    the logits' order-preserving 32-bit keys: 8 rounds of two launches, each a pass over x."""
+    the logits' order-preserving 32-bit keys: 8 launches, each a pass over x."""
     x2, p2 = _pair(x, probs, "top_p_last")
     return _cut(x2, p2, p, torch.zeros(x2.shape[0], dtype=torch.int32, device=x2.device))
 
@@ -391,11 +393,11 @@ def race_top_p(x: torch.Tensor, probs: torch.Tensor, p: float, state: torch.Tens
     pv = torch.empty(n, nb, dtype=torch.float32, device=dev)
     pi = torch.empty(n, nb, dtype=torch.int32, device=dev)
 
+    cnt = torch.zeros(n, dtype=torch.int32, device=dev)
+
     def one_round(floor: bool, cut: torch.Tensor) -> None:
-        _nucleus_part[(n, nb)](x2, p2, state, cand, done, cut, pm, pv, pi, V, nb, FLOOR=floor, BLOCK=BLOCK,
-                               num_warps=WARPS)
-        _nucleus_pick[(n,)](pm, pv, pi, cand, done, out, float(p), nb, FLOOR=floor, NBP=next_pow2(nb),
-                            num_warps=WARPS)
+        _nucleus_round[(n, nb)](x2, p2, state, cand, done, cut, pm, pv, pi, cnt, out, float(p), V, nb, FLOOR=floor,
+                                BLOCK=BLOCK, NBP=next_pow2(nb), num_warps=WARPS)
 
     if last is None:
         for _ in range(NUCLEUS_ROUNDS if rounds is None else rounds):
