@@ -1,16 +1,24 @@
-"""Top-p's cut on a GPU: digit by digit (the row kernels' default) against sorting the row.
+"""Top-p's draw on a GPU: the nucleus race (the default) against the cut digit by digit and the sort.
 
     python3 bench/sampler_cut.py --out bench/results/sampler_cut-<date>-<machine>.json
 
-Times, for each way of finding the cut (``sampling.SORTED_CUT``), one sampler's ``next_id`` through
-its CUDA graph on one row of 128256 fp32 logits (temperature 0.8, top-p 0.95) and the batch
-scheduler's draw of 64 such rows together (``sampling.next_ids``), us a call by CUDA events, on
-Gaussian logits of scale 3 and 12 (a wide and a narrow nucleus). The digits are timed before and
-after the sort (``_digits`` is the second). Then the ops a cut by sorting rests on, alone, on 1
-and 64 rows of Gaussian logits (times 3): ``torch.sort`` (and stable), ``torch.topk`` of 64 to
-4096, ``torch.softmax``. Prints a table, then one JSON line
-(``sampler_top_p_b1_x<scale>_<how>_us``, ``rows64_top_p_x<scale>_<how>_us``, ``sort_rows<n>_us``,
-``sort_stable_rows<n>_us``, ``topk<k>_rows<n>_us``, ``softmax_rows<n>_us``).
+On Gaussian logits of scale 3 and 12 (a wide and a narrow nucleus; temperature 0.8, top-p 0.95)
+of 1, 8 and 64 rows of 128256, times the keyed draw (``sampling.keyed_draw``) four ways, each
+eager and replayed from a CUDA graph (us a call back to back, CUDA events):
+
+- ``nucleus``: ``rows.race_top_p``, the race's winner tested against the mass above it;
+- ``cut``: the same with no candidate round (the cut digit by digit for every row, then the race
+  above it);
+- ``sort``: the cut by sorting the rows (``sampling.SORTED_CUT``), then the race above it;
+- ``mask``: the cut digit by digit, the logits masked and the race over the softmax of what is
+  left (``race(sampling_probs(...))``: the draw before the nucleus race).
+
+Each way's ids are checked equal to the nucleus race's (``<rows>_x<scale>_<way>_same_ids``). Then
+the batch scheduler's draw of 64 rows (``sampling.next_ids``, the ids read back) with its graphs
+on and off, for top-p and temperature only, and the nucleus race's graph at 64 rows for several
+launch widths of its rounds (``rows.ROUND_PROGRAMS``). Prints a table, then one JSON line
+(``rows<n>_x<scale>_<way>_<eager|graph>_us``, ``next_ids_rows64_<case>_<graph|eager>_us``,
+``nucleus_rows64_programs<k>_graph_us``).
 """
 
 from __future__ import annotations
@@ -20,14 +28,15 @@ import json
 
 import torch
 
-from bitnet158.engine import sampling, sampling_graph
+from bitnet158.engine import row_ops, sampling
 from bitnet158.engine.sampling import Sampler, SamplingParams
 
 V = 128256
+PARAMS = SamplingParams(temperature=0.8, top_p=0.95)
 
 
-def events_us(f, n: int = 200) -> float:
-    for _ in range(10):
+def events_us(f, n: int = 50) -> float:
+    for _ in range(5):
         f()
     s, e = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
     torch.cuda.synchronize()
@@ -39,40 +48,84 @@ def events_us(f, n: int = 200) -> float:
     return round(s.elapsed_time(e) / n * 1e3, 1)
 
 
+def graph_us(body) -> float:
+    """``body`` captured in a CUDA graph (after a warm-up on a side stream), us a replay."""
+    side = torch.cuda.Stream()
+    side.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(side):
+        body()
+    torch.cuda.current_stream().wait_stream(side)
+    g = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(g):
+        body()
+    return events_us(g.replay)
+
+
+def ways(x: torch.Tensor, state: torch.Tensor) -> dict:
+    """The draws of logits x [n, V] with keys state [n, 2], each a function of no arguments."""
+    from bitnet158.kernels.triton import rows
+
+    def with_cut(sort: bool, f):
+        def run():
+            keep, sampling.SORTED_CUT = sampling.SORTED_CUT, sort
+            try:
+                return f()
+            finally:
+                sampling.SORTED_CUT = keep
+        return run
+
+    def cut_only():
+        lg = x / PARAMS.temperature
+        return rows.race_top_p(lg, row_ops.softmax(lg), PARAMS.top_p, state, rounds=0)
+    return {"nucleus": with_cut(False, lambda: sampling.keyed_draw(x, PARAMS, None, state)),
+            "cut": cut_only,
+            "sort": with_cut(True, lambda: sampling.keyed_draw(x, PARAMS, None, state)),
+            "mask": with_cut(False, lambda: row_ops.race(sampling.sampling_probs(x, PARAMS, None), state))}
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--out", default=None, help="write the JSON line here")
     args = ap.parse_args()
     if not torch.cuda.is_available():
         raise SystemExit("sampler_cut: needs a CUDA device")
+    from bitnet158.kernels.triton import rows
     out = {"device": torch.cuda.get_device_name()}
-    params = dict(temperature=0.8, top_p=0.95)
-    for sort in (False, True, False):
-        sampling.SORTED_CUT = sort
-        sampling_graph._graphs.clear()                       # graphs captured with this cut
-        how = "sort" if sort else "digits"
+    for n in (1, 8, 64):
         for scale in (3.0, 12.0):
-            x = torch.randn(V, device="cuda") * scale                                   # [V]
-            one = Sampler(SamplingParams(seed=0, **params), V, device="cuda")
-            out[f"sampler_top_p_b1_x{int(scale)}_{how}_us"] = events_us(lambda: one.next_id(x))
-            xs = torch.randn(64, V, device="cuda") * scale                              # [64, V]
+            x = torch.randn(n, V, device="cuda") * scale                                    # [n, V]
+            state = torch.stack([torch.arange(n) * 7919 + 1, torch.full((n,), 5)], dim=1).cuda()  # [n, 2]
+            fs = ways(x, state)
+            want = fs["nucleus"]()
+            for way, f in fs.items():
+                tag = f"rows{n}_x{int(scale)}_{way}"
+                out[f"{tag}_same_ids"] = bool(torch.equal(f(), want))
+                out[f"{tag}_eager_us"] = events_us(f)
+                out[f"{tag}_graph_us"] = graph_us(f)
+    x = torch.randn(64, V, device="cuda") * 3
+    for case, params in (("top_p", dict(temperature=0.8, top_p=0.95)), ("temperature", dict(temperature=0.8))):
+        keep = sampling.GRAPHS
+        for graphs, tag in ((True, "graph"), (False, "eager")):
+            sampling.GRAPHS = graphs
             many = [Sampler(SamplingParams(seed=i, **params), V, device="cuda") for i in range(64)]
-            out[f"rows64_top_p_x{int(scale)}_{how}_us"] = events_us(lambda: sampling.next_ids(many, xs), 50)
-    sampling.SORTED_CUT = False
-    ops = ["sort", "sort_stable", *(f"topk{k}" for k in (64, 256, 1024, 4096)), "softmax"]
-    for n in (1, 64):
-        x = torch.randn(n, V, device="cuda") * 3                                         # [n, V]
-        out[f"sort_rows{n}_us"] = events_us(lambda: torch.sort(x, dim=-1, descending=True), 50)
-        out[f"sort_stable_rows{n}_us"] = events_us(lambda: torch.sort(x, dim=-1, descending=True, stable=True), 50)
-        for k in (64, 256, 1024, 4096):
-            out[f"topk{k}_rows{n}_us"] = events_us(lambda: torch.topk(x, k, dim=-1), 50)
-        out[f"softmax_rows{n}_us"] = events_us(lambda: torch.softmax(x, -1), 50)
-    print(f"{'case':<22}{'digits us':>11}{'sort us':>10}")
-    for case in ("sampler_top_p_b1_x3", "sampler_top_p_b1_x12", "rows64_top_p_x3", "rows64_top_p_x12"):
-        print(f"{case:<22}{out[f'{case}_digits_us']:>11}{out[f'{case}_sort_us']:>10}")
-    print(f"{'op':<22}{'1 row us':>11}{'64 rows us':>12}")
-    for op in ops:
-        print(f"{op:<22}{out[f'{op}_rows1_us']:>11}{out[f'{op}_rows64_us']:>12}")
+            out[f"next_ids_rows64_{case}_{tag}_us"] = events_us(lambda: sampling.next_ids(many, x).tolist())
+        sampling.GRAPHS = keep
+    state = torch.stack([torch.arange(64) * 7919 + 1, torch.full((64,), 5)], dim=1).cuda()
+    keep = rows.ROUND_PROGRAMS
+    for k in (0, 1024, 2048, 4096):
+        rows.ROUND_PROGRAMS = k
+        out[f"nucleus_rows64_programs{k}_graph_us"] = graph_us(lambda: sampling.keyed_draw(x, PARAMS, None, state))
+    rows.ROUND_PROGRAMS = keep
+    print(f"{'rows, scale':<14}" + "".join(f"{w + ' eager/graph us':>28}" for w in ("nucleus", "cut", "sort", "mask")))
+    for n in (1, 8, 64):
+        for scale in (3, 12):
+            cells = [f"{out[f'rows{n}_x{scale}_{w}_eager_us']}/{out[f'rows{n}_x{scale}_{w}_graph_us']}"
+                     + ("" if out[f"rows{n}_x{scale}_{w}_same_ids"] else " (ids differ)")
+                     for w in ("nucleus", "cut", "sort", "mask")]
+            print(f"{f'{n}, x{scale}':<14}" + "".join(f"{c:>28}" for c in cells))
+    for k, v in out.items():
+        if k.startswith(("next_ids", "nucleus_rows64")):
+            print(f"{k:<44}{v:>10}")
     line = json.dumps(out)
     print(line)
     if args.out:

@@ -181,6 +181,10 @@ def test_race_top_p_is_the_race_over_the_cut(V):
                 got = rows.race_top_p(x, probs, p, state, rounds=rounds)
                 assert torch.equal(got, want), (p, draw, rounds, got.tolist(), want.tolist())
             assert torch.equal(rows.race_top_p(x, probs, p, state, last=last), want)
+        with pytest.MonkeyPatch.context() as mp:     # 2 programs a row, each looping over its chunks
+            mp.setattr(rows, "ROUND_PROGRAMS", 12)
+            assert torch.equal(rows.race_top_p(x, probs, p, state, rounds=1), want)
+            assert torch.equal(rows.top_p_last(x, probs, p), last)
         assert torch.equal(rows.race_top_p(x[5], probs[5], p, state[5:6]), want[5:6])   # alone: the same
     with pytest.raises(ValueError, match="rows.race_top_p: state must be int64"):
         rows.race_top_p(x, probs, 0.5, torch.zeros(2, 2, dtype=torch.long, device=DEV))

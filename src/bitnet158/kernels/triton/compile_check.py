@@ -183,11 +183,12 @@ def main(argv: list[str] | None = None) -> int:
     cut = dict(x_ptr=P(f32), p_ptr=P(f32), st_ptr=P("i64"), dn_ptr=P(i32), pm_ptr=P(f32), pc_ptr=P(i32),
                a_ptr=P(f32), last_ptr=P(f32), cnt_ptr=P(i32), p=f32)
     for shift in (28, 0):
-        comp(rows._cut_round, cut, dict(BLOCK=rows.BLOCK, NBP=128, SHIFT=shift), num_warps=rows.WARPS)
+        comp(rows._cut_round, cut, dict(BLOCK=rows.BLOCK, NBP=128, SHIFT=shift, CPP=4), num_warps=rows.WARPS)
     nucleus = dict(x_ptr=P(f32), p_ptr=P(f32), st_ptr=P("i64"), cand_ptr=P("i64"), dn_ptr=P(i32), last_ptr=P(f32),
                    pm_ptr=P(f32), pv_ptr=P(f32), pi_ptr=P(i32), cnt_ptr=P(i32), out_ptr=P("i64"), p=f32)
     for floor in (False, True):
-        comp(rows._nucleus_round, nucleus, dict(BLOCK=rows.BLOCK, NBP=128, FLOOR=floor), num_warps=rows.WARPS)
+        comp(rows._nucleus_round, nucleus, dict(BLOCK=rows.BLOCK, NBP=128, FLOOR=floor, CPP=4),
+             num_warps=rows.WARPS)
     return 1 if errors else 0
 
 

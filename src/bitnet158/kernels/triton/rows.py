@@ -47,6 +47,16 @@ from .common import cdiv, next_pow2
 
 BLOCK = 1024        # a program's slice of a row: 126 programs a row at V = 128256
 WARPS = 4
+# top-p's rounds (the cut's digits, the draw's rounds) launch up to this many programs in all, each
+# then looping over several chunks of its row (many rows: fewer programs a row), since most of
+# these launches find their rows done and exit at once; 0: a program a chunk
+ROUND_PROGRAMS = 2048
+
+
+def row_programs(n: int, nb: int) -> int:
+    """Programs a row for top-p's rounds over n rows of nb chunks (the chunks' partials are kept
+    per chunk and folded in chunk order, so a row's bits do not depend on it)."""
+    return nb if ROUND_PROGRAMS <= 0 else max(1, min(nb, cdiv(ROUND_PROGRAMS, n)))
 
 
 @triton.jit
@@ -183,17 +193,18 @@ def _order_keys(x):
 
 
 @triton.jit
-def _last_of_row(cnt_ptr, row, NB):
-    """Whether this program is the last of its row's NB to finish (its stores before are visible
-    to that one); the last one resets the counter when it is done (``_row_done``)."""
+def _last_of_row(cnt_ptr, row, programs):
+    """Whether this program is the last of its row's ``programs`` to finish (its stores before are
+    visible to that one, which resets the counter when it is done)."""
     tl.debug_barrier()
-    return tl.atomic_add(cnt_ptr + row, 1) == NB - 1            # acq_rel: our partials are visible
+    return tl.atomic_add(cnt_ptr + row, 1) == programs - 1      # acq_rel: our partials are visible
 
 
 @triton.jit
 def _cut_round(x_ptr, p_ptr, st_ptr, dn_ptr, pm_ptr, pc_ptr, a_ptr, last_ptr, cnt_ptr, p, V, NB,
-               SHIFT: tl.constexpr, BLOCK: tl.constexpr, NBP: tl.constexpr):
-    """One 4-bit digit of top-p's cut. Chunk (row, c): among its logits whose key agrees with the
+               SHIFT: tl.constexpr, BLOCK: tl.constexpr, NBP: tl.constexpr, CPP: tl.constexpr):
+    """One 4-bit digit of top-p's cut. Grid (n, programs a row), each program some chunks of its row
+    (``row_programs``). Chunk (row, c): among its logits whose key agrees with the
     row's prefix above bit SHIFT + 4, the probability mass and the count of each digit at SHIFT.
     The row's last program to finish folds the chunks' (a fixed tree): the lowest digit holding a
     logit whose mass of larger keys (the row's mass above the prefix plus the higher digits') is
@@ -201,17 +212,22 @@ def _cut_round(x_ptr, p_ptr, st_ptr, dn_ptr, pm_ptr, pc_ptr, a_ptr, last_ptr, cn
     whose ``done`` flag is set exit at once."""
     row = tl.program_id(0).to(tl.int64)
     if tl.load(dn_ptr + row) == 0:
-        row, offs, ok, x = _load_chunk(x_ptr, V, float("-inf"), BLOCK)
-        pr = tl.load(p_ptr + row * V + offs, mask=ok, other=0.0)
-        key = _order_keys(x)
         prefix = tl.load(st_ptr + row)
-        match = ok & ((key >> (SHIFT + 4)) == (prefix >> (SHIFT + 4)))
         d = tl.arange(0, 16)
-        hit = match[None, :] & (((key >> SHIFT) & 15)[None, :] == d[:, None])      # [16, BLOCK]
-        base = (row * NB + tl.program_id(1)) * 16
-        tl.store(pm_ptr + base + d, tl.sum(tl.where(hit, pr[None, :], 0.0), 1))
-        tl.store(pc_ptr + base + d, tl.sum(hit.to(tl.int32), 1))
-        if _last_of_row(cnt_ptr, row, NB):
+        for k in range(CPP):                              # this program's chunks: c = its id + k * programs
+            c = tl.program_id(1) + k * tl.num_programs(1)
+            if c < NB:
+                offs = c * BLOCK + tl.arange(0, BLOCK)
+                ok = offs < V
+                x = tl.load(x_ptr + row * V + offs, mask=ok, other=float("-inf"))
+                pr = tl.load(p_ptr + row * V + offs, mask=ok, other=0.0)
+                key = _order_keys(x)
+                match = ok & ((key >> (SHIFT + 4)) == (prefix >> (SHIFT + 4)))
+                hit = match[None, :] & (((key >> SHIFT) & 15)[None, :] == d[:, None])  # [16, BLOCK]
+                base = (row * NB + c) * 16
+                tl.store(pm_ptr + base + d, tl.sum(tl.where(hit, pr[None, :], 0.0), 1))
+                tl.store(pc_ptr + base + d, tl.sum(hit.to(tl.int32), 1))
+        if _last_of_row(cnt_ptr, row, tl.num_programs(1)):
             tl.debug_barrier()
             j = tl.arange(0, NBP)
             idx = (row * NB + j[:, None]) * 16 + d[None, :]                                        # [NBP, 16]
@@ -231,8 +247,9 @@ def _cut_round(x_ptr, p_ptr, st_ptr, dn_ptr, pm_ptr, pc_ptr, a_ptr, last_ptr, cn
 
 @triton.jit
 def _nucleus_round(x_ptr, p_ptr, st_ptr, cand_ptr, dn_ptr, last_ptr, pm_ptr, pv_ptr, pi_ptr, cnt_ptr, out_ptr,
-                   p, V, NB, FLOOR: tl.constexpr, BLOCK: tl.constexpr, NBP: tl.constexpr):
-    """One round of top-p's draw. Chunk (row, c): the tokens whose logit is above the row's
+                   p, V, NB, FLOOR: tl.constexpr, BLOCK: tl.constexpr, NBP: tl.constexpr, CPP: tl.constexpr):
+    """One round of top-p's draw. Grid (n, programs a row), each program some chunks of its row
+    (``row_programs``). Chunk (row, c): the tokens whose logit is above the row's
     candidate's (all of them before the first candidate; FLOOR: at or above the cut ``last``),
     their probability mass and their race winner. The row's last program to finish folds them: if
     the mass above the candidate is below p, the candidate is the draw (done); else the race's
@@ -240,19 +257,27 @@ def _nucleus_round(x_ptr, p_ptr, st_ptr, cand_ptr, dn_ptr, last_ptr, pm_ptr, pv_
     flag is set exit at once."""
     row = tl.program_id(0).to(tl.int64)
     if tl.load(dn_ptr + row) == 0:
-        row, offs, ok, x = _load_chunk(x_ptr, V, float("-inf"), BLOCK)
-        pr = tl.load(p_ptr + row * V + offs, mask=ok, other=0.0)
         cand = tl.load(cand_ptr + row)
         if FLOOR:
-            keep = ok & (x >= tl.load(last_ptr + row))
+            t = tl.load(last_ptr + row)
         else:
             t = tl.load(x_ptr + row * V + tl.maximum(cand, 0))                 # the candidate's logit
-            keep = tl.where(cand < 0, ok, ok & (x > t))
-        v, i = _chunk_argmax(tl.where(keep, _race_keys(pr, st_ptr, row, offs), -1.0), offs, ok)
-        tl.store(pm_ptr + row * NB + tl.program_id(1), tl.sum(tl.where(keep, pr, 0.0), 0))
-        tl.store(pv_ptr + row * NB + tl.program_id(1), v)
-        tl.store(pi_ptr + row * NB + tl.program_id(1), i)
-        if _last_of_row(cnt_ptr, row, NB):
+        for k in range(CPP):                              # this program's chunks: c = its id + k * programs
+            c = tl.program_id(1) + k * tl.num_programs(1)
+            if c < NB:
+                offs = c * BLOCK + tl.arange(0, BLOCK)
+                ok = offs < V
+                x = tl.load(x_ptr + row * V + offs, mask=ok, other=float("-inf"))
+                pr = tl.load(p_ptr + row * V + offs, mask=ok, other=0.0)
+                if FLOOR:
+                    keep = ok & (x >= t)
+                else:
+                    keep = tl.where(cand < 0, ok, ok & (x > t))
+                v, i = _chunk_argmax(tl.where(keep, _race_keys(pr, st_ptr, row, offs), -1.0), offs, ok)
+                tl.store(pm_ptr + row * NB + c, tl.sum(tl.where(keep, pr, 0.0), 0))
+                tl.store(pv_ptr + row * NB + c, v)
+                tl.store(pi_ptr + row * NB + c, i)
+        if _last_of_row(cnt_ptr, row, tl.num_programs(1)):
             tl.debug_barrier()
             j = tl.arange(0, NBP)
             mass = tl.sum(tl.load(pm_ptr + row * NB + j, mask=j < NB, other=0.0, cache_modifier=".cg"), 0)
@@ -339,9 +364,10 @@ def _cut(x2: torch.Tensor, p2: torch.Tensor, p: float, done: torch.Tensor) -> to
     above = torch.zeros(n, dtype=torch.float32, device=dev)
     last = torch.empty(n, dtype=torch.float32, device=dev)
     cnt = torch.zeros(n, dtype=torch.int32, device=dev)
+    g = row_programs(n, nb)
     for shift in range(28, -1, -4):
-        _cut_round[(n, nb)](x2, p2, prefix, done, pm, pc, above, last, cnt, float(p), V, nb, SHIFT=shift,
-                            BLOCK=BLOCK, NBP=next_pow2(nb), num_warps=WARPS)
+        _cut_round[(n, g)](x2, p2, prefix, done, pm, pc, above, last, cnt, float(p), V, nb, SHIFT=shift,
+                           BLOCK=BLOCK, NBP=next_pow2(nb), CPP=cdiv(nb, g), num_warps=WARPS)
     return last
 
 
@@ -394,10 +420,11 @@ def race_top_p(x: torch.Tensor, probs: torch.Tensor, p: float, state: torch.Tens
     pi = torch.empty(n, nb, dtype=torch.int32, device=dev)
 
     cnt = torch.zeros(n, dtype=torch.int32, device=dev)
+    g = row_programs(n, nb)
 
     def one_round(floor: bool, cut: torch.Tensor) -> None:
-        _nucleus_round[(n, nb)](x2, p2, state, cand, done, cut, pm, pv, pi, cnt, out, float(p), V, nb, FLOOR=floor,
-                                BLOCK=BLOCK, NBP=next_pow2(nb), num_warps=WARPS)
+        _nucleus_round[(n, g)](x2, p2, state, cand, done, cut, pm, pv, pi, cnt, out, float(p), V, nb, FLOOR=floor,
+                               BLOCK=BLOCK, NBP=next_pow2(nb), CPP=cdiv(nb, g), num_warps=WARPS)
 
     if last is None:
         for _ in range(NUCLEUS_ROUNDS if rounds is None else rounds):
@@ -407,4 +434,4 @@ def race_top_p(x: torch.Tensor, probs: torch.Tensor, p: float, state: torch.Tens
     return out
 
 
-__all__ = ["BLOCK", "NUCLEUS_ROUNDS", "argmax", "first_reaching", "race", "race_top_p", "softmax", "top_p_last"]
+__all__ = ["BLOCK", "NUCLEUS_ROUNDS", "ROUND_PROGRAMS", "argmax", "first_reaching", "race", "race_top_p", "softmax", "top_p_last"]
