@@ -47,10 +47,11 @@ from .common import cdiv, next_pow2
 
 BLOCK = 1024        # a program's slice of a row: 126 programs a row at V = 128256
 WARPS = 4
-# top-p's rounds (the cut's digits, the draw's rounds) launch up to this many programs in all, each
-# then looping over several chunks of its row (many rows: fewer programs a row), since most of
-# these launches find their rows done and exit at once; 0: a program a chunk
-ROUND_PROGRAMS = 2048
+# top-p's rounds (the cut's digits, the draw's rounds) can launch up to this many programs in all,
+# each then looping over several chunks of its row (many rows: fewer programs a row), since most of
+# these launches find their rows done and exit at once (64 rows: ~10 us a launch of 8064 programs
+# that all exit, H100); 0, the default: a program a chunk, the configuration timed on the GPU
+ROUND_PROGRAMS = 0
 
 
 def row_programs(n: int, nb: int) -> int:
