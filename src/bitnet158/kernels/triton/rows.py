@@ -5,6 +5,7 @@
     t = race(probs, state)         # probs [n, V], state int64 [n, 2] (key, draw) -> long [n], drawn
     k = first_reaching(ps, p)      # ps [n, V] (probabilities, most likely first) -> long [n]
     v = top_p_last(x, probs, p)    # x, probs [n, V] -> [n]: the last logit top-p keeps, no sort
+    t = race_top_p(x, probs, p, state)  # -> long [n]: race's winner among the tokens top-p keeps
 
 Each row is cut into ``BLOCK``-element chunks, one program a (row, chunk), and the chunks' partial
 results are combined in a fixed order (``tl.sum`` / ``tl.max`` trees over the padded chunk list).
@@ -31,8 +32,12 @@ order (the sampler's cut with ``sampling.SORTED_CUT``).
 ``top_p_last`` is the same cut without sorting the row (the sampler's default): the smallest
 logit whose tokens have less than ``p`` of mass among larger logits, found 4 bits a round over the
 logits' order-preserving 32-bit keys (each chunk's mass and count per digit among the keys that
-agree with the row's prefix so far, folded in a fixed tree; the lowest digit whose mass of larger
-keys is below ``p`` extends the prefix).
+agree with the row's prefix so far, folded in a fixed tree by the row's last program to finish;
+the lowest digit whose mass of larger keys is below ``p`` extends the prefix).
+
+``race_top_p`` is top-p's draw without the cut (the sampler's default): the race's winner over
+the tokens above a candidate, accepted once the mass above it is below ``p`` (a round a launch,
+usually two rounds; the cut digit by digit only for the rows left after ``NUCLEUS_ROUNDS``).
 
 Tests: ``tests/kernels/test_triton_rows.py`` (interpreter on CPU, compiled on CUDA).
 """
@@ -202,6 +207,17 @@ def _last_of_row(cnt_ptr, row, programs):
 
 
 @triton.jit
+def _round_chunk(x_ptr, p_ptr, row, k, V, NB, BLOCK: tl.constexpr):
+    """This program's k-th chunk of its row in a round, c = its id + k * programs a row: (c, offsets,
+    in-row mask, logits, probabilities); nothing is loaded for c past the row's last chunk."""
+    c = tl.program_id(1) + k * tl.num_programs(1)
+    offs = c * BLOCK + tl.arange(0, BLOCK)
+    ok = (offs < V) & (c < NB)
+    x = tl.load(x_ptr + row * V + offs, mask=ok, other=float("-inf"))
+    return c, offs, ok, x, tl.load(p_ptr + row * V + offs, mask=ok, other=0.0)
+
+
+@triton.jit
 def _cut_round(x_ptr, p_ptr, st_ptr, dn_ptr, pm_ptr, pc_ptr, a_ptr, last_ptr, cnt_ptr, p, V, NB,
                SHIFT: tl.constexpr, BLOCK: tl.constexpr, NBP: tl.constexpr, CPP: tl.constexpr):
     """One 4-bit digit of top-p's cut. Grid (n, programs a row), each program some chunks of its row
@@ -215,13 +231,9 @@ def _cut_round(x_ptr, p_ptr, st_ptr, dn_ptr, pm_ptr, pc_ptr, a_ptr, last_ptr, cn
     if tl.load(dn_ptr + row) == 0:
         prefix = tl.load(st_ptr + row)
         d = tl.arange(0, 16)
-        for k in range(CPP):                              # this program's chunks: c = its id + k * programs
-            c = tl.program_id(1) + k * tl.num_programs(1)
+        for k in range(CPP):
+            c, offs, ok, x, pr = _round_chunk(x_ptr, p_ptr, row, k, V, NB, BLOCK)
             if c < NB:
-                offs = c * BLOCK + tl.arange(0, BLOCK)
-                ok = offs < V
-                x = tl.load(x_ptr + row * V + offs, mask=ok, other=float("-inf"))
-                pr = tl.load(p_ptr + row * V + offs, mask=ok, other=0.0)
                 key = _order_keys(x)
                 match = ok & ((key >> (SHIFT + 4)) == (prefix >> (SHIFT + 4)))
                 hit = match[None, :] & (((key >> SHIFT) & 15)[None, :] == d[:, None])  # [16, BLOCK]
@@ -263,13 +275,9 @@ def _nucleus_round(x_ptr, p_ptr, st_ptr, cand_ptr, dn_ptr, last_ptr, pm_ptr, pv_
             t = tl.load(last_ptr + row)
         else:
             t = tl.load(x_ptr + row * V + tl.maximum(cand, 0))                 # the candidate's logit
-        for k in range(CPP):                              # this program's chunks: c = its id + k * programs
-            c = tl.program_id(1) + k * tl.num_programs(1)
+        for k in range(CPP):
+            c, offs, ok, x, pr = _round_chunk(x_ptr, p_ptr, row, k, V, NB, BLOCK)
             if c < NB:
-                offs = c * BLOCK + tl.arange(0, BLOCK)
-                ok = offs < V
-                x = tl.load(x_ptr + row * V + offs, mask=ok, other=float("-inf"))
-                pr = tl.load(p_ptr + row * V + offs, mask=ok, other=0.0)
                 if FLOOR:
                     keep = ok & (x >= t)
                 else:
