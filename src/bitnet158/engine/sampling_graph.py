@@ -20,7 +20,10 @@ The batch scheduler's draw of many rows with the same parameters (``sampling.nex
 launches too, whatever the row count: a graph over ``rows`` static rows serves any k <= rows of
 them (the rows past k hold earlier rows' logits, drawn and ignored: a row's bits never depend on
 the others). ``next_ids`` asks for row counts rounded up to a power of two, so a server meets at
-most 7 such graphs a parameter set (2..64 rows), each captured the second time its count comes.
+most 7 such graphs a parameter set (1..64 rows), each captured the second time its count comes.
+A graph of ``rows`` rows holds its static logits and the draw's intermediates (the scaled
+logits and their softmax): three float32 ``[rows, V]`` buffers, ~100 MB at 64 rows of 128256
+(more with top-k or a repetition penalty, whose masked logits are buffers of their own).
 
 A graph is cached per (device, vocabulary size, row count, temperature, top-k, top-p, repetition
 penalty): requests with the same parameters share it (replays are serialized by a lock and run in
@@ -93,7 +96,8 @@ class GraphedSampler:
             return self.out[:k].clone()
 
 
-_asked: dict = {}
+_asked: dict = {}            # key -> times asked for before its capture
+ASKED_MAX = 4096
 
 
 def graphed(params: SamplingParams, vocab: int, device: torch.device, rows: int = 0,
@@ -106,6 +110,8 @@ def graphed(params: SamplingParams, vocab: int, device: torch.device, rows: int 
         if g is not None:
             _graphs.move_to_end(key)
             return g
+        if len(_asked) > ASKED_MAX:                   # parameter sets asked for once, never again
+            _asked.clear()
         _asked[key] = _asked.get(key, 0) + 1
         if _asked[key] < capture_from:
             return None
