@@ -188,6 +188,8 @@ def test_race_top_p_is_the_race_over_the_cut(V):
         assert torch.equal(rows.race_top_p(x[5], probs[5], p, state[5:6]), want[5:6])   # alone: the same
     with pytest.raises(ValueError, match="rows.race_top_p: state must be int64"):
         rows.race_top_p(x, probs, 0.5, torch.zeros(2, 2, dtype=torch.long, device=DEV))
+    with pytest.raises(ValueError, match=r"rows.race_top_p: last \(the cut\) must be float32"):
+        rows.race_top_p(x, probs, 0.5, state, last=last[:2])
     with pytest.raises(ValueError, match="rows.race_top_p: probs"):
         rows.race_top_p(x, probs[:2], 0.5, torch.zeros(6, 2, dtype=torch.long, device=DEV))
 

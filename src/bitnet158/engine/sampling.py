@@ -247,7 +247,7 @@ def next_ids(samplers: list[Sampler], logits: torch.Tensor) -> torch.Tensor:
     that share their transform parameters go through the transforms and the draw together: one
     softmax and one keyed race (top-p's nucleus found by it) for all of them, each row's variates
     from its own key and draw number, replayed from a CUDA graph over a power-of-two row count
-    from the second time that count comes (``sampling_graph``; ~30 launches eager) instead of 64
+    from the second time that count comes (``sampling_graph``; ~20 launches and fills eager) instead of 64
     replays of the sampler's graph, each a single row. Elsewhere the samplers run one by one."""
     n = logits.shape[0]
     if len(samplers) != n:
@@ -274,7 +274,7 @@ def next_ids(samplers: list[Sampler], logits: torch.Tensor) -> torch.Tensor:
         else:
             states = [s.take_state() for s in members]                       # [k] (key, draw)
             g = None
-            if GRAPHS and lg.is_cuda:     # ~30 launches replayed as one: a graph per power-of-two row count
+            if GRAPHS and lg.is_cuda:     # ~20 launches replayed as one: a graph per power-of-two row count
                 from .sampling_graph import graphed
                 g = graphed(params, lg.shape[-1], lg.device, rows=1 << (len(rows) - 1).bit_length(),
                             capture_from=GRAPH_FROM_CALL)

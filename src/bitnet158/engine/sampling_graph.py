@@ -16,14 +16,14 @@ the request's (key, draw number) of the keyed draw copied in (so every request k
 random stream and seeded requests stay reproducible), the replay, and the id copied out. The
 graph replays the eager ops' kernels on the same inputs, so the ids are the eager sampler's.
 
-The batch scheduler's draw of many rows with the same parameters (``sampling.next_ids``) is ~30
+The batch scheduler's draw of many rows with the same parameters (``sampling.next_ids``) is ~20
 launches too, whatever the row count: a graph over ``rows`` static rows serves any k <= rows of
 them (the rows past k hold earlier rows' logits, drawn and ignored: a row's bits never depend on
 the others). ``next_ids`` asks for row counts rounded up to a power of two, so a server meets at
 most 7 such graphs a parameter set (1..64 rows), each captured the second time its count comes.
-A graph of ``rows`` rows holds its static logits and the draw's intermediates (the scaled
-logits and their softmax): three float32 ``[rows, V]`` buffers, ~100 MB at 64 rows of 128256
-(more with top-k or a repetition penalty, whose masked logits are buffers of their own).
+By the ops it captures, a graph of ``rows`` rows holds three float32 ``[rows, V]`` buffers: its
+static logits, the scaled logits and their softmax (98.5 MB at 64 rows of 128256; top-k and a
+repetition penalty add one more each for their masked logits).
 
 A graph is cached per (device, vocabulary size, row count, temperature, top-k, top-p, repetition
 penalty): requests with the same parameters share it (replays are serialized by a lock and run in
